@@ -1,0 +1,135 @@
+"""`python -m operators`: the one door through which a local process or a Kubernetes pod runs a step.
+
+    python -m operators plan   <step> --config JSON|PATH --input URI [--input URI ...] --output STEP_DIR
+    python -m operators run    <step> --config JSON|PATH --input URI ... --output STEP_DIR [--shard K]
+    python -m operators reduce <step> --output STEP_DIR
+    python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
+    python -m operators steps                    # registered steps and their config JSON schemas
+
+`run` without `--shard` plans, runs every shard and reduces in one process. The last stdout line is a
+JSON summary; `--xcom-file` also writes it where Airflow's KubernetesPodOperator collects XComs.
+Exit codes: 0 done, 1 step failed, 2 bad config or arguments (nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from operators.core import storage
+from operators.core.registry import STEPS, UnknownStepError, step_class
+from operators.core.runner import StepFailed, load_plan, make_plan, reduce_step, run_all, run_shard
+from operators.core.stats import LedgerError
+from operators.core.step import Step
+
+log = logging.getLogger("operators")
+
+
+class ConfigError(ValueError):
+    """The step config is invalid; the message names the field."""
+
+
+def load_config_arg(value: str | None) -> dict[str, Any]:
+    """Parse `--config`: inline JSON, or a path/URI of a JSON file."""
+    if value is None or not value.strip():
+        return {}
+    text = value if value.lstrip().startswith("{") else storage.read_bytes(value).decode()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a JSON object")
+    return data
+
+
+def build_step(name: str, config: dict[str, Any]) -> Step[Any]:
+    """Instantiate step `name` with a validated config, or raise ConfigError naming the bad fields."""
+    cls = step_class(name)
+    try:
+        cfg = cls.config_model.model_validate(config)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid config for step {name!r}: {problems}") from None
+    return cls(cfg)
+
+
+def _emit(result: dict[str, Any], xcom_file: str | None) -> None:
+    line = json.dumps(result, sort_keys=True)
+    if xcom_file:
+        os.makedirs(os.path.dirname(xcom_file) or ".", exist_ok=True)
+        with open(xcom_file, "w") as f:
+            f.write(line)
+    print(line, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m operators", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for cmd in ("plan", "run", "reduce"):
+        sp = sub.add_parser(cmd)
+        sp.add_argument("step")
+        sp.add_argument("--output", required=True, help="step directory URI (file:// or s3://)")
+        sp.add_argument("--xcom-file", default=None)
+        if cmd != "reduce":
+            sp.add_argument("--config", default=None, help="inline JSON or a path/URI to a JSON file")
+            sp.add_argument("--input", action="append", default=[], help="input URI (repeatable)")
+        if cmd == "run":
+            sp.add_argument("--shard", type=int, default=None)
+    rp = sub.add_parser("report")
+    rp.add_argument("--output", required=True, help="run root URI holding committed steps")
+    rp.add_argument("--xcom-file", default=None)
+    sub.add_parser("steps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("IIP_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "steps":
+            schemas = {n: step_class(n).config_model.model_json_schema() for n in sorted(STEPS)}
+            print(json.dumps(schemas, indent=2))
+            return 0
+        if args.command == "report":
+            from operators.report import write_report
+
+            _emit(write_report(args.output), args.xcom_file)
+            return 0
+        if args.command == "reduce":
+            m = reduce_step(args.step, args.output)
+            _emit({"step": args.step, "output": args.output, **m.stats.model_dump(mode="json")}, args.xcom_file)
+            return 0
+        step = build_step(args.step, load_config_arg(args.config))
+        if args.command == "plan":
+            if not args.input:
+                raise ConfigError("plan needs at least one --input")
+            plan = make_plan(step, args.input, args.output)
+            _emit({"shards": [s.index for s in plan.shards], "config_hash": plan.config_hash}, args.xcom_file)
+            return 0
+        if args.shard is None:
+            if not args.input:
+                raise ConfigError("run needs at least one --input")
+            m = run_all(step, args.input, args.output)
+        else:
+            m = run_shard(step, args.output, load_plan(args.output), args.shard)
+        _emit({"step": args.step, "output": args.output, "shard": args.shard,
+               **m.stats.model_dump(mode="json")}, args.xcom_file)
+        return 0
+    except (ConfigError, UnknownStepError, storage.StorageError) as e:
+        log.error("%s", e)
+        return 2
+    except (StepFailed, LedgerError) as e:
+        log.error("step failed: %s", e)
+        return 1

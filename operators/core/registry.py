@@ -1,0 +1,33 @@
+"""Step names -> step classes, imported lazily so the CLI and DAG parsing stay fast."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from operators.core.step import Step, StepConfig
+
+# name -> "module:Class". New steps register here and nowhere else.
+STEPS: dict[str, str] = {
+    "ingest": "operators.steps.ingest.step:IngestStep",
+}
+
+
+class UnknownStepError(KeyError):
+    """No step is registered under this name."""
+
+
+def step_class(name: str) -> type[Step[Any]]:
+    """The Step class registered as `name`."""
+    try:
+        target = STEPS[name]
+    except KeyError:
+        raise UnknownStepError(f"unknown step {name!r}; known steps: {sorted(STEPS)}") from None
+    module, _, attr = target.partition(":")
+    cls: type[Step[Any]] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def config_model(name: str) -> type[StepConfig]:
+    """The pydantic config model of step `name` (used by DAG Params forms and validation)."""
+    return step_class(name).config_model

@@ -1,0 +1,146 @@
+"""What a step is: a validated config, a planner over input files, a reader, and a pure transform.
+
+The transform sees one Arrow record batch and returns the records it keeps and the records it drops,
+each dropped record with a `reason` (and a human-readable `detail`). It does no I/O and knows nothing of
+Airflow or storage, so it can be tested on in-memory batches and run anywhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from operators.core import storage
+from operators.core.manifest import Manifest, read_manifest, step_manifest_uri
+
+REASON = "reason"
+DETAIL = "detail"
+
+
+class StepConfig(BaseModel):
+    """Base of every step's config: unknown fields are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_part_rows: int = Field(500_000, ge=1, description="Rows per output Parquet part, at most.")
+    max_part_bytes: int = Field(128 << 20, ge=1 << 10, description="Approximate bytes per output part.")
+    batch_rows: int = Field(8192, ge=1, description="Records per batch handed to the transform.")
+    target_shard_bytes: int = Field(
+        1 << 30, ge=1, description="Input files are grouped into shards of about this many bytes."
+    )
+
+
+C = TypeVar("C", bound=StepConfig)
+
+
+class ShardSpec(BaseModel):
+    """One unit of parallel work: a few input files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    uris: list[str]
+    bytes: int
+
+
+class Plan(BaseModel):
+    """The shards a step will run, fixed before any shard starts so every task agrees on them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: str
+    config_hash: str
+    config: dict[str, Any]
+    inputs: list[str]
+    shards: list[ShardSpec]
+
+
+@dataclass
+class BatchResult:
+    """What a transform returns for one input batch."""
+
+    kept: pa.Table
+    dropped: pa.Table
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def dropped_table(rows: pa.Table, reasons: list[str], details: list[str]) -> pa.Table:
+    """Attach `reason` and `detail` columns to rejected rows (rejects keep all their own columns)."""
+    return rows.append_column(REASON, pa.array(reasons, pa.string())).append_column(
+        DETAIL, pa.array(details, pa.string())
+    )
+
+
+class Step(ABC, Generic[C]):
+    """A pipeline step. Subclasses set `name`, `config_model`, and implement `transform`.
+
+    Bump `version` when a code change alters the output for the same config: completed outputs of the
+    old version then count as stale and are recomputed.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    config_model: ClassVar[type[StepConfig]]
+    # File name suffixes this step accepts when an input URI is a directory.
+    input_suffixes: ClassVar[tuple[str, ...]] = (".parquet",)
+
+    def __init__(self, config: C) -> None:
+        self.config = config
+
+    # -- planning (edge: lists storage) -------------------------------------------------------------
+    def resolve_inputs(self, inputs: list[str]) -> list[tuple[str, int]]:
+        """Expand input URIs into (file URI, size) pairs: a committed step dir yields its data files."""
+        files: list[tuple[str, int]] = []
+        for raw in inputs:
+            uri = storage.validate_uri(raw)
+            upstream: Manifest | None = read_manifest(step_manifest_uri(uri))
+            if upstream is not None:
+                files.extend((storage.join(uri, f.path), f.bytes) for f in upstream.data_files())
+                continue
+            listed = storage.list_files(uri)
+            if listed == [uri]:
+                files.append((uri, storage.file_size(uri)))
+                continue
+            matched = [u for u in listed if u.endswith(self.input_suffixes) and "/_" not in u[len(uri):]]
+            files.extend((u, storage.file_size(u)) for u in matched)
+            if not listed:
+                raise storage.StorageError(f"input {uri} does not exist")
+        if not files:
+            raise storage.StorageError(
+                f"no input files for step {self.name!r} in {inputs} (accepted suffixes: {self.input_suffixes})"
+            )
+        return files
+
+    def group_shards(self, files: list[tuple[str, int]]) -> list[ShardSpec]:
+        """Group files, in order, into shards of about `target_shard_bytes` (a big file is its own shard)."""
+        shards: list[ShardSpec] = []
+        cur: list[str] = []
+        cur_bytes = 0
+        for uri, size in files:
+            if cur and cur_bytes + size > self.config.target_shard_bytes:
+                shards.append(ShardSpec(index=len(shards), uris=cur, bytes=cur_bytes))
+                cur, cur_bytes = [], 0
+            cur.append(uri)
+            cur_bytes += size
+        if cur:
+            shards.append(ShardSpec(index=len(shards), uris=cur, bytes=cur_bytes))
+        return shards
+
+    # -- reading (edge) ------------------------------------------------------------------------------
+    def read(self, shard: ShardSpec) -> Iterator[pa.RecordBatch]:
+        """Stream the shard's records as batches; the default reads Parquet files."""
+        for uri in shard.uris:
+            with storage.open_input(uri) as f:
+                pf = pq.ParquetFile(f)
+                yield from pf.iter_batches(batch_size=self.config.batch_rows)
+
+    # -- the pure part -------------------------------------------------------------------------------
+    @abstractmethod
+    def transform(self, batch: pa.RecordBatch) -> BatchResult:
+        """Split one batch into kept and dropped records. Pure: no I/O, no global state."""

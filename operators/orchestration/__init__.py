@@ -1,0 +1,4 @@
+"""Airflow side of the platform: the StepOperator and the pod specs it submits.
+
+This is the only package (with `dags/`) that imports Airflow; steps never do.
+"""

@@ -1,0 +1,18 @@
+"""Platform settings read from the environment by DAG files (no logic beyond defaults)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from operators.core import storage
+
+
+def data_root() -> str:
+    """Where runs and sources live: `IIP_DATA_ROOT` (file:// or s3://), default ./.data beside the project."""
+    return storage.validate_uri(os.environ.get("IIP_DATA_ROOT") or os.path.abspath(".data"))
+
+
+def safe_name(value: str) -> str:
+    """A run or source name usable as one path segment (Airflow run ids contain ':' and '+')."""
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", str(value)).strip("._") or "run"

@@ -1,0 +1,176 @@
+"""StepOperator: run one step action (plan / run a shard / reduce) as a local process or a Kubernetes pod.
+
+Both modes run the very same command, `python -m operators <action> <step> ...`; only the place differs.
+The mode comes from the operator argument, else `IIP_EXECUTION_MODE` (default `local`), read when the
+task executes so one DAG file serves both a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from airflow.sdk import BaseOperator
+
+from operators.orchestration.pod_spec import SECRETISH, load_profiles, pod_labels, pod_operator_kwargs
+
+Action = Literal["plan", "run", "reduce", "report"]
+XCOM_FILE = "/airflow/xcom/return.json"
+
+
+def step_arguments(
+    action: Action,
+    step: str,
+    *,
+    output: str,
+    config: dict[str, Any] | None = None,
+    inputs: Sequence[str] = (),
+    shard: int | None = None,
+    xcom_file: str | None = None,
+) -> list[str]:
+    """The CLI arguments after `python -m operators` for one step action."""
+    if action == "report":
+        return ["report", "--output", output, *(["--xcom-file", xcom_file] if xcom_file else [])]
+    args = [action, step, "--output", output]
+    if action != "reduce":
+        args += ["--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":"))]
+        for uri in inputs:
+            args += ["--input", uri]
+    if action == "run" and shard is not None:
+        args += ["--shard", str(int(shard))]
+    if xcom_file:
+        args += ["--xcom-file", xcom_file]
+    return args
+
+
+def secret_values(env: dict[str, str] | None = None) -> list[str]:
+    """Values of secret-looking environment variables, to be masked wherever output is echoed."""
+    env = dict(os.environ) if env is None else env
+    return [v for k, v in env.items() if SECRETISH.search(k) and len(v) >= 4]
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """Replace every secret value in `text` with ***."""
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text
+
+
+class StepFailedError(RuntimeError):
+    """The step process exited with an error."""
+
+
+class StepOperator(BaseOperator):
+    """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
+
+    template_fields: Sequence[str] = ("config", "inputs", "output")
+    ui_color = "#d6eaff"
+
+    def __init__(
+        self,
+        *,
+        step: str,
+        action: Action = "run",
+        output: str,
+        config: dict[str, Any] | None = None,
+        inputs: Sequence[str] | str = (),
+        shard: int | None = None,
+        profile: str = "cpu",
+        mode: Literal["local", "kubernetes"] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+        self.action = action
+        self.output = output
+        self.config = config or {}
+        self.inputs = inputs
+        self.shard = shard
+        self.profile = profile
+        self.mode = mode
+
+    def _inputs(self) -> list[str]:
+        # Templated inputs may render to one string, a list, or a JSON list string from a Params field.
+        if isinstance(self.inputs, str):
+            s = self.inputs.strip()
+            return [str(x) for x in json.loads(s)] if s.startswith("[") else [s]
+        return [str(x) for x in self.inputs]
+
+    def execute(self, context: Any) -> Any:
+        mode = self.mode or os.environ.get("IIP_EXECUTION_MODE", "local")
+        if self.action in ("plan", "run"):
+            from operators.cli import build_step  # validate before any work: a bad config fails here
+
+            build_step(self.step, dict(self.config))
+        if mode == "kubernetes":
+            return self._execute_pod(context)
+        if mode != "local":
+            raise ValueError(f"unknown execution mode {mode!r}: use 'local' or 'kubernetes'")
+        return self._execute_local()
+
+    def _execute_local(self) -> Any:
+        args = step_arguments(self.action, self.step, output=self.output, config=self.config,
+                              inputs=self._inputs(), shard=self.shard)
+        secrets = secret_values()
+        self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
+                      self.shard, redact(self.output, secrets))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "operators", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1,
+        )
+        last_json: Any = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            self.log.info("%s", redact(line, secrets))
+            if line.startswith("{"):
+                try:
+                    last_json = json.loads(line)
+                except ValueError:
+                    pass
+        rc = proc.wait()
+        if rc != 0:
+            kind = "invalid config or input" if rc == 2 else "step failed"
+            raise StepFailedError(f"{self.step} {self.action} exited with code {rc} ({kind}); see the log above")
+        if self.action == "plan" and last_json is not None:
+            return last_json["shards"]
+        return last_json
+
+    def pod_kwargs(self, context: Any) -> dict[str, Any]:
+        """KubernetesPodOperator arguments for this task (pure given the context; used by tests too)."""
+        profiles = load_profiles()
+        if self.profile not in profiles:
+            raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
+        xcom = self.action in ("plan", "reduce", "report")
+        args = step_arguments(self.action, self.step, output=self.output, config=self.config,
+                              inputs=self._inputs(), shard=self.shard,
+                              xcom_file=XCOM_FILE if xcom else None)
+        ti = context.get("ti") if hasattr(context, "get") else None
+        run_id = str(context.get("run_id", "")) if hasattr(context, "get") else ""
+        labels = pod_labels(self.dag_id or "", self.task_id, run_id, self.step, self.shard)
+        if ti is not None and getattr(ti, "map_index", -1) >= 0:
+            labels["iip/map-index"] = str(ti.map_index)
+        return pod_operator_kwargs(task_id=f"{self.task_id}-pod", arguments=args,
+                                   profile=profiles[self.profile], labels=labels, xcom=xcom)
+
+    def build_pod_operator(self, context: Any) -> Any:
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        return KubernetesPodOperator(**self.pod_kwargs(context))
+
+    def _execute_pod(self, context: Any) -> Any:
+        result = self.build_pod_operator(context).execute(context)
+        if self.action == "plan" and isinstance(result, dict):
+            return result["shards"]
+        return result
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """Resume a deferred pod task: a deferrable KubernetesPodOperator hands back here after its trigger."""
+        result = self.build_pod_operator(context).trigger_reentry(context, event)
+        if self.action == "plan" and isinstance(result, dict):
+            return result["shards"]
+        return result

@@ -1,0 +1,106 @@
+"""The run report: funnel per step, drops by reason, samples of kept and dropped records.
+
+Reads only what steps committed (step manifests and stats), so it can be rebuilt at any time and the
+Airflow plugin can serve it without calling step code. Written as report.json (machine-readable),
+report.md and report.html beside the data.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from operators.core import storage
+from operators.core.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+SAMPLES = 3
+
+
+def _find_steps(root: str) -> list[tuple[str, Manifest]]:
+    steps = []
+    for uri in storage.list_files(root):
+        if uri.endswith("/" + MANIFEST_NAME):
+            step_dir = uri[: -len(MANIFEST_NAME) - 1]
+            m = read_manifest(uri)
+            if m is not None:
+                steps.append((step_dir, m))
+    return sorted(steps, key=lambda s: s[1].created_at)
+
+
+def _sample(step_dir: str, m: Manifest, kind: str, n: int) -> list[dict[str, Any]]:
+    for f in m.files:
+        if f.kind == kind and f.rows:
+            with storage.open_input(storage.join(step_dir, f.path)) as fh:
+                rows = pq.ParquetFile(fh).read_row_group(0).slice(0, n).to_pylist()
+            return [{k: (v[:300] + "…" if isinstance(v, str) and len(v) > 300 else v) for k, v in r.items()}
+                    for r in rows]
+    return []
+
+
+def build_report(root: str) -> dict[str, Any]:
+    """Collect every committed step under `root` into one report dict."""
+    root = storage.validate_uri(root)
+    steps = []
+    for step_dir, m in _find_steps(root):
+        s = m.stats
+        steps.append({
+            "step": m.step,
+            "dir": step_dir[len(root):].lstrip("/") or ".",
+            "config_hash": m.config_hash,
+            "shards": s.shards,
+            "records_in": s.records_in,
+            "records_kept": s.records_kept,
+            "records_dropped": s.records_dropped,
+            "keep_rate": round(s.records_kept / s.records_in, 4) if s.records_in else None,
+            "dropped_by_reason": s.dropped_by_reason,
+            "seconds": s.seconds,
+            "records_per_s": round(s.records_in / s.seconds, 1) if s.seconds else None,
+            "peak_rss_mb": s.peak_rss_mb,
+            "bytes_in": s.bytes_in,
+            "bytes_out": s.bytes_out,
+            "counters": s.counters,
+            "kept_samples": _sample(step_dir, m, "data", SAMPLES),
+            "dropped_samples": _sample(step_dir, m, "dropped", SAMPLES),
+        })
+    return {"root": root, "steps": steps}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Human-readable report."""
+    lines = [f"# Run report: {report['root']}", "", "## Funnel", "",
+             "| step | in | kept | dropped | keep rate | records/s | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for s in report["steps"]:
+        lines.append(f"| {s['dir']} | {s['records_in']} | {s['records_kept']} | {s['records_dropped']} | "
+                     f"{s['keep_rate']} | {s['records_per_s']} | {s['peak_rss_mb']} |")
+    for s in report["steps"]:
+        lines += ["", f"## {s['dir']} ({s['step']}, config {s['config_hash']})", "", "Drops by reason:", ""]
+        lines += [f"- `{r}`: {n}" for r, n in s["dropped_by_reason"].items()] or ["- none"]
+        if s["dropped_samples"]:
+            lines += ["", "Dropped samples:", ""]
+            lines += [f"- `{d.get('reason')}` {d.get('detail', '')}: `{str(d.get('raw', ''))[:160]}`"
+                      for d in s["dropped_samples"]]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """Standalone HTML page of the report (served by the Airflow plugin)."""
+    body = html.escape(render_markdown(report))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>IIP report</title></head>"
+            f"<body><pre>{body}</pre></body></html>")
+
+
+def write_report(root: str) -> dict[str, str]:
+    """Build the report for `root` and write report.json/.md/.html there; returns their URIs."""
+    report = build_report(root)
+    out = {
+        "json": storage.join(root, "report.json"),
+        "markdown": storage.join(root, "report.md"),
+        "html": storage.join(root, "report.html"),
+    }
+    storage.write_bytes(out["json"], json.dumps(report, indent=2, default=str).encode())
+    storage.write_bytes(out["markdown"], render_markdown(report).encode())
+    storage.write_bytes(out["html"], render_html(report).encode())
+    return out

@@ -1,0 +1,28 @@
+"""The canonical record: the published Infinity-Instruct schema, plus our own columns beside it."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+LABEL_FIELDS = ("ability_en", "ability_zh", "cate_ability_en", "cate_ability_zh")
+
+TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
+LABEL_TYPE = pa.struct([(name, pa.list_(pa.string())) for name in LABEL_FIELDS])
+# Lineage: where a record came from, so any output row can be traced to a raw file and line.
+ORIGIN_TYPE = pa.struct([
+    ("file", pa.string()),
+    ("line", pa.int64()),
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("format", pa.string()),
+])
+
+CANONICAL_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("conversations", pa.list_(TURN_TYPE), nullable=False),
+    pa.field("label", LABEL_TYPE),
+    pa.field("langdetect", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("reward", pa.float64()),
+    pa.field("origin", ORIGIN_TYPE),
+])

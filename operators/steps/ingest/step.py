@@ -1,0 +1,233 @@
+"""Ingestion: raw corpora in any supported format -> canonical Infinity-Instruct records.
+
+Reads JSONL, JSON arrays and Parquet (optionally gzip/zstd/bz2-compressed), detects each file's format
+(ShareGPT, OpenAI messages, Alpaca, Infinity-Instruct) unless the config fixes it, and normalizes every
+record to the canonical schema with a stable content-hash `id` and a detected language. A record that
+cannot be read or normalized is quarantined in `dropped/` with its raw text and a reason; it never stops
+the run and never vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from operators.core import storage
+from operators.core.step import DETAIL, REASON, BatchResult, ShardSpec, Step, StepConfig
+from operators.schema import CANONICAL_SCHEMA, LABEL_FIELDS
+from operators.steps.ingest.formats import (
+    DropReason,
+    Normalized,
+    Rejected,
+    SourceFormat,
+    content_id,
+    detect_format,
+    normalize,
+)
+from operators.steps.ingest.readers import iter_json_array_batches, iter_jsonl_batches, sniff_container
+from operators.text.langid import detect_language
+
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
+DETECT_SAMPLE = 200  # records looked at to decide a file's format
+
+# Raw rows as the readers hand them to the transform: text of one record plus where it came from.
+RAW_BATCH_SCHEMA = pa.schema([
+    ("raw", pa.string()),
+    ("line", pa.int64()),
+    ("error", pa.string()),
+    ("file", pa.string()),
+    ("format", pa.string()),
+])
+DROPPED_SCHEMA = pa.schema([
+    ("raw", pa.string()),
+    ("file", pa.string()),
+    ("line", pa.int64()),
+    ("format", pa.string()),
+    (REASON, pa.string()),
+    (DETAIL, pa.string()),
+])
+
+
+class IngestConfig(StepConfig):
+    """How to read and normalize one source corpus."""
+
+    source_name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+        description="Name recorded in every record's `source` (used for per-source caps and reports).",
+    )
+    format: SourceFormat = Field(SourceFormat.AUTO, description="Input format, or auto-detect per file.")
+    max_record_bytes: int = Field(1 << 20, ge=256, description="Records larger than this are quarantined.")
+    langid_chars: int = Field(1000, ge=16, description="Characters of human turns used for language id.")
+
+
+def _base_suffix(uri: str) -> tuple[str, str | None]:
+    for ext, codec in COMPRESSIONS.items():
+        if uri.endswith(ext):
+            return uri[: -len(ext)], codec
+    return uri, None
+
+
+def detect_file_format(raw_texts: list[str | None]) -> SourceFormat | None:
+    """The format of a file, decided by the first records in it that parse and are recognizable."""
+    for text in raw_texts:
+        if text is None:
+            continue
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and (fmt := detect_format(rec)) is not None:
+            return fmt
+    return None
+
+
+class IngestStep(Step[IngestConfig]):
+    """Normalize raw records of one source into the canonical schema."""
+
+    name: ClassVar[str] = "ingest"
+    version: ClassVar[int] = 1
+    config_model: ClassVar[type[StepConfig]] = IngestConfig
+    input_suffixes: ClassVar[tuple[str, ...]] = tuple(
+        base + comp for base in (".jsonl", ".json", ".parquet") for comp in ("", *COMPRESSIONS)
+    )
+
+    # -- edge: reading raw files -----------------------------------------------------------------------
+    def _raw_batches(self, uri: str) -> Iterator[pa.RecordBatch]:
+        base, codec = _base_suffix(uri)
+        cfg = self.config
+        if base.endswith(".parquet"):
+            with storage.open_input(uri) as f:
+                line = 0
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows):
+                    rows = batch.to_pylist()
+                    raws = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
+                    yield pa.record_batch(
+                        [pa.array(raws, pa.string()), pa.array(range(line, line + len(rows)), pa.int64()),
+                         pa.nulls(len(rows), pa.string())], names=["raw", "line", "error"])
+                    line += len(rows)
+            return
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_stream(path, compression=codec) as stream:
+            head = stream.read(4096)
+            # Re-join the sniffed head with the rest of the stream without seeking (compressed streams can't).
+            joined = _Prefixed(bytes(head), stream)
+            reader = iter_json_array_batches if sniff_container(bytes(head)) == "json_array" else iter_jsonl_batches
+            yield from reader(joined, cfg.batch_rows, cfg.max_record_bytes)
+
+    def read(self, shard: ShardSpec) -> Iterator[pa.RecordBatch]:
+        """Stream raw rows of every file in the shard, tagged with file and detected format."""
+        for uri in shard.uris:
+            batches = self._raw_batches(uri)
+            first = next(batches, None)
+            if first is None:
+                continue
+            if self.config.format != SourceFormat.AUTO:
+                fmt: str = self.config.format.value
+            else:
+                detected = detect_file_format(first.column("raw").to_pylist()[:DETECT_SAMPLE])
+                fmt = detected.value if detected else ""
+            for batch in _chain(first, batches):
+                n = batch.num_rows
+                yield pa.record_batch(
+                    [batch.column("raw"), batch.column("line"), batch.column("error"),
+                     pa.array([uri] * n, pa.string()), pa.array([fmt] * n, pa.string())],
+                    schema=RAW_BATCH_SCHEMA,
+                )
+
+    # -- the pure part ---------------------------------------------------------------------------------
+    def transform(self, batch: pa.RecordBatch) -> BatchResult:
+        """Parse and normalize raw rows; quarantine each failure with its reason."""
+        return normalize_batch(batch, self.config)
+
+
+def _empty_label() -> dict[str, list[str]]:
+    return {k: [] for k in LABEL_FIELDS}
+
+
+def normalize_batch(batch: pa.RecordBatch, cfg: IngestConfig) -> BatchResult:
+    """Pure transform: raw rows (RAW_BATCH_SCHEMA) -> canonical records + quarantined rows."""
+    raws = batch.column("raw").to_pylist()
+    lines = batch.column("line").to_pylist()
+    errors = batch.column("error").to_pylist()
+    files = batch.column("file").to_pylist()
+    fmts = batch.column("format").to_pylist()
+    kept: dict[str, list[Any]] = {name: [] for name in CANONICAL_SCHEMA.names}
+    dropped: dict[str, list[Any]] = {name: [] for name in DROPPED_SCHEMA.names}
+
+    def drop(i: int, reason: str, detail: str) -> None:
+        dropped["raw"].append(raws[i])
+        dropped["file"].append(files[i])
+        dropped["line"].append(lines[i])
+        dropped["format"].append(fmts[i])
+        dropped[REASON].append(reason)
+        dropped[DETAIL].append(detail)
+
+    for i, raw in enumerate(raws):
+        if errors[i]:
+            drop(i, errors[i], "record could not be read")
+            continue
+        if raw is None:
+            drop(i, DropReason.BAD_JSON.value, "null record")
+            continue
+        if len(raw) > cfg.max_record_bytes:  # chars <= bytes, so this is only a cheap early bound
+            drop(i, DropReason.OVERSIZE.value, f"{len(raw)} characters > {cfg.max_record_bytes}")
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError as e:
+            drop(i, DropReason.BAD_JSON.value, str(e)[:200])
+            continue
+        fmt_name = fmts[i]
+        if not fmt_name:
+            drop(i, DropReason.UNKNOWN_FORMAT.value, "no record in this file matched a known format")
+            continue
+        out = normalize(rec, SourceFormat(fmt_name))
+        if isinstance(out, Rejected):
+            drop(i, out.reason.value, out.detail)
+            continue
+        assert isinstance(out, Normalized)
+        human_text = " ".join(t.value for t in out.turns if t.role == "human")
+        kept["id"].append(content_id(out.turns))
+        kept["conversations"].append([{"from": t.role, "value": t.value} for t in out.turns])
+        kept["label"].append(out.label if out.label is not None else _empty_label())
+        kept["langdetect"].append(detect_language(human_text, cfg.langid_chars))
+        kept["source"].append(cfg.source_name)
+        kept["reward"].append(out.reward)
+        kept["origin"].append({"file": files[i], "line": lines[i], "id": out.origin_id,
+                               "source": out.origin_source, "format": fmt_name})
+    return BatchResult(
+        kept=pa.table(kept, schema=CANONICAL_SCHEMA),
+        dropped=pa.table(dropped, schema=DROPPED_SCHEMA),
+    )
+
+
+def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    yield first
+    yield from rest
+
+
+class _Prefixed:
+    """A read-only binary stream: `head` bytes, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self._head = head
+        self._stream = stream
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n is None or n < 0:
+                out, self._head = self._head + bytes(self._stream.read()), b""
+                return out
+            out, self._head = self._head[:n], self._head[n:]
+            if len(out) < n:
+                out += bytes(self._stream.read(n - len(out)))
+            return out
+        return bytes(self._stream.read(n) if n is not None and n >= 0 else self._stream.read())
+
+    def readable(self) -> bool:
+        return True

@@ -1,0 +1,157 @@
+"""The step runner: ledger, bounded parts, manifests with checksums, skip when done, redo when stale."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from pydantic import Field
+
+from operators.core import storage
+from operators.core.manifest import read_manifest, shard_manifest_uri, step_manifest_uri
+from operators.core.runner import StepFailed, make_plan, read_step_table, reduce_step, run_all, run_shard
+from operators.core.stats import LedgerError, StepStats, merge
+from operators.core.step import BatchResult, Step, StepConfig, dropped_table
+
+
+class ModConfig(StepConfig):
+    modulus: int = Field(2, ge=1)
+
+
+class KeepMultiples(Step[ModConfig]):
+    """Keeps x divisible by `modulus`, drops the rest with reason 'not_multiple'."""
+
+    name: ClassVar[str] = "keep_multiples"
+    config_model: ClassVar[type[StepConfig]] = ModConfig
+
+    def transform(self, batch: pa.RecordBatch) -> BatchResult:
+        t = pa.Table.from_batches([batch])
+        m = self.config.modulus
+        keep = pc.equal(pc.subtract(t["x"], pc.multiply(pc.divide(t["x"], m), m)), 0)  # integer division
+        drop = t.filter(pc.invert(keep))
+        return BatchResult(kept=t.filter(keep),
+                           dropped=dropped_table(drop, ["not_multiple"] * drop.num_rows, [""] * drop.num_rows))
+
+
+class LosesRecords(KeepMultiples):
+    name: ClassVar[str] = "loses_records"
+
+    def transform(self, batch: pa.RecordBatch) -> BatchResult:
+        res = super().transform(batch)
+        return BatchResult(kept=res.kept.slice(1), dropped=res.dropped)  # silently loses one record
+
+
+def write_inputs(root: Path, files: int, rows: int) -> str:
+    d = root / "in"
+    d.mkdir()
+    for i in range(files):
+        pq.write_table(pa.table({"x": list(range(i * rows, (i + 1) * rows))}), d / f"f{i}.parquet")
+    return str(d)
+
+
+def file_sha(step_dir: str, rel: str) -> str:
+    return hashlib.sha256(storage.read_bytes(storage.join(step_dir, rel))).hexdigest()
+
+
+def test_run_all_keeps_ledger_and_checksums(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=3, rows=1000)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = KeepMultiples(ModConfig(modulus=3, max_part_rows=200, target_shard_bytes=1))
+    m = run_all(step, [src], out)
+    assert m.stats.shards == 3
+    assert m.stats.records_in == 3000
+    assert m.stats.records_kept == 1000  # multiples of 3 in [0, 3000)
+    assert m.stats.dropped_by_reason == {"not_multiple": 2000}
+    kept = read_step_table(out)
+    assert sorted(kept["x"].to_pylist()) == list(range(0, 3000, 3))
+    dropped = read_step_table(out, "dropped")
+    assert set(dropped["reason"].to_pylist()) == {"not_multiple"} and dropped.num_rows == 2000
+    assert all(f.rows <= 200 for f in m.files)  # parts are bounded
+    for f in m.files:
+        assert f.sha256 == file_sha(out, f.path)
+        with storage.open_input(storage.join(out, f.path)) as fh:
+            assert pq.ParquetFile(fh).metadata.num_rows == f.rows
+    stats = StepStats.model_validate_json(storage.read_bytes(storage.join(out, "stats.json")))
+    assert stats == m.stats
+
+
+def test_rerun_same_config_is_skipped_and_changed_config_recomputes(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=2, rows=100)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    first = run_all(KeepMultiples(ModConfig(modulus=2, target_shard_bytes=1)), [src], out)
+    again = run_all(KeepMultiples(ModConfig(modulus=2, target_shard_bytes=1)), [src], out)
+    assert again.created_at == first.created_at and again.files == first.files  # nothing recomputed
+    changed = run_all(KeepMultiples(ModConfig(modulus=5, target_shard_bytes=1)), [src], out)
+    assert changed.config_hash != first.config_hash
+    assert changed.stats.records_kept == 40
+    # Files of the stale output are gone; only the new manifest's files remain.
+    on_disk = {u[len(out) + 1:] for u in storage.list_files(out) if "/part-" in u or u.rsplit("/", 1)[1].startswith("part-")}
+    assert on_disk == {f.path for f in changed.files}
+
+
+def test_ledger_violation_fails_loudly_and_commits_nothing(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=1, rows=50)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    with pytest.raises(LedgerError, match="came out as"):
+        run_all(LosesRecords(ModConfig()), [src], out)
+    assert read_manifest(shard_manifest_uri(out, 0)) is None
+    assert read_manifest(step_manifest_uri(out)) is None
+
+
+def test_restart_cleans_uncommitted_attempt(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=1, rows=100)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = KeepMultiples(ModConfig())
+    plan = make_plan(step, [src], out)
+    # A crashed attempt left a partial part file and no manifest.
+    orphan = storage.join(out, "part-00000-00000-deadbeef.parquet")
+    storage.write_bytes(orphan, b"partial garbage")
+    m = run_shard(step, out, plan, 0)
+    assert not storage.exists(orphan)
+    assert all("deadbeef" not in f.path for f in m.files)
+    assert reduce_step(step.name, out).stats.records_kept == 50
+
+
+def test_reduce_refuses_missing_shards_and_wrong_config(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=2, rows=10)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = KeepMultiples(ModConfig(target_shard_bytes=1))
+    plan = make_plan(step, [src], out)
+    run_shard(step, out, plan, 0)
+    with pytest.raises(StepFailed, match=r"shard\(s\) \[1\] not committed"):
+        reduce_step(step.name, out)
+    with pytest.raises(StepFailed, match="config differs"):
+        run_shard(KeepMultiples(ModConfig(modulus=7, target_shard_bytes=1)), out, plan, 1)
+    with pytest.raises(StepFailed, match="out of range"):
+        run_shard(step, out, plan, 5)
+
+
+def test_sharded_and_single_shard_outputs_agree(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=4, rows=250)
+    many = run_all(KeepMultiples(ModConfig(target_shard_bytes=1)), [src], str(tmp_path / "many"))
+    one = run_all(KeepMultiples(ModConfig()), [src], str(tmp_path / "one"))
+    assert many.stats.shards == 4 and one.stats.shards == 1
+    a = sorted(read_step_table(storage.validate_uri(str(tmp_path / "many")))["x"].to_pylist())
+    b = sorted(read_step_table(storage.validate_uri(str(tmp_path / "one")))["x"].to_pylist())
+    assert a == b and len(a) == 500
+
+
+def test_merge_is_additive_and_checks_step() -> None:
+    a = StepStats(step="s", records_in=10, records_kept=7, dropped_by_reason={"x": 3}, seconds=1, peak_rss_mb=5)
+    b = StepStats(step="s", records_in=5, records_kept=1, dropped_by_reason={"x": 1, "y": 3}, seconds=2,
+                  peak_rss_mb=9)
+    m = merge([a, b])
+    assert (m.records_in, m.records_kept, m.dropped_by_reason, m.seconds, m.peak_rss_mb, m.shards) == (
+        15, 8, {"x": 4, "y": 3}, 3, 9, 2)
+    m.check_ledger()
+    with pytest.raises(ValueError):
+        merge([a, StepStats(step="other")])
+    with pytest.raises(LedgerError):
+        StepStats(step="s", records_in=3, records_kept=1).check_ledger()
+    assert json.loads(m.model_dump_json())["dropped_by_reason"] == {"x": 4, "y": 3}
