@@ -38,23 +38,26 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
                             description="Where to write; blank = <data root>/sources/<source_name>."),
         "max_record_bytes": Param(1 << 20, type="integer", minimum=256,
                                   description="Records above this size are quarantined as oversize."),
+        "target_shard_mb": Param(1024, type="integer", minimum=1,
+                                 description="Input files are grouped into parallel shards of about this size."),
     },
 )
 def ingest_source() -> None:
     common = {
         "step": "ingest",
-        "output": OUTPUT + "/ingest",
+        "output_uri": OUTPUT + "/ingest",
         "inputs": ["{{ params.source_uri }}"],
         "config": {
             "source_name": "{{ params.source_name }}",
             "format": "{{ params.format }}",
             "max_record_bytes": "{{ params.max_record_bytes }}",
+            "target_shard_bytes": "{{ params.target_shard_mb * 1048576 }}",
         },
     }
     plan = StepOperator(task_id="plan", action="plan", **common)
     shards = StepOperator.partial(task_id="ingest", action="run", **common).expand(shard=plan.output)
-    reduce = StepOperator(task_id="reduce", action="reduce", step="ingest", output=OUTPUT + "/ingest")
-    report = StepOperator(task_id="report", action="report", step="report", output=OUTPUT)
+    reduce = StepOperator(task_id="reduce", action="reduce", step="ingest", output_uri=OUTPUT + "/ingest")
+    report = StepOperator(task_id="report", action="report", step="report", output_uri=OUTPUT)
     shards >> reduce >> report
 
 

@@ -67,7 +67,7 @@ class StepFailedError(RuntimeError):
 class StepOperator(BaseOperator):
     """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
 
-    template_fields: Sequence[str] = ("config", "inputs", "output")
+    template_fields: Sequence[str] = ("config", "inputs", "output_uri")
     ui_color = "#d6eaff"
 
     def __init__(
@@ -75,7 +75,7 @@ class StepOperator(BaseOperator):
         *,
         step: str,
         action: Action = "run",
-        output: str,
+        output_uri: str,
         config: dict[str, Any] | None = None,
         inputs: Sequence[str] | str = (),
         shard: int | None = None,
@@ -86,7 +86,7 @@ class StepOperator(BaseOperator):
         super().__init__(**kwargs)
         self.step = step
         self.action = action
-        self.output = output
+        self.output_uri = output_uri
         self.config = config or {}
         self.inputs = inputs
         self.shard = shard
@@ -113,11 +113,11 @@ class StepOperator(BaseOperator):
         return self._execute_local()
 
     def _execute_local(self) -> Any:
-        args = step_arguments(self.action, self.step, output=self.output, config=self.config,
+        args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard)
         secrets = secret_values()
         self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
-                      self.shard, redact(self.output, secrets))
+                      self.shard, redact(self.output_uri, secrets))
         proc = subprocess.Popen(
             [sys.executable, "-m", "operators", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1,
@@ -146,7 +146,7 @@ class StepOperator(BaseOperator):
         if self.profile not in profiles:
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
         xcom = self.action in ("plan", "reduce", "report")
-        args = step_arguments(self.action, self.step, output=self.output, config=self.config,
+        args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard,
                               xcom_file=XCOM_FILE if xcom else None)
         ti = context.get("ti") if hasattr(context, "get") else None

@@ -238,9 +238,10 @@ def _sharegpt_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
                 return Rejected(DropReason.UNKNOWN_ROLE, f"turn {index} has unknown role {_show(raw_role)}")
         if not isinstance(value, str):
             return Rejected(DropReason.BAD_FIELD_TYPE, f"turn {index} 'value' is a {_json_type(value)}")
-        if _is_blank(value):
+        # Inlined _is_blank / _is_utf8_safe fast paths: this loop runs once per turn of every record.
+        if not value or value.isspace():
             return Rejected(DropReason.EMPTY_TURN, f"turn {index} is empty")
-        if not _is_utf8_safe(value):
+        if not value.isascii() and not _is_utf8_safe(value):
             return Rejected(DropReason.INVALID_UTF8, f"turn {index} contains a lone surrogate")
         if role != SYSTEM:
             n_exchange += 1
@@ -314,9 +315,10 @@ def _openai_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
         value = _openai_content(content, index)
         if isinstance(value, Rejected):
             return value
-        if _is_blank(value):
+        # Inlined _is_blank / _is_utf8_safe fast paths: this loop runs once per turn of every record.
+        if not value or value.isspace():
             return Rejected(DropReason.EMPTY_TURN, f"message {index} is empty")
-        if not _is_utf8_safe(value):
+        if not value.isascii() and not _is_utf8_safe(value):
             return Rejected(DropReason.INVALID_UTF8, f"message {index} contains a lone surrogate")
         if role != SYSTEM:
             n_exchange += 1
@@ -461,7 +463,12 @@ def _origin(record: Mapping[str, Any]) -> tuple[str | None, str | None] | Reject
     return origin_id, source
 
 
-def _finish(record: Mapping[str, Any], turns: list[Turn] | Rejected) -> Normalized | Rejected:
+def _finish(
+    record: Mapping[str, Any],
+    turns: list[Turn] | Rejected,
+    label: dict[str, list[str]] | None = None,
+    reward: float | None = None,
+) -> Normalized | Rejected:
     if isinstance(turns, Rejected):
         return turns
     broken = _check_order(turns)
@@ -470,7 +477,7 @@ def _finish(record: Mapping[str, Any], turns: list[Turn] | Rejected) -> Normaliz
     origin = _origin(record)
     if isinstance(origin, Rejected):
         return origin
-    return Normalized(tuple(turns), None, None, origin[0], origin[1])
+    return Normalized(tuple(turns), label, reward, origin[0], origin[1])
 
 
 def _normalize_sharegpt(record: Mapping[str, Any]) -> Normalized | Rejected:
@@ -486,16 +493,23 @@ def _normalize_alpaca(record: Mapping[str, Any]) -> Normalized | Rejected:
 
 
 def _normalize_infinity(record: Mapping[str, Any]) -> Normalized | Rejected:
-    base = _finish(record, _sharegpt_turns(record))
-    if isinstance(base, Rejected):
-        return base
+    turns = _sharegpt_turns(record)
+    if isinstance(turns, Rejected):
+        return turns
+    # Conversation problems outrank metadata problems, as for the other formats.
+    broken = _check_order(turns)
+    if broken is not None:
+        return broken
     label = _label(record)
     if isinstance(label, Rejected):
         return label
     reward = _reward(record)
     if isinstance(reward, Rejected):
         return reward
-    return Normalized(base.turns, label, reward, base.origin_id, base.origin_source)
+    origin = _origin(record)
+    if isinstance(origin, Rejected):
+        return origin
+    return Normalized(tuple(turns), label, reward, origin[0], origin[1])
 
 
 _NORMALIZERS: dict[str, Callable[[Mapping[str, Any]], Normalized | Rejected]] = {

@@ -79,7 +79,11 @@ def _batched(rows: Iterable[_Row], batch_size: int) -> Iterator[pa.RecordBatch]:
 
 def _to_batch(raws: list[str], lines: list[int], errors: list[str | None]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
-        [pa.array(raws, type=pa.string()), pa.array(lines, type=pa.int64()), pa.array(errors, type=pa.string())],
+        [
+            pa.array(raws, type=pa.string()),
+            pa.array(lines, type=pa.int64()),
+            pa.array(errors, type=pa.string()),
+        ],
         schema=RAW_SCHEMA,
     )
 
