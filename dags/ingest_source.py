@@ -38,7 +38,7 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
                             description="Where to write; blank = <data root>/sources/<source_name>."),
         "max_record_bytes": Param(1 << 20, type="integer", minimum=256,
                                   description="Records above this size are quarantined as oversize."),
-        "target_shard_mb": Param(1024, type="integer", minimum=1,
+        "target_shard_mb": Param(1024, type="number", exclusiveMinimum=0,
                                  description="Input files are grouped into parallel shards of about this size."),
     },
 )
@@ -51,7 +51,7 @@ def ingest_source() -> None:
             "source_name": "{{ params.source_name }}",
             "format": "{{ params.format }}",
             "max_record_bytes": "{{ params.max_record_bytes }}",
-            "target_shard_bytes": "{{ params.target_shard_mb * 1048576 }}",
+            "target_shard_bytes": "{{ (params.target_shard_mb * 1048576) | int }}",
         },
     }
     plan = StepOperator(task_id="plan", action="plan", **common)

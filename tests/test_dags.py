@@ -1,0 +1,134 @@
+"""DAGs: they parse, they obey the dependency rules, and `airflow dags test` runs them end to end."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.core.runner import read_step_table
+from tests.conftest import FAKE_SECRET, ROOT
+
+
+def airflow_env(home: Path, data_root: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "IIP_DATA_ROOT": str(data_root),
+        "IIP_EXECUTION_MODE": "local",
+    }
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("airflow")
+    env = airflow_env(home, tmp_path_factory.mktemp("data"))
+    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield env
+
+
+def airflow(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_dags_parse_without_errors(airflow_home: dict[str, str]) -> None:
+    code = (
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "import json\n"
+        "b = DagBag()\n"
+        "d = b.dags['ingest_source']\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()}, 'dags': sorted(b.dags),"
+        " 'tasks': sorted(t.task_id for t in d.tasks), 'params': sorted(d.params.keys())}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=airflow_home, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["errors"] == {}
+    assert "ingest_source" in info["dags"]
+    assert info["tasks"] == ["ingest", "plan", "reduce", "report"]
+    assert {"source_uri", "source_name", "format", "output_uri"} <= set(info["params"])
+
+
+def _imports(path: Path) -> set[str]:
+    mods: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module)
+    return mods
+
+
+def test_dependency_rules() -> None:
+    """Steps and core never import Airflow; DAGs import only Airflow, the operator and step configs."""
+    for path in list((ROOT / "operators" / "steps").rglob("*.py")) + list((ROOT / "operators" / "core").rglob("*.py")):
+        bad = {m for m in _imports(path) if m.split(".")[0] == "airflow" or m.startswith("operators.orchestration")}
+        assert not bad, f"{path} imports {bad}"
+    for path in (ROOT / "dags").glob("*.py"):
+        for m in _imports(path):
+            top = m.split(".")[0]
+            if top == "operators":
+                assert m.startswith("operators.orchestration") or m.endswith((".formats", ".config")), (
+                    f"{path} imports step internals {m}")
+            else:
+                assert top in {"airflow", "__future__", "datetime", "typing", "json", "os"}, f"{path} imports {m}"
+
+
+def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        with (raw / f"part{i}.jsonl").open("w") as f:
+            for j in range(20):
+                f.write(json.dumps({"conversations": [{"from": "human", "value": f"Question {i}-{j} about cats?"},
+                                                      {"from": "gpt", "value": f"Answer {i}-{j}: cats purr."}]}) + "\n")
+            f.write('{"conversations": [{"from": "human", "value": "no answer"}]}\n')
+    out = tmp_path / "out"
+    env = {**airflow_home, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+    # A shard target of ~1 KB puts each file in its own shard: three mapped ingest tasks.
+    conf = {"source_uri": str(raw), "source_name": "cats", "output_uri": str(out), "target_shard_mb": 0.001}
+    r = airflow(env, "dags", "test", "ingest_source", "-c", json.dumps(conf))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    step_dir = f"file://{out}/ingest"
+    m = read_manifest(step_manifest_uri(step_dir))
+    assert m is not None
+    assert m.stats.shards == 3
+    assert m.stats.records_in == 63 and m.stats.records_kept == 60
+    assert m.stats.dropped_by_reason == {"broken_role_order": 3}
+    assert len(read_step_table(step_dir)) == 60
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0]["records_kept"] == 60
+    assert FAKE_SECRET not in r.stdout + r.stderr
+    # A second run finds every manifest committed and skips the work.
+    r2 = airflow(env, "dags", "test", "ingest_source", "-c", json.dumps(conf))
+    assert r2.returncode == 0
+    assert "already committed" in r2.stdout + r2.stderr
+    m2 = read_manifest(step_manifest_uri(step_dir))
+    assert m2 is not None and m2.created_at == m.created_at
+
+
+def test_bad_params_fail_before_any_work(airflow_home: dict[str, str], tmp_path: Path) -> None:
+    conf = {"source_uri": str(tmp_path), "source_name": "bad name!", "output_uri": str(tmp_path / "out")}
+    r = airflow(airflow_home, "dags", "test", "ingest_source", "-c", json.dumps(conf))
+    assert r.returncode != 0
+    assert "source_name" in r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_airflow_loads_the_reports_plugin(airflow_home: dict[str, str]) -> None:
+    r = airflow(airflow_home, "plugins", "--output", "json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "iip_reports" in r.stdout
