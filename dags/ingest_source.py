@@ -6,6 +6,7 @@ plan (list input files, group into shards) -> ingest[shard] (mapped) -> reduce (
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from airflow.sdk import Param, dag
 
@@ -43,7 +44,7 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
     },
 )
 def ingest_source() -> None:
-    common = {
+    common: dict[str, Any] = {
         "step": "ingest",
         "output_uri": OUTPUT + "/ingest",
         "inputs": ["{{ params.source_uri }}"],

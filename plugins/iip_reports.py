@@ -55,9 +55,11 @@ def create_app() -> FastAPI:
     def index() -> str:
         root = data_root()
         items = "".join(
-            f"<li><a href='reports/view?path={html.escape(p)}'>{html.escape(p)}</a></li>" for p in list_reports(root)
+            f"<li><a href='reports/view?path={html.escape(p)}'>{html.escape(p)}</a></li>"
+            for p in list_reports(root)
         )
-        return f"<!doctype html><h1>Dataset reports</h1><p>{html.escape(root)}</p><ul>{items or '<li>none yet</li>'}</ul>"
+        return (f"<!doctype html><h1>Dataset reports</h1><p>{html.escape(root)}</p>"
+                f"<ul>{items or '<li>none yet</li>'}</ul>")
 
     @app.get("/reports/view", response_model=None)
     def view(path: str = Query(..., max_length=512), format: str = "html") -> Any:
@@ -73,7 +75,9 @@ def create_app() -> FastAPI:
 class IIPReportsPlugin(AirflowPlugin):
     """Registers the reports app and a link to it in the Airflow navigation."""
 
+    # AirflowPlugin declares these as plain class attributes, so they are overridden as such.
     name = "iip_reports"
-    fastapi_apps = [{"app": create_app(), "url_prefix": "/iip", "name": "IIP dataset reports"}]
-    external_views = [{"name": "Dataset reports", "href": "/iip/reports", "destination": "nav",
-                       "category": "browse"}]
+    fastapi_apps = [{"app": create_app(), "url_prefix": "/iip", "name": "IIP dataset reports"}]  # noqa: RUF012
+    external_views = [  # noqa: RUF012
+        {"name": "Dataset reports", "href": "/iip/reports", "destination": "nav", "category": "browse"}
+    ]

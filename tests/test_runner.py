@@ -91,7 +91,7 @@ def test_rerun_same_config_is_skipped_and_changed_config_recomputes(tmp_path: Pa
     assert changed.config_hash != first.config_hash
     assert changed.stats.records_kept == 40
     # Files of the stale output are gone; only the new manifest's files remain.
-    on_disk = {u[len(out) + 1:] for u in storage.list_files(out) if "/part-" in u or u.rsplit("/", 1)[1].startswith("part-")}
+    on_disk = {u[len(out) + 1:] for u in storage.list_files(out) if u.rsplit("/", 1)[1].startswith("part-")}
     assert on_disk == {f.path for f in changed.files}
 
 

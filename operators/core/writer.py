@@ -93,7 +93,7 @@ class PartWriter:
         rel = f"{self.subdir}/{name}" if self.subdir else name
         storage.write_bytes(storage.join(self.step_dir, rel), buf.to_pybytes())
         self.files.append(
-            FileEntry(path=rel, kind=self.kind, rows=self._part_rows, bytes=buf.size, sha256=storage.sha256_hex(buf))  # type: ignore[arg-type]
+            FileEntry(path=rel, kind=self.kind, rows=self._part_rows, bytes=buf.size, sha256=storage.sha256_hex(buf))
         )
         self._writer, self._sink, self._part_rows = None, None, 0
 

@@ -108,7 +108,11 @@ def load_profiles() -> dict[str, PodProfile]:
     profiles = dict(DEFAULT_PROFILES)
     raw = os.environ.get("IIP_POD_PROFILES", "").strip()
     if raw:
-        text = raw if raw.startswith("{") else open(raw).read()
+        if raw.startswith("{"):
+            text = raw
+        else:
+            with open(raw) as f:
+                text = f.read()
         for name, spec in json.loads(text).items():
             profiles[name] = PodProfile.model_validate(spec)
     return profiles

@@ -108,6 +108,16 @@ def sniff_container(head: bytes) -> Literal["jsonl", "json_array"]:
 # JSON Lines
 
 
+# One byte past the kept head: tells "the head is the whole line" (strip its "\r") from "cut".
+_HEAD_SPAN = _OVERSIZE_KEEP + 1
+
+
+def _line_head(head: bytes) -> bytes:
+    if len(head) < _HEAD_SPAN:
+        head = head.removesuffix(b"\r")
+    return head[:_OVERSIZE_KEEP]
+
+
 def _iter_lines(stream: BinaryIO, max_record_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
     """Yield (1-based line number, content, oversize) for every non-blank line.
 
@@ -129,7 +139,7 @@ def _iter_lines(stream: BinaryIO, max_record_bytes: int) -> Iterator[tuple[int, 
         if parts:
             if skipping:
                 line_no += 1
-                yield line_no, head, True
+                yield line_no, _line_head(head + parts[0][: _HEAD_SPAN - len(head)]), True
                 skipping, head = False, b""
                 parts = parts[1:]
             elif pending:
@@ -146,15 +156,18 @@ def _iter_lines(stream: BinaryIO, max_record_bytes: int) -> Iterator[tuple[int, 
                     if line_no == 1 and part.startswith(_BOM):
                         part = part[len(_BOM) :]
                     yield line_no, part, False
-        if tail and not skipping:
+        if skipping:
+            if len(head) < _HEAD_SPAN:  # a limit under 4 KiB trips before the head is full
+                head += tail[: _HEAD_SPAN - len(head)]
+        elif tail:
             pending.append(tail)
             pending_len += len(tail)
             # +1: the line may still end in "\r\n", and the "\r" is not part of the record.
             if pending_len > max_record_bytes + 1:
-                head = b"".join(pending)[:_OVERSIZE_KEEP]
+                head = b"".join(pending)[:_HEAD_SPAN]
                 pending, pending_len, skipping = [], 0, True
     if skipping:
-        yield line_no + 1, head, True
+        yield line_no + 1, _line_head(head), True
     elif pending:
         part = b"".join(pending)
         line_no += 1
@@ -271,13 +284,15 @@ _STRUCTURAL = re.compile(r'["\[\]{}]')
 _SCALAR_END = re.compile(r"[,\]\s]")
 
 
-def _skip_value(window: _TextWindow) -> bool:
+def _skip_value(window: _TextWindow, keep: int) -> tuple[bool, str]:
     """Move ``window.pos`` past the JSON value starting there without building it.
 
     Used only for values too big (or too deep) to decode: tracks strings, escapes and bracket
-    depth, refilling as it goes so memory stays at one chunk. False when the stream ends first.
+    depth, refilling as it goes so memory stays at one chunk. Returns whether the value ended
+    before the stream did, and the value's first ``keep`` characters for the quarantine.
     """
     text, i = window.text, window.pos
+    head = text[i : i + keep]
     first = text[i]
     depth = 0
     in_string = False
@@ -290,11 +305,12 @@ def _skip_value(window: _TextWindow) -> bool:
             match = _SCALAR_END.search(window.text, i)
             if match is not None:
                 window.pos = match.start()
-                return True
+                return True, head
             window.pos = len(window.text)
             if not window.fill():
-                return True
+                return True, head
             i = window.pos
+            head += window.text[: keep - len(head)]
     while True:
         text = window.text
         if in_string:
@@ -307,7 +323,7 @@ def _skip_value(window: _TextWindow) -> bool:
                     in_string = False
                     if depth == 0:
                         window.pos = i
-                        return True
+                        return True, head
                 continue
         else:
             match = _STRUCTURAL.search(text, i)
@@ -322,14 +338,17 @@ def _skip_value(window: _TextWindow) -> bool:
                     depth -= 1
                     if depth == 0:
                         window.pos = i
-                        return True
+                        return True, head
                 continue
         # Nothing more in this window: drop what was scanned, keep an escape's overshoot.
-        overshoot = max(0, i - len(text))
+        i = max(i, len(text))
+        overshoot = i - len(text)
         window.pos = min(i, len(text))
         if not window.fill():
-            return False
+            return False, head
         i = window.pos + overshoot
+        if len(head) < keep:
+            head += window.text[: keep - len(head)]
 
 
 def _array_rows(stream: BinaryIO, max_record_bytes: int) -> Iterator[_Row]:
@@ -385,8 +404,8 @@ def _array_rows(stream: BinaryIO, max_record_bytes: int) -> Iterator[_Row]:
                 # enough to step over, not decodable into a record.
                 skip_reason = _BAD_JSON
                 break
-            if end == len(text) and not window.eof:
-                # A value ending exactly at the window's edge may be cut (a number "12|34").
+            if end > len(text) - _CUT_MARGIN and not window.eof:
+                # A value ending near the window's edge may be a cut one ("12|34", "-0.|5", "1e|-7").
                 if pending > max_record_bytes:
                     skip_reason = _OVERSIZE
                     break
@@ -395,8 +414,8 @@ def _array_rows(stream: BinaryIO, max_record_bytes: int) -> Iterator[_Row]:
             break
 
         if skip_reason is not None:
-            head = window.text[window.pos : window.pos + _BAD_JSON_KEEP]
-            if not _skip_value(window):
+            ended, head = _skip_value(window, _BAD_JSON_KEEP)
+            if not ended:
                 yield _source_text(head, _BAD_JSON_KEEP), index, _BAD_JSON
                 return
             keep = _OVERSIZE_KEEP if skip_reason == _OVERSIZE else _BAD_JSON_KEEP

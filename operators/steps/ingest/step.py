@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,7 +115,7 @@ class IngestStep(Step[IngestConfig]):
         with fs.open_input_stream(path, compression=codec) as stream:
             head = stream.read(4096)
             # Re-join the sniffed head with the rest of the stream without seeking (compressed streams can't).
-            joined = _Prefixed(bytes(head), stream)
+            joined = cast(BinaryIO, _Prefixed(bytes(head), stream))
             reader = iter_json_array_batches if sniff_container(bytes(head)) == "json_array" else iter_jsonl_batches
             yield from reader(joined, cfg.batch_rows, cfg.max_record_bytes)
 
