@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -155,3 +155,52 @@ def test_merge_is_additive_and_checks_step() -> None:
     with pytest.raises(LedgerError):
         StepStats(step="s", records_in=3, records_kept=1).check_ledger()
     assert json.loads(m.model_dump_json())["dropped_by_reason"] == {"x": 4, "y": 3}
+
+
+@pytest.mark.integration
+def test_two_writers_of_one_shard_on_s3_exactly_one_commits(s3_bucket: str, tmp_path: Path) -> None:
+    import threading
+
+    src = write_inputs(tmp_path, files=1, rows=5000)
+    for p in Path(src).iterdir():
+        storage.write_bytes(f"{s3_bucket}/in/{p.name}", p.read_bytes())
+    out = f"{s3_bucket}/out"
+    step = KeepMultiples(ModConfig(max_part_rows=500))
+    plan = make_plan(step, [f"{s3_bucket}/in"], out)
+    results: list[Any] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        results[i] = run_shard(KeepMultiples(ModConfig(max_part_rows=500)), out, plan, 0)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] is not None and results[1] is not None
+    # Both writers report the same committed attempt: one won, the other adopted the winner's output.
+    assert results[0].attempt == results[1].attempt
+    committed = read_manifest(shard_manifest_uri(out, 0))
+    assert committed is not None and committed.attempt == results[0].attempt
+    final = reduce_step(step.name, out)
+    assert final.stats.records_kept == 2500
+    parts = {u[len(out) + 1:] for u in storage.list_files(out) if u.rsplit("/", 1)[1].startswith("part-")}
+    assert parts == {f.path for f in final.files}  # the loser's files are gone
+    assert sorted(read_step_table(out)["x"].to_pylist()) == list(range(0, 5000, 2))
+
+
+def test_reduce_uncommits_a_shard_whose_files_vanished(tmp_path: Path) -> None:
+    src = write_inputs(tmp_path, files=2, rows=100)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = KeepMultiples(ModConfig(target_shard_bytes=1))
+    plan = make_plan(step, [src], out)
+    m0 = run_shard(step, out, plan, 0)
+    run_shard(step, out, plan, 1)
+    storage.delete(storage.join(out, m0.data_files()[0].path))  # storage lost a committed file
+    with pytest.raises(StepFailed, match=r"shard\(s\) \[0\]"):
+        reduce_step(step.name, out)
+    assert read_manifest(shard_manifest_uri(out, 0)) is None  # uncommitted, so a re-run repairs it
+    run_shard(step, out, plan, 0)
+    assert reduce_step(step.name, out).stats.records_kept == 100

@@ -160,6 +160,10 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
                           f"counted but {written_dropped} written to dropped/")
     manifest = Manifest(step=step.name, config_hash=plan.config_hash, shard=shard_index, attempt=attempt,
                         files=files, stats=stats)
+    lost = [f.path for f in files if not storage.exists(storage.join(step_dir, f.path))]
+    if lost:  # a concurrent attempt's cleanup removed our files: never commit a manifest that lies
+        raise StepFailed(f"step {step.name} shard {shard_index}: {len(lost)} file(s) of attempt {attempt} "
+                         f"vanished before commit (a concurrent attempt?); retry the shard")
     if not storage.commit_if_absent(m_uri, manifest.to_bytes()):
         for f in files:  # we lost the race: our files are orphans, the winner's are the truth
             storage.delete(storage.join(step_dir, f.path))
@@ -174,6 +178,11 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
              stats.dropped_by_reason, stats.seconds, stats.records_in / max(stats.seconds, 1e-9),
              stats.peak_rss_mb)
     return manifest
+
+
+def _file_ok(step_dir: str, f: FileEntry) -> bool:
+    uri = storage.join(step_dir, f.path)
+    return storage.exists(uri) and storage.file_size(uri) == f.bytes
 
 
 def reduce_step(step_name: str, step_dir: str) -> Manifest:
@@ -195,11 +204,14 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     if missing:
         raise StepFailed(f"step {step_name}: shard(s) {missing[:20]} not committed for config "
                          f"{plan.config_hash}; re-run them before the reduce")
+    broken = [m.shard for m in shard_manifests if not all(_file_ok(step_dir, f) for f in m.files)]
+    if broken:
+        # Uncommit the damaged shards so that re-running them repairs the step.
+        for shard in broken:
+            storage.delete(shard_manifest_uri(step_dir, shard if shard is not None else -1))
+        raise StepFailed(f"step {step_name}: committed files of shard(s) {broken} are missing or have the wrong "
+                         "size; those shards were uncommitted, re-run them and the reduce")
     files = [f for m in shard_manifests for f in m.files]
-    for f in files:
-        uri = storage.join(step_dir, f.path)
-        if not storage.exists(uri) or storage.file_size(uri) != f.bytes:
-            raise StepFailed(f"step {step_name}: committed file {uri} is missing or has the wrong size")
     stats = merge(m.stats for m in shard_manifests)
     stats.check_ledger()
     listed = {f.path for f in files}

@@ -271,9 +271,7 @@ def _openai_content(content: object, index: int) -> str | Rejected:
             )
         text = part.get("text", _MISSING)
         if text is _MISSING:
-            return Rejected(
-                DropReason.MISSING_FIELD, f"message {index} content part {part_index} missing 'text'"
-            )
+            return Rejected(DropReason.MISSING_FIELD, f"message {index} content part {part_index} missing 'text'")
         if not isinstance(text, str):
             return Rejected(
                 DropReason.BAD_FIELD_TYPE,
@@ -294,9 +292,7 @@ def _openai_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
     n_exchange = 0
     for index, item in enumerate(messages):
         if not isinstance(item, dict):
-            return Rejected(
-                DropReason.BAD_FIELD_TYPE, f"message {index} is a {_json_type(item)}, not an object"
-            )
+            return Rejected(DropReason.BAD_FIELD_TYPE, f"message {index} is a {_json_type(item)}, not an object")
         raw_role = item.get("role", _MISSING)
         if raw_role is _MISSING:
             return Rejected(DropReason.MISSING_FIELD, f"message {index} missing 'role'")
@@ -306,9 +302,7 @@ def _openai_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
         if role is None:
             role = roles.get(raw_role.lower())
             if role is None:
-                return Rejected(
-                    DropReason.UNKNOWN_ROLE, f"message {index} has unknown role {_show(raw_role)}"
-                )
+                return Rejected(DropReason.UNKNOWN_ROLE, f"message {index} has unknown role {_show(raw_role)}")
         content = item.get("content", _MISSING)
         if content is _MISSING:
             return Rejected(DropReason.MISSING_FIELD, f"message {index} missing 'content'")
@@ -373,21 +367,15 @@ def _alpaca_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
             return Rejected(DropReason.BAD_FIELD_TYPE, f"'history' is a {_json_type(history)}, not an array")
         for index, pair in enumerate(history):
             if not isinstance(pair, list | tuple) or len(pair) != 2:
-                return Rejected(
-                    DropReason.BAD_FIELD_TYPE, f"history item {index} is not a [query, answer] pair"
-                )
+                return Rejected(DropReason.BAD_FIELD_TYPE, f"history item {index} is not a [query, answer] pair")
             for side, role in ((0, HUMAN), (1, GPT)):
                 text = pair[side]
                 if not isinstance(text, str):
-                    return Rejected(
-                        DropReason.BAD_FIELD_TYPE, f"history item {index}[{side}] is a {_json_type(text)}"
-                    )
+                    return Rejected(DropReason.BAD_FIELD_TYPE, f"history item {index}[{side}] is a {_json_type(text)}")
                 if _is_blank(text):
                     return Rejected(DropReason.EMPTY_TURN, f"history item {index}[{side}] is empty")
                 if not _is_utf8_safe(text):
-                    return Rejected(
-                        DropReason.INVALID_UTF8, f"history item {index}[{side}] contains a lone surrogate"
-                    )
+                    return Rejected(DropReason.INVALID_UTF8, f"history item {index}[{side}] contains a lone surrogate")
                 turns.append(Turn(role, text))
     human = instruction if extra is None or _is_blank(extra) else instruction + "\n\n" + extra
     turns.append(Turn(HUMAN, human))
@@ -408,9 +396,7 @@ def _label(record: Mapping[str, Any]) -> dict[str, list[str]] | Rejected | None:
             out[key] = []
             continue
         if not isinstance(items, list):
-            return Rejected(
-                DropReason.BAD_FIELD_TYPE, f"label {key!r} is a {_json_type(items)}, not an array"
-            )
+            return Rejected(DropReason.BAD_FIELD_TYPE, f"label {key!r} is a {_json_type(items)}, not an array")
         for item in items:
             if not isinstance(item, str):
                 return Rejected(DropReason.BAD_FIELD_TYPE, f"label {key!r} holds a {_json_type(item)}")

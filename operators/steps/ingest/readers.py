@@ -428,8 +428,7 @@ def _array_rows(stream: BinaryIO, max_record_bytes: int) -> Iterator[_Row]:
         # Characters are a lower bound on UTF-8 bytes and 4x an upper bound, so the byte count
         # is only computed when it can change the verdict.
         if size > max_record_bytes or (
-            size * 4 > max_record_bytes
-            and len(text[start:end].encode("utf-8", "surrogateescape")) > max_record_bytes
+            size * 4 > max_record_bytes and len(text[start:end].encode("utf-8", "surrogateescape")) > max_record_bytes
         ):
             yield _source_text(text[start : start + _OVERSIZE_KEEP])[:_OVERSIZE_KEEP], index, _OVERSIZE
             index += 1
@@ -454,9 +453,7 @@ def _array_rows(stream: BinaryIO, max_record_bytes: int) -> Iterator[_Row]:
         index += 1
 
 
-def iter_json_array_batches(
-    stream: BinaryIO, batch_size: int, max_record_bytes: int
-) -> Iterator[pa.RecordBatch]:
+def iter_json_array_batches(stream: BinaryIO, batch_size: int, max_record_bytes: int) -> Iterator[pa.RecordBatch]:
     """Stream a top-level JSON array as :data:`RAW_SCHEMA` batches, one row per element.
 
     Elements are decoded one at a time from 1 MiB chunks and re-encoded with
