@@ -46,6 +46,8 @@ class Manifest(BaseModel):
     attempt: str = ""
     files: list[FileEntry] = Field(default_factory=list)
     stats: StepStats
+    # Small JSON results of a reduce stage (global models, thresholds) committed atomically with it.
+    summary: dict[str, Any] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def data_files(self) -> list[FileEntry]:
@@ -69,6 +71,14 @@ def shard_manifest_uri(step_dir: str, shard: int) -> str:
 
 def step_manifest_uri(step_dir: str) -> str:
     return storage.join(step_dir, MANIFEST_NAME)
+
+
+STAGES_DIR = "_stages"
+
+
+def stage_dir(step_dir: str, stage: str) -> str:
+    """Folder of an auxiliary stage's outputs inside a step directory."""
+    return storage.join(step_dir, STAGES_DIR, stage)
 
 
 def read_manifest(uri: str) -> Manifest | None:

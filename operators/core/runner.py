@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -27,10 +28,11 @@ from operators.core.manifest import (
     config_hash,
     read_manifest,
     shard_manifest_uri,
+    stage_dir,
     step_manifest_uri,
 )
 from operators.core.stats import LedgerError, StepStats, merge, peak_rss_mb
-from operators.core.step import REASON, Plan, Step
+from operators.core.step import REASON, Plan, Stage, Step
 from operators.core.writer import PartWriter
 
 log = logging.getLogger("operators.runner")
@@ -79,14 +81,23 @@ def load_plan(step_dir: str) -> Plan:
     return Plan.model_validate_json(storage.read_bytes(uri))
 
 
-def _cleanup_uncommitted(step_dir: str, shard: int, keep: set[str]) -> int:
-    """Delete files of `shard` that no committed manifest lists (left by a crashed attempt)."""
+def _part_files(folder: str, subdirs: tuple[str, ...] = ("",)) -> list[tuple[str, str]]:
+    """(uri, path relative to `folder`) of part files directly in `folder` or its given subfolders."""
+    out = []
+    for uri in storage.list_files(folder):
+        rel = uri[len(folder) + 1:]
+        parent, _, name = rel.rpartition("/")
+        if name.startswith("part-") and parent in subdirs:
+            out.append((uri, rel))
+    return out
+
+
+def _cleanup_uncommitted(folder: str, shard: int, subdirs: tuple[str, ...] = ("", "dropped")) -> int:
+    """Delete part files of `shard` in `folder` (left by a crashed attempt: nothing commits them yet)."""
     removed = 0
     prefix = f"part-{shard:05d}-"
-    for uri in storage.list_files(step_dir):
-        rel = uri[len(step_dir) + 1:]
-        name = rel.rsplit("/", 1)[-1]
-        if name.startswith(prefix) and rel not in keep:
+    for uri, rel in _part_files(folder, subdirs):
+        if rel.rpartition("/")[2].startswith(prefix):
             storage.delete(uri)
             removed += 1
     return removed
@@ -97,9 +108,7 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     step_dir = storage.validate_uri(step_dir)
     if not 0 <= shard_index < len(plan.shards):
         raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
-    if step.config.model_dump(mode="json") != plan.config:
-        raise StepFailed(f"step {step.name}: config differs from the one planned in {plan_uri(step_dir)}; "
-                         "re-run the plan with this config")
+    _check_config(step, step_dir, plan)
     spec = plan.shards[shard_index]
     m_uri = shard_manifest_uri(step_dir, shard_index)
     existing = read_manifest(m_uri)
@@ -109,11 +118,13 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
         return existing
     if existing is not None:
         storage.delete(m_uri)
-    removed = _cleanup_uncommitted(step_dir, shard_index, keep=set())
+    _require_stages(step, step_dir, plan)
+    removed = _cleanup_uncommitted(step_dir, shard_index)
     if removed:
         log.info("step %s shard %d: removed %d file(s) of an earlier uncommitted attempt",
                  step.name, shard_index, removed)
 
+    step.bind(StorageArtifacts(step_dir), shard_index)
     attempt = uuid.uuid4().hex[:8]
     cfg = step.config
     kept_w = PartWriter(step_dir, shard_index, attempt, "data", cfg.max_part_rows, cfg.max_part_bytes)
@@ -164,15 +175,9 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     if lost:  # a concurrent attempt's cleanup removed our files: never commit a manifest that lies
         raise StepFailed(f"step {step.name} shard {shard_index}: {len(lost)} file(s) of attempt {attempt} "
                          f"vanished before commit (a concurrent attempt?); retry the shard")
-    if not storage.commit_if_absent(m_uri, manifest.to_bytes()):
-        for f in files:  # we lost the race: our files are orphans, the winner's are the truth
-            storage.delete(storage.join(step_dir, f.path))
-        winner = read_manifest(m_uri)
-        if winner is None or winner.config_hash != plan.config_hash:
-            raise StepFailed(f"shard {shard_index}: another writer committed a different output")
-        log.info("step %s shard %d: another attempt committed first (%s); using it", step.name,
-                 shard_index, winner.attempt)
-        return winner
+    committed = _commit(m_uri, manifest, step_dir, f"step {step.name} shard {shard_index}")
+    if committed is not manifest:
+        return committed
     log.info("step %s shard %d: read %d, kept %d, dropped %d %s in %.1fs (%.0f records/s), peak %.0f MiB",
              step.name, shard_index, stats.records_in, stats.records_kept, stats.records_dropped,
              stats.dropped_by_reason, stats.seconds, stats.records_in / max(stats.seconds, 1e-9),
@@ -215,27 +220,30 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     stats = merge(m.stats for m in shard_manifests)
     stats.check_ledger()
     listed = {f.path for f in files}
-    for uri in storage.list_files(step_dir):  # garbage: parts of stale or lost attempts
-        rel = uri[len(step_dir) + 1:]
-        if rel.rsplit("/", 1)[-1].startswith("part-") and rel not in listed:
+    for uri, rel in _part_files(step_dir, ("", "dropped")):  # garbage: parts of stale or lost attempts
+        if rel not in listed:
             storage.delete(uri)
     storage.write_bytes(storage.join(step_dir, STATS_NAME), stats.model_dump_json(indent=2).encode())
     manifest = Manifest(step=step_name, config_hash=plan.config_hash, files=files, stats=stats)
     if current is not None:
         storage.delete(step_manifest_uri(step_dir))
-    if not storage.commit_if_absent(step_manifest_uri(step_dir), manifest.to_bytes()):
-        winner = read_manifest(step_manifest_uri(step_dir))
-        if winner is None or winner.config_hash != plan.config_hash:
-            raise StepFailed(f"step {step_name}: another writer committed a different step manifest")
-        return winner
+    committed = _commit(step_manifest_uri(step_dir), manifest, step_dir, f"step {step_name}", owns_files=False)
+    if committed is not manifest:
+        return committed
     log.info("step %s: committed %d shard(s): in %d, kept %d, dropped %d %s", step_name, len(plan.shards),
              stats.records_in, stats.records_kept, stats.records_dropped, stats.dropped_by_reason)
     return manifest
 
 
 def run_all(step: Step[Any], inputs: list[str], step_dir: str) -> Manifest:
-    """Plan, run every shard in this process, reduce: the whole step without an orchestrator."""
+    """Plan, run every stage and shard in this process, reduce: the whole step without an orchestrator."""
     plan = make_plan(step, inputs, step_dir)
+    for stage in step.stages:
+        if stage.kind == "map":
+            for spec in plan.shards:
+                run_map_stage(step, step_dir, plan, stage.name, spec.index)
+        else:
+            run_reduce_stage(step, step_dir, plan, stage.name)
     for spec in plan.shards:
         run_shard(step, step_dir, plan, spec.index)
     return reduce_step(step.name, step_dir)
@@ -256,5 +264,164 @@ def read_step_table(step_dir: str, kind: str = "data") -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-__all__ = ["SHARDS_DIR", "StepFailed", "load_plan", "make_plan", "read_step_table", "reduce_step",
-           "run_all", "run_shard"]
+def _check_config(step: Step[Any], step_dir: str, plan: Plan) -> None:
+    if step.config.model_dump(mode="json") != plan.config:
+        raise StepFailed(f"step {step.name}: config differs from the one planned in {plan_uri(step_dir)}; "
+                         "re-run the plan with this config")
+
+
+def _stage(step: Step[Any], name: str, kind: str) -> Stage:
+    for st in step.stages:
+        if st.name == name and st.kind == kind:
+            return st
+    raise StepFailed(f"step {step.name} has no {kind} stage {name!r}; stages: {[s.name for s in step.stages]}")
+
+
+def _require_stages(step: Step[Any], step_dir: str, plan: Plan, before: str | None = None) -> None:
+    """Fail clearly unless every stage before `before` (or all stages) is committed for this plan."""
+    for st in step.stages:
+        if st.name == before:
+            return
+        sdir = stage_dir(step_dir, st.name)
+        if st.kind == "reduce":
+            m = read_manifest(step_manifest_uri(sdir))
+            if m is None or m.config_hash != plan.config_hash:
+                raise StepFailed(f"step {step.name}: stage {st.name!r} is not committed; run it first")
+        else:
+            missing = [s.index for s in plan.shards
+                       if (m := read_manifest(shard_manifest_uri(sdir, s.index))) is None
+                       or m.config_hash != plan.config_hash]
+            if missing:
+                raise StepFailed(f"step {step.name}: stage {st.name!r} shard(s) {missing[:20]} not committed")
+
+
+class StorageArtifacts:
+    """Committed stage outputs of one step directory, read lazily from storage."""
+
+    def __init__(self, step_dir: str) -> None:
+        self.step_dir = step_dir
+
+    def _files(self, stage: str) -> list[FileEntry]:
+        sdir = stage_dir(self.step_dir, stage)
+        reduced = read_manifest(step_manifest_uri(sdir))
+        if reduced is not None:
+            return reduced.files
+        files: list[FileEntry] = []
+        for uri in storage.list_files(storage.join(sdir, SHARDS_DIR)):
+            m = read_manifest(uri)
+            if m is not None:
+                files.extend(m.files)
+        return files
+
+    def _read(self, stage: str, rel: str) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        with storage.open_input(storage.join(stage_dir(self.step_dir, stage), rel)) as fh:
+            return pq.read_table(fh)
+
+    def iter_tables(self, stage: str) -> Iterator[pa.Table]:
+        for f in self._files(stage):
+            yield self._read(stage, f.path)
+
+    def partition(self, stage: str, shard: int) -> pa.Table | None:
+        prefix = f"part-{shard:05d}-"
+        tables = [self._read(stage, f.path) for f in self._files(stage) if f.path.startswith(prefix)]
+        return pa.concat_tables(tables) if tables else None
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        m = read_manifest(step_manifest_uri(stage_dir(self.step_dir, stage)))
+        if m is None:
+            raise StepFailed(f"stage {stage!r} of {self.step_dir} is not committed")
+        return m.summary
+
+
+def _commit(uri: str, manifest: Manifest, folder: str, what: str, owns_files: bool = True) -> Manifest:
+    """Commit `manifest` at `uri` (create-if-absent); on a lost race adopt the winner's.
+
+    When this attempt wrote the listed files itself (`owns_files`), a lost race deletes them: they are
+    orphans. A step manifest only lists files the shards own, so it never deletes anything.
+    """
+    if storage.commit_if_absent(uri, manifest.to_bytes()):
+        return manifest
+    if owns_files:
+        for f in manifest.files:
+            storage.delete(storage.join(folder, f.path))
+    winner = read_manifest(uri)
+    if winner is None or winner.config_hash != manifest.config_hash:
+        raise StepFailed(f"{what}: another writer committed a different output")
+    log.info("%s: another attempt committed first (%s); using it", what, winner.attempt)
+    return winner
+
+
+def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_index: int) -> Manifest:
+    """Run map stage `stage` on one shard: side table rows for that shard, committed like a shard."""
+    step_dir = storage.validate_uri(step_dir)
+    _stage(step, stage, "map")
+    _check_config(step, step_dir, plan)
+    _require_stages(step, step_dir, plan, before=stage)
+    sdir = stage_dir(step_dir, stage)
+    m_uri = shard_manifest_uri(sdir, shard_index)
+    existing = read_manifest(m_uri)
+    if existing is not None and existing.config_hash == plan.config_hash:
+        log.info("step %s stage %s shard %d: already committed, skipping", step.name, stage, shard_index)
+        return existing
+    if existing is not None:
+        storage.delete(m_uri)
+    _cleanup_uncommitted(sdir, shard_index, ("",))
+    step.bind(StorageArtifacts(step_dir), shard_index)
+    spec = plan.shards[shard_index]
+    attempt = uuid.uuid4().hex[:8]
+    w = PartWriter(sdir, shard_index, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)
+    stats = StepStats(step=f"{step.name}:{stage}", bytes_in=spec.bytes)
+    t0 = time.perf_counter()
+    for batch in step.read(spec):
+        stats.records_in += batch.num_rows
+        w.write(step.map_stage(stage, batch, shard_index))
+    files = w.close()
+    stats.records_kept = sum(f.rows for f in files)
+    stats.bytes_out = sum(f.bytes for f in files)
+    stats.seconds = round(time.perf_counter() - t0, 3)
+    stats.peak_rss_mb = peak_rss_mb()
+    manifest = Manifest(step=stats.step, config_hash=plan.config_hash, shard=shard_index, attempt=attempt,
+                        files=files, stats=stats)
+    log.info("step %s stage %s shard %d: %d records -> %d rows in %.1fs", step.name, stage, shard_index,
+             stats.records_in, stats.records_kept, stats.seconds)
+    return _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage} shard {shard_index}")
+
+
+def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> Manifest:
+    """Run reduce stage `stage` once over the earlier stages; commit its per-shard tables and summary."""
+    step_dir = storage.validate_uri(step_dir)
+    _stage(step, stage, "reduce")
+    _check_config(step, step_dir, plan)
+    _require_stages(step, step_dir, plan, before=stage)
+    sdir = stage_dir(step_dir, stage)
+    m_uri = step_manifest_uri(sdir)
+    existing = read_manifest(m_uri)
+    if existing is not None and existing.config_hash == plan.config_hash:
+        log.info("step %s stage %s: already committed, skipping", step.name, stage)
+        return existing
+    if existing is not None:
+        storage.delete(m_uri)
+    for uri, _ in _part_files(sdir, ("",)):
+        storage.delete(uri)
+    t0 = time.perf_counter()
+    out = step.reduce_stage(stage, StorageArtifacts(step_dir), len(plan.shards))
+    attempt = uuid.uuid4().hex[:8]
+    files: list[FileEntry] = []
+    for shard, table in sorted(out.partitions.items()):
+        w = PartWriter(sdir, shard, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)
+        w.write(table)
+        files.extend(w.close())
+    stats = StepStats(step=f"{step.name}:{stage}", records_kept=sum(f.rows for f in files),
+                      records_in=sum(f.rows for f in files), bytes_out=sum(f.bytes for f in files),
+                      seconds=round(time.perf_counter() - t0, 3), peak_rss_mb=peak_rss_mb())
+    manifest = Manifest(step=stats.step, config_hash=plan.config_hash, attempt=attempt, files=files,
+                        stats=stats, summary=out.summary)
+    log.info("step %s stage %s: %d rows over %d partition(s) in %.1fs", step.name, stage,
+             stats.records_kept, len(out.partitions), stats.seconds)
+    return _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage}")
+
+
+__all__ = ["SHARDS_DIR", "StepFailed", "StorageArtifacts", "load_plan", "make_plan", "read_step_table",
+           "reduce_step", "run_all", "run_map_stage", "run_reduce_stage", "run_shard"]

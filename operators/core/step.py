@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +70,43 @@ class BatchResult:
     counters: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """An auxiliary stage that runs before a step's record transform.
+
+    `map` stages run per shard over the records and emit side tables (keys, counts, signatures);
+    `reduce` stages run once over all map outputs and emit one table per target shard (keep-lists,
+    drop-lists) plus a JSON summary (global models). The record transform then reads them via `bind`.
+    """
+
+    name: str
+    kind: Literal["map", "reduce"]
+
+
+@dataclass
+class StageOutput:
+    """What a reduce stage returns: per-shard tables and a small JSON-able summary."""
+
+    partitions: dict[int, pa.Table] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Artifacts(Protocol):
+    """Read access to committed stage outputs (implemented by the runner over storage)."""
+
+    def iter_tables(self, stage: str) -> Iterator[pa.Table]:
+        """Every map-stage output part of `stage`, one at a time."""
+        ...
+
+    def partition(self, stage: str, shard: int) -> pa.Table | None:
+        """The reduce-stage output of `stage` for `shard`, or None when it has none."""
+        ...
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        """The reduce-stage summary of `stage`."""
+        ...
+
+
 def dropped_table(rows: pa.Table, reasons: list[str], details: list[str]) -> pa.Table:
     """Attach `reason` and `detail` columns to rejected rows (rejects keep all their own columns)."""
     return rows.append_column(REASON, pa.array(reasons, pa.string())).append_column(
@@ -89,6 +126,8 @@ class Step(ABC, Generic[C]):
     config_model: ClassVar[type[StepConfig]]
     # File name suffixes this step accepts when an input URI is a directory.
     input_suffixes: ClassVar[tuple[str, ...]] = (".parquet",)
+    # Auxiliary stages that must complete, in order, before the record transform runs.
+    stages: ClassVar[tuple[Stage, ...]] = ()
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -139,6 +178,18 @@ class Step(ABC, Generic[C]):
             with storage.open_input(uri) as f:
                 pf = pq.ParquetFile(f)
                 yield from pf.iter_batches(batch_size=self.config.batch_rows)
+
+    # -- multi-stage steps (override when `stages` is non-empty) ---------------------------------------
+    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
+        """Side table for one input batch of `shard` in map stage `stage`. Pure."""
+        raise NotImplementedError(f"step {self.name} has no map stage {stage!r}")
+
+    def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
+        """Global decision of reduce stage `stage` over earlier stages' outputs."""
+        raise NotImplementedError(f"step {self.name} has no reduce stage {stage!r}")
+
+    def bind(self, artifacts: Artifacts, shard: int) -> None:
+        """Load what the record transform of `shard` needs from the stages (runs before `transform`)."""
 
     # -- the pure part -------------------------------------------------------------------------------
     @abstractmethod
