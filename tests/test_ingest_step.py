@@ -249,3 +249,14 @@ def test_ingest_reads_and_writes_s3(s3_bucket: str, tmp_path: Path) -> None:
     m = read_manifest(step_manifest_uri(f"{s3_bucket}/sources/s3src/ingest"))
     assert m is not None and m.stats.records_kept == 8 and m.stats.records_in == 8
     assert len(read_step_table(f"{s3_bucket}/sources/s3src/ingest")) == 8
+
+
+def test_deep_nesting_and_control_characters(tmp_path: Path) -> None:
+    raw = tmp_path / "odd.jsonl"
+    good = json.dumps(sharegpt(EN_Q, EN_A))
+    ctrl = '{"conversations": [{"from": "human", "value": "tab\there"}, {"from": "gpt", "value": "ok"}]}'
+    raw.write_text(good + "\n" + "[" * 100_000 + "\n" + ctrl + "\n")
+    out = storage.validate_uri(str(tmp_path / "out"))
+    m = run_all(build_step("ingest", {"source_name": "odd"}), [str(raw)], out)
+    assert m.stats.records_kept == 2  # a raw tab inside a string is accepted, as in JSON arrays
+    assert m.stats.dropped_by_reason == {"bad_json": 1}

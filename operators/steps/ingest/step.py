@@ -34,6 +34,9 @@ from operators.text.langid import detect_language
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 DETECT_SAMPLE = 200  # records looked at to decide a file's format
+# strict=False accepts raw control characters inside strings, as the JSON-array reader does, so a
+# record parses the same whichever container it arrived in.
+_DECODER = json.JSONDecoder(strict=False)
 
 # Raw rows as the readers hand them to the transform: text of one record plus where it came from.
 RAW_BATCH_SCHEMA = pa.schema([
@@ -78,8 +81,8 @@ def detect_file_format(raw_texts: list[str | None]) -> SourceFormat | None:
         if text is None:
             continue
         try:
-            rec = json.loads(text)
-        except ValueError:
+            rec = _DECODER.decode(text)
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and (fmt := detect_format(rec)) is not None:
             return fmt
@@ -178,8 +181,8 @@ def normalize_batch(batch: pa.RecordBatch, cfg: IngestConfig) -> BatchResult:
             drop(i, DropReason.OVERSIZE.value, f"{len(raw)} characters > {cfg.max_record_bytes}")
             continue
         try:
-            rec = json.loads(raw)
-        except ValueError as e:
+            rec = _DECODER.decode(raw)
+        except (ValueError, RecursionError) as e:  # absurdly deep nesting must not crash the shard
             drop(i, DropReason.BAD_JSON.value, str(e)[:200])
             continue
         fmt_name = fmts[i]
