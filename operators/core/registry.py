@@ -10,6 +10,7 @@ from operators.core.step import Step, StepConfig
 # name -> "module:Class". New steps register here and nowhere else.
 STEPS: dict[str, str] = {
     "ingest": "operators.steps.ingest.step:IngestStep",
+    "filter": "operators.steps.filters.step:FilterStep",
 }
 
 

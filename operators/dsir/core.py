@@ -1,0 +1,452 @@
+"""DSIR, the pure core: hashed n-gram features, bag-of-ngrams models, importance weights, Gumbel top-k.
+
+Data Selection with Importance Resampling (Xie et al. 2023, "Data Selection for Language Models via
+Importance Resampling") picks the k records of a raw pool that look most like a target set:
+
+1. featurize every record as counts of its word unigrams and bigrams hashed into ``num_buckets``
+   buckets (:func:`hashed_ngram_counts`);
+2. fit a bag-of-ngrams model (a categorical distribution over buckets) to the target set and another
+   to the raw pool (:func:`fit_model`, from summed counts);
+3. score each raw record by its log importance weight, the sum over its features of
+   ``log p_target - log p_raw`` (:func:`log_importance_weights`);
+4. resample k records without replacement with probability proportional to the weight: Gumbel top-k,
+   ``keys = log_w + Gumbel noise`` and keep the k largest keys (:func:`gumbel_keys`, :func:`top_k`).
+
+Everything here is a pure function over numpy arrays (and lists of strings or Arrow string arrays), so
+each stage runs anywhere and the expensive ones are additive over shards:
+
+* map 1 (per shard): :func:`hashed_ngram_counts` -> :meth:`HashedFeatures.total_counts`, a
+  ``num_buckets`` integer vector; shards' vectors are summed (the target set's the same way);
+* reduce 1: :meth:`DSIRModel.fit` on the two summed vectors (the global models, a few hundred KB);
+* map 2 (per shard): :func:`log_importance_weights` and :func:`gumbel_keys`, then :func:`top_k` keeps
+  that shard's k best candidates;
+* reduce 2: :func:`merge_top_k` over the shards' candidates gives *exactly* the single-machine top-k,
+  because the Gumbel noise of a record depends only on (seed, record id) and ties are broken by id.
+
+Feature extraction matches the reference implementation (the ``data-selection`` package,
+``HashedNgramDSIR``): the text is lowercased and split with nltk's ``WordPunctTokenizer`` pattern
+``\\w+|[^\\w\\s]+`` (Python ``re``, Unicode-aware), n-grams do not cross record boundaries, and
+unigrams and bigrams share the same buckets. Only the bucket hash differs: the reference takes
+``sha256(token) mod num_buckets`` per token and per joined bigram string, which costs a few microseconds
+each; here every distinct word of a batch is hashed once with seeded xxh3-64 and bigram hashes are
+combined from word hashes in numpy. Both are uniform hashes, so the models are statistically the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import xxhash
+
+NUM_BUCKETS = 10_000
+"""Buckets of the hashed feature space, as in the paper and the reference implementation."""
+
+TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]+")
+"""nltk's ``WordPunctTokenizer`` pattern: runs of word characters, or runs of other non-space characters."""
+
+_U64 = np.uint64
+# Odd 64-bit constants: the golden ratio and the murmur3/splitmix64 finalizer multipliers.
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_MIX1 = _U64(0xBF58476D1CE4E5B9)
+_MIX2 = _U64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+U64Array = npt.NDArray[np.uint64]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features
+
+
+@dataclass(frozen=True)
+class HashedFeatures:
+    """Hashed n-gram counts of a batch of records, one CSR row per record.
+
+    Row ``i`` holds the buckets of record ``i`` in ``indices[indptr[i]:indptr[i + 1]]`` (sorted, no
+    duplicates) with their counts in ``counts`` at the same positions. ``n_tokens[i]`` is the record's
+    word-token count (the reference filters on it; here it is metadata for a later length rule).
+    """
+
+    indptr: IntArray
+    indices: npt.NDArray[np.int32]
+    counts: npt.NDArray[np.int32]
+    n_tokens: IntArray
+    num_buckets: int
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def row_ids(self) -> IntArray:
+        """The record (row) of each stored entry, aligned with ``indices`` and ``counts``."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.indptr))
+
+    def total_counts(self, rows: npt.ArrayLike | None = None) -> IntArray:
+        """Summed counts per bucket over all records, or over the records in `rows` (indices or a mask).
+
+        This is the map stage's output: additive, so per-shard vectors sum to the whole pool's.
+        """
+        indices, counts = self.indices, self.counts
+        if rows is not None:
+            selected = np.zeros(len(self), dtype=bool)
+            selected[np.asarray(rows)] = True
+            keep = np.repeat(selected, np.diff(self.indptr))
+            indices, counts = indices[keep], counts[keep]
+        # Float weights are exact for sums below 2**53, far beyond any shard's token count.
+        summed = np.bincount(indices, weights=counts, minlength=self.num_buckets)
+        return np.rint(summed).astype(np.int64)
+
+    def to_scipy(self) -> Any:
+        """The same matrix as ``scipy.sparse.csr_matrix`` (records x buckets); needs scipy installed."""
+        from scipy.sparse import csr_matrix  # optional: only callers that want scipy pay for it
+
+        return csr_matrix((self.counts, self.indices, self.indptr), shape=(len(self), self.num_buckets))
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercased word/punctuation tokens of `text`, exactly as the reference's featurizer sees them."""
+    return TOKEN_PATTERN.findall(text.lower())
+
+
+def _as_str_list(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> list[str]:
+    if isinstance(texts, pa.Array | pa.ChunkedArray):
+        # A null text has no tokens, like an empty one.
+        return ["" if t is None else t for t in texts.to_pylist()]
+    return list(texts)
+
+
+def _mix64(x: U64Array) -> U64Array:
+    """splitmix64's finalizer, in place on a fresh array: spreads every input bit over the high bits."""
+    x ^= x >> _U64(30)
+    x *= _MIX1
+    x ^= x >> _U64(27)
+    x *= _MIX2
+    x ^= x >> _U64(31)
+    return x
+
+
+def _bucket(h: U64Array, num_buckets: int) -> npt.NDArray[np.int64]:
+    # Lemire's multiply-shift range reduction on the high 32 bits: uniform like `% num_buckets` for
+    # well-mixed hashes, and several times cheaper than a 64-bit modulo in numpy.
+    return (((h >> _U64(32)) * _U64(num_buckets)) >> _U64(32)).astype(np.int64)
+
+
+def hashed_ngram_counts(
+    texts: Sequence[str] | pa.Array | pa.ChunkedArray,
+    num_buckets: int = NUM_BUCKETS,
+    seed: int = 0,
+    ngrams: int = 2,
+) -> HashedFeatures:
+    """Hash each record's word 1..`ngrams`-grams into `num_buckets` buckets and count them.
+
+    Word tokens follow :data:`TOKEN_PATTERN` on the lowercased text. A word's hash is seeded xxh3-64 of
+    its UTF-8 bytes, computed once per distinct word of the batch; an n-gram's hash folds its words'
+    hashes in numpy (order matters: "a b" and "b a" differ). N-grams never span two records. `seed`
+    picks an independent hash family: the same texts with another seed land in other buckets.
+    """
+    if not 0 < num_buckets < 2**31:
+        raise ValueError(f"num_buckets must be in [1, 2**31), got {num_buckets}")
+    if ngrams < 1:
+        raise ValueError(f"ngrams must be >= 1, got {ngrams}")
+    seed = int(seed) & _MASK64
+    findall = TOKEN_PATTERN.findall
+    token_lists = [findall(t.lower()) for t in _as_str_list(texts)]
+    n = len(token_lists)
+
+    # Arrow builds the flat token array and dictionary-encodes it in C: one Python object per token is
+    # the floor (the regex makes them), everything after that is vectorized.
+    tokens = pa.array(token_lists, type=pa.large_list(pa.large_string()))
+    offsets = tokens.offsets.to_numpy().astype(np.int64)
+    n_tokens = np.diff(offsets)
+    encoded = tokens.values.dictionary_encode()
+    hash_word = xxhash.xxh3_64_intdigest
+    vocab = encoded.dictionary.to_pylist()
+    word_hash = np.fromiter((hash_word(w.encode("utf-8"), seed) for w in vocab), dtype=np.uint64, count=len(vocab))
+    h = word_hash[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    token_row = np.repeat(np.arange(n, dtype=np.int64), n_tokens)
+    parts_bucket = [_bucket(h, num_buckets)]
+    parts_row = [token_row]
+    gram = h
+    for order in range(2, ngrams + 1):
+        # An `order`-gram starting at token i exists when token i + order - 1 is in the same record.
+        span = len(h) - order + 1
+        if span <= 0:
+            break
+        gram = _mix64(gram[:span] * _GOLDEN + h[order - 1 :])
+        same_row = token_row[:span] == token_row[order - 1 :]
+        gram_rows = token_row[:span][same_row]
+        parts_bucket.append(_bucket(gram[same_row], num_buckets))
+        parts_row.append(gram_rows)
+
+    # Canonical CSR: sort (row, bucket) keys and run-length encode them. A plain sort plus a mask is
+    # several times faster than np.unique; 32-bit keys sort faster still when they fit.
+    key_dtype = np.uint32 if n * num_buckets < 2**32 else np.int64
+    keys = np.concatenate([r * num_buckets + b for r, b in zip(parts_row, parts_bucket, strict=True)])
+    keys = np.sort(keys.astype(key_dtype, copy=False))
+    if len(keys):
+        first = np.empty(len(keys), dtype=bool)
+        first[0] = True
+        np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        unique_keys = keys[starts].astype(np.int64)
+        counts = np.diff(np.append(starts, len(keys))).astype(np.int32)
+    else:
+        unique_keys = np.zeros(0, dtype=np.int64)
+        counts = np.zeros(0, dtype=np.int32)
+    rows = unique_keys // num_buckets
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    indices = (unique_keys - rows * num_buckets).astype(np.int32)
+    return HashedFeatures(indptr=indptr, indices=indices, counts=counts, n_tokens=n_tokens, num_buckets=num_buckets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and weights
+
+
+def fit_model(total_counts: npt.ArrayLike, smoothing: float = 1.0) -> FloatArray:
+    """Log probabilities of a bag-of-ngrams model from summed bucket counts, with additive smoothing.
+
+    ``log p[b] = log((c[b] + smoothing) / (sum(c) + smoothing * num_buckets))``. The pseudo-count keeps
+    a bucket the target never saw from vetoing every record that has it; the reference instead adds
+    1e-8 to the probabilities, which makes one unseen bigram cost about 18 nats.
+    """
+    c = np.asarray(total_counts, dtype=np.float64)
+    if c.ndim != 1 or len(c) == 0:
+        raise ValueError("total_counts must be a non-empty 1-D vector of bucket counts")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing}")
+    if (c < 0).any():
+        raise ValueError("bucket counts must be non-negative")
+    return np.log(c + smoothing) - math.log(float(c.sum()) + smoothing * len(c))
+
+
+@dataclass(frozen=True)
+class DSIRModel:
+    """The global target and raw models (reduce 1's output): what every map-2 task needs to score."""
+
+    log_p_target: FloatArray
+    log_p_raw: FloatArray
+    seed: int
+    smoothing: float
+
+    @classmethod
+    def fit(cls, target_counts: npt.ArrayLike, raw_counts: npt.ArrayLike, *, seed: int,
+            smoothing: float = 1.0) -> DSIRModel:
+        """Fit both models from summed bucket counts; `seed` is the featurizer's, kept so scoring matches."""
+        log_p_target = fit_model(target_counts, smoothing)
+        log_p_raw = fit_model(raw_counts, smoothing)
+        if log_p_target.shape != log_p_raw.shape:
+            raise ValueError(f"target has {len(log_p_target)} buckets but raw has {len(log_p_raw)}")
+        return cls(log_p_target, log_p_raw, int(seed), float(smoothing))
+
+    @property
+    def num_buckets(self) -> int:
+        """Buckets of the feature space the models live in."""
+        return len(self.log_p_target)
+
+    @property
+    def log_ratio(self) -> FloatArray:
+        """``log p_target - log p_raw`` per bucket: a record's weight is its counts dotted with this."""
+        return self.log_p_target - self.log_p_raw
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable form (floats round-trip exactly through ``repr``)."""
+        return {"num_buckets": self.num_buckets, "seed": self.seed, "smoothing": self.smoothing,
+                "log_p_target": self.log_p_target.tolist(), "log_p_raw": self.log_p_raw.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DSIRModel:
+        """Inverse of :meth:`to_dict`."""
+        model = cls(np.asarray(data["log_p_target"], dtype=np.float64),
+                    np.asarray(data["log_p_raw"], dtype=np.float64),
+                    int(data["seed"]), float(data["smoothing"]))
+        if model.num_buckets != int(data["num_buckets"]) or len(model.log_p_raw) != model.num_buckets:
+            raise ValueError("model vectors do not match num_buckets")
+        return model
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> DSIRModel:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+def log_importance_weights(features: HashedFeatures, log_p_target: FloatArray, log_p_raw: FloatArray) -> FloatArray:
+    """Per record, ``sum over its buckets of count * (log p_target - log p_raw)`` (map stage 2).
+
+    A record with no tokens weighs 0 (log 1): it carries no evidence either way.
+    """
+    log_ratio = np.asarray(log_p_target, dtype=np.float64) - np.asarray(log_p_raw, dtype=np.float64)
+    if log_ratio.shape != (features.num_buckets,):
+        raise ValueError(f"models have {log_ratio.shape} buckets, features have {features.num_buckets}")
+    contributions = log_ratio[features.indices] * features.counts
+    return np.bincount(features.row_ids, weights=contributions, minlength=len(features))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gumbel top-k
+
+
+def _ids_array(record_ids: Sequence[Any] | npt.ArrayLike | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(record_ids, pa.Array | pa.ChunkedArray):
+        record_ids = record_ids.to_pylist()
+    ids = np.asarray(record_ids)
+    if ids.ndim != 1:
+        raise ValueError("record_ids must be one-dimensional")
+    if ids.dtype.kind not in "iuUS":
+        raise TypeError(f"record ids must be integers or strings, got dtype {ids.dtype}")
+    return ids
+
+
+def _id_hashes(ids: np.ndarray, seed: int) -> U64Array:
+    """A uniform 64-bit hash of each record id under `seed`, independent of where the record sits."""
+    seed = int(seed) & _MASK64
+    if ids.dtype.kind in "iu":
+        # Integer ids hash in numpy: two splitmix64 rounds over the id offset by a seeded constant.
+        seeded = _mix64(np.array([seed], dtype=np.uint64))[0]
+        x = ids.astype(np.int64).view(np.uint64) ^ seeded
+        return _mix64(_mix64(x + _GOLDEN))
+    digest = xxhash.xxh3_64_intdigest
+    encoded = (i.encode("utf-8") for i in ids.tolist()) if ids.dtype.kind == "U" else iter(ids.tolist())
+    return np.fromiter((digest(b, seed) for b in encoded), dtype=np.uint64, count=len(ids))
+
+
+def gumbel_keys(log_w: npt.ArrayLike, seed: int, record_ids: Sequence[Any] | npt.ArrayLike) -> FloatArray:
+    """Gumbel top-k keys ``log_w + G`` with ``G ~ Gumbel(0, 1)`` drawn deterministically per record.
+
+    The noise of a record is a function of (`seed`, its id) only, never of a global RNG stream, so a
+    record gets the same key whichever shard or machine scores it; taking the k largest keys samples k
+    records without replacement with probability proportional to ``exp(log_w)``. Integer and string ids
+    hash differently (ids 7 and "7" get different noise): keep one id type across shards.
+    """
+    w = np.asarray(log_w, dtype=np.float64)
+    ids = _ids_array(record_ids)
+    if w.shape != ids.shape:
+        raise ValueError(f"{len(w)} weights but {len(ids)} record ids")
+    # The top 53 bits give a uniform double strictly inside (0, 1), so neither log below can blow up.
+    u = ((_id_hashes(ids, seed) >> _U64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    return w - np.log(-np.log(u))
+
+
+class Candidates(NamedTuple):
+    """The best records of a shard or of the whole pool: keys (descending) and their record ids."""
+
+    keys: FloatArray
+    ids: np.ndarray
+
+
+def top_k(keys: npt.ArrayLike, k: int, record_ids: Sequence[Any] | npt.ArrayLike | None = None) -> IntArray:
+    """Positions of the `k` largest keys, best first; ties broken by record id (or position), ascending.
+
+    The (key descending, id ascending) order is total when ids are unique, which is what makes a top-k
+    of per-shard top-ks equal the top-k of everything. NaN keys rank below every number.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    key = np.asarray(keys, dtype=np.float64)
+    key = np.where(np.isnan(key), -np.inf, key)
+    n = len(key)
+    tie = np.arange(n) if record_ids is None else _ids_array(record_ids)
+    if len(tie) != n:
+        raise ValueError(f"{n} keys but {len(tie)} record ids")
+    k = min(k, n)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        # argpartition finds the k-th largest key in O(n); every record at or above it is a candidate,
+        # so records tied at the boundary are all seen by the exact sort below.
+        threshold = key[np.argpartition(-key, k - 1)[k - 1]]
+        candidates = np.flatnonzero(key >= threshold)
+    else:
+        candidates = np.arange(n)
+    order = np.lexsort((tie[candidates], -key[candidates]))
+    return candidates[order[:k]].astype(np.int64)
+
+
+def shard_candidates(keys: npt.ArrayLike, record_ids: Sequence[Any] | npt.ArrayLike, k: int) -> Candidates:
+    """A shard's k best (key, id) pairs: all that a global top-k can ever need from it."""
+    key = np.asarray(keys, dtype=np.float64)
+    ids = _ids_array(record_ids)
+    best = top_k(key, k, ids)
+    return Candidates(key[best], ids[best])
+
+
+def merge_top_k(candidates: Iterable[Candidates | tuple[npt.ArrayLike, npt.ArrayLike]], k: int) -> Candidates:
+    """The global top-k from per-shard candidate lists (reduce stage 2); ids must be unique overall."""
+    parts = [Candidates(np.asarray(c[0], dtype=np.float64), _ids_array(c[1])) for c in candidates]
+    if not parts:
+        return Candidates(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64))
+    keys = np.concatenate([p.keys for p in parts])
+    ids = np.concatenate([p.ids for p in parts])
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("duplicate record ids across candidate lists: the merge would not be exact")
+    best = top_k(keys, k, ids)
+    return Candidates(keys[best], ids[best])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def hashed_kl(target_counts: npt.ArrayLike, selected_counts: npt.ArrayLike, smoothing: float = 1.0) -> float:
+    """KL(target || selected) between two hashed-feature distributions, both additively smoothed.
+
+    The DSIR paper's "KL reduction" is ``hashed_kl(target, random) - hashed_kl(target, selected)``:
+    how much closer to the target the selection is than a random subset of the same size.
+    """
+    log_p = fit_model(target_counts, smoothing)
+    log_q = fit_model(selected_counts, smoothing)
+    if log_p.shape != log_q.shape:
+        raise ValueError(f"target has {len(log_p)} buckets but the set has {len(log_q)}")
+    return float(np.sum(np.exp(log_p) * (log_p - log_q)))
+
+
+def kl_reduction(target_counts: npt.ArrayLike, selected_counts: npt.ArrayLike,
+                 random_counts: npt.ArrayLike | Sequence[npt.ArrayLike], smoothing: float = 1.0) -> float:
+    """``KL(target || random) - KL(target || selected)``; several random subsets' KLs are averaged."""
+    rand = np.asarray(random_counts, dtype=np.float64)
+    rand_kl = float(np.mean([hashed_kl(target_counts, r, smoothing) for r in np.atleast_2d(rand)]))
+    return rand_kl - hashed_kl(target_counts, selected_counts, smoothing)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One machine, end to end
+
+
+def dsir_select(
+    raw_texts: Sequence[str] | pa.Array | pa.ChunkedArray,
+    target_texts: Sequence[str] | pa.Array | pa.ChunkedArray,
+    k: int,
+    *,
+    record_ids: Sequence[Any] | npt.ArrayLike | None = None,
+    seed: int = 0,
+    num_buckets: int = NUM_BUCKETS,
+    smoothing: float = 1.0,
+) -> tuple[IntArray, FloatArray]:
+    """Select `k` of `raw_texts` toward `target_texts`; return (positions best first, log weights).
+
+    The composition of the stages on one machine, for tests and small jobs; distributed runs call the
+    stages themselves (see the module docstring). `record_ids` default to positions.
+    """
+    raw = hashed_ngram_counts(raw_texts, num_buckets, seed)
+    target = hashed_ngram_counts(target_texts, num_buckets, seed)
+    model = DSIRModel.fit(target.total_counts(), raw.total_counts(), seed=seed, smoothing=smoothing)
+    log_w = log_importance_weights(raw, model.log_p_target, model.log_p_raw)
+    ids = np.arange(len(raw), dtype=np.int64) if record_ids is None else _ids_array(record_ids)
+    keys = gumbel_keys(log_w, seed, ids)
+    return top_k(keys, k, ids), log_w

@@ -1,0 +1,1 @@
+"""Rule filters: cheap per-record checks, each with its own drop reason."""
