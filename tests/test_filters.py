@@ -54,9 +54,11 @@ def test_each_rule_drops_with_its_reason(reason: str) -> None:
 
 
 def test_clean_records_pass_and_reasons_cover_the_rules() -> None:
+    zh_q, zh_a = "写一个关于秋天的短句，要求有画面感。", "金黄的落叶铺满小路，风一吹便沙沙作响。"
+    code_a = "Close the paren: `print(x)` — {x} is fine in f-strings."
     good = [rec([("system", "Be concise."), ("human", GOOD_Q), ("gpt", GOOD_A)]),
-            rec([("human", "写一个关于秋天的短句，要求有画面感。"), ("gpt", "金黄的落叶铺满小路，风一吹便沙沙作响。")], lang="zh"),
-            rec([("human", "Fix this code: print(x"), ("gpt", "Close the paren: `print(x)` — {x} is fine in f-strings.")])]
+            rec([("human", zh_q), ("gpt", zh_a)], lang="zh"),
+            rec([("human", "Fix this code: print(x"), ("gpt", code_a)])]
     kept, dropped = run(good + list(CASES.values()))
     assert kept.num_rows == 3
     assert sorted(dropped["reason"].to_pylist()) == sorted(CASES)

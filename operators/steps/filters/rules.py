@@ -130,7 +130,7 @@ def repeated_ngram_ratio(text: str, n: int) -> float:
         return 0.0
     total = len(toks) - n + 1
     # zip over shifted views builds the n-grams in C instead of slicing per position.
-    return 1.0 - len(set(zip(*(toks[i:] for i in range(n))))) / total
+    return 1.0 - len(set(zip(*(toks[i:] for i in range(n)), strict=False))) / total
 
 
 def check_repetition(turns: Turns, s: RuleSettings) -> Verdict:
