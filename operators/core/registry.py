@@ -11,6 +11,7 @@ from operators.core.step import Step, StepConfig
 STEPS: dict[str, str] = {
     "ingest": "operators.steps.ingest.step:IngestStep",
     "filter": "operators.steps.filters.step:FilterStep",
+    "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
 }
 
 

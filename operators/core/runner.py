@@ -124,6 +124,7 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
         log.info("step %s shard %d: removed %d file(s) of an earlier uncommitted attempt",
                  step.name, shard_index, removed)
 
+    step.begin_shard(shard_index)
     step.bind(StorageArtifacts(step_dir), shard_index)
     attempt = uuid.uuid4().hex[:8]
     cfg = step.config
@@ -368,7 +369,7 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
     if existing is not None:
         storage.delete(m_uri)
     _cleanup_uncommitted(sdir, shard_index, ("",))
-    step.bind(StorageArtifacts(step_dir), shard_index)
+    step.begin_shard(shard_index)
     spec = plan.shards[shard_index]
     attempt = uuid.uuid4().hex[:8]
     w = PartWriter(sdir, shard_index, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)

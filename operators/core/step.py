@@ -188,6 +188,9 @@ class Step(ABC, Generic[C]):
         """Global decision of reduce stage `stage` over earlier stages' outputs."""
         raise NotImplementedError(f"step {self.name} has no reduce stage {stage!r}")
 
+    def begin_shard(self, shard: int) -> None:
+        """Reset per-shard state (e.g. a row counter) before a map stage or the transform reads a shard."""
+
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         """Load what the record transform of `shard` needs from the stages (runs before `transform`)."""
 

@@ -1,0 +1,1 @@
+"""Deduplication steps: exact (normalized-text hashes) and near-duplicate (MinHash LSH)."""
