@@ -1,17 +1,16 @@
 """ingest_source: register a raw corpus and normalize it into canonical records (also the backfill entry).
 
-plan (list input files, group into shards) -> ingest[shard] (mapped) -> reduce (check + merge) -> report
+ingest.plan (group input files into shards) -> ingest.run[shard] (mapped) -> ingest.reduce -> report
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from airflow.sdk import Param, dag
 
+from operators.orchestration.dag_builder import report_task, step_group
 from operators.orchestration.settings import data_root, safe_name
-from operators.orchestration.step_operator import StepOperator
 from operators.steps.ingest.formats import SourceFormat
 
 OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.source_name)) }}"
@@ -44,22 +43,18 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
     },
 )
 def ingest_source() -> None:
-    common: dict[str, Any] = {
-        "step": "ingest",
-        "output_uri": OUTPUT + "/ingest",
-        "inputs": ["{{ params.source_uri }}"],
-        "config": {
+    ingest = step_group(
+        "ingest",
+        inputs=["{{ params.source_uri }}"],
+        output_uri=OUTPUT + "/ingest",
+        config={
             "source_name": "{{ params.source_name }}",
             "format": "{{ params.format }}",
             "max_record_bytes": "{{ params.max_record_bytes }}",
             "target_shard_bytes": "{{ (params.target_shard_mb * 1048576) | int }}",
         },
-    }
-    plan = StepOperator(task_id="plan", action="plan", **common)
-    shards = StepOperator.partial(task_id="ingest", action="run", **common).expand(shard=plan.output)
-    reduce = StepOperator(task_id="reduce", action="reduce", step="ingest", output_uri=OUTPUT + "/ingest")
-    report = StepOperator(task_id="report", action="report", step="report", output_uri=OUTPUT)
-    shards >> reduce >> report
+    )
+    ingest >> report_task(OUTPUT)
 
 
 ingest_source()

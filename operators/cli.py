@@ -2,11 +2,14 @@
 
     python -m operators plan   <step> --config JSON|PATH --input URI [--input URI ...] --output STEP_DIR
     python -m operators run    <step> --config JSON|PATH --input URI ... --output STEP_DIR [--shard K]
+    python -m operators stage  <step> --stage NAME --config JSON|PATH --output STEP_DIR [--shard K]
     python -m operators reduce <step> --output STEP_DIR
     python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
     python -m operators steps                    # registered steps and their config JSON schemas
 
-`run` without `--shard` plans, runs every shard and reduces in one process. The last stdout line is a
+Multi-stage steps (dedup, DSIR) run their auxiliary stages with `stage` after `plan` and before `run`:
+map stages once per shard, reduce stages once. `run` without `--shard` plans, runs every stage and
+shard and reduces in one process. The last stdout line is a
 JSON summary; `--xcom-file` also writes it where Airflow's KubernetesPodOperator collects XComs.
 Exit codes: 0 done, 1 step failed, 2 bad config or arguments (nothing was written).
 """
@@ -24,7 +27,16 @@ from pydantic import ValidationError
 
 from operators.core import storage
 from operators.core.registry import STEPS, UnknownStepError, step_class
-from operators.core.runner import StepFailed, load_plan, make_plan, reduce_step, run_all, run_shard
+from operators.core.runner import (
+    StepFailed,
+    load_plan,
+    make_plan,
+    reduce_step,
+    run_all,
+    run_map_stage,
+    run_reduce_stage,
+    run_shard,
+)
 from operators.core.stats import LedgerError
 from operators.core.step import Step
 
@@ -75,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m operators", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for cmd in ("plan", "run", "reduce"):
+    for cmd in ("plan", "stage", "run", "reduce"):
         sp = sub.add_parser(cmd)
         sp.add_argument("step")
         sp.add_argument("--output", required=True, help="step directory URI (file:// or s3://)")
@@ -83,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         if cmd != "reduce":
             sp.add_argument("--config", default=None, help="inline JSON or a path/URI to a JSON file")
             sp.add_argument("--input", action="append", default=[], help="input URI (repeatable)")
-        if cmd == "run":
+        if cmd in ("run", "stage"):
             sp.add_argument("--shard", type=int, default=None)
+        if cmd == "stage":
+            sp.add_argument("--stage", required=True)
     rp = sub.add_parser("report")
     rp.add_argument("--output", required=True, help="run root URI holding committed steps")
     rp.add_argument("--xcom-file", default=None)
@@ -117,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("plan needs at least one --input")
             plan = make_plan(step, args.input, args.output)
             _emit({"shards": [s.index for s in plan.shards], "config_hash": plan.config_hash}, args.xcom_file)
+            return 0
+        if args.command == "stage":
+            plan = load_plan(args.output)
+            kinds = {st.name: st.kind for st in step.stages}
+            if args.stage not in kinds:
+                raise ConfigError(f"step {args.step!r} has no stage {args.stage!r}; stages: {sorted(kinds)}")
+            if kinds[args.stage] == "map":
+                if args.shard is None:
+                    raise ConfigError(f"map stage {args.stage!r} needs --shard")
+                m = run_map_stage(step, args.output, plan, args.stage, args.shard)
+            else:
+                m = run_reduce_stage(step, args.output, plan, args.stage)
+            _emit({"step": args.step, "stage": args.stage, "shard": args.shard, **m.stats.model_dump(mode="json")},
+                  args.xcom_file)
             return 0
         if args.shard is None:
             if not args.input:

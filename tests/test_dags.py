@@ -58,7 +58,7 @@ def test_dags_parse_without_errors(airflow_home: dict[str, str]) -> None:
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["errors"] == {}
     assert "ingest_source" in info["dags"]
-    assert info["tasks"] == ["ingest", "plan", "reduce", "report"]
+    assert info["tasks"] == ["ingest.plan", "ingest.reduce", "ingest.run", "report"]
     assert {"source_uri", "source_name", "format", "output_uri"} <= set(info["params"])
 
 

@@ -18,7 +18,7 @@ from airflow.sdk import BaseOperator
 
 from operators.orchestration.pod_spec import SECRETISH, load_profiles, pod_labels, pod_operator_kwargs
 
-Action = Literal["plan", "run", "reduce", "report"]
+Action = Literal["plan", "stage", "run", "reduce", "report"]
 XCOM_FILE = "/airflow/xcom/return.json"
 
 
@@ -30,6 +30,7 @@ def step_arguments(
     config: dict[str, Any] | None = None,
     inputs: Sequence[str] = (),
     shard: int | None = None,
+    stage: str | None = None,
     xcom_file: str | None = None,
 ) -> list[str]:
     """The CLI arguments after `python -m operators` for one step action."""
@@ -40,7 +41,11 @@ def step_arguments(
         args += ["--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":"))]
         for uri in inputs:
             args += ["--input", uri]
-    if action == "run" and shard is not None:
+    if action == "stage":
+        if not stage:
+            raise ValueError("action 'stage' needs a stage name")
+        args += ["--stage", stage]
+    if action in ("run", "stage") and shard is not None:
         args += ["--shard", str(int(shard))]
     if xcom_file:
         args += ["--xcom-file", xcom_file]
@@ -79,6 +84,7 @@ class StepOperator(BaseOperator):
         config: dict[str, Any] | None = None,
         inputs: Sequence[str] | str = (),
         shard: int | None = None,
+        stage: str | None = None,
         profile: str = "cpu",
         mode: Literal["local", "kubernetes"] | None = None,
         **kwargs: Any,
@@ -90,6 +96,7 @@ class StepOperator(BaseOperator):
         self.config = config or {}
         self.inputs = inputs
         self.shard = shard
+        self.stage = stage
         self.profile = profile
         self.mode = mode
 
@@ -102,7 +109,7 @@ class StepOperator(BaseOperator):
 
     def execute(self, context: Any) -> Any:
         mode = self.mode or os.environ.get("IIP_EXECUTION_MODE", "local")
-        if self.action in ("plan", "run"):
+        if self.action in ("plan", "stage", "run"):
             from operators.cli import build_step  # validate before any work: a bad config fails here
 
             build_step(self.step, dict(self.config))
@@ -114,7 +121,7 @@ class StepOperator(BaseOperator):
 
     def _execute_local(self) -> Any:
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
-                              inputs=self._inputs(), shard=self.shard)
+                              inputs=self._inputs(), shard=self.shard, stage=self.stage)
         secrets = secret_values()
         self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
                       self.shard, redact(self.output_uri, secrets))
@@ -147,7 +154,7 @@ class StepOperator(BaseOperator):
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
         xcom = self.action in ("plan", "reduce", "report")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
-                              inputs=self._inputs(), shard=self.shard,
+                              inputs=self._inputs(), shard=self.shard, stage=self.stage,
                               xcom_file=XCOM_FILE if xcom else None)
         ti = context.get("ti") if hasattr(context, "get") else None
         run_id = str(context.get("run_id", "")) if hasattr(context, "get") else ""

@@ -1,0 +1,52 @@
+"""Turns a registered step into Airflow tasks, so DAG files stay pure wiring.
+
+    plan -> [stage tasks: map stages mapped over shards, reduce stages once] -> run[shard] -> reduce
+
+Every task is a StepOperator running the same CLI; the shard list is the plan task's XCom.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import TaskGroup
+
+from operators.core.registry import step_class
+from operators.orchestration.step_operator import StepOperator
+
+
+def step_group(
+    step: str,
+    *,
+    config: dict[str, Any],
+    inputs: list[str] | str,
+    output_uri: str,
+    profile: str = "cpu",
+    group_id: str | None = None,
+) -> TaskGroup:
+    """A TaskGroup that plans, runs every stage and shard of `step`, and commits it."""
+    stages = step_class(step).stages
+    common: dict[str, Any] = {"step": step, "config": config, "inputs": inputs, "output_uri": output_uri,
+                              "profile": profile}
+    with TaskGroup(group_id=group_id or step, tooltip=f"step {step}") as group:
+        plan = StepOperator(task_id="plan", action="plan", **common)
+        prev: Any = plan
+        for st in stages:
+            if st.kind == "map":
+                task: Any = StepOperator.partial(task_id=st.name, action="stage", stage=st.name,
+                                                 **common).expand(shard=plan.output)
+            else:
+                task = StepOperator(task_id=st.name, action="stage", stage=st.name, **common)
+            prev >> task
+            prev = task
+        run = StepOperator.partial(task_id="run", action="run", **common).expand(shard=plan.output)
+        prev >> run
+        reduce = StepOperator(task_id="reduce", action="reduce", step=step, output_uri=output_uri,
+                              profile=profile)
+        run >> reduce
+    return group
+
+
+def report_task(output_uri: str, task_id: str = "report") -> StepOperator:
+    """A task that (re)builds the run report from every committed step under `output_uri`."""
+    return StepOperator(task_id=task_id, action="report", step="report", output_uri=output_uri)
