@@ -12,6 +12,7 @@ STEPS: dict[str, str] = {
     "ingest": "operators.steps.ingest.step:IngestStep",
     "filter": "operators.steps.filters.step:FilterStep",
     "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
+    "decontaminate": "operators.steps.decontam.step:DecontamStep",
 }
 
 

@@ -1,0 +1,1 @@
+"""Evaluation-set loaders: the prompts that must never leak into training data (and DSIR targets)."""
