@@ -52,7 +52,7 @@ def test_planted_benchmark_prompts_are_caught(tmp_path: Path) -> None:
                                      for n, p, f in SHARED_BENCHMARKS]
                          + [{"name": "humaneval", "uri": PACKAGED_HUMANEVAL, "format": "humaneval"}])
     planted: list[tuple[str, dict[str, Any]]] = []
-    for name, path, fmt in SHARED_BENCHMARKS + [("humaneval", PACKAGED_HUMANEVAL, "humaneval")]:
+    for name, path, fmt in [*SHARED_BENCHMARKS, ("humaneval", PACKAGED_HUMANEVAL, "humaneval")]:
         prompts = load_prompts(str(SHARED_DATA / path) if path != PACKAGED_HUMANEVAL else path, fmt)
         long_ones = [p for p in prompts if len(p.split()) >= 20]
         exact, edited = rng.sample(long_ones, 2)

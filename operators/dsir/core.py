@@ -25,18 +25,22 @@ each stage runs anywhere and the expensive ones are additive over shards:
 
 Feature extraction matches the reference implementation (the ``data-selection`` package,
 ``HashedNgramDSIR``): the text is lowercased and split with nltk's ``WordPunctTokenizer`` pattern
-``\\w+|[^\\w\\s]+`` (Python ``re``, Unicode-aware), n-grams do not cross record boundaries, and
-unigrams and bigrams share the same buckets. Only the bucket hash differs: the reference takes
-``sha256(token) mod num_buckets`` per token and per joined bigram string, which costs a few microseconds
-each; here every distinct word of a batch is hashed once with seeded xxh3-64 and bigram hashes are
-combined from word hashes in numpy. Both are uniform hashes, so the models are statistically the same.
+``\\w+|[^\\w\\s]+``, n-grams do not cross record boundaries, and unigrams and bigrams share the
+same buckets. The pattern runs on the third-party ``regex`` engine, as nltk 3.10 runs it (older nltk
+used the stdlib ``re``): its ``\\w`` is Unicode's word class, so a word keeps its combining marks
+(Hindi, decomposed accents) where ``re`` cuts it at every mark; otherwise they differ only on rare
+characters (some digit-like symbols, the ASCII separators ``\\x1c``-``\\x1f``).
+
+Only the bucket hash differs: the reference takes ``sha256(token) mod num_buckets`` per token and per
+joined bigram string, a few microseconds each; here every distinct word of a batch is hashed once with
+seeded xxh3-64 and bigram hashes are combined from word hashes in numpy. Both are uniform hashes, so
+the models are statistically the same, though bucket numbers differ.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,12 +48,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import regex
 import xxhash
 
 NUM_BUCKETS = 10_000
 """Buckets of the hashed feature space, as in the paper and the reference implementation."""
 
-TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]+")
+TOKEN_PATTERN = regex.compile(r"\w+|[^\w\s]+", regex.UNICODE | regex.MULTILINE | regex.DOTALL)
 """nltk's ``WordPunctTokenizer`` pattern: runs of word characters, or runs of other non-space characters."""
 
 _U64 = np.uint64
@@ -295,7 +300,8 @@ def log_importance_weights(features: HashedFeatures, log_p_target: FloatArray, l
     if log_ratio.shape != (features.num_buckets,):
         raise ValueError(f"models have {log_ratio.shape} buckets, features have {features.num_buckets}")
     contributions = log_ratio[features.indices] * features.counts
-    return np.bincount(features.row_ids, weights=contributions, minlength=len(features))
+    # bincount with float weights already returns float64; astype(copy=False) only informs the type checker.
+    return np.bincount(features.row_ids, weights=contributions, minlength=len(features)).astype(np.float64, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------------
