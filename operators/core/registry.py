@@ -13,6 +13,7 @@ STEPS: dict[str, str] = {
     "filter": "operators.steps.filters.step:FilterStep",
     "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
     "decontaminate": "operators.steps.decontam.step:DecontamStep",
+    "route": "operators.steps.route.step:RouteStep",
 }
 
 

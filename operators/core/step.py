@@ -29,7 +29,8 @@ class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_part_rows: int = Field(500_000, ge=1, description="Rows per output Parquet part, at most.")
-    max_part_bytes: int = Field(128 << 20, ge=1 << 10, description="Approximate bytes per output part.")
+    max_part_bytes: int = Field(
+        64 << 20, ge=1 << 10, description="Approximate bytes per output part (a part is buffered in memory).")
     batch_rows: int = Field(8192, ge=1, description="Records per batch handed to the transform.")
     target_shard_bytes: int = Field(
         1 << 30, ge=1, description="Input files are grouped into shards of about this many bytes."

@@ -139,7 +139,7 @@ def file_size(uri: str) -> int:
     return int(info.size or 0)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes | pa.Buffer) -> None:
     """Write a whole file so that readers never see a partial one.
 
     Local: write a temp file beside the target, fsync, rename. S3: a single PUT is atomic already.

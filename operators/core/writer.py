@@ -91,7 +91,7 @@ class PartWriter:
         buf = self._sink.getvalue()
         name = f"part-{self.shard:05d}-{len(self.files):05d}-{self.attempt}.parquet"
         rel = f"{self.subdir}/{name}" if self.subdir else name
-        storage.write_bytes(storage.join(self.step_dir, rel), buf.to_pybytes())
+        storage.write_bytes(storage.join(self.step_dir, rel), buf)  # no copy: a Buffer is bytes-like
         self.files.append(
             FileEntry(path=rel, kind=self.kind, rows=self._part_rows, bytes=buf.size, sha256=storage.sha256_hex(buf))
         )

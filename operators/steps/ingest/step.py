@@ -65,7 +65,9 @@ class IngestConfig(StepConfig):
     )
     format: SourceFormat = Field(SourceFormat.AUTO, description="Input format, or auto-detect per file.")
     max_record_bytes: int = Field(1 << 20, ge=256, description="Records larger than this are quarantined.")
-    langid_chars: int = Field(400, ge=16, description="Characters of human turns used for language id.")
+    langid_chars: int = Field(
+        200, ge=16, description="Characters of human turns used for language id (200 agree with 400 on "
+        "benchmarks and halve its cost, the largest in ingestion).")
 
 
 def _base_suffix(uri: str) -> tuple[str, str | None]:

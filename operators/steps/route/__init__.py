@@ -1,0 +1,1 @@
+"""Domain routing: math / code / general knowledge."""

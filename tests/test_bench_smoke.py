@@ -1,0 +1,35 @@
+"""Smoke test of the ingest benchmark: it runs end to end on a small corpus and reports its JSON line.
+
+No timing assertions: only that the benchmark works, keeps the ledger and reports the keys its
+readers (Makefile, CI, the README's numbers) rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+REQUIRED_KEYS = {"records", "records_per_s", "floor_records_per_s", "floor_ratio", "peak_rss_mb",
+                 "floor_peak_rss_mb", "kept", "dropped", "seconds"}
+
+
+def test_bench_ingest_small_run() -> None:
+    """`bench/ingest.py --records 2000` ends with a JSON line whose ledger and rates are sane."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ingest.py"), "--records", "2000"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) > 1, "expected human-readable lines before the JSON line"
+    result = json.loads(lines[-1])
+    missing = REQUIRED_KEYS - set(result)
+    assert not missing, f"missing keys: {sorted(missing)}"
+    assert result["records"] == 2000
+    assert result["kept"] + result["dropped"] == 2000
+    assert result["kept"] > 0 and result["dropped"] > 0  # ~1% malformed lines are planted
+    assert sum(result["dropped_by_reason"].values()) == result["dropped"]
+    for key in ("records_per_s", "floor_records_per_s", "floor_ratio", "peak_rss_mb", "floor_peak_rss_mb",
+                "seconds"):
+        assert result[key] > 0, f"{key} = {result[key]}"
