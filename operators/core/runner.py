@@ -186,6 +186,28 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     return manifest
 
 
+def _stage_counters(step_name: str, step_dir: str) -> dict[str, float]:
+    """Numbers from reduce-stage summaries (duplicates found, KL reduction, ...) for the step's stats."""
+    out: dict[str, float] = {}
+    from operators.core.registry import step_class  # local: the registry imports step modules
+
+    try:
+        stages = step_class(step_name).stages
+    except KeyError:
+        return out
+    for st in stages:
+        if st.kind != "reduce":
+            continue
+        m = read_manifest(step_manifest_uri(stage_dir(step_dir, st.name)))
+        for key, value in (m.summary if m else {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"{st.name}.{key}"] = float(value)
+            elif isinstance(value, dict):
+                out.update({f"{st.name}.{key}.{k}": float(v) for k, v in value.items()
+                            if isinstance(v, int | float) and not isinstance(v, bool)})
+    return out
+
+
 def _file_ok(step_dir: str, f: FileEntry) -> bool:
     uri = storage.join(step_dir, f.path)
     return storage.exists(uri) and storage.file_size(uri) == f.bytes
@@ -220,6 +242,7 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     files = [f for m in shard_manifests for f in m.files]
     stats = merge(m.stats for m in shard_manifests)
     stats.check_ledger()
+    stats.counters.update(_stage_counters(step_name, step_dir))
     listed = {f.path for f in files}
     for uri, rel in _part_files(step_dir, ("", "dropped")):  # garbage: parts of stale or lost attempts
         if rel not in listed:

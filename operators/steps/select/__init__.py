@@ -1,0 +1,1 @@
+"""Budgets: the final foundational set and its replay sample."""
