@@ -81,10 +81,12 @@ def test_without_keys_selection_is_a_deterministic_hash_sample(tmp_path: Path) -
     d.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA.append(pa.field("domain", pa.string()))),
                    d / "p.parquet")
-    a = read_step_table(run_all(build_step("select", {"budgets": {"general": 0.5}}), [str(d)],
-                                str(tmp_path / "o1")) and storage.validate_uri(str(tmp_path / "o1")))
-    b = read_step_table(run_all(build_step("select", {"budgets": {"general": 0.5}}), [str(d)],
-                                str(tmp_path / "o2")) and storage.validate_uri(str(tmp_path / "o2")))
+    outs = []
+    for name in ("o1", "o2"):
+        out = storage.validate_uri(str(tmp_path / name))
+        run_all(build_step("select", {"budgets": {"general": 0.5}}), [str(d)], out)
+        outs.append(read_step_table(out))
+    a, b = outs
     assert a["id"].to_pylist() == b["id"].to_pylist()
     n_general = sum(r["domain"] == "general" for r in rows)
     assert sum(1 for x in a["domain"].to_pylist() if x == "general") == n_general // 2
