@@ -4,6 +4,8 @@
     python -m operators run    <step> --config JSON|PATH --input URI ... --output STEP_DIR [--shard K]
     python -m operators stage  <step> --stage NAME --config JSON|PATH --output STEP_DIR [--shard K]
     python -m operators reduce <step> --output STEP_DIR
+    python -m operators validate --output STEP_DIR     # great-expectations suite; exit 1 on failure
+    python -m operators export --input STEP_DIR --output DIR [--formats parquet,hf,sharegpt]
     python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
     python -m operators steps                    # registered steps and their config JSON schemas
 
@@ -99,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--shard", type=int, default=None)
         if cmd == "stage":
             sp.add_argument("--stage", required=True)
+    vp = sub.add_parser("validate")
+    vp.add_argument("--output", required=True, help="committed step directory to validate")
+    vp.add_argument("--xcom-file", default=None)
+    ep = sub.add_parser("export")
+    ep.add_argument("--input", required=True, help="committed step directory to export")
+    ep.add_argument("--output", required=True, help="export folder")
+    ep.add_argument("--formats", default="parquet,hf,sharegpt")
+    ep.add_argument("--name", default="dataset")
+    ep.add_argument("--xcom-file", default=None)
     rp = sub.add_parser("report")
     rp.add_argument("--output", required=True, help="run root URI holding committed steps")
     rp.add_argument("--xcom-file", default=None)
@@ -115,6 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "steps":
             schemas = {n: step_class(n).config_model.model_json_schema() for n in sorted(STEPS)}
             print(json.dumps(schemas, indent=2))
+            return 0
+        if args.command == "validate":
+            from operators.validate import ValidationFailed, validate_step
+
+            try:
+                report = validate_step(args.output)
+            except ValidationFailed as e:
+                log.error("validation failed: %s", e)
+                return 1
+            _emit({"records": report["records"], "success": report["success"]}, args.xcom_file)
+            return 0
+        if args.command == "export":
+            from operators.export import ExportError, export_step
+
+            try:
+                summary = export_step(args.input, args.output, tuple(args.formats.split(",")), args.name)
+            except ExportError as e:
+                log.error("%s", e)
+                return 2
+            _emit({"out_dir": summary["out_dir"], "counts": summary["counts"]}, args.xcom_file)
             return 0
         if args.command == "report":
             from operators.report import write_report

@@ -16,3 +16,18 @@ def data_root() -> str:
 def safe_name(value: str) -> str:
     """A run or source name usable as one path segment (Airflow run ids contain ':' and '+')."""
     return re.sub(r"[^A-Za-z0-9_.=-]", "_", str(value)).strip("._") or "run"
+
+
+def source_dirs(sources: list[str] | str) -> list[str]:
+    """Ingested source step dirs: a bare name means <data root>/sources/<name>/ingest; URIs pass through."""
+    items = [sources] if isinstance(sources, str) else list(sources)
+    out = []
+    for s in items:
+        s = str(s).strip()
+        if not s:
+            continue
+        out.append(storage.validate_uri(s) if ("/" in s or "://" in s)
+                   else storage.join(data_root(), "sources", safe_name(s), "ingest"))
+    if not out:
+        raise ValueError("no sources given")
+    return out

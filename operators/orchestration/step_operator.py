@@ -18,7 +18,7 @@ from airflow.sdk import BaseOperator
 
 from operators.orchestration.pod_spec import SECRETISH, load_profiles, pod_labels, pod_operator_kwargs
 
-Action = Literal["plan", "stage", "run", "reduce", "report"]
+Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export"]
 XCOM_FILE = "/airflow/xcom/return.json"
 
 
@@ -34,8 +34,11 @@ def step_arguments(
     xcom_file: str | None = None,
 ) -> list[str]:
     """The CLI arguments after `python -m operators` for one step action."""
-    if action == "report":
-        return ["report", "--output", output, *(["--xcom-file", xcom_file] if xcom_file else [])]
+    xcom = ["--xcom-file", xcom_file] if xcom_file else []
+    if action in ("report", "validate"):
+        return [action, "--output", output, *xcom]
+    if action == "export":
+        return ["export", "--input", inputs[0], "--output", output, *xcom]
     args = [action, step, "--output", output]
     if action != "reduce":
         args += ["--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":"))]
@@ -152,7 +155,7 @@ class StepOperator(BaseOperator):
         profiles = load_profiles()
         if self.profile not in profiles:
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
-        xcom = self.action in ("plan", "reduce", "report")
+        xcom = self.action in ("plan", "reduce", "report", "validate", "export")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage,
                               xcom_file=XCOM_FILE if xcom else None)

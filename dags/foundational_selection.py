@@ -1,0 +1,77 @@
+"""foundational_selection: Phase 1 of Infinity Instruct, from ingested sources to the foundational set.
+
+filter -> exact_dedup -> decontaminate -> route -> select (budgets, caps, replay) -> validate -> export -> report
+Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from airflow.sdk import Param, dag
+
+from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.settings import data_root, safe_name, source_dirs
+from operators.orchestration.step_operator import StepOperator
+
+RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
+STEPS = ("filter", "exact_dedup", "decontaminate", "route", "select")
+
+
+@dag(
+    dag_id="foundational_selection",
+    description="Select the foundational instruction set: rule filters, exact dedup, decontamination, "
+    "domain routing, budgets and the replay sample.",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=2,
+    render_template_as_native_obj=True,
+    user_defined_macros={"data_root": data_root(), "safe_name": safe_name, "source_dirs": source_dirs},
+    tags=["iip", "phase-1"],
+    params={
+        "sources": Param(["demo"], type="array", items={"type": "string"}, minItems=1,
+                         description="Ingested source names (see ingest_source) or step-dir URIs."),
+        "run_name": Param("", type="string", description="Folder under <data root>/runs; blank = the run id."),
+        "languages": Param(["en", "zh"], type="array", items={"type": "string"}),
+        "min_turns": Param(2, type="integer", minimum=1),
+        "max_repetition_ratio": Param(0.35, type="number", minimum=0, maximum=1),
+        "dedup_scopes": Param(["conversation", "first_human"], type="array",
+                              items={"enum": ["conversation", "first_human"]}),
+        "benchmarks": Param([{"name": "humaneval", "uri": "humaneval://", "format": "humaneval"}], type="array",
+                            description="Evaluation sets to decontaminate against: {name, uri, format}."),
+        "decontam_ngram": Param(13, type="integer", minimum=3),
+        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
+                         description="Per domain: a count (>= 1) or a fraction of the domain."),
+        "source_caps": Param({}, type="object", description="Most records per source."),
+        "replay_fraction": Param(0.16, type="number", minimum=0, maximum=1),
+        "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
+    },
+)
+def foundational_selection() -> None:
+    shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
+    configs = {
+        "filter": {"languages": "{{ params.languages }}", "min_turns": "{{ params.min_turns }}",
+                   "max_repetition_ratio": "{{ params.max_repetition_ratio }}"},
+        "exact_dedup": {"scopes": "{{ params.dedup_scopes }}"},
+        "decontaminate": {"benchmarks": "{{ params.benchmarks }}", "ngram": "{{ params.decontam_ngram }}"},
+        "route": {},
+        "select": {"budgets": "{{ params.budgets }}", "source_caps": "{{ params.source_caps }}",
+                   "replay_fraction": "{{ params.replay_fraction }}"},
+    }
+    inputs: list[str] | str = "{{ source_dirs(params.sources) }}"
+    previous: Any = None
+    for step in STEPS:
+        group = step_group(step, config={**configs[step], "target_shard_bytes": shard_bytes},
+                           inputs=inputs, output_uri=f"{RUN}/{step}")
+        if previous is not None:
+            previous >> group
+        previous, inputs = group, [f"{RUN}/{step}"]
+    validate = StepOperator(task_id="validate", action="validate", step="select", output_uri=f"{RUN}/select")
+    export = StepOperator(task_id="export", action="export", step="select", inputs=[f"{RUN}/select"],
+                          output_uri=f"{RUN}/export")
+    previous >> validate >> export >> report_task(RUN)
+
+
+foundational_selection()
