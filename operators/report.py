@@ -22,7 +22,7 @@ SAMPLES = 3
 def _find_steps(root: str) -> list[tuple[str, Manifest]]:
     steps = []
     for uri in storage.list_files(root):
-        if uri.endswith("/" + MANIFEST_NAME):
+        if uri.endswith("/" + MANIFEST_NAME) and "/_stages/" not in uri:
             step_dir = uri[: -len(MANIFEST_NAME) - 1]
             m = read_manifest(uri)
             if m is not None:

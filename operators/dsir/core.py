@@ -128,7 +128,17 @@ def _as_string_array(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.La
     """`texts` as one contiguous large_string Arrow array; a null text becomes "" (no tokens)."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks() if texts.num_chunks else pa.array([], pa.large_string())
-    arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), type=pa.large_string())
+    if isinstance(texts, pa.Array):
+        arr = texts
+    else:
+        texts = list(texts)
+        try:
+            arr = pa.array(texts, type=pa.large_string())
+        except (UnicodeEncodeError, pa.ArrowException):
+            # A lone surrogate (JSON "\ud800" decodes to one) has no UTF-8 form: it becomes "?" (the
+            # encoder's replacement) instead of failing the whole batch.
+            arr = pa.array([t if t is None else t.encode("utf-8", "replace").decode("utf-8") for t in texts],
+                           type=pa.large_string())
     if arr.type != pa.large_string():
         arr = arr.cast(pa.large_string())
     if arr.null_count:
@@ -158,9 +168,16 @@ _ASCII_CLASS, _ASCII_LOWER = _ascii_tables()
 
 def _word_hashes(vocab: pa.Array, seed: int) -> U64Array:
     """Seeded xxh3-64 of each distinct word's UTF-8 bytes: the only per-word Python work."""
+    vocab = vocab.cast(pa.large_string()) if vocab.type != pa.large_string() else vocab
+    n = len(vocab)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    # Hash memoryview slices of the Arrow buffer: no str object, no re-encoding per word.
+    offsets = np.frombuffer(vocab.buffers()[1], dtype=np.int64)[vocab.offset : vocab.offset + n + 1].tolist()
+    data = memoryview(vocab.buffers()[2]) if vocab.buffers()[2] is not None else memoryview(b"")
     digest = xxhash.xxh3_64_intdigest
-    return np.fromiter((digest(w.encode("utf-8"), seed) for w in vocab.to_pylist()), dtype=np.uint64,
-                       count=len(vocab))
+    return np.fromiter((digest(data[a:b], seed) for a, b in zip(offsets[:-1], offsets[1:], strict=True)),
+                       dtype=np.uint64, count=n)
 
 
 def _ascii_token_hashes(arr: pa.LargeStringArray, seed: int) -> tuple[U64Array, IntArray]:
@@ -183,17 +200,18 @@ def _ascii_token_hashes(arr: pa.LargeStringArray, seed: int) -> tuple[U64Array, 
     starts[0] = True
     np.not_equal(cls[1:], cls[:-1], out=starts[1:])
     starts[offsets[:-1][offsets[:-1] < len(data)]] = True  # no token runs across two records
-    starts &= kept
-    token_pos = np.flatnonzero(starts)
+    # In the space-free byte string the tokens are contiguous: their starts, renumbered, are its offsets.
+    compact_starts = starts[kept]
     compact = _ASCII_LOWER[data[kept]]
-    token_offsets = np.empty(len(token_pos) + 1, dtype=np.int64)
-    token_offsets[:-1] = np.cumsum(kept, dtype=np.int64)[token_pos] - 1  # position among the kept bytes
-    token_offsets[-1] = len(compact)
-    tokens = pa.LargeStringArray.from_buffers(len(token_pos), pa.py_buffer(token_offsets), pa.py_buffer(compact))
+    token_offsets = np.append(np.flatnonzero(compact_starts), len(compact)).astype(np.int64)
+    n_all = len(token_offsets) - 1
+    tokens = pa.LargeStringArray.from_buffers(n_all, pa.py_buffer(token_offsets), pa.py_buffer(compact))
     encoded = tokens.dictionary_encode()
     hashes = _word_hashes(encoded.dictionary, seed)[encoded.indices.to_numpy(zero_copy_only=False)]
-    token_row = np.searchsorted(offsets, token_pos, side="right") - 1
-    return hashes, np.bincount(token_row, minlength=n).astype(np.int64)
+    # Tokens per record: how many token starts precede each record boundary (per record, not per token).
+    token_pos = np.flatnonzero(starts & kept)
+    before = np.searchsorted(token_pos, offsets, side="left")
+    return hashes, np.diff(before).astype(np.int64)
 
 
 def _regex_token_hashes(texts: list[str], seed: int) -> tuple[U64Array, IntArray]:
@@ -309,9 +327,10 @@ def hashed_ngram_counts(
 def fit_model(total_counts: npt.ArrayLike, smoothing: float = 1.0) -> FloatArray:
     """Log probabilities of a bag-of-ngrams model from summed bucket counts, with additive smoothing.
 
-    ``log p[b] = log((c[b] + smoothing) / (sum(c) + smoothing * num_buckets))``. The pseudo-count keeps
-    a bucket the target never saw from vetoing every record that has it; the reference instead adds
-    1e-8 to the probabilities, which makes one unseen bigram cost about 18 nats.
+    ``log p[b] = log((c[b] + smoothing) / (sum(c) + smoothing * num_buckets))``. The pseudo-count
+    keeps a bucket the target never saw from vetoing every record that has it, in proportion to how
+    much evidence there is; the reference instead adds 1e-8 to the probabilities, which pins such a
+    bucket at log(1e-8) = -18.4 whatever the sample sizes.
     """
     c = np.asarray(total_counts, dtype=np.float64)
     if c.ndim != 1 or len(c) == 0:
