@@ -132,3 +132,45 @@ def test_airflow_loads_the_reports_plugin(airflow_home: dict[str, str]) -> None:
     r = airflow(airflow_home, "plugins", "--output", "json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "iip_reports" in r.stdout
+
+
+def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    raw = tmp_path / "raw.jsonl"
+    lines = []
+    for i in range(60):
+        q = [f"Solve the equation {i}x + 3 = {i + 7}. How many solutions are there?",
+             f"Write a Python function number {i} that reverses a list.",
+             f"Tell me an interesting fact about the city number {i}."][i % 3]
+        a = ["x = 4/3, exactly one solution since the equation is linear.",
+             "```python\ndef rev(xs):\n    return xs[::-1]\n```",
+             "It has a very old library with many rare maps and manuscripts."][i % 3]
+        lines.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    lines += lines[:10]  # exact duplicates
+    lines.append(json.dumps({"conversations": [{"from": "human", "value": "Why?"},
+                                               {"from": "gpt", "value": "I'm sorry, but I can't help with that."}]}))
+    raw.write_text("\n".join(lines) + "\n")
+    data_root = Path(airflow_home["IIP_DATA_ROOT"])
+    r = run_cli("run", "ingest", "--config", '{"source_name": "tiny"}', "--input", str(raw), "--output",
+                str(data_root / "sources" / "tiny" / "ingest"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0}}
+    r = airflow(airflow_home, "dags", "test", "foundational_selection", "-c", json.dumps(conf))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    run = data_root / "runs" / "t1"
+    stats = {s: json.loads((run / s / "stats.json").read_text())
+             for s in ("filter", "exact_dedup", "decontaminate", "route", "select")}
+    assert stats["filter"]["records_in"] == 71 and stats["filter"]["dropped_by_reason"] == {"refusal": 1}
+    assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
+    # Each step reads exactly what the previous one kept: nothing lost between steps.
+    order = ["filter", "exact_dedup", "decontaminate", "route", "select"]
+    for a, b in zip(order, order[1:], strict=False):
+        assert stats[b]["records_in"] == stats[a]["records_kept"]
+    assert stats["select"]["records_kept"] == 10 + 10 + 20  # math 10 of 20, code half of 20, all general
+    validation = json.loads((run / "select" / "validation.json").read_text())
+    assert validation["success"] is True and validation["records"] == 40
+    export = json.loads((run / "export" / "_EXPORT.json").read_text())
+    assert export["counts"]["train"] == 40 and export["counts"]["replay"] == round(0.16 * 10) * 2 + round(0.16 * 20)
+    report = json.loads((run / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == order
