@@ -98,7 +98,7 @@ def validate_step(step_dir: str) -> dict[str, Any]:
     dup = int(len(ids) - len(np.unique(ids)))
     if dup:
         failures.append({"expectation": "ids unique across all parts", "part": "*", "unexpected_count": dup})
-    report = {"step_dir": step_dir, "records": int(len(ids)), "success": not failures, "parts": parts,
+    report = {"step_dir": step_dir, "records": len(ids), "success": not failures, "parts": parts,
               "failures": failures}
     storage.write_bytes(storage.join(step_dir, "validation.json"), json.dumps(report, indent=2, default=str).encode())
     storage.write_bytes(storage.join(step_dir, "validation.html"), _html(report).encode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import os
 import subprocess
@@ -165,7 +166,7 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
     # Each step reads exactly what the previous one kept: nothing lost between steps.
     order = ["filter", "exact_dedup", "decontaminate", "route", "select"]
-    for a, b in zip(order, order[1:], strict=False):
+    for a, b in itertools.pairwise(order):
         assert stats[b]["records_in"] == stats[a]["records_kept"]
     assert stats["select"]["records_kept"] == 10 + 10 + 20  # math 10 of 20, code half of 20, all general
     validation = json.loads((run / "select" / "validation.json").read_text())

@@ -43,6 +43,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -176,7 +177,7 @@ def _word_hashes(vocab: pa.Array, seed: int) -> U64Array:
     offsets = np.frombuffer(vocab.buffers()[1], dtype=np.int64)[vocab.offset : vocab.offset + n + 1].tolist()
     data = memoryview(vocab.buffers()[2]) if vocab.buffers()[2] is not None else memoryview(b"")
     digest = xxhash.xxh3_64_intdigest
-    return np.fromiter((digest(data[a:b], seed) for a, b in zip(offsets[:-1], offsets[1:], strict=True)),
+    return np.fromiter((digest(data[a:b], seed) for a, b in pairwise(offsets)),
                        dtype=np.uint64, count=n)
 
 
@@ -498,16 +499,31 @@ def shard_candidates(keys: npt.ArrayLike, record_ids: Sequence[Any] | npt.ArrayL
 
 
 def merge_top_k(candidates: Iterable[Candidates | tuple[npt.ArrayLike, npt.ArrayLike]], k: int) -> Candidates:
-    """The global top-k from per-shard candidate lists (reduce stage 2); ids must be unique overall."""
-    parts = [Candidates(np.asarray(c[0], dtype=np.float64), _ids_array(c[1])) for c in candidates]
-    if not parts:
-        return Candidates(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64))
-    keys = np.concatenate([p.keys for p in parts])
-    ids = np.concatenate([p.ids for p in parts])
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("duplicate record ids across candidate lists: the merge would not be exact")
-    best = top_k(keys, k, ids)
-    return Candidates(keys[best], ids[best])
+    """The global top-k from per-shard candidate lists (reduce stage 2), best first.
+
+    Streams: it keeps a running top-k and folds in one list at a time, so memory is O(k + one list)
+    however many shards there are (top-k of (top-k of A) and B is top-k of A and B under a total
+    order). Record ids must be unique across shards; a duplicate met in the working set is an error,
+    and ids must all be integers or all be strings.
+    """
+    best = Candidates(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64))
+    for i, item in enumerate(candidates):
+        keys = np.asarray(item[0], dtype=np.float64)
+        ids = _ids_array(item[1])
+        if keys.shape != ids.shape:
+            raise ValueError(f"candidate list {i} has {len(keys)} keys but {len(ids)} ids")
+        if i == 0:
+            best = Candidates(keys, ids)
+        else:
+            if (best.ids.dtype.kind in "iu") != (ids.dtype.kind in "iu"):
+                raise TypeError("candidate lists mix integer and string record ids")
+            keys = np.concatenate([best.keys, keys])
+            ids = np.concatenate([best.ids, ids])
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate record ids across candidate lists: the merge would not be exact")
+        chosen = top_k(keys, k, ids)
+        best = Candidates(keys[chosen], ids[chosen])
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------
