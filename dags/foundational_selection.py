@@ -1,6 +1,7 @@
 """foundational_selection: Phase 1 of Infinity Instruct, from ingested sources to the foundational set.
 
-filter -> exact_dedup -> decontaminate -> route -> select (budgets, caps, replay) -> validate -> export -> report
+filter -> exact_dedup -> decontaminate -> route -> dsir (importance weights toward each domain's target)
+-> select (budgets, caps, replay, KL reduction) -> validate -> export -> report
 Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
 """
 
@@ -16,13 +17,13 @@ from operators.orchestration.settings import data_root, safe_name, source_dirs
 from operators.orchestration.step_operator import StepOperator
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
-STEPS = ("filter", "exact_dedup", "decontaminate", "route", "select")
+STEPS = ("filter", "exact_dedup", "decontaminate", "route", "dsir", "select")
 
 
 @dag(
     dag_id="foundational_selection",
     description="Select the foundational instruction set: rule filters, exact dedup, decontamination, "
-    "domain routing, budgets and the replay sample.",
+    "domain routing, DSIR, budgets and the replay sample.",
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -42,6 +43,10 @@ STEPS = ("filter", "exact_dedup", "decontaminate", "route", "select")
         "benchmarks": Param([{"name": "humaneval", "uri": "humaneval://", "format": "humaneval"}], type="array",
                             description="Evaluation sets to decontaminate against: {name, uri, format}."),
         "decontam_ngram": Param(13, type="integer", minimum=3),
+        "dsir_targets": Param({}, type="object",
+                              description="Per domain: a list of {name, uri, format} target sets; empty = "
+                              "built-in (code: HumanEval; math: templated word problems). Production: "
+                              "GSM8K + MATH for math, HumanEval + MBPP for code."),
         "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
                          description="Per domain: a count (>= 1) or a fraction of the domain."),
         "source_caps": Param({}, type="object", description="Most records per source."),
@@ -57,8 +62,9 @@ def foundational_selection() -> None:
         "exact_dedup": {"scopes": "{{ params.dedup_scopes }}"},
         "decontaminate": {"benchmarks": "{{ params.benchmarks }}", "ngram": "{{ params.decontam_ngram }}"},
         "route": {},
+        "dsir": {"targets": "{{ params.dsir_targets or None }}"},
         "select": {"budgets": "{{ params.budgets }}", "source_caps": "{{ params.source_caps }}",
-                   "replay_fraction": "{{ params.replay_fraction }}"},
+                   "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
     inputs: list[str] | str = "{{ source_dirs(params.sources) }}"
     previous: Any = None

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from operators.benchmarks.synthetic import BUILTIN_MATH, math_word_problems
 from operators.core import storage
 
 FIELDS = {"gsm8k": "question", "math": "problem", "humaneval": "prompt", "mmlu": "question"}
@@ -57,6 +58,8 @@ def _field(rec: Any, name: str, fmt: str) -> str:
 
 def load_prompts(uri: str, fmt: str) -> list[str]:
     """Every prompt of the benchmark file at `uri` (multi-turn items contribute each turn)."""
+    if uri == BUILTIN_MATH:
+        return math_word_problems()
     out: list[str] = []
     for rec in _records(uri):
         if fmt in FIELDS:

@@ -14,6 +14,7 @@ STEPS: dict[str, str] = {
     "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
     "decontaminate": "operators.steps.decontam.step:DecontamStep",
     "route": "operators.steps.route.step:RouteStep",
+    "dsir": "operators.steps.dsir.step:DSIRStep",
     "select": "operators.steps.select.step:SelectStep",
 }
 

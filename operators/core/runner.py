@@ -393,6 +393,7 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
         storage.delete(m_uri)
     _cleanup_uncommitted(sdir, shard_index, ("",))
     step.begin_shard(shard_index)
+    step.prepare_stage(stage, StorageArtifacts(step_dir), shard_index)
     spec = plan.shards[shard_index]
     attempt = uuid.uuid4().hex[:8]
     w = PartWriter(sdir, shard_index, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)

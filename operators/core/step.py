@@ -189,6 +189,9 @@ class Step(ABC, Generic[C]):
         """Global decision of reduce stage `stage` over earlier stages' outputs."""
         raise NotImplementedError(f"step {self.name} has no reduce stage {stage!r}")
 
+    def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
+        """Load what map stage `stage` of `shard` needs from earlier stages (runs before its batches)."""
+
     def begin_shard(self, shard: int) -> None:
         """Reset per-shard state (e.g. a row counter) before a map stage or the transform reads a shard."""
 

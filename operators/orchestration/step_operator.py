@@ -111,6 +111,8 @@ class StepOperator(BaseOperator):
         return [str(x) for x in self.inputs]
 
     def execute(self, context: Any) -> Any:
+        # A Params field left empty renders to None: it means "the step's default", so drop it.
+        self.config = {k: v for k, v in dict(self.config).items() if v is not None}
         mode = self.mode or os.environ.get("IIP_EXECUTION_MODE", "local")
         if self.action in ("plan", "stage", "run"):
             from operators.cli import build_step  # validate before any work: a bad config fails here

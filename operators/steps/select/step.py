@@ -34,6 +34,18 @@ def hash_unit(ids: list[str], seed: int, salt: str) -> np.ndarray:
     return np.array([xxhash.xxh3_64_intdigest(prefix + i.encode()) for i in ids], dtype=np.float64) / 2.0**64
 
 
+def _dsir_fit(dsir_dir: str | None) -> dict[str, Any]:
+    """The committed `fit` summary (models, target counts) of a dsir step, or {} when not configured."""
+    if not dsir_dir:
+        return {}
+    from operators.core.manifest import read_manifest, stage_dir, step_manifest_uri
+
+    m = read_manifest(step_manifest_uri(stage_dir(dsir_dir, "fit")))
+    if m is None:
+        raise RuntimeError(f"select: dsir_dir {dsir_dir} has no committed fit stage")
+    return m.summary
+
+
 class SelectConfig(StepConfig):
     """Budgets, caps and the replay share."""
 
@@ -44,6 +56,8 @@ class SelectConfig(StepConfig):
     key_column: str = Field("dsir_key", description="Higher is better; a hash of the id when the column is absent.")
     replay_fraction: float = Field(0.16, ge=0, le=1)
     seed: int = 0
+    dsir_dir: str | None = Field(
+        None, description="The dsir step's output: when set, the KL reduction of the selection is reported.")
 
     @field_validator("budgets")
     @classmethod
@@ -59,7 +73,8 @@ class SelectStep(Step[SelectConfig]):
 
     name: ClassVar[str] = "select"
     config_model: ClassVar[type[StepConfig]] = SelectConfig
-    stages: ClassVar[tuple[Stage, ...]] = (Stage("candidates", "map"), Stage("decide", "reduce"))
+    stages: ClassVar[tuple[Stage, ...]] = (
+        Stage("candidates", "map"), Stage("decide", "reduce"), Stage("kl_counts", "map"), Stage("kl", "reduce"))
 
     def __init__(self, config: SelectConfig) -> None:
         super().__init__(config)
@@ -75,6 +90,8 @@ class SelectStep(Step[SelectConfig]):
         return hash_unit(table["id"].to_pylist(), self.config.seed, "key")
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
+        if stage == "kl_counts":
+            return self._kl_counts(pa.Table.from_batches([batch]))
         t = pa.Table.from_batches([batch])
         n = t.num_rows
         domains = t[DOMAIN] if DOMAIN in t.column_names else pa.array([DEFAULT_DOMAIN] * n, pa.string())
@@ -88,6 +105,8 @@ class SelectStep(Step[SelectConfig]):
         return cand
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
+        if stage == "kl":
+            return self._kl(artifacts)
         parts = list(artifacts.iter_tables("candidates"))
         if not parts:
             return StageOutput(summary={"selected": 0})
@@ -123,6 +142,65 @@ class SelectStep(Step[SelectConfig]):
         partitions = {int(s): decision.filter(pc.equal(decision["shard"], int(s))) for s in np.unique(shards)}
         return StageOutput(partitions=partitions, summary={
             "selected": int(selected.sum()), "replay": int(replay.sum()), "pool": pool, "chosen": chosen})
+
+    # -- KL reduction: hashed-feature KL(target || selected) vs KL(target || random sample, same size) --
+    def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
+        if stage == "kl_counts":
+            self.bind(artifacts, shard)
+            summary = artifacts.summary("decide")
+            self._sample_rate = {d: summary["chosen"][d] / max(summary["pool"][d], 1) for d in summary["pool"]}
+            self._fit = _dsir_fit(self.config.dsir_dir)
+
+    def _kl_counts(self, t: pa.Table) -> pa.Table:
+        from operators.steps.dsir.step import prompt_texts
+
+        n = t.num_rows
+        rows = range(self._row, self._row + n)
+        self._row += n
+        fit = getattr(self, "_fit", None)
+        empty = pa.table({"domain": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
+                          "n": pa.array([], pa.int64()), "counts": pa.array([], pa.list_(pa.int64()))})
+        if not fit:
+            return empty
+        from operators.dsir.core import hashed_ngram_counts
+
+        domains = np.asarray(t[DOMAIN].to_pylist() if DOMAIN in t.column_names else [DEFAULT_DOMAIN] * n, object)
+        selected = np.array([self._decision.get(r, (False, False, False))[1] for r in rows], dtype=bool)
+        u = hash_unit(t["id"].to_pylist(), self.config.seed, "kl")
+        rate = np.array([self._sample_rate.get(d, 0.0) for d in domains])
+        texts = prompt_texts(t)
+        out: dict[str, list[Any]] = {"domain": [], "kind": [], "n": [], "counts": []}
+        for d in sorted(set(domains.tolist()) & set(fit["target_counts"])):
+            for kind, mask in (("selected", selected), ("random", u < rate)):
+                idx = np.flatnonzero(mask & (domains == d))
+                feats = hashed_ngram_counts([texts[i] for i in idx], len(fit["target_counts"][d]),
+                                            seed=int(fit["models"][d]["seed"]))
+                out["domain"].append(d)
+                out["kind"].append(kind)
+                out["n"].append(len(idx))
+                out["counts"].append(feats.total_counts().astype(np.int64).tolist())
+        return pa.table(out, schema=empty.schema)
+
+    def _kl(self, artifacts: Artifacts) -> StageOutput:
+        from operators.dsir.core import hashed_kl
+
+        fit = _dsir_fit(self.config.dsir_dir)
+        if not fit:
+            return StageOutput(summary={})
+        sums: dict[tuple[str, str], np.ndarray] = {}
+        for t in artifacts.iter_tables("kl_counts"):
+            for d, kind, c in zip(t["domain"].to_pylist(), t["kind"].to_pylist(), t["counts"].to_pylist(),
+                                  strict=True):
+                sums[(d, kind)] = sums.get((d, kind), 0) + np.asarray(c, np.int64)
+        summary: dict[str, dict[str, float]] = {"kl_selected": {}, "kl_random": {}, "kl_reduction": {}}
+        for d, target in fit["target_counts"].items():
+            if (d, "selected") in sums and (d, "random") in sums:
+                sel = hashed_kl(target, sums[(d, "selected")])
+                rnd = hashed_kl(target, sums[(d, "random")])
+                summary["kl_selected"][d] = round(sel, 4)
+                summary["kl_random"][d] = round(rnd, 4)
+                summary["kl_reduction"][d] = round(rnd - sel, 4)
+        return StageOutput(summary=summary)
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         t = artifacts.partition("decide", shard)

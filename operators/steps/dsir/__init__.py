@@ -1,0 +1,1 @@
+"""DSIR scoring step."""
