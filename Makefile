@@ -4,7 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo
+EXTRAS ?= test,demo,bench
 
 .PHONY: venv demo test lint typecheck unit bench clean
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from operators.cli import build_step
 from operators.core import storage
 from operators.core.runner import read_step_table, run_all
-from operators.core.unionfind import connected_components
+from operators.dedup.unionfind import connected_components
 from operators.schema import CANONICAL_SCHEMA
 
 

@@ -345,22 +345,27 @@ def fit_model(total_counts: npt.ArrayLike, smoothing: float = 1.0) -> FloatArray
 
 @dataclass(frozen=True)
 class DSIRModel:
-    """The global target and raw models (reduce 1's output): what every map-2 task needs to score."""
+    """The global target and raw models (reduce 1's output): what every map-2 task needs to score.
+
+    `seed` and `ngrams` are the featurizer's settings the counts were made with; map 2 must featurize
+    with the same ones (``hashed_ngram_counts(texts, model.num_buckets, model.seed, model.ngrams)``).
+    """
 
     log_p_target: FloatArray
     log_p_raw: FloatArray
     seed: int
     smoothing: float
+    ngrams: int = 2
 
     @classmethod
     def fit(cls, target_counts: npt.ArrayLike, raw_counts: npt.ArrayLike, *, seed: int,
-            smoothing: float = 1.0) -> DSIRModel:
-        """Fit both models from summed bucket counts; `seed` is the featurizer's, kept so scoring matches."""
+            smoothing: float = 1.0, ngrams: int = 2) -> DSIRModel:
+        """Fit both models from summed bucket counts made with featurizer settings `seed` and `ngrams`."""
         log_p_target = fit_model(target_counts, smoothing)
         log_p_raw = fit_model(raw_counts, smoothing)
         if log_p_target.shape != log_p_raw.shape:
             raise ValueError(f"target has {len(log_p_target)} buckets but raw has {len(log_p_raw)}")
-        return cls(log_p_target, log_p_raw, int(seed), float(smoothing))
+        return cls(log_p_target, log_p_raw, int(seed), float(smoothing), int(ngrams))
 
     @property
     def num_buckets(self) -> int:
@@ -375,14 +380,15 @@ class DSIRModel:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable form (floats round-trip exactly through ``repr``)."""
         return {"num_buckets": self.num_buckets, "seed": self.seed, "smoothing": self.smoothing,
-                "log_p_target": self.log_p_target.tolist(), "log_p_raw": self.log_p_raw.tolist()}
+                "ngrams": self.ngrams, "log_p_target": self.log_p_target.tolist(),
+                "log_p_raw": self.log_p_raw.tolist()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DSIRModel:
         """Inverse of :meth:`to_dict`."""
         model = cls(np.asarray(data["log_p_target"], dtype=np.float64),
                     np.asarray(data["log_p_raw"], dtype=np.float64),
-                    int(data["seed"]), float(data["smoothing"]))
+                    int(data["seed"]), float(data["smoothing"]), int(data.get("ngrams", 2)))
         if model.num_buckets != int(data["num_buckets"]) or len(model.log_p_raw) != model.num_buckets:
             raise ValueError("model vectors do not match num_buckets")
         return model

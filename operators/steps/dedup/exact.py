@@ -22,7 +22,7 @@ import xxhash
 from pydantic import Field
 
 from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, dropped_table
-from operators.core.unionfind import connected_components
+from operators.dedup.unionfind import connected_components
 from operators.text.normalize import normalize_text
 
 Scope = Literal["conversation", "first_human"]

@@ -13,6 +13,7 @@ Nothing is dropped here: deciding is the `select` step's job, so new budgets nev
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,7 +55,7 @@ def prompt_texts(table: pa.Table) -> list[str]:
 def histogram(values: np.ndarray, domain: str) -> dict[str, float]:
     """Additive counters of log weights in fixed bins (summable across shards)."""
     idx = np.searchsorted(np.asarray(HIST_EDGES), values, side="right")
-    labels = [f"<{HIST_EDGES[0]:g}", *[f"[{lo:g},{hi:g})" for lo, hi in zip(HIST_EDGES, HIST_EDGES[1:], strict=False)],
+    labels = [f"<{HIST_EDGES[0]:g}", *[f"[{lo:g},{hi:g})" for lo, hi in itertools.pairwise(HIST_EDGES)],
               f">={HIST_EDGES[-1]:g}"]
     counts = np.bincount(idx, minlength=len(labels))
     return {f"log_weight_hist.{domain}.{labels[i]}": float(c) for i, c in enumerate(counts) if c}
