@@ -139,6 +139,17 @@ def file_size(uri: str) -> int:
     return int(info.size or 0)
 
 
+def _local_temp(path: str, data: bytes | pa.Buffer) -> str:
+    """Write `data` durably to a temp file beside `path` and return the temp file's path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_bytes(uri: str, data: bytes | pa.Buffer) -> None:
     """Write a whole file so that readers never see a partial one.
 
@@ -146,13 +157,7 @@ def write_bytes(uri: str, data: bytes | pa.Buffer) -> None:
     """
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp(path, data), path)
         return
     with fs.open_output_stream(path) as out:
         out.write(data)
@@ -167,12 +172,7 @@ def commit_if_absent(uri: str, data: bytes) -> bool:
     """
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)
             return True

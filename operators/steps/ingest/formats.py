@@ -152,7 +152,8 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-def _is_utf8_safe(text: str) -> bool:
+def is_utf8_safe(text: str) -> bool:
+    """True when `text` encodes as UTF-8 (no lone surrogates), so Arrow can store it."""
     # json.loads turns an escaped lone surrogate ("\ud800") into a str that UTF-8 (and so Arrow)
     # cannot encode; catching it here quarantines the record instead of crashing the writer.
     # isascii() is a C-level flag check, so the common case costs nothing.
@@ -238,10 +239,10 @@ def _sharegpt_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
                 return Rejected(DropReason.UNKNOWN_ROLE, f"turn {index} has unknown role {_show(raw_role)}")
         if not isinstance(value, str):
             return Rejected(DropReason.BAD_FIELD_TYPE, f"turn {index} 'value' is a {_json_type(value)}")
-        # Inlined _is_blank / _is_utf8_safe fast paths: this loop runs once per turn of every record.
+        # Inlined _is_blank / is_utf8_safe fast paths: this loop runs once per turn of every record.
         if not value or value.isspace():
             return Rejected(DropReason.EMPTY_TURN, f"turn {index} is empty")
-        if not value.isascii() and not _is_utf8_safe(value):
+        if not value.isascii() and not is_utf8_safe(value):
             return Rejected(DropReason.INVALID_UTF8, f"turn {index} contains a lone surrogate")
         if role != SYSTEM:
             n_exchange += 1
@@ -309,10 +310,10 @@ def _openai_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
         value = _openai_content(content, index)
         if isinstance(value, Rejected):
             return value
-        # Inlined _is_blank / _is_utf8_safe fast paths: this loop runs once per turn of every record.
+        # Inlined _is_blank / is_utf8_safe fast paths: this loop runs once per turn of every record.
         if not value or value.isspace():
             return Rejected(DropReason.EMPTY_TURN, f"message {index} is empty")
-        if not value.isascii() and not _is_utf8_safe(value):
+        if not value.isascii() and not is_utf8_safe(value):
             return Rejected(DropReason.INVALID_UTF8, f"message {index} contains a lone surrogate")
         if role != SYSTEM:
             n_exchange += 1
@@ -332,7 +333,7 @@ def _alpaca_text(record: Mapping[str, Any], key: str, *, required: bool) -> str 
         return None
     if not isinstance(value, str):
         return Rejected(DropReason.BAD_FIELD_TYPE, f"{key!r} is a {_json_type(value)}, not a string")
-    if not _is_utf8_safe(value):
+    if not is_utf8_safe(value):
         return Rejected(DropReason.INVALID_UTF8, f"{key!r} contains a lone surrogate")
     return value
 
@@ -374,7 +375,7 @@ def _alpaca_turns(record: Mapping[str, Any]) -> list[Turn] | Rejected:
                     return Rejected(DropReason.BAD_FIELD_TYPE, f"history item {index}[{side}] is a {_json_type(text)}")
                 if _is_blank(text):
                     return Rejected(DropReason.EMPTY_TURN, f"history item {index}[{side}] is empty")
-                if not _is_utf8_safe(text):
+                if not is_utf8_safe(text):
                     return Rejected(DropReason.INVALID_UTF8, f"history item {index}[{side}] contains a lone surrogate")
                 turns.append(Turn(role, text))
     human = instruction if extra is None or _is_blank(extra) else instruction + "\n\n" + extra
@@ -400,7 +401,7 @@ def _label(record: Mapping[str, Any]) -> dict[str, list[str]] | Rejected | None:
         for item in items:
             if not isinstance(item, str):
                 return Rejected(DropReason.BAD_FIELD_TYPE, f"label {key!r} holds a {_json_type(item)}")
-            if not _is_utf8_safe(item):
+            if not is_utf8_safe(item):
                 return Rejected(DropReason.INVALID_UTF8, f"label {key!r} contains a lone surrogate")
         # A copy, so the result never aliases the caller's parsed record.
         out[key] = list(items)
@@ -430,7 +431,7 @@ def _origin(record: Mapping[str, Any]) -> tuple[str | None, str | None] | Reject
     if raw_id is None:
         origin_id = None
     elif isinstance(raw_id, str):
-        if not _is_utf8_safe(raw_id):
+        if not is_utf8_safe(raw_id):
             return Rejected(DropReason.INVALID_UTF8, "'id' contains a lone surrogate")
         origin_id = raw_id
     elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -444,7 +445,7 @@ def _origin(record: Mapping[str, Any]) -> tuple[str | None, str | None] | Reject
     if source is not None:
         if not isinstance(source, str):
             return Rejected(DropReason.BAD_FIELD_TYPE, f"'source' is a {_json_type(source)}, not a string")
-        if not _is_utf8_safe(source):
+        if not is_utf8_safe(source):
             return Rejected(DropReason.INVALID_UTF8, "'source' contains a lone surrogate")
     return origin_id, source
 

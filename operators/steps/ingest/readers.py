@@ -21,7 +21,7 @@ from typing import BinaryIO, Literal
 
 import pyarrow as pa
 
-from operators.steps.ingest.formats import DropReason
+from operators.steps.ingest.formats import DropReason, is_utf8_safe
 
 __all__ = [
     "RAW_SCHEMA",
@@ -269,16 +269,6 @@ def _source_text(text: str, limit_bytes: int | None = None) -> str:
     return _lossless_text(data)
 
 
-def _utf8_ok(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 _STRING_SPECIAL = re.compile(r'["\\]')
 _STRUCTURAL = re.compile(r'["\[\]{}]')
 _SCALAR_END = re.compile(r"[,\]\s]")
@@ -439,9 +429,9 @@ def _array_rows(stream: BinaryIO, max_record_bytes: int) -> Iterator[_Row]:
             yield _source_text(text[start:end], _BAD_JSON_KEEP), index, _BAD_JSON
             index += 1
             continue
-        if not _utf8_ok(raw):
+        if not is_utf8_safe(raw):
             source = text[start:end]
-            if _utf8_ok(source):
+            if is_utf8_safe(source):
                 # The source escaped a lone surrogate ("\ud800"): keep it escaped, as valid JSON
                 # in valid UTF-8, and let normalization judge the decoded value.
                 raw = encode_ascii(element)
