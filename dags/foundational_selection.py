@@ -1,6 +1,7 @@
 """foundational_selection: Phase 1 of Infinity Instruct, from ingested sources to the foundational set.
 
-filter -> exact_dedup -> decontaminate -> route -> dsir (importance weights toward each domain's target)
+filter -> exact_dedup -> near_dedup (MinHash LSH) -> decontaminate -> route
+-> dsir (importance weights toward each domain's target)
 -> select (budgets, caps, replay, KL reduction) -> validate -> export -> report
 Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
 """
@@ -17,7 +18,7 @@ from operators.orchestration.settings import data_root, safe_name, source_dirs
 from operators.orchestration.step_operator import StepOperator
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
-STEPS = ("filter", "exact_dedup", "decontaminate", "route", "dsir", "select")
+STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
 
 
 @dag(
@@ -42,6 +43,8 @@ STEPS = ("filter", "exact_dedup", "decontaminate", "route", "dsir", "select")
                               items={"enum": ["conversation", "first_human"]}),
         "benchmarks": Param([{"name": "humaneval", "uri": "humaneval://", "format": "humaneval"}], type="array",
                             description="Evaluation sets to decontaminate against: {name, uri, format}."),
+        "near_dup_threshold": Param(0.7, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
+                                    description="MinHash Jaccard above which records are near-duplicates."),
         "decontam_ngram": Param(13, type="integer", minimum=3),
         "dsir_targets": Param({}, type="object",
                               description="Per domain: a list of {name, uri, format} target sets; empty = "
@@ -56,10 +59,11 @@ STEPS = ("filter", "exact_dedup", "decontaminate", "route", "dsir", "select")
 )
 def foundational_selection() -> None:
     shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
-    configs = {
+    configs: dict[str, dict[str, Any]] = {
         "filter": {"languages": "{{ params.languages }}", "min_turns": "{{ params.min_turns }}",
                    "max_repetition_ratio": "{{ params.max_repetition_ratio }}"},
         "exact_dedup": {"scopes": "{{ params.dedup_scopes }}"},
+        "near_dedup": {"minhash": {"threshold": "{{ params.near_dup_threshold }}"}},
         "decontaminate": {"benchmarks": "{{ params.benchmarks }}", "ngram": "{{ params.decontam_ngram }}"},
         "route": {},
         "dsir": {"targets": "{{ params.dsir_targets or None }}"},

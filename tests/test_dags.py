@@ -161,11 +161,11 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = data_root / "runs" / "t1"
     stats = {s: json.loads((run / s / "stats.json").read_text())
-             for s in ("filter", "exact_dedup", "decontaminate", "route", "dsir", "select")}
+             for s in ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")}
     assert stats["filter"]["records_in"] == 71 and stats["filter"]["dropped_by_reason"] == {"refusal": 1}
     assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
     # Each step reads exactly what the previous one kept: nothing lost between steps.
-    order = ["filter", "exact_dedup", "decontaminate", "route", "dsir", "select"]
+    order = ["filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select"]
     for a, b in itertools.pairwise(order):
         assert stats[b]["records_in"] == stats[a]["records_kept"]
     assert stats["select"]["records_kept"] == 10 + 10 + 20  # math 10 of 20, code half of 20, all general

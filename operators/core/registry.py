@@ -12,6 +12,7 @@ STEPS: dict[str, str] = {
     "ingest": "operators.steps.ingest.step:IngestStep",
     "filter": "operators.steps.filters.step:FilterStep",
     "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
+    "near_dedup": "operators.steps.dedup.near:NearDedupStep",
     "decontaminate": "operators.steps.decontam.step:DecontamStep",
     "route": "operators.steps.route.step:RouteStep",
     "dsir": "operators.steps.dsir.step:DSIRStep",
