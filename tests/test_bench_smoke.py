@@ -6,6 +6,7 @@ readers (Makefile, CI, the README's numbers) rely on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -33,3 +34,19 @@ def test_bench_ingest_small_run() -> None:
     for key in ("records_per_s", "floor_records_per_s", "floor_ratio", "peak_rss_mb", "floor_peak_rss_mb",
                 "seconds"):
         assert result[key] > 0, f"{key} = {result[key]}"
+
+
+def test_bench_phase1_small_run() -> None:
+    """`bench/phase1.py --records 1500` runs every Phase 1 step and reports per-step figures."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "phase1.py"), "--records", "1500"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    assert {"records", "seconds", "records_per_s", "peak_rss_mb"} <= set(result)
+    steps = result["steps"]
+    assert list(steps) == ["ingest", "filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir",
+                           "select"]
+    names = list(steps)
+    for a, b in itertools.pairwise(names):  # each step reads what the previous one kept
+        assert steps[b]["records_in"] == steps[a]["records_kept"]
+    assert steps["ingest"]["records_in"] == 1500
