@@ -78,6 +78,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     for s in report["steps"]:
         lines += ["", f"## {s['dir']} ({s['step']}, config {s['config_hash']})", "", "Drops by reason:", ""]
         lines += [f"- `{r}`: {n}" for r, n in s["dropped_by_reason"].items()] or ["- none"]
+        if s["counters"]:
+            # Stage summaries and step figures: domain mix (decide.chosen.*), KL reduction (kl.*), DSIR
+            # weight histograms (log_weight_hist.*), duplicates found (resolve.*).
+            lines += ["", "Figures:", "", "| figure | value |", "|---|---|"]
+            lines += [f"| `{k}` | {v:g} |" for k, v in sorted(s["counters"].items())]
         if s["dropped_samples"]:
             lines += ["", "Dropped samples:", ""]
             lines += [f"- `{d.get('reason')}` {d.get('detail', '')}: `{str(d.get('raw', ''))[:160]}`"
