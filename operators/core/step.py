@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -92,6 +93,13 @@ class StageOutput:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def partition_by_shard(table: pa.Table) -> dict[int, pa.Table]:
+    """Split a table with a `shard` column into one table per shard, as reduce stages emit them."""
+    import numpy as np
+
+    return {int(s): table.filter(pc.equal(table["shard"], int(s))) for s in np.unique(table["shard"].to_numpy())}
+
+
 class Artifacts(Protocol):
     """Read access to committed stage outputs (implemented by the runner over storage)."""
 
@@ -106,6 +114,13 @@ class Artifacts(Protocol):
     def summary(self, stage: str) -> dict[str, Any]:
         """The reduce-stage summary of `stage`."""
         ...
+
+
+def keep_all(table: pa.Table, counters: dict[str, float] | None = None) -> BatchResult:
+    """The result of a scorer: every record kept (with its new columns), none dropped."""
+    empty = table.slice(0, 0).append_column(REASON, pa.array([], pa.string())).append_column(
+        DETAIL, pa.array([], pa.string()))
+    return BatchResult(kept=table, dropped=empty, counters=counters or {})
 
 
 def dropped_table(rows: pa.Table, reasons: list[str], details: list[str]) -> pa.Table:

@@ -17,12 +17,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import xxhash
 from pydantic import Field
 
-from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, dropped_table
+from operators.core.step import Artifacts, Stage, StageOutput, StepConfig, partition_by_shard
 from operators.dedup.unionfind import connected_components
+from operators.steps.dedup.droplist import DropListStep
 from operators.text.normalize import normalize_text
 
 Scope = Literal["conversation", "first_human"]
@@ -86,25 +86,14 @@ def choose_survivors(keys: Mapping[str, np.ndarray], reward: np.ndarray, answer_
     return survivor != np.arange(n), survivor
 
 
-class ExactDedupStep(Step[ExactDedupConfig]):
+class ExactDedupStep(DropListStep[ExactDedupConfig]):
     """Drop exact duplicates (after normalization) across all shards, keeping one copy of each."""
 
     name: ClassVar[str] = "exact_dedup"
     config_model: ClassVar[type[StepConfig]] = ExactDedupConfig
     stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("resolve", "reduce"))
-
-    def __init__(self, config: ExactDedupConfig) -> None:
-        super().__init__(config)
-        self._row = 0
-        self._drops: dict[int, str] = {}
-
-    def begin_shard(self, shard: int) -> None:
-        self._row = 0  # rows are numbered per shard in read order, which is deterministic
-
-    def bind(self, artifacts: Artifacts, shard: int) -> None:
-        table = artifacts.partition("resolve", shard)
-        self._drops = {} if table is None else dict(zip(table["row"].to_pylist(), table["kept_id"].to_pylist(),
-                                                        strict=True))
+    drop_reason: ClassVar[str] = REASON
+    detail_prefix: ClassVar[str] = "duplicate of"
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
         convs = batch.column("conversations").to_pylist()
@@ -136,15 +125,5 @@ class ExactDedupStep(Step[ExactDedupConfig]):
         shard = t["shard"].to_numpy()[dup_idx]
         drops = pa.table({"shard": shard, "row": t["row"].to_numpy()[dup_idx],
                           "kept_id": pa.array(ids[survivor[dup_idx]].tolist(), pa.string())})
-        parts = {int(s): drops.filter(pc.equal(drops["shard"], s)) for s in np.unique(shard)}
-        return StageOutput(partitions=parts, summary={"records": t.num_rows, "duplicates": len(dup_idx)})
-
-    def transform(self, batch: pa.RecordBatch) -> BatchResult:
-        table = pa.Table.from_batches([batch])
-        rows = range(self._row, self._row + table.num_rows)
-        self._row += table.num_rows
-        dup = [r in self._drops for r in rows]
-        mask = pa.array(dup, pa.bool_())
-        details = [f"duplicate of {self._drops[r]}" for r in rows if r in self._drops]
-        return BatchResult(kept=table.filter(pc.invert(mask)),
-                           dropped=dropped_table(table.filter(mask), [REASON] * len(details), details))
+        return StageOutput(partitions=partition_by_shard(drops),
+                           summary={"records": t.num_rows, "duplicates": len(dup_idx)})

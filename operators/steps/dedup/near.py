@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, dropped_table
+from operators.core.step import Artifacts, Stage, StageOutput, StepConfig, partition_by_shard
 from operators.dedup.minhash import MinHashParams, band_hashes, duplicate_components, minhash_signatures
+from operators.steps.dedup.droplist import DropListStep
 
 REASON = "near_duplicate"
 
@@ -38,20 +39,14 @@ def conversation_texts(table: pa.Table) -> list[str]:
     return ["\n".join(t["value"] for t in conv) for conv in table.column("conversations").to_pylist()]
 
 
-class NearDedupStep(Step[NearDedupConfig]):
+class NearDedupStep(DropListStep[NearDedupConfig]):
     """Drop near-duplicates, keeping one record per cluster."""
 
     name: ClassVar[str] = "near_dedup"
     config_model: ClassVar[type[StepConfig]] = NearDedupConfig
     stages: ClassVar[tuple[Stage, ...]] = (Stage("signatures", "map"), Stage("resolve", "reduce"))
-
-    def __init__(self, config: NearDedupConfig) -> None:
-        super().__init__(config)
-        self._row = 0
-        self._drops: dict[int, str] = {}
-
-    def begin_shard(self, shard: int) -> None:
-        self._row = 0
+    drop_reason: ClassVar[str] = REASON
+    detail_prefix: ClassVar[str] = "near duplicate of"
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
         p = self.config.minhash
@@ -87,21 +82,6 @@ class NearDedupStep(Step[NearDedupConfig]):
         kept_ids = [key_to_id[k] for k in drops["keep_id"].to_pylist()]
         table = pa.table({"shard": pa.array((keys >> 32).astype(np.int32)),
                           "row": pa.array(keys & 0xFFFFFFFF), "kept_id": pa.array(kept_ids, pa.string())})
-        shards = np.unique(table["shard"].to_numpy())
-        partitions = {int(s): table.filter(pc.equal(table["shard"], int(s))) for s in shards}
-        return StageOutput(partitions=partitions, summary={
+        return StageOutput(partitions=partition_by_shard(table), summary={
             "records": t.num_rows, "near_duplicates": len(kept_ids),
             "clusters": int(comps.filter(comps["keep"]).num_rows)})
-
-    def bind(self, artifacts: Artifacts, shard: int) -> None:
-        t = artifacts.partition("resolve", shard)
-        self._drops = {} if t is None else dict(zip(t["row"].to_pylist(), t["kept_id"].to_pylist(), strict=True))
-
-    def transform(self, batch: pa.RecordBatch) -> BatchResult:
-        table = pa.Table.from_batches([batch])
-        rows = range(self._row, self._row + table.num_rows)
-        self._row += table.num_rows
-        mask = pa.array([r in self._drops for r in rows], pa.bool_())
-        details = [f"near duplicate of {self._drops[r]}" for r in rows if r in self._drops]
-        return BatchResult(kept=table.filter(pc.invert(mask)),
-                           dropped=dropped_table(table.filter(mask), [REASON] * len(details), details))

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from operators.benchmarks.loaders import PACKAGED_HUMANEVAL, load_prompts
 from operators.benchmarks.synthetic import BUILTIN_MATH
-from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig
+from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, keep_all
 from operators.dsir.core import NUM_BUCKETS, DSIRModel, gumbel_keys, hashed_ngram_counts, log_importance_weights
 from operators.steps.decontam.step import BenchmarkSource
 
@@ -133,6 +133,4 @@ class DSIRStep(Step[DSIRConfig]):
             if name in table.column_names:
                 table = table.drop_columns([name])
         table = table.append_column("dsir_log_weight", pa.array(log_w)).append_column("dsir_key", pa.array(keys))
-        empty = table.slice(0, 0).append_column("reason", pa.array([], pa.string())).append_column(
-            "detail", pa.array([], pa.string()))
-        return BatchResult(kept=table, dropped=empty, counters=counters)
+        return keep_all(table, counters)

@@ -17,7 +17,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from operators.core.step import BatchResult, Step, StepConfig
+from operators.core.step import BatchResult, Step, StepConfig, keep_all
 
 GENERAL = "general"
 
@@ -113,5 +113,4 @@ class RouteStep(Step[RouteConfig]):
                 table = table.drop_columns([name])
         table = table.append_column("domain", pa.array([d for d, _ in out], pa.string()))
         table = table.append_column("domain_reason", pa.array([r for _, r in out], pa.string()))
-        return BatchResult(kept=table, dropped=table.slice(0, 0).append_column(
-            "reason", pa.array([], pa.string())).append_column("detail", pa.array([], pa.string())))
+        return keep_all(table)

@@ -22,7 +22,16 @@ import pyarrow.compute as pc
 import xxhash
 from pydantic import Field, field_validator
 
-from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, dropped_table
+from operators.core.step import (
+    Artifacts,
+    BatchResult,
+    Stage,
+    StageOutput,
+    Step,
+    StepConfig,
+    dropped_table,
+    partition_by_shard,
+)
 
 DOMAIN = "domain"
 DEFAULT_DOMAIN = "general"
@@ -138,9 +147,7 @@ class SelectStep(Step[SelectConfig]):
             replay[idx[np.argsort(rkey[idx], kind="stable")[:m]]] = True
         decision = pa.table({"shard": c["shard"], "row": c["row"], "passed_cap": pa.array(passed_cap),
                              "selected": pa.array(selected), "replay": pa.array(replay)})
-        shards = c["shard"].to_numpy()
-        partitions = {int(s): decision.filter(pc.equal(decision["shard"], int(s))) for s in np.unique(shards)}
-        return StageOutput(partitions=partitions, summary={
+        return StageOutput(partitions=partition_by_shard(decision), summary={
             "selected": int(selected.sum()), "replay": int(replay.sum()), "pool": pool, "chosen": chosen})
 
     # -- KL reduction: hashed-feature KL(target || selected) vs KL(target || random sample, same size) --
