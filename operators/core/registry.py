@@ -17,6 +17,15 @@ STEPS: dict[str, str] = {
     "route": "operators.steps.route.step:RouteStep",
     "dsir": "operators.steps.dsir.step:DSIRStep",
     "select": "operators.steps.select.step:SelectStep",
+    "label": "operators.steps.synth.label:LabelStep",
+    "label_vocab": "operators.steps.synth.label_vocab:LabelVocabStep",
+    "seed_score": "operators.steps.synth.seed_score:SeedScoreStep",
+    "seed_select": "operators.steps.synth.seed_select:SeedSelectStep",
+    "evolve": "operators.steps.synth.evolve:EvolveStep",
+    "respond": "operators.steps.synth.respond:RespondStep",
+    "diagnose": "operators.steps.synth.diagnose:DiagnoseStep",
+    "conversational_set": "operators.steps.synth.finalize:ConversationalSetStep",
+    "train_prep": "operators.train.data_prep:TrainPrepStep",
 }
 
 

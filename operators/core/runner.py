@@ -109,7 +109,6 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     if not 0 <= shard_index < len(plan.shards):
         raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
     _check_config(step, step_dir, plan)
-    spec = plan.shards[shard_index]
     m_uri = shard_manifest_uri(step_dir, shard_index)
     existing = read_manifest(m_uri)
     if existing is not None and existing.config_hash == plan.config_hash:
@@ -127,6 +126,16 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     step.begin_shard(shard_index)
     step.bind(StorageArtifacts(step_dir), shard_index)
     attempt = uuid.uuid4().hex[:8]
+    step.open_shard(step_dir, shard_index, attempt)
+    try:
+        return _run_open_shard(step, step_dir, plan, shard_index, attempt, m_uri)
+    finally:
+        step.close_shard()
+
+
+def _run_open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int, attempt: str,
+                    m_uri: str) -> Manifest:
+    spec = plan.shards[shard_index]
     cfg = step.config
     kept_w = PartWriter(step_dir, shard_index, attempt, "data", cfg.max_part_rows, cfg.max_part_bytes)
     drop_w = PartWriter(step_dir, shard_index, attempt, "dropped", cfg.max_part_rows, cfg.max_part_bytes,
@@ -134,18 +143,20 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     stats = StepStats(step=step.name, bytes_in=spec.bytes)
     reasons: Counter[str] = Counter()
     counters: Counter[str] = Counter()
+    fanout = step.outputs_per_input()
     t0 = last = time.perf_counter()
     log.info("step %s shard %d: reading %d file(s), %.1f MiB", step.name, shard_index, len(spec.uris),
              spec.bytes / 2**20)
     for batch in step.read(spec):
         result = step.transform(batch)
         out_rows = result.kept.num_rows + result.dropped.num_rows
-        if out_rows != batch.num_rows:
+        if out_rows != batch.num_rows * fanout:
             raise LedgerError(
-                f"step {step.name} shard {shard_index}: a batch of {batch.num_rows} records came out as "
+                f"step {step.name} shard {shard_index}: a batch of {batch.num_rows} records"
+                f"{f' x {fanout} candidates' if fanout > 1 else ''} came out as "
                 f"{result.kept.num_rows} kept + {result.dropped.num_rows} dropped"
             )
-        stats.records_in += batch.num_rows
+        stats.records_in += batch.num_rows * fanout
         kept_w.write(result.kept)
         if result.dropped.num_rows:
             drop_w.write(result.dropped)

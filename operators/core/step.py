@@ -152,10 +152,12 @@ class Step(ABC, Generic[C]):
     def resolve_inputs(self, inputs: list[str]) -> list[tuple[str, int]]:
         """Expand input URIs into (file URI, size) pairs: a committed step dir yields its data files."""
         files: list[tuple[str, int]] = []
+        committed = 0
         for raw in inputs:
             uri = storage.validate_uri(raw)
             upstream: Manifest | None = read_manifest(step_manifest_uri(uri))
             if upstream is not None:
+                committed += 1
                 files.extend((storage.join(uri, f.path), f.bytes) for f in upstream.data_files())
                 continue
             listed = storage.list_files(uri)
@@ -166,7 +168,7 @@ class Step(ABC, Generic[C]):
             files.extend((u, storage.file_size(u)) for u in matched)
             if not listed:
                 raise storage.StorageError(f"input {uri} does not exist")
-        if not files:
+        if not files and committed < len(inputs):
             raise storage.StorageError(
                 f"no input files for step {self.name!r} in {inputs} (accepted suffixes: {self.input_suffixes})"
             )
@@ -183,7 +185,9 @@ class Step(ABC, Generic[C]):
                 cur, cur_bytes = [], 0
             cur.append(uri)
             cur_bytes += size
-        if cur:
+        if cur or not shards:
+            # A committed but empty upstream (e.g. nothing needed supplementing) still gets one, empty,
+            # shard: the step commits an empty output and downstream steps run as usual.
             shards.append(ShardSpec(index=len(shards), uris=cur, bytes=cur_bytes))
         return shards
 
@@ -212,6 +216,18 @@ class Step(ABC, Generic[C]):
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         """Load what the record transform of `shard` needs from the stages (runs before `transform`)."""
+
+    def open_shard(self, step_dir: str, shard: int, attempt: str) -> None:
+        """Acquire what the transform of `shard` talks to (an LLM and its result cache beside the data)."""
+
+    def close_shard(self) -> None:
+        """Release what `open_shard` acquired; runs even when the shard fails."""
+
+    def outputs_per_input(self) -> int:
+        """Candidates each input record yields (1 for filters and scorers; a generator yields more).
+
+        The ledger then reads: inputs x outputs_per_input = kept + dropped (by reason)."""
+        return 1
 
     # -- the pure part -------------------------------------------------------------------------------
     @abstractmethod

@@ -31,3 +31,11 @@ def source_dirs(sources: list[str] | str) -> list[str]:
     if not out:
         raise ValueError("no sources given")
     return out
+
+
+def run_dir(run: str, step: str) -> str:
+    """The output of `step` in run `run` (a bare run name under <data root>/runs), or `run` itself as a URI."""
+    run = str(run).strip()
+    if "/" in run or "://" in run:
+        return storage.validate_uri(run)
+    return storage.join(data_root(), "runs", safe_name(run), step)

@@ -18,7 +18,7 @@ from airflow.sdk import BaseOperator
 
 from operators.orchestration.pod_spec import SECRETISH, load_profiles, pod_labels, pod_operator_kwargs
 
-Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export"]
+Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export", "train", "evaluate"]
 XCOM_FILE = "/airflow/xcom/return.json"
 
 
@@ -39,6 +39,10 @@ def step_arguments(
         return [action, "--output", output, *xcom]
     if action == "export":
         return ["export", "--input", inputs[0], "--output", output, *xcom]
+    if action in ("train", "evaluate"):  # fine-tuning: `stage` names the training stage (stage1, stage2, ...)
+        staged = ["--stage", stage] if stage else []
+        return [action, *staged, "--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":")),
+                "--output", output, *xcom]
     args = [action, step, "--output", output]
     if action != "reduce":
         args += ["--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":"))]
@@ -75,7 +79,8 @@ class StepFailedError(RuntimeError):
 class StepOperator(BaseOperator):
     """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
 
-    template_fields: Sequence[str] = ("config", "inputs", "output_uri")
+    # `profile` is templated so a DAG can put LLM steps on GPU pods by a Param (e.g. cpu | vllm).
+    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile")
     ui_color = "#d6eaff"
 
     def __init__(
@@ -118,6 +123,14 @@ class StepOperator(BaseOperator):
             from operators.cli import build_step  # validate before any work: a bad config fails here
 
             build_step(self.step, dict(self.config))
+        if self.action in ("train", "evaluate"):
+            from operators.cli import ConfigError, _validated
+            from operators.train.config import TwoStageConfig
+
+            try:
+                _validated(TwoStageConfig, dict(self.config), "fine-tuning")
+            except ConfigError as e:  # fail before any work, naming the field
+                raise ValueError(str(e)) from None
         if mode == "kubernetes":
             return self._execute_pod(context)
         if mode != "local":
@@ -150,6 +163,11 @@ class StepOperator(BaseOperator):
             raise StepFailedError(f"{self.step} {self.action} exited with code {rc} ({kind}); see the log above")
         if self.action == "plan" and last_json is not None:
             return last_json["shards"]
+        if isinstance(last_json, dict) and last_json.get("skipped") is True:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            # e.g. the one-stage ablation when the run's mode is two_stage: downstream tasks skip too.
+            raise AirflowSkipException(str(last_json.get("reason", "nothing to do")))
         return last_json
 
     def pod_kwargs(self, context: Any) -> dict[str, Any]:
@@ -157,7 +175,7 @@ class StepOperator(BaseOperator):
         profiles = load_profiles()
         if self.profile not in profiles:
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
-        xcom = self.action in ("plan", "reduce", "report", "validate", "export")
+        xcom = self.action in ("plan", "reduce", "report", "validate", "export", "train", "evaluate")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage,
                               xcom_file=XCOM_FILE if xcom else None)
@@ -166,8 +184,14 @@ class StepOperator(BaseOperator):
         labels = pod_labels(self.dag_id or "", self.task_id, run_id, self.step, self.shard)
         if ti is not None and getattr(ti, "map_index", -1) >= 0:
             labels["iip/map-index"] = str(ti.map_index)
-        return pod_operator_kwargs(task_id=f"{self.task_id}-pod", arguments=args,
-                                   profile=profiles[self.profile], labels=labels, xcom=xcom)
+        kwargs = pod_operator_kwargs(task_id=f"{self.task_id}-pod", arguments=args,
+                                     profile=profiles[self.profile], labels=labels, xcom=xcom)
+        if self.action == "train" and profiles[self.profile].gpus > 1:
+            # One process per GPU under torchrun, a shared checkpoint volume, /dev/shm and NCCL settings.
+            from operators.train.cluster import single_node_pod_kwargs, spec_from_profile
+
+            kwargs = single_node_pod_kwargs(kwargs, spec_from_profile(profiles[self.profile]))
+        return kwargs
 
     def build_pod_operator(self, context: Any) -> Any:
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator

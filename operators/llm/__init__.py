@@ -1,0 +1,1 @@
+"""LLM layer: one interface, three backends, a result cache, versioned prompts."""

@@ -1,0 +1,1 @@
+"""LLM backends (imported lazily by `make_backend`)."""

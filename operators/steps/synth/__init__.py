@@ -1,0 +1,1 @@
+"""Phase 2 steps: conversational synthesis (labeling, seeds, evolution, responses, diagnosis)."""

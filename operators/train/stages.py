@@ -1,0 +1,71 @@
+"""The fine-tuning plan as data: which run trains what, from which model, in which order.
+
+Paper (arXiv 2506.11116): stage 1 trains the base model on the foundational set; stage 2 starts from
+stage 1's model and trains on the conversational set plus a replay sample of the foundational set
+(~16%), which beats mixing everything once (`one_stage`: the ablation). Every function here is pure:
+the CLI and the DAG ask it for a stage's `TrainJob`, then run that job in its own process (or pod).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from operators.core import storage
+from operators.train.config import TwoStageConfig
+from operators.train.trainer import DataSelection, TrainJob
+
+Stage = Literal["stage1", "stage2", "one_stage"]
+EvalStage = Literal["base", "stage1", "stage2", "one_stage"]
+STAGES: tuple[Stage, ...] = ("stage1", "stage2", "one_stage")
+
+
+def stage_dir(train_dir: str, stage: str) -> str:
+    """Run directory of `stage` under the fine-tuning directory."""
+    return storage.join(storage.validate_uri(train_dir), stage)
+
+
+def model_dir(train_dir: str, stage: str) -> str:
+    """Where `stage` writes its final Hugging Face model (a local path)."""
+    uri = storage.join(stage_dir(train_dir, stage), "model")
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def stages_for(mode: str) -> list[Stage]:
+    """The training runs a mode needs, in order."""
+    return {"two_stage": ["stage1", "stage2"], "one_stage": ["one_stage"],
+            "both": ["stage1", "stage2", "one_stage"]}[mode]  # type: ignore[return-value]
+
+
+def replay_selection(cfg: TwoStageConfig) -> DataSelection:
+    """The foundational replay sample: the select step's `replay` rows, or a configured share of the set."""
+    if cfg.replay_fraction is None:
+        return DataSelection(name="foundational_replay", uri=cfg.foundational, replay_only=True)
+    return DataSelection(name="foundational_replay", uri=cfg.foundational, fraction=cfg.replay_fraction)
+
+
+def stage_job(cfg: TwoStageConfig, stage: Stage, train_dir: str) -> TrainJob:
+    """The `TrainJob` of `stage`: its data mix, starting model, settings and run directory."""
+    foundational = DataSelection(name="foundational", uri=cfg.foundational)
+    conversational = DataSelection(name="conversational", uri=cfg.conversational)
+    out = stage_dir(train_dir, stage)
+    if stage == "stage1":
+        return TrainJob(init_model=cfg.base_model, data=[foundational], train=cfg.stage1, output=out)
+    if stage == "stage2":
+        data = [conversational]
+        if cfg.replay_fraction != 0.0:
+            data.append(replay_selection(cfg))
+        return TrainJob(init_model=model_dir(train_dir, "stage1"), data=data, train=cfg.stage2, output=out)
+    if stage == "one_stage":
+        # The ablation mixes both sets once, with stage 1's settings (the paper uses the same for both).
+        return TrainJob(init_model=cfg.base_model, data=[foundational, conversational], train=cfg.stage1,
+                        output=out)
+    raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+
+
+def eval_model(cfg: TwoStageConfig, stage: str, train_dir: str) -> str:
+    """The model `evaluate` loads for `stage` (`base` is the starting model itself)."""
+    if stage == "base":
+        return cfg.base_model
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use base or one of {STAGES}")
+    return model_dir(train_dir, stage)

@@ -1,0 +1,396 @@
+"""One training run: Hugging Face `Trainer` + DeepSpeed ZeRO-3 over packed windows of prepared sets.
+
+    python -m operators train ...            (one process: CPU or one GPU)
+    torchrun --nproc_per_node N -m operators train ...   (N processes; gloo on CPU, NCCL on GPUs)
+
+Layout of a run directory (a local path or a mounted shared volume, the same for every rank):
+
+    checkpoints/checkpoint-N/   Trainer + DeepSpeed state; `_COMPLETE` is written after the save finished
+    model/                      final Hugging Face model, consolidated from the ZeRO-3 shards, + tokenizer
+    train_result.json           steps, loss curve, tokens/s, packing efficiency, peak memory
+    _DONE.json                  written last (create-if-absent): a finished run is skipped when re-run
+
+A run that dies (OOM, preemption, SIGKILL) resumes from the newest checkpoint carrying `_COMPLETE`; a
+half-written checkpoint is deleted first, so a crash during a save never poisons the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from operators.core import storage
+from operators.core.manifest import config_hash, read_manifest, step_manifest_uri
+from operators.core.stats import peak_rss_mb
+from operators.train.config import DEFAULT_MODEL, IGNORE_INDEX, PackMode, TrainConfig
+from operators.train.data_prep import build_window, pack_lengths, packing_efficiency
+
+log = logging.getLogger("operators.train")
+
+COMPLETE_MARKER = "_COMPLETE"
+DONE_NAME = "_DONE.json"
+RESULT_NAME = "train_result.json"
+
+
+class TrainError(RuntimeError):
+    """Training could not run or finish; the message says why."""
+
+
+class DataSelection(BaseModel):
+    """Rows of one committed `train_prep` output that a run trains on (or scores)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    uri: str
+    replay_only: bool = Field(False, description="Only the rows the select step flagged `replay`.")
+    fraction: float = Field(1.0, ge=0.0, le=1.0, description="Share of the rows kept, by id hash.")
+    seed: int = 0
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        try:
+            return storage.validate_uri(v)
+        except storage.StorageError as e:
+            raise ValueError(str(e)) from None
+
+
+class TrainJob(BaseModel):
+    """What one run trains: the starting model, the data mix, the settings, where it writes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    init_model: str = Field(DEFAULT_MODEL, description="Packaged model name or a Hugging Face folder.")
+    data: list[DataSelection] = Field(..., min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str = Field(..., description="Run directory: a local path or file:// URI on a shared volume.")
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, v: str) -> str:
+        try:
+            uri = storage.validate_uri(v)
+        except storage.StorageError as e:
+            raise ValueError(str(e)) from None
+        if not uri.startswith("file://"):
+            # DeepSpeed and the Trainer write checkpoints with plain file I/O from every rank: production
+            # mounts a shared volume (see operators.train.cluster) rather than writing to S3 directly.
+            raise ValueError(f"training output must be a local or mounted path, got {uri}")
+        return uri
+
+    def local_dir(self) -> Path:
+        """The run directory as a local path."""
+        return Path(self.output[len("file://"):])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: prepared rows -> packed windows
+
+
+def read_prepared(sel: DataSelection, split: str) -> pa.Table:
+    """Rows of `split` ("train" or "heldout") from a committed `train_prep` output, as selected."""
+    from operators.steps.select.step import hash_unit
+
+    m = read_manifest(step_manifest_uri(sel.uri))
+    if m is None:
+        raise TrainError(f"{sel.name}: no committed train_prep output at {sel.uri}")
+    cols = ["id", "split", "replay", "input_ids", "labels", "n_tokens"]
+    tables = []
+    for f in m.data_files():
+        with storage.open_input(storage.join(sel.uri, f.path)) as fh:
+            tables.append(pq.read_table(fh, columns=cols))
+    if not tables:
+        return pa.table({c: [] for c in cols})
+    t = pa.concat_tables(tables)
+    t = t.filter(pc.equal(t["split"], split))
+    if sel.replay_only:
+        t = t.filter(pc.equal(t["replay"], True))
+    if sel.fraction < 1.0 and t.num_rows:
+        keep = hash_unit([str(x) for x in t["id"].to_pylist()], sel.seed, "replay_fraction") < sel.fraction
+        t = t.filter(pa.array(keep))
+    return t
+
+
+def packed_windows(tables: Sequence[pa.Table], max_seq_len: int, mode: PackMode
+                   ) -> tuple[list[dict[str, list[int]]], dict[str, float]]:
+    """Pack the rows of all `tables` together into windows; returns windows and packing stats."""
+    samples: list[tuple[list[int], list[int]]] = []
+    for t in tables:
+        samples.extend(zip(t["input_ids"].to_pylist(), t["labels"].to_pylist(), strict=True))
+    lengths = [len(s[0]) for s in samples]
+    groups = pack_lengths(lengths, max_seq_len, mode)
+    windows = [build_window([samples[i] for i in g], mode) for g in groups]
+    stats = {"samples": float(len(samples)), "windows": float(len(windows)), "tokens": float(sum(lengths)),
+             "label_tokens": float(sum(sum(1 for x in s[1] if x != IGNORE_INDEX) for s in samples)),
+             "packing_efficiency": round(packing_efficiency(lengths, groups, max_seq_len), 4)}
+    return windows, stats
+
+
+class WindowDataset:
+    """A map-style dataset of packed windows (what the Trainer's sampler indexes)."""
+
+    def __init__(self, windows: list[dict[str, list[int]]]) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.windows[i]
+
+
+class WindowCollator:
+    """Pads windows to the longest in the batch; padding is its own position-id block with labels -100.
+
+    No attention mask is passed: with packed position ids, transformers builds the block-diagonal causal
+    mask from them (samples never attend to each other, nor to the padding after them).
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self.tokens_seen = 0
+
+    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(x["input_ids"]) for x in items)
+        ids, labels, pos = [], [], []
+        for x in items:
+            pad = width - len(x["input_ids"])
+            self.tokens_seen += len(x["input_ids"])
+            ids.append(x["input_ids"] + [self.pad_id] * pad)
+            labels.append(x["labels"] + [IGNORE_INDEX] * pad)
+            pos.append(x["position_ids"] + list(range(pad)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(world_size: int) -> tuple[int, int, bool]:
+    """Start the process group (gloo on CPU, NCCL on GPUs); returns (rank, world size, on GPU).
+
+    Without a launcher (no WORLD_SIZE in the environment) this is a one-process group on loopback, which
+    DeepSpeed needs even for a single process.
+    """
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    actual = int(os.environ["WORLD_SIZE"])
+    if not on_gpu and os.environ.get("IIP_DS_CPU_SHM", "0") != "1":
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce op on first use (~90 s). It only
+        # speeds up collectives between processes on one host; gloo does the same job, so skip it unless asked.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if actual != world_size:
+        raise TrainError(f"train.world_size is {world_size} but the launcher started {actual} process(es): "
+                         "set world_size to the number of processes (global batch arithmetic depends on it)")
+    import deepspeed
+
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    return int(os.environ["RANK"]), actual, on_gpu
+
+
+def last_complete_checkpoint(ckpt_dir: Path, clean: bool = False) -> Path | None:
+    """Newest `checkpoint-N` with a completion marker; with `clean`, delete newer incomplete ones."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in ckpt_dir.glob("checkpoint-*")
+                   if p.name.rsplit("-", 1)[1].isdigit())
+    best: Path | None = None
+    for _, p in found:
+        if (p / COMPLETE_MARKER).exists():
+            best = p
+        elif clean:
+            log.warning("deleting incomplete checkpoint %s (the run died while saving it)", p)
+            shutil.rmtree(p, ignore_errors=True)
+    return best
+
+
+def freeze_all_but_last(model: Any, n_layers: int) -> int:
+    """Leave only the last `n_layers` decoder blocks and the final norm trainable; returns trainable params."""
+    layers = model.model.layers
+    if n_layers > len(layers):
+        raise TrainError(f"train.train_layers is {n_layers} but the model has {len(layers)} layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in list(layers)[-n_layers:]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    for p in model.model.norm.parameters():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def job_hash(job: TrainJob) -> str:
+    """Identity of a run: same job, same data manifests -> same hash (a finished run is then skipped)."""
+    inputs = []
+    for sel in job.data:
+        m = read_manifest(step_manifest_uri(sel.uri))
+        inputs.append(f"{sel.uri}:{m.config_hash if m else 'missing'}")
+    return config_hash("train", 1, job.model_dump(mode="json"), inputs)
+
+
+def finished(job: TrainJob) -> dict[str, Any] | None:
+    """The result of an already finished identical run, else None."""
+    done = job.local_dir() / DONE_NAME
+    if done.is_file():
+        info = json.loads(done.read_text())
+        if info.get("job_hash") == job_hash(job):
+            return dict(json.loads((job.local_dir() / RESULT_NAME).read_text()))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_training(job: TrainJob) -> dict[str, Any]:
+    """Train `job` (resuming from its last complete checkpoint) and return the result summary."""
+    prior = finished(job)
+    if prior is not None:
+        log.info("training run %s already finished (step %s); skipping", job.output, prior.get("global_step"))
+        return prior
+    cfg = job.train
+    rank, world, on_gpu = init_distributed(cfg.world_size)
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from operators.llm.models import resolve_model
+
+    out = job.local_dir()
+    ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out / DONE_NAME).unlink(missing_ok=True)
+    dist.barrier()
+    resume = last_complete_checkpoint(ckpt_dir, clean=(rank == 0))
+    dist.barrier()
+
+    tables = [read_prepared(sel, "train") for sel in job.data]
+    per_set = {sel.name: t.num_rows for sel, t in zip(job.data, tables, strict=True)}
+    windows, pstats = packed_windows(tables, cfg.max_seq_len, cfg.pack)
+    if not windows:
+        raise TrainError(f"no training rows in {[s.uri for s in job.data]}")
+    log.info("rank %d/%d: %d windows from %s, packing efficiency %.3f, resume from %s", rank, world,
+             len(windows), per_set, pstats["packing_efficiency"], resume)
+
+    folder = resolve_model(job.init_model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # TrainingArguments must exist before the model is built so ZeRO-3 partitions it at load (zero.Init).
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing also works when the blocks' inputs need no grad (frozen lower layers).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        deepspeed=cfg.deepspeed_config(),
+        use_cpu=not on_gpu,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        optim="adamw_torch",
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, attn_implementation=cfg.attn_implementation)
+    model.config.use_cache = False  # no KV cache in training (and packed masks need it off)
+    if cfg.train_layers is not None:
+        freeze_all_but_last(model, cfg.train_layers)
+
+    class _MarkComplete(TrainerCallback):
+        """Marks a checkpoint complete once every part of it is written (on_save runs after the save)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if path.is_dir():
+                    (path / COMPLETE_MARKER).write_text(json.dumps({"global_step": state.global_step}))
+
+    collator = WindowCollator(pad_id)
+    trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(windows), data_collator=collator,
+                      processing_class=tokenizer, callbacks=[_MarkComplete()])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    trainer.save_model(str(out / "model"))  # ZeRO-3: gathers the shards into one HF model on rank 0
+    losses = [{"step": h["step"], "loss": round(float(h["loss"]), 5)} for h in trainer.state.log_history
+              if "loss" in h]
+    tokens = torch.tensor([collator.tokens_seen], dtype=torch.long)
+    dist.all_reduce(tokens)
+    summary: dict[str, Any] = {
+        "output": job.output,
+        "init_model": job.init_model,
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "resumed_from": resume.name if resume else None,
+        "world_size": world,
+        "device": "cuda" if on_gpu else "cpu",
+        "global_batch_size": cfg.global_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "rows_per_set": per_set,
+        "data": pstats,
+        "losses": losses,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,
+        "train_loss": round(float(result.training_loss), 5),
+        "seconds": round(seconds, 3),
+        "tokens_seen": int(tokens.item()),
+        "tokens_per_s": round(int(tokens.item()) / seconds, 1) if seconds > 0 else 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if rank == 0:
+        (out / RESULT_NAME).write_text(json.dumps(summary, indent=2))
+        done = {"job_hash": job_hash(job), "global_step": summary["global_step"]}
+        storage.commit_if_absent(storage.join(job.output, DONE_NAME), json.dumps(done).encode())
+        log.info("trained %d steps in %.1fs (%.0f tokens/s), loss %s -> %s, model in %s", summary["global_step"],
+                 seconds, summary["tokens_per_s"], summary["first_loss"], summary["last_loss"], out / "model")
+    dist.barrier()
+    dist.destroy_process_group()
+    return summary
