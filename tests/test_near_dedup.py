@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from operators.cli import build_step
 from operators.core import storage
@@ -60,3 +62,111 @@ def test_near_duplicates_across_shards(tmp_path: Path) -> None:
                        read_step_table(out, "dropped")["detail"].to_pylist(), strict=True))
     assert details == {"c0a": "near duplicate of c0b", "c0c": "near duplicate of c0b", "c1b": "near duplicate of c1a"}
     assert m.stats.counters["resolve.clusters"] == 2
+
+
+def _varied_corpus(seed: int, shards: int = 4) -> list[list[dict[str, Any]]]:
+    """Clusters of 2-5 copies with 0-4 replaced words each (pairwise Jaccard 1.0 down to ~0.5, so verification decides
+    some of them), rewards missing, tied or distinct, spread over shards; plus unrelated records."""
+    rng = random.Random(seed)
+    out: list[list[dict[str, Any]]] = [[] for _ in range(shards)]
+    n = 0
+    for c in range(40):
+        base = paragraph(rng, rng.randint(100, 160))
+        for _ in range(rng.randint(2, 5)):
+            words = list(base)
+            for _ in range(rng.choice([0, 1, 1, 2, 3, 4])):
+                words[rng.randrange(len(words))] = f"x{rng.randint(0, 999)}"
+            reward = rng.choice([None, 0.5, 0.5, rng.random()])
+            out[rng.randrange(shards)].append(rec(f"r{n:04d}-c{c}", " ".join(words), reward))
+            n += 1
+    for _ in range(60):
+        out[rng.randrange(shards)].append(rec(f"r{n:04d}-u", " ".join(paragraph(rng)), rng.choice([None, 0.3])))
+        n += 1
+    return out
+
+
+def _reference_drops(shards: list[list[dict[str, Any]]]) -> dict[str, str]:
+    """The previous, whole-set resolve: every signature in one process, `duplicate_components` over all."""
+    import numpy as np
+
+    from operators.dedup.minhash import MinHashParams, band_hashes, duplicate_components, minhash_signatures
+    from operators.steps.dedup.near import conversation_texts
+
+    p = MinHashParams()
+    rows = [r for s in shards for r in s]  # shard order, then row order: the order of the global keys
+    t = pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
+    sig = minhash_signatures(conversation_texts(t), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed)
+    reward = np.array([np.nan if r["reward"] is None else r["reward"] for r in rows])
+    comps = duplicate_components(np.arange(len(rows)), band_hashes(sig, *p.lsh()), signatures=sig,
+                                 threshold=p.threshold, priority=np.where(np.isnan(reward), np.inf, -reward))
+    drops = comps.filter(pc.invert(comps["keep"]))
+    return {rows[k]["id"]: f"near duplicate of {rows[j]['id']}"
+            for k, j in zip(drops["id"].to_pylist(), drops["keep_id"].to_pylist(), strict=True)}
+
+
+def _write_shards(root: Path, shards: list[list[dict[str, Any]]]) -> str:
+    d = root / "in"
+    d.mkdir()
+    for i, rows in enumerate(shards):
+        pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), d / f"s{i}.parquet")
+    return str(d)
+
+
+@pytest.mark.parametrize(("partitions", "budget"), [(1, 2_000_000), (7, 2_000_000), (16, 25)])
+def test_shuffled_resolve_equals_the_whole_set_resolve(tmp_path: Path, partitions: int, budget: int) -> None:
+    """Any number of band partitions, and candidate signatures fetched in small groups, drop exactly what the
+    whole-set resolve drops, with the same survivor named."""
+    shards = _varied_corpus(11)
+    expected = _reference_drops(shards)
+    assert 40 < len(expected) < 120  # the fixture has real clusters (verification rejects a few links too)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = build_step("near_dedup", {"target_shard_bytes": 1, "band_partitions": partitions,
+                                     "max_candidate_signatures": budget})
+    m = run_all(step, [_write_shards(tmp_path, shards)], out)
+    assert m.stats.shards == 4
+    dropped = read_step_table(out, "dropped")
+    assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
+    assert m.stats.counters["resolve.near_duplicates"] == len(expected)
+    # The band rows really were shuffled: partition folders, each read on its own by the pairs stage.
+    stage = tmp_path / "out" / "_stages" / "signatures"
+    folders = sorted(p.name for p in stage.iterdir() if p.is_dir() and p.name.startswith("p"))
+    assert len(folders) == partitions and folders[0] == "p00000"
+    # Budget 25 < the candidates of one partition group: signatures were fetched group by group.
+    if budget == 25:
+        assert m.stats.counters["pairs.signatures_fetched"] > m.stats.counters["pairs.candidate_keys"] / 16
+
+
+def test_bucket_members_and_shuffle_keep_buckets_whole() -> None:
+    import numpy as np
+
+    from operators.steps.dedup.near import bucket_members, group_partitions, shuffle_band_rows
+
+    rows = pa.table({"key": pa.array([1, 2, 3, 4, 4, 5], pa.int64()), "band": pa.array([0, 0, 1, 0, 0, 1], pa.int32()),
+                     "band_hash": pa.array([10, 10, 10, 11, 11, 12], pa.uint64())})
+    # 1 and 2 share (0, 10); 3 has hash 10 in another band; 4 twice in one bucket is one member.
+    assert bucket_members(rows).tolist() == [1, 2]
+    parts = shuffle_band_rows(rows, 3)
+    assert sorted(parts) == [0, 1, 2] and sum(t.num_rows for t in parts.values()) == 6
+    for k, t in parts.items():
+        assert all(h % 3 == k for h in t["band_hash"].to_pylist())
+    sizes = [np.arange(n) for n in (3, 0, 4, 5, 1)]
+    assert group_partitions(sizes, 5) == [[0, 1], [2], [3], [4]]
+
+
+def test_crashed_map_attempt_leaves_no_shuffled_files(tmp_path: Path) -> None:
+    """Shuffled partition files of an uncommitted attempt are removed when the shard is re-run."""
+    from operators.core.runner import make_plan, run_map_stage
+
+    shards = _varied_corpus(5, shards=2)
+    step = build_step("near_dedup", {"target_shard_bytes": 1, "band_partitions": 4})
+    out = storage.validate_uri(str(tmp_path / "out"))
+    plan = make_plan(step, [_write_shards(tmp_path, shards)], out)
+    stage = tmp_path / "out" / "_stages" / "signatures"
+    (stage / "p00002").mkdir(parents=True)
+    orphan = stage / "p00002" / "part-00000-00000-deadbeef.parquet"
+    orphan.write_bytes(b"left by a killed attempt")
+    other = stage / "p00002" / "part-00001-00000-deadbeef.parquet"
+    other.write_bytes(b"shard 1's, not ours")
+    run_map_stage(step, out, plan, "signatures", 0)
+    assert not orphan.exists() and other.exists()
+    assert any((stage / "p00002").glob("part-00000-*"))

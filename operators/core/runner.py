@@ -32,7 +32,7 @@ from operators.core.manifest import (
     step_manifest_uri,
 )
 from operators.core.stats import LedgerError, StepStats, merge, peak_rss_mb
-from operators.core.step import REASON, Plan, Stage, Step
+from operators.core.step import REASON, SHARD_ROWS, Plan, Stage, Step, shuffle_dir
 from operators.core.writer import PartWriter
 
 log = logging.getLogger("operators.runner")
@@ -92,10 +92,16 @@ def _part_files(folder: str, subdirs: tuple[str, ...] = ("",)) -> list[tuple[str
     return out
 
 
-def _cleanup_uncommitted(folder: str, shard: int, subdirs: tuple[str, ...] = ("", "dropped")) -> int:
-    """Delete part files of `shard` in `folder` (left by a crashed attempt: nothing commits them yet)."""
+def _cleanup_uncommitted(folder: str, shard: int, subdirs: tuple[str, ...] = ("", "dropped"),
+                         shuffled: bool = False) -> int:
+    """Delete part files of `shard` in `folder` (left by a crashed attempt: nothing commits them yet).
+
+    With `shuffled`, also those in the partition subfolders a shuffling map stage writes."""
     removed = 0
     prefix = f"part-{shard:05d}-"
+    if shuffled:
+        parents = {uri[len(folder) + 1:].rpartition("/")[0] for uri in storage.list_files(folder)}
+        subdirs = subdirs + tuple(sorted(p for p in parents if p.startswith("p") and p[1:].isdigit()))
     for uri, rel in _part_files(folder, subdirs):
         if rel.rpartition("/")[2].startswith(prefix):
             storage.delete(uri)
@@ -356,12 +362,19 @@ class StorageArtifacts:
 
     def iter_tables(self, stage: str) -> Iterator[pa.Table]:
         for f in self._files(stage):
-            yield self._read(stage, f.path)
+            if "/" not in f.path:  # a shuffling stage's partitions are read with `shuffled`
+                yield self._read(stage, f.path)
 
     def partition(self, stage: str, shard: int) -> pa.Table | None:
         prefix = f"part-{shard:05d}-"
         tables = [self._read(stage, f.path) for f in self._files(stage) if f.path.startswith(prefix)]
         return pa.concat_tables(tables) if tables else None
+
+    def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
+        prefix = shuffle_dir(partition) + "/"
+        for f in self._files(stage):
+            if f.path.startswith(prefix):
+                yield self._read(stage, f.path)
 
     def summary(self, stage: str) -> dict[str, Any]:
         m = read_manifest(step_manifest_uri(stage_dir(self.step_dir, stage)))
@@ -402,18 +415,30 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
         return existing
     if existing is not None:
         storage.delete(m_uri)
-    _cleanup_uncommitted(sdir, shard_index, ("",))
+    _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=True)
     step.begin_shard(shard_index)
     step.prepare_stage(stage, StorageArtifacts(step_dir), shard_index)
     spec = plan.shards[shard_index]
     attempt = uuid.uuid4().hex[:8]
-    w = PartWriter(sdir, shard_index, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)
+    # One writer for the shard's own rows and, for a shuffling stage, one per partition it sends rows to.
+    writers: dict[int, PartWriter] = {}
+
+    def writer(key: int) -> PartWriter:
+        if key not in writers:
+            writers[key] = PartWriter(sdir, shard_index, attempt, "aux", step.config.max_part_rows,
+                                      step.config.max_part_bytes, subdir="" if key == SHARD_ROWS else shuffle_dir(key))
+        return writers[key]
+
     stats = StepStats(step=f"{step.name}:{stage}", bytes_in=spec.bytes)
     t0 = time.perf_counter()
     for batch in step.read(spec):
         stats.records_in += batch.num_rows
-        w.write(step.map_stage(stage, batch, shard_index))
-    files = w.close()
+        out = step.map_stage(stage, batch, shard_index)
+        for key, table in (out.items() if isinstance(out, dict) else [(SHARD_ROWS, out)]):
+            if key < SHARD_ROWS:
+                raise StepFailed(f"step {step.name} stage {stage}: bad shuffle partition {key}")
+            writer(key).write(table)
+    files = [f for key in sorted(writers) for f in writers[key].close()]
     stats.records_kept = sum(f.rows for f in files)
     stats.bytes_out = sum(f.bytes for f in files)
     stats.seconds = round(time.perf_counter() - t0, 3)

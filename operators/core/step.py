@@ -79,6 +79,10 @@ class Stage:
     `map` stages run per shard over the records and emit side tables (keys, counts, signatures);
     `reduce` stages run once over all map outputs and emit one table per target shard (keep-lists,
     drop-lists) plus a JSON summary (global models). The record transform then reads them via `bind`.
+
+    A map stage may also shuffle: returning ``{SHARD_ROWS: own_rows, k: rows_for_partition_k, ...}``
+    writes each partition's rows apart (under ``p<k>/`` in the stage folder), so a later stage reads one
+    partition from every shard (`Artifacts.shuffled`) without reading the others.
     """
 
     name: str
@@ -93,6 +97,15 @@ class StageOutput:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+# Key of a shuffling map stage's output dict that holds the shard's own rows (not shuffled).
+SHARD_ROWS = -1
+
+
+def shuffle_dir(partition: int) -> str:
+    """Subfolder of a stage folder holding the rows every shard shuffled to `partition`."""
+    return f"p{partition:05d}"
+
+
 def partition_by_shard(table: pa.Table) -> dict[int, pa.Table]:
     """Split a table with a `shard` column into one table per shard, as reduce stages emit them."""
     import numpy as np
@@ -104,7 +117,7 @@ class Artifacts(Protocol):
     """Read access to committed stage outputs (implemented by the runner over storage)."""
 
     def iter_tables(self, stage: str) -> Iterator[pa.Table]:
-        """Every map-stage output part of `stage`, one at a time."""
+        """Every map-stage output part of `stage` (the shards' own rows, not shuffled ones), one at a time."""
         ...
 
     def partition(self, stage: str, shard: int) -> pa.Table | None:
@@ -113,6 +126,10 @@ class Artifacts(Protocol):
 
     def summary(self, stage: str) -> dict[str, Any]:
         """The reduce-stage summary of `stage`."""
+        ...
+
+    def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
+        """The rows every shard of map stage `stage` shuffled to `partition`, one part file at a time."""
         ...
 
 
@@ -200,8 +217,10 @@ class Step(ABC, Generic[C]):
                 yield from pf.iter_batches(batch_size=self.config.batch_rows)
 
     # -- multi-stage steps (override when `stages` is non-empty) ---------------------------------------
-    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
-        """Side table for one input batch of `shard` in map stage `stage`. Pure."""
+    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table | dict[int, pa.Table]:
+        """Side table for one input batch of `shard` in map stage `stage`. Pure.
+
+        A dict shuffles: key `SHARD_ROWS` holds the shard's own rows, key k >= 0 the rows for partition k."""
         raise NotImplementedError(f"step {self.name} has no map stage {stage!r}")
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:

@@ -7,14 +7,25 @@ a filter: nothing is dropped; the `domain` and `domain_reason` columns are added
 Rules are configurable: a record scores a point per matching signal of a domain (ability labels, code
 fences, LaTeX, keywords in the first human turn); the highest score at or above `min_score` wins, ties
 go to the domain listed first in `priority`.
+
+Speed: `route` (one record, Python regexes) is the reference; the step runs `route_batch`, which gives
+the same (domain, reason) column-wise: each pattern is one RE2 search over the batch's joined-text column
+(pyarrow.compute), each keyword one search over the lowercased first-prompt column, labels one set lookup
+over the flattened label lists. RE2 and Python's `re` agree exactly only on some texts and patterns, so
+the column path is taken only where they must agree (see `re2_equivalent` and `ascii_safe`); other
+records, patterns and ambiguous keyword sets go through the reference, one record at a time.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core.step import BatchResult, Step, StepConfig, keep_all
@@ -93,6 +104,210 @@ def route(conv: list[dict[str, str]], labels: list[str], rules: dict[str, Compil
     return best, "; ".join(best_why[:6])
 
 
+# ----------------------------------------------------------------------------------------------------
+# The column-wise path
+
+_sre: Any = importlib.import_module("re._parser")  # the parser of `re` itself (sre_parse is deprecated)
+_SRE_UNICODE = 32  # re.UNICODE: the default flag of str patterns, nothing the pattern asked for
+# On ASCII text without these, Python's \s \d \w \b and case folding equal RE2's ASCII classes
+# (Python's \s also matches \v and \x1c-\x1f; RE2's does not).
+_UNSAFE_ASCII = r"[\x0b\x1c-\x1f]"
+_SAFE_CATEGORIES = {"CATEGORY_DIGIT", "CATEGORY_NOT_DIGIT", "CATEGORY_SPACE", "CATEGORY_NOT_SPACE",
+                    "CATEGORY_WORD", "CATEGORY_NOT_WORD"}
+_SAFE_AT = {"AT_BEGINNING", "AT_BEGINNING_STRING", "AT_BOUNDARY", "AT_NON_BOUNDARY"}  # not `$`: RE2's differs
+_WORD = "0-9A-Za-z_"
+
+
+def _safe_tree(items: Any) -> bool:
+    """Whether a parsed `re` pattern uses only constructs RE2 reads the same way (on ASCII text)."""
+    for op, av in items:
+        name = str(op)
+        if name in ("LITERAL", "NOT_LITERAL"):
+            ch = chr(av)
+            # A non-ASCII literal that case-folds to ASCII (the Kelvin sign) would match ASCII text.
+            if not ch.isascii() and any(c.isascii() for c in ch.lower() + ch.upper() + ch.casefold()):
+                return False
+        elif name == "ANY":
+            continue
+        elif name == "IN":
+            for iop, iav in av:
+                iname = str(iop)
+                if iname == "CATEGORY" and str(iav) not in _SAFE_CATEGORIES:
+                    return False
+                if iname == "LITERAL" and not _safe_tree([(iop, iav)]):
+                    return False
+                if iname == "RANGE" and not (iav[1] < 128 or iav[0] >= 0x250):  # ranges crossing folds
+                    return False
+                if iname not in ("LITERAL", "RANGE", "NEGATE", "CATEGORY"):
+                    return False
+        elif name == "CATEGORY":
+            if str(av) not in _SAFE_CATEGORIES:
+                return False
+        elif name == "AT":
+            if str(av) not in _SAFE_AT:
+                return False
+        elif name == "BRANCH":
+            if not all(_safe_tree(b) for b in av[1]):
+                return False
+        elif name == "SUBPATTERN":
+            if av[1] or av[2] or not _safe_tree(av[3]):  # inline flag groups like (?x:...) read differently
+                return False
+        elif name in ("MAX_REPEAT", "MIN_REPEAT"):
+            lo, hi, sub = av
+            if lo > 1000 or (hi != _sre.MAXREPEAT and hi > 1000) or not _safe_tree(sub):  # RE2's repeat limit
+                return False
+        else:  # lookarounds, back references, conditionals, atomic groups, possessive repeats
+            return False
+    return True
+
+
+def re2_equivalent(pattern: str) -> bool:
+    """Whether RE2 (pyarrow.compute) finds `pattern` in exactly the ASCII texts Python's `re` finds it in,
+    both case-insensitive with `.` matching newlines, as `CompiledRule` compiles it."""
+    if "{," in pattern:  # Python reads {,n} as a repeat, RE2 as literal text
+        return False
+    try:
+        parsed = _sre.parse(pattern, 0)
+        pc.match_substring_regex(pa.array([""]), pattern="(?is)" + pattern)
+    except (re.error, pa.ArrowInvalid):
+        return False
+    return bool(parsed.state.flags & ~_SRE_UNICODE == 0 and _safe_tree(list(parsed)))
+
+
+def ascii_safe(texts: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
+    """Texts on which RE2's ASCII classes equal Python's Unicode ones: ASCII, without \\v or \\x1c-\\x1f."""
+    ascii_ = pc.string_is_ascii(texts)
+    odd = pc.match_substring_regex(texts, pattern=_UNSAFE_ASCII)
+    return np.asarray(pc.and_(ascii_, pc.invert(odd)).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _turn_columns(conversations: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array, npt.NDArray[np.int64]]:
+    """The flattened turns' `from` and `value` columns and the list offsets of each record's turns."""
+    conv = conversations.combine_chunks() if isinstance(conversations, pa.ChunkedArray) else conversations
+    conv = pc.fill_null(conv, pa.scalar([], conv.type)) if conv.null_count else conv
+    offsets = np.asarray(conv.offsets.to_numpy(), dtype=np.int64)
+    turns = conv.values.slice(offsets[0], offsets[-1] - offsets[0])
+    return turns.field("from"), turns.field("value"), offsets - offsets[0]
+
+
+def joined_text(values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) -> pa.Array:
+    """Each record's turns, each cut to `limit` characters, joined by newlines (the reference's `text`)."""
+    cut = pc.utf8_slice_codeunits(pc.fill_null(values, ""), 0, limit)
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), cut), "\n")
+
+
+def first_prompt(roles: pa.Array, values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) -> pa.Array:
+    """Each record's first human turn, cut to `limit` characters and lowercased ("" without one)."""
+    n = len(offsets) - 1
+    human = np.asarray(pc.equal(roles, "human").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    pos = np.where(human, np.arange(human.size), human.size)
+    first = np.full(n, human.size, dtype=np.int64)
+    nonempty = offsets[1:] > offsets[:-1]
+    if nonempty.any():
+        first[nonempty] = np.minimum.reduceat(pos, offsets[:-1][nonempty]) if pos.size else human.size
+    has = (first < np.minimum(offsets[1:], human.size)) & nonempty
+    prompts = pc.take(values, pa.array(np.where(has, first, 0))) if values.length() else pa.nulls(n, pa.string())
+    prompts = pc.if_else(pa.array(has), pc.fill_null(prompts, ""), "")
+    return pc.utf8_lower(pc.utf8_slice_codeunits(prompts, 0, limit))
+
+
+def _search(texts: pa.Array, pattern: str) -> npt.NDArray[np.bool_]:
+    return np.asarray(pc.match_substring_regex(texts, pattern=pattern).fill_null(False)
+                      .to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _keyword_pattern(keyword: str) -> str:
+    # (?<!\w)k(?!\w) without lookarounds (RE2 has none): a non-word character or an end on each side.
+    return f"(?:^|[^{_WORD}])" + re.escape(keyword) + f"(?:$|[^{_WORD}])"
+
+
+class ColumnRule:
+    """A DomainRule evaluated over columns: which patterns and keywords RE2 may decide."""
+
+    def __init__(self, rule: DomainRule, compiled: CompiledRule) -> None:
+        self.compiled = compiled
+        self.patterns = [(p.pattern, re2_equivalent(p.pattern)) for p in compiled.patterns]
+        self.keywords = sorted({k.lower() for k in rule.keywords})
+        # Keywords of word characters only match whole words, which never overlap, so `findall`'s
+        # set equals the set of keywords found one by one; a record that finds a keyword with other
+        # characters ("c++", "how many") together with any other keyword is left to the reference.
+        self.wordlike = [re.fullmatch(r"\w+", k) is not None and k.isascii() for k in self.keywords]
+
+
+def _label_hits(labels: pa.ChunkedArray | pa.Array, wanted: set[str]) -> tuple[npt.NDArray[np.int64], list[list[str]]]:
+    """Per record: how many of its cate_ability_en labels are `wanted` (lowercased), and those labels' reasons."""
+    arr = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
+    cate = pc.struct_field(arr, "cate_ability_en")
+    cate = pc.fill_null(cate, pa.scalar([], cate.type))
+    offsets = np.asarray(cate.offsets.to_numpy(), dtype=np.int64)
+    flat = cate.values.slice(offsets[0], offsets[-1] - offsets[0])
+    offsets = offsets - offsets[0]
+    n = len(offsets) - 1
+    counts = np.zeros(n, dtype=np.int64)
+    why: list[list[str]] = [[] for _ in range(n)]
+    if not wanted or len(flat) == 0:
+        return counts, why
+    hit = np.asarray(pc.is_in(pc.utf8_lower(pc.fill_null(flat, "")), value_set=pa.array(sorted(wanted)))
+                     .to_numpy(zero_copy_only=False), dtype=bool) & np.asarray(flat.is_valid().to_numpy(
+                         zero_copy_only=False), dtype=bool)
+    idx = np.flatnonzero(hit)
+    rec = np.searchsorted(offsets, idx, side="right") - 1
+    counts = np.bincount(rec, minlength=n).astype(np.int64)
+    for r, lab in zip(rec.tolist(), flat.take(pa.array(idx)).to_pylist(), strict=True):
+        why[r].append(f"label {lab!r}")
+    return counts, why
+
+
+def route_batch(table: pa.Table, rules: dict[str, CompiledRule], config: RouteConfig) -> tuple[list[str], list[str]]:
+    """(domains, reasons) of every record of `table`: equal to `route` record by record. Pure."""
+    n = table.num_rows
+    order = config.priority + [d for d in rules if d not in config.priority]
+    roles, values, offsets = _turn_columns(table.column("conversations"))
+    text = joined_text(values, offsets, 4000)
+    prompt = first_prompt(roles, values, offsets, 2000)
+    slow = ~ascii_safe(text)  # records the reference routes, whole
+    per_domain: dict[str, tuple[npt.NDArray[np.int64], list[list[str]], list[tuple[str, npt.NDArray[np.bool_]]],
+                                list[tuple[str, npt.NDArray[np.bool_]]]]] = {}
+    for d in order:
+        col = ColumnRule(config.rules[d], rules[d])
+        counts, label_why = _label_hits(table.column("label"), rules[d].labels)
+        pats: list[tuple[str, npt.NDArray[np.bool_]]] = []
+        for pattern, ok in col.patterns:
+            if ok:
+                pats.append((pattern, _search(text, "(?is)" + pattern)))
+            else:
+                slow |= True  # a pattern RE2 cannot decide: the reference routes every record
+                pats.append((pattern, np.zeros(n, dtype=bool)))
+        kws = [(k, _search(prompt, _keyword_pattern(k))) for k in col.keywords]
+        if kws:
+            found = np.sum([m for _, m in kws], axis=0)
+            odd = np.sum([m for (_, m), w in zip(kws, col.wordlike, strict=True) if not w] or [np.zeros(n)], axis=0)
+            slow |= (odd > 0) & (found > 1)
+        per_domain[d] = (counts, label_why, pats, kws)
+    domains = [GENERAL] * n
+    reasons = [""] * n
+    slow_rows = set(np.flatnonzero(slow).tolist())
+    if slow_rows:
+        sub = table.take(pa.array(sorted(slow_rows)))
+        sub_labels = [(lab or {}).get("cate_ability_en") or [] for lab in sub.column("label").to_pylist()]
+        for i, conv, labs in zip(sorted(slow_rows), sub.column("conversations").to_pylist(), sub_labels, strict=True):
+            domains[i], reasons[i] = route(conv or [], labs, rules, config.priority, config.min_score)
+    fast = np.flatnonzero(~slow)
+    for i in fast.tolist():
+        best, best_score, best_why = GENERAL, 0, ["no domain signals"]
+        scores: dict[str, int] = {}
+        for d in order:
+            counts, label_why, pats, kws = per_domain[d]
+            why = label_why[i] + [f"pattern {p!r}" for p, m in pats if m[i]] + [f"keyword {k!r}" for k, m in kws if m[i]]
+            scores[d] = len(why)
+            if len(why) >= config.min_score and len(why) > best_score:
+                best, best_score, best_why = d, len(why), why
+        if best == GENERAL and best_score == 0 and any(scores.values()):
+            best_why = [f"below min_score {config.min_score}: {scores}"]
+        domains[i], reasons[i] = best, "; ".join(best_why[:6])
+    return domains, reasons
+
+
 class RouteStep(Step[RouteConfig]):
     """Add `domain` and `domain_reason` to every record."""
 
@@ -105,12 +320,10 @@ class RouteStep(Step[RouteConfig]):
 
     def transform(self, batch: pa.RecordBatch) -> BatchResult:
         table = pa.Table.from_batches([batch])
-        labels = [(lab or {}).get("cate_ability_en") or [] for lab in table.column("label").to_pylist()]
-        out = [route(c, lab, self._rules, self.config.priority, self.config.min_score)
-               for c, lab in zip(table.column("conversations").to_pylist(), labels, strict=True)]
+        domains, reasons = route_batch(table, self._rules, self.config)
         for name in ("domain", "domain_reason"):
             if name in table.column_names:
                 table = table.drop_columns([name])
-        table = table.append_column("domain", pa.array([d for d, _ in out], pa.string()))
-        table = table.append_column("domain_reason", pa.array([r for _, r in out], pa.string()))
+        table = table.append_column("domain", pa.array(domains, pa.string()))
+        table = table.append_column("domain_reason", pa.array(reasons, pa.string()))
         return keep_all(table)
