@@ -5,8 +5,9 @@
 Each step runs as its own CLI child process (`python -m operators run <step> ...`), exactly as a local
 StepOperator task does, so its wall time includes interpreter start and its peak RSS is its own. Run it
 at two sizes (e.g. 100k and 1M) to see how cost grows: seconds should grow linearly and peak RSS should
-stay bounded by part size, not corpus size (except the in-memory reduce stages of exact and near dedup
-and select, which hold a few dozen bytes to ~0.7 KB per record). There is no peer for the whole
+stay bounded by part size, not corpus size (except the in-memory reduce stages of exact dedup and select,
+which hold a few dozen bytes per record; near dedup shuffles band rows by band hash and holds one
+partition, one shard's signatures and the duplicate links). There is no peer for the whole
 pipeline; the per-step peers are in bench/dsir.py, bench/dedup.py and bench/ingest.py.
 Prints a table, then LAST one JSON line: records, seconds, records_per_s, peak_rss_mb, steps{...}.
 """

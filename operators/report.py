@@ -65,7 +65,27 @@ def build_report(root: str) -> dict[str, Any]:
             "kept_samples": _sample(step_dir, m, "data", SAMPLES),
             "dropped_samples": _sample(step_dir, m, "dropped", SAMPLES),
         })
-    return {"root": root, "steps": steps}
+    return {"root": root, "steps": steps, "llm": _llm_totals(steps), "diagnosis": _diagnosis(steps)}
+
+
+def _llm_totals(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Tokens, cost and cache hits of every LLM step of the run, summed over all model roles."""
+    totals: dict[str, float] = {}
+    for s in steps:
+        for k, v in s["counters"].items():
+            if k.startswith("llm."):
+                name = k.rsplit(".", 1)[-1]
+                if name in ("prompt_tokens", "completion_tokens", "scored_tokens", "cache_hits", "cost_usd",
+                            "backend_requests", "invalid", "repaired"):
+                    totals[name] = round(totals.get(name, 0.0) + v, 6)
+    return dict(sorted(totals.items()))
+
+
+def _diagnosis(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round: mean judge score per ability and candidate model (from diagnose steps' counters)."""
+    from operators.steps.synth.diagnose import ability_scores
+
+    return [{"step": s["dir"], "scores": ability_scores(s["counters"])} for s in steps if s["step"] == "diagnose"]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -75,6 +95,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     for s in report["steps"]:
         lines.append(f"| {s['dir']} | {s['records_in']} | {s['records_kept']} | {s['records_dropped']} | "
                      f"{s['keep_rate']} | {s['records_per_s']} | {s['peak_rss_mb']} |")
+    if report.get("llm"):
+        lines += ["", "## LLM usage (all steps, all roles)", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:g} |" for k, v in report["llm"].items()]
+    for d in report.get("diagnosis", []):
+        models = sorted({m for per in d["scores"].values() for m in per})
+        lines += ["", f"## Ability scores: {d['step']} (mean judge score, 1-10)", ""]
+        if not models:
+            lines.append("No probe was judged (see the step's `judge_failures.*`).")
+            continue
+        lines += ["| ability | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(str(per.get(m, "")) for m in models) + " |"
+                  for a, per in d["scores"].items()]
     for s in report["steps"]:
         lines += ["", f"## {s['dir']} ({s['step']}, config {s['config_hash']})", "", "Drops by reason:", ""]
         lines += [f"- `{r}`: {n}" for r, n in s["dropped_by_reason"].items()] or ["- none"]

@@ -55,3 +55,41 @@ print(f"foundational set : {run}/export  (parquet/, hf/, sharegpt/; replay split
 print(f"validation       : {run}/select/validation.html")
 print(f"report           : {run}/report.md")
 PY
+
+echo "== conversational_synthesis (label -> label_vocab -> seed_score -> seed_select -> evolve -> respond -> diagnose"
+echo "   -> supplement round -> conversational_set), on the packaged SmolLM2-135M-Instruct on CPU, tiny budgets"
+CONF='{"foundational": "demo", "run_name": "demo-synthesis", "pool_budgets": {"math": 3, "code": 3, "general": 3},
+       "seed_budget": 4, "supplement_budget": 2, "evolution_rounds": 2, "max_new_tokens": 48,
+       "min_turns": 2, "max_turns": 3, "probes_per_ability": 1}'
+$BIN/airflow dags test conversational_synthesis -c "$CONF" >"$AIRFLOW_HOME/conversational_synthesis.log" 2>&1 \
+  || { grep -E "ERROR|error|Traceback" "$AIRFLOW_HOME/conversational_synthesis.log" | tail -30; exit 1; }
+SYN=$IIP_DATA_ROOT/runs/demo-synthesis
+$BIN/python - "$SYN" <<'PY'
+import json, sys
+run = sys.argv[1]
+for step in ("pool", "label", "label_vocab", "seed_score", "seed_select_r1", "evolve_r1", "respond_r1", "diagnose_r1",
+             "seed_select_r2", "evolve_r2", "respond_r2", "conversational_set"):
+    s = json.load(open(f"{run}/{step}/stats.json"))
+    print(f"{step:18s} in {s['records_in']:5d}  kept {s['records_kept']:5d}  dropped {s['dropped_by_reason']}")
+r = json.load(open(f"{run}/report.json"))
+print("LLM usage:", r["llm"])
+for d in r["diagnosis"]:
+    print(f"ability scores ({d['step']}):", d["scores"])
+print(f"conversational set : {run}/export")
+print(f"report             : {run}/report.md")
+PY
+
+echo "== two_stage_finetune (train_prep -> stage 1 -> eval -> stage 2 with replay -> eval), DeepSpeed ZeRO-3 on CPU"
+CONF=$(printf '{"foundational": "%s", "conversational": "%s", "run_name": "demo-finetune", "mode": "two_stage",
+  "max_seq_len": 256, "bf16": false, "gradient_checkpointing": false, "train_layers": 2, "learning_rate": 5e-4,
+  "warmup_steps": 0, "global_batch_size": 2, "max_steps": 4, "save_steps": 100, "heldout_fraction": 0.1,
+  "evaluation": {"max_new_tokens": 32, "heldout_max_windows": 4, "chat_questions": null, "benchmarks": [
+    {"name": "arithmetic", "uri": "builtin://arithmetic", "format": "gsm8k", "limit": 8},
+    {"name": "humaneval", "uri": "humaneval://", "format": "humaneval", "limit": 4},
+    {"name": "arithmetic_mc", "uri": "builtin://arithmetic_mc", "format": "mmlu", "limit": 8}]}}' \
+  "$IIP_DATA_ROOT/runs/demo/select" "$SYN/conversational_set")
+$BIN/airflow dags test two_stage_finetune -c "$CONF" >"$AIRFLOW_HOME/two_stage_finetune.log" 2>&1 \
+  || { grep -E "ERROR|error|Traceback" "$AIRFLOW_HOME/two_stage_finetune.log" | tail -30; exit 1; }
+FT=$IIP_DATA_ROOT/runs/demo-finetune/finetune
+cat "$FT/eval_report.md"
+echo "models: $FT/stage1/model, $FT/stage2/model (Hugging Face format)"

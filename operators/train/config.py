@@ -200,6 +200,8 @@ class EvalConfig(BaseModel):
         BenchSpec(name="chat", uri="builtin://chat", format="mt_bench", limit=5),
         description="MT-Bench-style questions for the chat probe (first turns).")
     judge: LLMConfig | None = Field(None, description="Judge model of the chat probe (off when blank).")
+    judge_max_tokens: int = Field(128, ge=1, le=8192, description="Tokens the judge may write per verdict "
+                                  "(its explanation and the rating).")
 
 
 class TwoStageConfig(BaseModel):

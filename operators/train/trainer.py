@@ -187,12 +187,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_launcher_world_size(world_size: int) -> None:
+    """TrainError unless `world_size` is the number of processes the launcher started (1 without one)."""
+    actual = int(os.environ.get("WORLD_SIZE", "1"))
+    if actual != world_size:
+        raise TrainError(f"train.world_size is {world_size} but the launcher started {actual} process(es): "
+                         "set world_size to the number of processes (global batch arithmetic depends on it)")
+
+
 def init_distributed(world_size: int) -> tuple[int, int, bool]:
     """Start the process group (gloo on CPU, NCCL on GPUs); returns (rank, world size, on GPU).
 
     Without a launcher (no WORLD_SIZE in the environment) this is a one-process group on loopback, which
     DeepSpeed needs even for a single process.
     """
+    check_launcher_world_size(world_size)  # before the heavy imports: a wrong config fails in a second, not ten
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -208,9 +217,6 @@ def init_distributed(world_size: int) -> tuple[int, int, bool]:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if actual != world_size:
-        raise TrainError(f"train.world_size is {world_size} but the launcher started {actual} process(es): "
-                         "set world_size to the number of processes (global batch arithmetic depends on it)")
     import deepspeed
 
     if on_gpu:

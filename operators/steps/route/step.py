@@ -18,8 +18,10 @@ records, patterns and ambiguous keyword sets go through the reference, one recor
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
+import string
 from typing import Any, ClassVar
 
 import numpy as np
@@ -161,6 +163,7 @@ def _safe_tree(items: Any) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def re2_equivalent(pattern: str) -> bool:
     """Whether RE2 (pyarrow.compute) finds `pattern` in exactly the ASCII texts Python's `re` finds it in,
     both case-insensitive with `.` matching newlines, as `CompiledRule` compiles it."""
@@ -206,7 +209,7 @@ def first_prompt(roles: pa.Array, values: pa.Array, offsets: npt.NDArray[np.int6
     if nonempty.any():
         first[nonempty] = np.minimum.reduceat(pos, offsets[:-1][nonempty]) if pos.size else human.size
     has = (first < np.minimum(offsets[1:], human.size)) & nonempty
-    prompts = pc.take(values, pa.array(np.where(has, first, 0))) if values.length() else pa.nulls(n, pa.string())
+    prompts = pc.take(values, pa.array(np.where(has, first, 0))) if len(values) else pa.nulls(n, pa.string())
     prompts = pc.if_else(pa.array(has), pc.fill_null(prompts, ""), "")
     return pc.utf8_lower(pc.utf8_slice_codeunits(prompts, 0, limit))
 
@@ -216,9 +219,16 @@ def _search(texts: pa.Array, pattern: str) -> npt.NDArray[np.bool_]:
                       .to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _keyword_pattern(keyword: str) -> str:
-    # (?<!\w)k(?!\w) without lookarounds (RE2 has none): a non-word character or an end on each side.
-    return f"(?:^|[^{_WORD}])" + re.escape(keyword) + f"(?:$|[^{_WORD}])"
+def re2_escape(text: str) -> str:
+    """`text` as an RE2 literal (re.escape writes escapes such as "\\ " that RE2 rejects)."""
+    return "".join("\\" + c if c in string.punctuation else c for c in text)
+
+
+def keyword_pattern(keywords: list[str]) -> str:
+    """RE2 pattern of `(?<!\\w)(k1|k2|...)(?!\\w)` without lookarounds (RE2 has none): a non-word
+    character or an end on each side. Equal to the reference on ASCII prompts, where \\w is [0-9A-Za-z_]."""
+    alternation = "|".join(re2_escape(k) for k in keywords)
+    return f"(?:^|[^{_WORD}])(?:{alternation})(?:$|[^{_WORD}])"
 
 
 class ColumnRule:
@@ -231,7 +241,8 @@ class ColumnRule:
         # Keywords of word characters only match whole words, which never overlap, so `findall`'s
         # set equals the set of keywords found one by one; a record that finds a keyword with other
         # characters ("c++", "how many") together with any other keyword is left to the reference.
-        self.wordlike = [re.fullmatch(r"\w+", k) is not None and k.isascii() for k in self.keywords]
+        self.wordlike = [re.fullmatch(r"\w+", k) is not None for k in self.keywords]
+        self.any_keyword = keyword_pattern(self.keywords) if self.keywords else None
 
 
 def _label_hits(labels: pa.ChunkedArray | pa.Array, wanted: set[str]) -> tuple[npt.NDArray[np.int64], list[list[str]]]:
@@ -247,9 +258,14 @@ def _label_hits(labels: pa.ChunkedArray | pa.Array, wanted: set[str]) -> tuple[n
     why: list[list[str]] = [[] for _ in range(n)]
     if not wanted or len(flat) == 0:
         return counts, why
-    hit = np.asarray(pc.is_in(pc.utf8_lower(pc.fill_null(flat, "")), value_set=pa.array(sorted(wanted)))
-                     .to_numpy(zero_copy_only=False), dtype=bool) & np.asarray(flat.is_valid().to_numpy(
-                         zero_copy_only=False), dtype=bool)
+    lowered = pc.utf8_lower(pc.fill_null(flat, ""))
+    hit = np.asarray(pc.is_in(lowered, value_set=pa.array(sorted(wanted))).to_numpy(zero_copy_only=False), dtype=bool)
+    # utf8proc's lowercase may differ from str.lower() outside ASCII: those labels are lowered by Python.
+    other = np.flatnonzero(~np.asarray(pc.string_is_ascii(pc.fill_null(flat, "")).to_numpy(zero_copy_only=False),
+                                       dtype=bool))
+    for j, lab in zip(other.tolist(), flat.take(pa.array(other)).to_pylist(), strict=True):
+        hit[j] = lab is not None and lab.lower() in wanted
+    hit &= np.asarray(flat.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     idx = np.flatnonzero(hit)
     rec = np.searchsorted(offsets, idx, side="right") - 1
     counts = np.bincount(rec, minlength=n).astype(np.int64)
@@ -278,8 +294,16 @@ def route_batch(table: pa.Table, rules: dict[str, CompiledRule], config: RouteCo
             else:
                 slow |= True  # a pattern RE2 cannot decide: the reference routes every record
                 pats.append((pattern, np.zeros(n, dtype=bool)))
-        kws = [(k, _search(prompt, _keyword_pattern(k))) for k in col.keywords]
-        if kws:
+        kws: list[tuple[str, npt.NDArray[np.bool_]]] = []
+        if col.any_keyword is not None:
+            # One alternation finds the prompts with any keyword; only those are searched keyword by keyword.
+            rows = np.flatnonzero(_search(prompt, col.any_keyword))
+            some = prompt.take(pa.array(rows))
+            for k in col.keywords:
+                hit = np.zeros(n, dtype=bool)
+                if rows.size:
+                    hit[rows] = _search(some, keyword_pattern([k]))
+                kws.append((k, hit))
             found = np.sum([m for _, m in kws], axis=0)
             odd = np.sum([m for (_, m), w in zip(kws, col.wordlike, strict=True) if not w] or [np.zeros(n)], axis=0)
             slow |= (odd > 0) & (found > 1)
@@ -292,13 +316,27 @@ def route_batch(table: pa.Table, rules: dict[str, CompiledRule], config: RouteCo
         sub_labels = [(lab or {}).get("cate_ability_en") or [] for lab in sub.column("label").to_pylist()]
         for i, conv, labs in zip(sorted(slow_rows), sub.column("conversations").to_pylist(), sub_labels, strict=True):
             domains[i], reasons[i] = route(conv or [], labs, rules, config.priority, config.min_score)
-    fast = np.flatnonzero(~slow)
-    for i in fast.tolist():
+    signals = np.zeros(n, dtype=bool)
+    for counts, _, pats, kws in per_domain.values():
+        signals |= counts > 0
+        for _, m in pats + kws:
+            signals |= m
+    quiet = ~slow & ~signals
+    for i in np.flatnonzero(quiet).tolist():
+        domains[i], reasons[i] = GENERAL, "no domain signals"
+    # Records with a signal: assemble reasons in the reference's order (labels, patterns, keywords).
+    fast = np.flatnonzero(~slow & signals)
+    names = {d: ([f"pattern {p!r}" for p, _ in per_domain[d][2]], [f"keyword {k!r}" for k, _ in per_domain[d][3]])
+             for d in order}
+    marks = {d: ([m[fast].tolist() for _, m in per_domain[d][2]], [m[fast].tolist() for _, m in per_domain[d][3]])
+             for d in order}
+    for j, i in enumerate(fast.tolist()):
         best, best_score, best_why = GENERAL, 0, ["no domain signals"]
         scores: dict[str, int] = {}
         for d in order:
-            counts, label_why, pats, kws = per_domain[d]
-            why = label_why[i] + [f"pattern {p!r}" for p, m in pats if m[i]] + [f"keyword {k!r}" for k, m in kws if m[i]]
+            (pat_names, kw_names), (pat_marks, kw_marks) = names[d], marks[d]
+            why = (per_domain[d][1][i] + [nm for nm, m in zip(pat_names, pat_marks, strict=True) if m[j]]
+                   + [nm for nm, m in zip(kw_names, kw_marks, strict=True) if m[j]])
             scores[d] = len(why)
             if len(why) >= config.min_score and len(why) > best_score:
                 best, best_score, best_why = d, len(why), why

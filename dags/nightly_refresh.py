@@ -1,0 +1,84 @@
+"""nightly_refresh: ingest only the raw files that arrived since the last successful ingest, then re-select.
+
+find_new (diff raw listings against committed ingest plans) -> ingest[source] (mapped; new files only,
+into <data root>/sources/<name>/<ds>/ingest) -> selection_inputs (every committed ingest dir)
+-> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export -> report
+The selection writes to one stable run folder (`run_name`), so a night whose inputs and configs are
+unchanged finds every step committed under the same config hash and skips it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from airflow.sdk import Param, dag, task
+
+from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.refresh import plan_night, selection_inputs
+from operators.orchestration.settings import data_root, safe_name
+from operators.orchestration.step_operator import StepOperator
+
+RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name) }}"
+STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
+
+
+@dag(
+    dag_id="nightly_refresh",
+    description="Nightly: ingest new raw files of the configured sources, then re-run Phase 1 selection over "
+    "every ingested source dir (unchanged steps skip).",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    user_defined_macros={"data_root": data_root(), "safe_name": safe_name},
+    tags=["iip", "phase-1", "nightly"],
+    params={
+        "sources": Param([], type="array",
+                         items={"type": "object", "required": ["name", "uri"],
+                                "properties": {"name": {"type": "string",
+                                                        "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"},
+                                               "uri": {"type": "string", "minLength": 1}}},
+                         description="Sources to refresh: {name, uri of the raw folder or prefix}."),
+        "run_name": Param("nightly", type="string", minLength=1,
+                          description="Folder under <data root>/runs; one stable name lets unchanged steps skip."),
+        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
+                         description="Per domain: a count (>= 1) or a fraction of the domain."),
+        "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
+    },
+)
+def nightly_refresh() -> None:
+    @task
+    def find_new(**context: Any) -> list[dict[str, Any]]:
+        """Ingest-task kwargs for each source that has raw files no committed ingest has read."""
+        return plan_night(context["params"]["sources"], context["ds"])
+
+    @task(trigger_rule="none_failed")  # runs when no source had new files (the ingest expands to nothing)
+    def inputs(**context: Any) -> list[str]:
+        """Every committed ingest dir of the configured sources."""
+        return selection_inputs(context["params"]["sources"])
+
+    new = find_new()
+    ingest = StepOperator.partial(task_id="ingest", step="ingest", action="run").expand_kwargs(new)
+    sources = inputs()
+    new >> ingest >> sources
+
+    shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
+    configs: dict[str, dict[str, Any]] = {
+        "select": {"budgets": "{{ params.budgets }}", "dsir_dir": f"{RUN}/dsir"},
+    }
+    step_inputs: Any = "{{ ti.xcom_pull(task_ids='inputs') }}"
+    previous: Any = sources
+    for step in STEPS:
+        group = step_group(step, config={**configs.get(step, {}), "target_shard_bytes": shard_bytes},
+                           inputs=step_inputs, output_uri=f"{RUN}/{step}")
+        previous >> group
+        previous, step_inputs = group, [f"{RUN}/{step}"]
+    validate = StepOperator(task_id="validate", action="validate", step="select", output_uri=f"{RUN}/select")
+    export = StepOperator(task_id="export", action="export", step="select", inputs=[f"{RUN}/select"],
+                          output_uri=f"{RUN}/export")
+    previous >> validate >> export >> report_task(RUN)
+
+
+nightly_refresh()

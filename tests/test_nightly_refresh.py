@@ -1,0 +1,151 @@
+"""nightly_refresh: the diff finds exactly the new raw files, the DAG parses, and a night runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from operators.core import storage
+from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.core.runner import make_plan
+from operators.core.step import Plan, ShardSpec
+from operators.orchestration.refresh import (
+    committed_ingests,
+    ingested_files,
+    new_raw_files,
+    night_dir,
+    plan_night,
+    selection_inputs,
+)
+from tests.conftest import ROOT, run_cli
+from tests.test_dags import airflow, airflow_env
+
+
+def _plan(*shards: list[str]) -> Plan:
+    return Plan(step="ingest", config_hash="h", config={}, inputs=["x"],
+                shards=[ShardSpec(index=i, uris=u, bytes=1) for i, u in enumerate(shards)])
+
+
+def test_diff_is_exactly_the_files_no_plan_read() -> None:
+    done = ingested_files([_plan(["s3://r/a.jsonl", "s3://r/b.jsonl"], ["s3://r/c.jsonl"]), _plan(["s3://r/d.jsonl"])])
+    assert done == {"s3://r/a.jsonl", "s3://r/b.jsonl", "s3://r/c.jsonl", "s3://r/d.jsonl"}
+    listing = ["s3://r/e.jsonl", "s3://r/a.jsonl", "s3://r/d.jsonl", "s3://r/f.parquet", "s3://r/e.jsonl"]
+    assert new_raw_files(listing, done) == ["s3://r/e.jsonl", "s3://r/f.parquet"]
+    assert new_raw_files(listing[1:3], done) == []
+    assert new_raw_files(listing, []) == ["s3://r/a.jsonl", "s3://r/d.jsonl", "s3://r/e.jsonl", "s3://r/f.parquet"]
+
+
+def _conversations(prefix: str, n: int) -> str:
+    lines = []
+    for i in range(n):
+        q, a = [(f"Solve the equation {i}x + 3 = {i + 7} ({prefix}). How many solutions are there?",
+                 "x = 4/3, exactly one solution since the equation is linear."),
+                (f"Write a Python function number {i} that reverses a list ({prefix}).",
+                 "```python\ndef rev(xs):\n    return xs[::-1]\n```"),
+                (f"Tell me an interesting fact about the city {prefix} number {i}.",
+                 "It has a very old library with many rare maps and manuscripts.")][i % 3]
+        lines.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    return "\n".join(lines) + "\n"
+
+
+def _first_night(raw: Path, root: Path) -> str:
+    """Raw files a.jsonl and b.jsonl ingested on 2026-01-01 (committed), as the DAG would have."""
+    raw.mkdir()
+    (raw / "a.jsonl").write_text(_conversations("a", 30))
+    (raw / "b.jsonl").write_text(_conversations("b", 24))
+    (raw / "_tmp").mkdir()  # an uploader's scratch folder: never ingested
+    (raw / "_tmp" / "x.jsonl").write_text(_conversations("x", 3))
+    (raw / "notes.txt").write_text("not a corpus file")
+    out = night_dir("tiny", "2026-01-01", storage.validate_uri(str(root)))
+    r = run_cli("run", "ingest", "--config", '{"source_name": "tiny"}', "--input", str(raw), "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_plan_night_finds_only_new_files_and_ignores_failed_nights(tmp_path: Path) -> None:
+    root = storage.validate_uri(str(tmp_path / "data"))
+    raw = tmp_path / "raw"
+    first = _first_night(raw, tmp_path / "data")
+    sources = [{"name": "tiny", "uri": str(raw)}]
+    assert plan_night(sources, "2026-01-02", root) == []  # nothing new
+    (raw / "c.jsonl").write_text(_conversations("c", 9))
+    (raw / "sub").mkdir()
+    (raw / "sub" / "d.jsonl.gz").write_bytes(b"")
+    want = [storage.validate_uri(str(raw / "c.jsonl")), storage.validate_uri(str(raw / "sub" / "d.jsonl.gz"))]
+    tasks = plan_night(sources, "2026-01-02", root)
+    assert tasks == [{"config": {"source_name": "tiny"}, "inputs": want,
+                      "output_uri": night_dir("tiny", "2026-01-02", root)}]
+    # A night that planned but never committed read nothing: its files stay new.
+    from operators.cli import build_step
+
+    make_plan(build_step("ingest", {"source_name": "tiny"}), want, tasks[0]["output_uri"])
+    assert plan_night(sources, "2026-01-03", root)[0]["inputs"] == want
+    assert committed_ingests("tiny", root) == [first]
+    assert selection_inputs(sources, root) == [first]
+    with pytest.raises(ValueError, match="no committed ingest"):
+        selection_inputs([{"name": "other", "uri": str(raw)}], root)
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("airflow")
+    env = airflow_env(home, tmp_path_factory.mktemp("data"))
+    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield env
+
+
+def test_nightly_refresh_dag_parses(airflow_home: dict[str, str]) -> None:
+    code = (
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "import json\n"
+        "b = DagBag()\n"
+        "d = b.dags['nightly_refresh']\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()},"
+        " 'schedule': str(d.schedule), 'catchup': d.catchup,"
+        " 'tasks': sorted(t.task_id for t in d.tasks), 'params': sorted(d.params.keys())}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=airflow_home, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["errors"] == {}
+    assert info["schedule"] == "@daily" and info["catchup"] is False
+    assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.reduce", "validate", "export",
+            "report"} <= set(info["tasks"])
+    assert {"sources", "run_name", "budgets"} <= set(info["params"])
+
+
+def test_a_night_ingests_only_new_files_and_reselects_everything(airflow_home: dict[str, str],
+                                                                 tmp_path: Path) -> None:
+    data = Path(airflow_home["IIP_DATA_ROOT"])
+    raw = tmp_path / "raw"
+    first = _first_night(raw, data)
+    (raw / "c.jsonl").write_text(_conversations("c", 12) + _conversations("a", 3))  # 3 repeat a.jsonl
+    conf = {"sources": [{"name": "tiny", "uri": str(raw)}], "run_name": "n1",
+            "budgets": {"math": 1.0, "code": 1.0, "general": 1.0}}
+    t0 = time.perf_counter()
+    r = airflow(airflow_home, "dags", "test", "nightly_refresh", "2026-01-02", "-c", json.dumps(conf))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    tonight = night_dir("tiny", "2026-01-02", storage.validate_uri(str(data)))
+    m = read_manifest(step_manifest_uri(tonight))
+    assert m is not None and m.stats.records_in == 15  # only c.jsonl was ingested tonight
+    first_m = read_manifest(step_manifest_uri(first))
+    assert first_m is not None and first_m.stats.records_in == 54
+    stats = json.loads((data / "runs" / "n1" / "filter" / "stats.json").read_text())
+    assert stats["records_in"] == 54 + 15  # the selection read both nights
+    exact = json.loads((data / "runs" / "n1" / "exact_dedup" / "stats.json").read_text())
+    assert exact["dropped_by_reason"] == {"exact_duplicate": 3}
+    assert json.loads((data / "runs" / "n1" / "report.json").read_text())["steps"]
+    print(f"nightly dags test: {time.perf_counter() - t0:.1f}s")
+
+
+def test_dag_file_is_pure_wiring() -> None:
+    text = (ROOT / "dags" / "nightly_refresh.py").read_text()
+    assert 'schedule="@daily"' in text and "catchup=False" in text

@@ -1,0 +1,124 @@
+"""Phase 2 end to end: `airflow dags test conversational_synthesis` on the embedded CPU model, and a
+killed LLM task that resumes from its result cache without paying for the same tokens twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.core.registry import step_class
+from operators.core.runner import read_step_table, run_all
+from operators.schema import CANONICAL_SCHEMA
+from tests.conftest import ROOT
+from tests.test_dags import airflow, airflow_env
+
+pytest.importorskip("transformers")
+
+QA = [("math", "What is 15% of 80?", "15% of 80 is 12."),
+      ("math", "Solve for x: 2x + 6 = 14.", "2x = 8, so x = 4."),
+      ("code", "Write a Python function that checks whether a number is even.",
+       "def is_even(n):\n    return n % 2 == 0"),
+      ("code", "How do I reverse a string in JavaScript?", "Use s.split('').reverse().join('')."),
+      ("general", "Give me three tips for better sleep.", "Keep a schedule, avoid screens late, and limit caffeine."),
+      ("general", "What causes the seasons on Earth?", "The tilt of Earth's axis relative to its orbit.")]
+
+
+def foundational_fixture(data_root: Path, run: str) -> str:
+    """A committed foundational `select` output (the seed pool's source), made by the real select step."""
+    rows = [{"id": f"f{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+             "label": None, "langdetect": "en", "source": "fixture", "reward": None, "origin": None, "domain": d}
+            for i, (d, q, a) in enumerate(QA)]
+    src = data_root / "fixture" / "part.parquet"
+    src.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA.append(pa.field("domain", pa.string()))), src)
+    out = data_root / "runs" / run / "select"
+    cls = step_class("select")
+    run_all(cls(cls.config_model.model_validate({})), [str(src)], str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    data = tmp_path_factory.mktemp("data")
+    e = airflow_env(tmp_path_factory.mktemp("airflow"), data)
+    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=e, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    foundational_fixture(data, "found")
+    yield e
+
+
+def stats(run_root: Path, step: str) -> dict:
+    return json.loads((run_root / step / "stats.json").read_text())
+
+
+def test_conversational_synthesis_dag_runs_end_to_end(env: dict[str, str]) -> None:
+    conf = {"foundational": "found", "run_name": "synth", "pool_budgets": {"math": 1, "code": 1, "general": 1},
+            "seed_budget": 1, "supplement_budget": 1, "weak_threshold": 10, "max_ifd": None,
+            "evolution_rounds": 1, "max_new_tokens": 20, "min_turns": 2, "max_turns": 2, "probes_per_ability": 1}
+    r = airflow(env, "dags", "test", "conversational_synthesis", "-c", json.dumps(conf), timeout=1500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    run_root = Path(env["IIP_DATA_ROOT"]) / "runs" / "synth"
+    steps = ["pool", "label", "label_vocab", "seed_score", "seed_select_r1", "evolve_r1", "respond_r1",
+             "diagnose_r1", "seed_select_r2", "evolve_r2", "respond_r2", "conversational_set"]
+    for step in steps:
+        s = stats(run_root, step)
+        assert s["records_in"] == s["records_kept"] + sum(s["dropped_by_reason"].values()), step
+    assert stats(run_root, "pool")["records_kept"] == 3
+    label = stats(run_root, "label")
+    assert label["counters"]["llm.prompt_tokens"] > 0  # token accounting reaches the step stats
+    assert stats(run_root, "seed_select_r1")["records_kept"] == 1
+    assert stats(run_root, "evolve_r1")["records_in"] == 1  # seeds x rounds
+    # weak_threshold 10: every judged ability is weak, so round 2 draws new seeds (never the round-1 ones).
+    r1 = {x["id"] for x in read_step_table(str(run_root / "seed_select_r1")).to_pylist()}
+    r2 = read_step_table(str(run_root / "seed_select_r2"))
+    assert not r1 & set(r2["id"].to_pylist() if r2.num_rows else [])
+    final = stats(run_root, "conversational_set")
+    assert final["records_in"] == stats(run_root, "respond_r1")["records_kept"] + \
+        stats(run_root, "respond_r2")["records_kept"]
+    validation = json.loads((run_root / "conversational_set" / "validation.json").read_text())
+    assert validation["success"] is True
+    assert (run_root / "export").exists()
+    report = (run_root / "report.md").read_text()
+    assert "Ability scores: diagnose_r1" in report and "LLM usage" in report
+
+
+def test_a_killed_llm_task_resumes_from_its_cache(tmp_path: Path) -> None:
+    rows = [{"id": f"k{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+             "label": None, "langdetect": "en", "source": "fixture", "reward": None, "origin": None}
+            for i, (_, q, a) in enumerate(QA)]
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), src)
+    out = tmp_path / "label"
+    cfg = json.dumps({"batch_rows": 2, "max_tokens": 24})
+    cmd = [sys.executable, "-m", "operators", "run", "label", "--config", cfg, "--input", str(src),
+           "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    cache = out / "_llm_cache" / "main"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(cache.glob("shard-00000-*.parquet")):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else ""
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # dies after paying for the first batch, before committing the shard
+    proc.wait()
+    assert not (out / "_MANIFEST.json").exists()
+    paid_before = pq.read_table(next(cache.glob("shard-00000-*.parquet"))).num_rows
+    assert paid_before >= 2
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "stats.json").read_text())
+    assert s["records_in"] == 6 == s["records_kept"] + sum(s["dropped_by_reason"].values())
+    assert s["counters"]["llm.cache_hits"] >= paid_before  # the killed attempt's answers were reused
+    assert s["counters"]["llm.requests"] - s["counters"]["llm.cache_hits"] == s["counters"]["llm.backend_requests"]
