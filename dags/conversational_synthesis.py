@@ -17,9 +17,8 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.dag_builder import publish_tasks, step_group
 from operators.orchestration.settings import data_root, run_dir, safe_name
-from operators.orchestration.step_operator import StepOperator
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 MODEL_ROLES = ("labeler", "reference", "evolver", "responder", "user", "judge")
@@ -105,11 +104,7 @@ def conversational_synthesis() -> None:
                  ("seed_select_r1", "seed_select_r2"), ("seed_select_r2", "evolve_r2"), ("evolve_r2", "respond_r2"),
                  ("respond_r1", "conversational_set"), ("respond_r2", "conversational_set")]:
         groups[a] >> groups[b]
-    final = f"{RUN}/conversational_set"
-    validate = StepOperator(task_id="validate", action="validate", step="conversational_set", output_uri=final)
-    export = StepOperator(task_id="export", action="export", step="conversational_set", inputs=[final],
-                          output_uri=f"{RUN}/export")
-    groups["conversational_set"] >> validate >> export >> report_task(RUN)
-
+    first, _ = publish_tasks("conversational_set", f"{RUN}/conversational_set", RUN)
+    groups["conversational_set"] >> first
 
 conversational_synthesis()

@@ -13,9 +13,8 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.dag_builder import publish_tasks, step_chain
 from operators.orchestration.settings import data_root, safe_name, source_dirs
-from operators.orchestration.step_operator import StepOperator
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
@@ -70,18 +69,9 @@ def foundational_selection() -> None:
         "select": {"budgets": "{{ params.budgets }}", "source_caps": "{{ params.source_caps }}",
                    "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
-    inputs: list[str] | str = "{{ source_dirs(params.sources) }}"
-    previous: Any = None
-    for step in STEPS:
-        group = step_group(step, config={**configs[step], "target_shard_bytes": shard_bytes},
-                           inputs=inputs, output_uri=f"{RUN}/{step}")
-        if previous is not None:
-            previous >> group
-        previous, inputs = group, [f"{RUN}/{step}"]
-    validate = StepOperator(task_id="validate", action="validate", step="select", output_uri=f"{RUN}/select")
-    export = StepOperator(task_id="export", action="export", step="select", inputs=[f"{RUN}/select"],
-                          output_uri=f"{RUN}/export")
-    previous >> validate >> export >> report_task(RUN)
-
+    last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
+                      common={"target_shard_bytes": shard_bytes})
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN)
+    last >> first
 
 foundational_selection()

@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag, task
 
-from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.dag_builder import publish_tasks, step_chain
 from operators.orchestration.refresh import plan_night, selection_inputs
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
@@ -68,17 +68,9 @@ def nightly_refresh() -> None:
     configs: dict[str, dict[str, Any]] = {
         "select": {"budgets": "{{ params.budgets }}", "dsir_dir": f"{RUN}/dsir"},
     }
-    step_inputs: Any = "{{ ti.xcom_pull(task_ids='inputs') }}"
-    previous: Any = sources
-    for step in STEPS:
-        group = step_group(step, config={**configs.get(step, {}), "target_shard_bytes": shard_bytes},
-                           inputs=step_inputs, output_uri=f"{RUN}/{step}")
-        previous >> group
-        previous, step_inputs = group, [f"{RUN}/{step}"]
-    validate = StepOperator(task_id="validate", action="validate", step="select", output_uri=f"{RUN}/select")
-    export = StepOperator(task_id="export", action="export", step="select", inputs=[f"{RUN}/select"],
-                          output_uri=f"{RUN}/export")
-    previous >> validate >> export >> report_task(RUN)
-
+    last = step_chain(STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}", run=RUN,
+                      common={"target_shard_bytes": shard_bytes}, after=sources)
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN)
+    last >> first
 
 nightly_refresh()

@@ -1,11 +1,13 @@
 """Fine-tuning configs and data preparation: batch arithmetic, masking token by token, packing without leakage.
 
 Also holds the tiny corpora the other test_train_* files train on (real conversations in the canonical
-schema, tokenized with the real SmolLM2 chat template).
+schema, tokenized with the real SmolLM2 chat template), and the one-thread setting they all run torch with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +59,33 @@ def write_set(folder: Path, kind: str, n: int) -> Path:
     return folder
 
 
+# torch on CPU runs one thread per core by default. On a 2-core machine whose other core is busy (another
+# process of the same test, or anything else), its OpenMP threads wait on each other at every op and a
+# 135M-parameter forward pass takes seconds instead of a fraction of one. Every training test therefore
+# runs torch with one thread: in its child processes (this env) and in the pytest process (one_torch_thread).
+SERIAL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch in this process uses one thread inside the block (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def prepare(tmp: Path, kind: str, n: int, max_seq_len: int = 128, heldout: float = 0.2) -> str:
-    """Run the real `train_prep` step through the CLI; returns its committed output dir."""
+    """Run the real `train_prep` step (in this process: its CLI door is exercised by the DAG test); returns
+    its committed output dir."""
     raw = write_set(tmp / f"raw_{kind}", kind, n)
     out = tmp / f"prep_{kind}"
-    r = run_cli("run", "train_prep", "--config", f'{{"max_seq_len": {max_seq_len}, "heldout_fraction": {heldout}}}',
-                "--input", str(raw), "--output", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    m = run_all(TrainPrepStep(PrepConfig(max_seq_len=max_seq_len, heldout_fraction=heldout)), [str(raw)], str(out))
+    assert m.stats.records_kept == n
     return str(out)
 
 
@@ -176,7 +198,7 @@ def test_packed_samples_do_not_attend_to_each_other(tokenizer: Any) -> None:
     a = encode_conversation(tokenizer, to_messages(foundational_conv(3)))
     b = encode_conversation(tokenizer, to_messages(conversational_conv(1)))
     w = build_window([(a.input_ids, a.labels), (b.input_ids, b.labels)])
-    with torch.inference_mode():
+    with torch.inference_mode(), one_torch_thread():
         packed = model(input_ids=torch.tensor([w["input_ids"]]), position_ids=torch.tensor([w["position_ids"]]),
                        use_cache=False).logits[0]
         alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits[0]

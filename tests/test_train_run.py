@@ -3,7 +3,8 @@ two processes over gloo (torchrun), the one-stage mode.
 
 Kept small for a 2-core machine: 128-token windows, a handful of optimizer steps, and only the last two
 decoder blocks trainable (`train_layers`), which keeps a step at seconds instead of tens of seconds; the
-DeepSpeed / Trainer / checkpoint code paths are the full ones.
+DeepSpeed / Trainer / checkpoint code paths are the full ones. torch runs one thread per process
+(SERIAL_ENV: see test_train_prep).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.test_train_prep import prepare
+from tests.test_train_prep import SERIAL_ENV, one_torch_thread, prepare
 
 TINY = {"global_batch_size": 1, "learning_rate": 5e-4, "warmup_steps": 0, "max_seq_len": 128, "bf16": False,
         "gradient_checkpointing": False, "train_layers": 2, "lr_scheduler": "constant_with_warmup"}
@@ -42,7 +43,8 @@ def test_zero3_run_survives_sigkill_resumes_and_lowers_the_loss(sets: tuple[str,
     job = _job([{"name": "foundational", "uri": foundational}], max_steps=4, save_steps=2)
     cmd = [sys.executable, "-m", "operators", "train", "--config", job, "--output", str(out)]
     marker = out / "checkpoints" / "checkpoint-2" / "_COMPLETE"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **SERIAL_ENV})
     try:
         deadline = time.time() + 180
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -54,7 +56,7 @@ def test_zero3_run_survives_sigkill_resumes_and_lowers_the_loss(sets: tuple[str,
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "_DONE.json").exists() and not (out / "model").exists()
 
-    r = run_cli("train", "--config", job, "--output", str(out), timeout=300)
+    r = run_cli("train", "--config", job, "--output", str(out), env=SERIAL_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == "checkpoint-2"
@@ -70,13 +72,14 @@ def test_zero3_run_survives_sigkill_resumes_and_lowers_the_loss(sets: tuple[str,
 
     windows, _ = packed_windows([read_prepared(DataSelection(name="f", uri=foundational), "train")], 128,
                                 "position_ids")
-    before = ModelRunner("smollm2-135m-instruct").window_loss(windows)
-    after = ModelRunner(str(out / "model")).window_loss(windows)
+    with one_torch_thread():
+        before = ModelRunner("smollm2-135m-instruct").window_loss(windows)
+        after = ModelRunner(str(out / "model")).window_loss(windows)
     assert after[1] == before[1] > 0
     assert after[0] / after[1] < 0.8 * before[0] / before[1], (before, after)
 
     # Re-running a finished run is a no-op.
-    r2 = run_cli("train", "--config", job, "--output", str(out), timeout=300)
+    r2 = run_cli("train", "--config", job, "--output", str(out), env=SERIAL_ENV, timeout=300)
     assert r2.returncode == 0 and "already finished" in r2.stderr
 
 
@@ -88,7 +91,7 @@ def test_one_stage_mode_on_two_processes_over_gloo(sets: tuple[str, str], tmp_pa
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(_free_port()), "-m", "operators", "train", "--stage", "one_stage", "--config",
                         json.dumps(cfg), "--output", str(tmp_path / "ft")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=400)
+                       cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, **SERIAL_ENV})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     result = json.loads((tmp_path / "ft" / "one_stage" / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 2
@@ -96,12 +99,13 @@ def test_one_stage_mode_on_two_processes_over_gloo(sets: tuple[str, str], tmp_pa
     assert set(result["rows_per_set"]) == {"foundational", "conversational"}  # the mix, trained once
     assert (tmp_path / "ft" / "one_stage" / "model" / "model.safetensors").exists()
     # The two-stage runs are not part of mode one_stage: asking for them is a skip, not a run.
-    r2 = run_cli("train", "--stage", "stage1", "--config", json.dumps(cfg), "--output", str(tmp_path / "ft"))
+    r2 = run_cli("train", "--stage", "stage1", "--config", json.dumps(cfg), "--output", str(tmp_path / "ft"),
+                 env=SERIAL_ENV)
     assert r2.returncode == 0 and json.loads(r2.stdout.strip().splitlines()[-1])["skipped"] is True
     # A world size that disagrees with the launcher fails clearly (exit 1), naming the field.
     bad = {**cfg, "stage1": {**stage, "world_size": 1, "global_batch_size": 1}}
     r3 = run_cli("train", "--stage", "one_stage", "--config", json.dumps(bad), "--output", str(tmp_path / "ft2"),
-                 env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 env={**SERIAL_ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": str(_free_port())})
     assert r3.returncode == 1 and "world_size" in r3.stderr
 

@@ -23,7 +23,7 @@ from operators.train.evaluate import (
 )
 from tests.conftest import SHARED_DATA
 from tests.test_dags import airflow, airflow_env
-from tests.test_train_prep import write_set
+from tests.test_train_prep import SERIAL_ENV, one_torch_thread, write_set
 
 STAGE = {"max_steps": 2, "global_batch_size": 1, "learning_rate": 5e-4, "warmup_steps": 0, "max_seq_len": 128,
          "bf16": False, "gradient_checkpointing": False, "train_layers": 2, "save_steps": 100}
@@ -32,7 +32,7 @@ STAGE = {"max_steps": 2, "global_batch_size": 1, "learning_rate": 5e-4, "warmup_
 @pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("airflow")
-    env = airflow_env(home, tmp_path_factory.mktemp("data"))
+    env = {**airflow_env(home, tmp_path_factory.mktemp("data")), **SERIAL_ENV}
     r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
         "mode": "two_stage", "evaluate_base": False, "heldout_fraction": 0.25, "max_seq_len": 128,
         "bf16": False, "gradient_checkpointing": False, "train_layers": 2, "learning_rate": 5e-4,
         "warmup_steps": 0, "global_batch_size": 1, "max_steps": 2, "save_steps": 100,
-        "evaluation": {"max_new_tokens": 8, "heldout_max_windows": 2, "chat_questions": None, "benchmarks": [
+        "evaluation": {"max_new_tokens": 4, "heldout_max_windows": 1, "chat_questions": None, "benchmarks": [
             {"name": "arithmetic", "uri": "builtin://arithmetic", "format": "gsm8k", "limit": 1},
             {"name": "humaneval", "uri": "humaneval://", "format": "humaneval", "limit": 1},
             {"name": "arithmetic_mc", "uri": "builtin://arithmetic_mc", "format": "mmlu", "limit": 1}]},
@@ -112,8 +112,10 @@ def test_chat_probe_through_the_llm_layer() -> None:
     from operators.llm.base import LLMConfig
     from operators.train.evaluate import ModelRunner, chat_probe
 
-    cfg = EvalConfig(max_new_tokens=12, judge=LLMConfig(backend="transformers", model="smollm2-135m-instruct"),
+    cfg = EvalConfig(max_new_tokens=8, judge=LLMConfig(backend="transformers", model="smollm2-135m-instruct"),
+                     judge_max_tokens=12,
                      chat_questions=BenchSpec(name="chat", uri="builtin://chat", format="mt_bench", limit=2))
-    result = chat_probe(ModelRunner("smollm2-135m-instruct"), cfg)
+    with one_torch_thread():
+        result = chat_probe(ModelRunner("smollm2-135m-instruct"), cfg)
     assert result is not None and result["n"] == 2 and result["rated"] + result["unparsed"] == 2
     assert result["judge"] == "smollm2-135m-instruct" and len(result["samples"]) == 2

@@ -7,6 +7,7 @@ Every task is a StepOperator running the same CLI; the shard list is the plan ta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import TaskGroup
@@ -50,3 +51,26 @@ def step_group(
 def report_task(output_uri: str, task_id: str = "report") -> StepOperator:
     """A task that (re)builds the run report from every committed step under `output_uri`."""
     return StepOperator(task_id=task_id, action="report", step="report", output_uri=output_uri)
+
+
+def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inputs: list[str] | str, run: str,
+               common: dict[str, Any] | None = None, after: Any = None) -> Any:
+    """Step groups in order, each reading the previous one's output under `run`; returns the last group."""
+    previous = after
+    for step in steps:
+        group = step_group(step, config={**configs.get(step, {}), **(common or {})}, inputs=inputs,
+                           output_uri=f"{run}/{step}")
+        if previous is not None:
+            previous >> group
+        previous, inputs = group, [f"{run}/{step}"]
+    return previous
+
+
+def publish_tasks(step: str, step_dir: str, run: str) -> tuple[StepOperator, StepOperator]:
+    """validate -> export -> report for a final step output; returns (first task, last task)."""
+    validate = StepOperator(task_id="validate", action="validate", step=step, output_uri=step_dir)
+    export = StepOperator(task_id="export", action="export", step=step, inputs=[step_dir],
+                          output_uri=f"{run}/export")
+    report = report_task(run)
+    validate >> export >> report
+    return validate, report

@@ -299,7 +299,8 @@ def chat_probe(runner: ModelRunner, cfg: EvalConfig) -> dict[str, Any] | None:
     judge = make_backend(cfg.judge)
     try:
         verdicts = judge.chat([[{"role": "user", "content": JUDGE_PROMPT.format(question=q, answer=a)}]
-                               for q, a in zip(questions, answers, strict=True)], SamplingConfig(max_tokens=cfg.judge_max_tokens))
+                               for q, a in zip(questions, answers, strict=True)],
+                              SamplingConfig(max_tokens=cfg.judge_max_tokens))
     finally:
         judge.close()
     ratings = [parse_rating(v.text) for v in verdicts]
