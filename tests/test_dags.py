@@ -78,6 +78,9 @@ def test_dependency_rules() -> None:
     for path in list((ROOT / "operators" / "steps").rglob("*.py")) + list((ROOT / "operators" / "core").rglob("*.py")):
         bad = {m for m in _imports(path) if m.split(".")[0] == "airflow" or m.startswith("operators.orchestration")}
         assert not bad, f"{path} imports {bad}"
+    for path in (ROOT / "operators" / "llm").rglob("*.py"):  # the LLM layer knows nothing of steps or Airflow
+        bad = {m for m in _imports(path) if m.split(".")[0] == "airflow" or m.startswith("operators.steps")}
+        assert not bad, f"{path} imports {bad}"
     for path in (ROOT / "dags").glob("*.py"):
         for m in _imports(path):
             top = m.split(".")[0]

@@ -182,3 +182,20 @@ def test_a_torn_cache_segment_costs_tokens_not_the_run(tmp_path: Path, backend: 
     assert client.cache.stats.bad_segments == 1
     gens = client.chat([[{"role": "user", "content": "Say yes."}]], SamplingConfig(max_tokens=4), "t@v1")
     assert gens[0].completion_tokens > 0
+
+
+def test_shared_prefix_batching_gives_the_same_greedy_text(backend: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows sharing a long prompt prefix reuse its KV cache; the generated text must not change."""
+    from operators.llm.backends import transformers_cpu
+
+    step = LabelStep(LabelConfig(llm=CFG, max_tokens=8))
+    taxonomy_text = "\n".join(f"- {t}" for t in step.config.taxonomy)
+    msgs = [step.task.render({"instruction": q, "taxonomy": taxonomy_text})
+            for q in ("Solve 2x = 8.", "Write a haiku about rain.")]
+    sampling = SamplingConfig(max_tokens=8)
+    with_prefix = backend.chat(msgs, sampling)  # type: ignore[attr-defined]
+    assert transformers_cpu._shared_prefix([backend._prompt_ids(m) for m in msgs]) > 500  # type: ignore[attr-defined]
+    monkeypatch.setattr(transformers_cpu, "MIN_SHARED_PREFIX", 10**9)  # force the plain left-padded path
+    plain = backend.chat(msgs, sampling)  # type: ignore[attr-defined]
+    assert [g.text for g in with_prefix] == [g.text for g in plain]
+    assert [g.completion_tokens for g in with_prefix] == [g.completion_tokens for g in plain]

@@ -65,9 +65,19 @@ class TransformersBackend(Backend):
     def _generate(self, batch: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         torch = self._torch
         pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        shared = _shared_prefix(batch)
+        if len(batch) < 2 or shared < MIN_SHARED_PREFIX:
+            shared = 0
+        # Rows are [shared prefix][pads][own suffix]: the prefix (system prompt, few-shot examples, the
+        # taxonomy) is computed once and its KV cache copied to every row, so a batch pays the long common
+        # part once instead of once per row. Position ids follow the attention mask, so the pads in the
+        # middle change nothing (greedy outputs are identical; tested).
+        tail = max(len(ids) for ids in batch) - shared
+        input_ids = torch.tensor([batch[0][:shared] + [pad] * (tail - (len(ids) - shared)) + ids[shared:]
+                                  for ids in batch])
+        attention = torch.tensor([[1] * shared + [0] * (tail - (len(ids) - shared)) + [1] * (len(ids) - shared)
+                                  for ids in batch])
+        width = shared + tail
         max_new = max(1, min(sampling.max_tokens, self.cfg.max_model_len - width))
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": pad}
         if sampling.temperature > 0:
@@ -76,6 +86,13 @@ class TransformersBackend(Backend):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with self._lock, torch.inference_mode():
             torch.manual_seed(sampling.seed)
+            if shared:
+                from transformers import DynamicCache
+
+                cache = self.model(input_ids=input_ids[:1, :shared], past_key_values=DynamicCache(),
+                                   use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(batch))
+                kwargs["past_key_values"] = cache
             generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         results = []
         eos = self.tokenizer.eos_token_id
@@ -106,6 +123,19 @@ class TransformersBackend(Backend):
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[start - 1:]
             scores.append(LossScore(loss=float(nll.mean()), answer_tokens=int(nll.numel())))
         return scores
+
+
+MIN_SHARED_PREFIX = 32  # below this, computing the prefix separately costs more than it saves
+
+
+def _shared_prefix(batch: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    limit = min(len(ids) for ids in batch) - 1
+    n = 0
+    first = batch[0]
+    while n < limit and all(ids[n] == first[n] for ids in batch):
+        n += 1
+    return n
 
 
 def _weights_fingerprint(folder: str) -> str:
