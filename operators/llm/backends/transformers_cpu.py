@@ -89,10 +89,10 @@ class TransformersBackend(Backend):
             if shared:
                 from transformers import DynamicCache
 
-                cache = self.model(input_ids=input_ids[:1, :shared], past_key_values=DynamicCache(),
+                cache = self.model(input_ids=input_ids[:1, :shared], cache=DynamicCache(),
                                    use_cache=True).past_key_values
                 cache.batch_repeat_interleave(len(batch))
-                kwargs["past_key_values"] = cache
+                kwargs["cache"] = cache  # transformers 5 name (past_key_values is deprecated)
             generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         results = []
         eos = self.tokenizer.eos_token_id
