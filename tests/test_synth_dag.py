@@ -63,7 +63,7 @@ def stats(run_root: Path, step: str) -> dict:
 
 
 def test_conversational_synthesis_dag_runs_end_to_end(env: dict[str, str]) -> None:
-    conf = {"foundational": "found", "run_name": "synth", "pool_budgets": {"math": 1, "code": 1, "general": 1},
+    conf = {"foundational": "found", "run_name": "synth", "pool_budgets": {"math": 0.5, "code": 0.5, "general": 0.5},
             "seed_budget": 1, "supplement_budget": 1, "weak_threshold": 10, "max_ifd": None,
             "evolution_rounds": 1, "max_new_tokens": 20, "min_turns": 2, "max_turns": 2, "probes_per_ability": 1}
     r = airflow(env, "dags", "test", "conversational_synthesis", "-c", json.dumps(conf), timeout=1500)
