@@ -4,15 +4,14 @@
 parse the first JSON value out of each answer, normalize it (a task-specific hook, e.g. mapping near-miss
 labels onto the taxonomy), validate it against the prompt's schema, and ask once more with a repair prompt
 that quotes the error. A row that still fails gets a failure reason; it never silently disappears.
-Transient backend failures are retried with backoff; a permanent one fails the rows of that batch with
-the reason `llm_error`.
+Retrying transient failures is the job of the backend that talks to the network (`openai` retries with
+backoff and jitter); whatever failure reaches the client fails the rows of that batch with `llm_error`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +28,6 @@ from operators.llm.base import (
     LossScore,
     Message,
     SamplingConfig,
-    TransientLLMError,
     make_backend,
     request_key,
 )
@@ -158,8 +156,7 @@ class LLMClient:
         self.usage["cache_hits"] += len(requests) - len(todo)
         for start in range(0, len(todo), self.cfg.batch_size):
             idx = todo[start:start + self.cfg.batch_size]
-            gens: list[Generation] = self._with_retries(
-                self.backend.chat, [requests[i] for i in idx], sampling, json_schema)
+            gens = self.backend.chat([requests[i] for i in idx], sampling, json_schema)
             for i, g in zip(idx, gens, strict=True):
                 out[i] = g
                 self.cache.put_chat(keys[i], g)
@@ -173,19 +170,6 @@ class LLMClient:
         self.usage["completion_tokens"] += g.completion_tokens
         self.usage["backend_requests"] += 1
 
-    def _with_retries(self, call: Callable[..., Any], *args: Any) -> Any:
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                return call(*args)
-            except TransientLLMError as e:
-                if attempt == self.cfg.max_retries:
-                    raise
-                delay = min(self.cfg.retry_max_s, self.cfg.retry_base_s * 2 ** attempt) * (0.5 + random.random())
-                self.usage["retries"] += 1
-                log.warning("llm: transient failure (%s); retry %d in %.1fs", e, attempt + 1, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
     # -- loss ----------------------------------------------------------------------------------------
     def score_loss(self, prompts: list[list[Message]], answers: list[str]) -> list[LossScore]:
         """Mean answer loss per (prompt, answer); an empty prompt scores the answer alone."""
@@ -198,8 +182,7 @@ class LLMClient:
         self.usage["cache_hits"] += len(keys) - len(todo)
         for start in range(0, len(todo), self.cfg.batch_size):
             idx = todo[start:start + self.cfg.batch_size]
-            scores: list[LossScore] = self._with_retries(
-                self.backend.score_loss, [prompts[i] for i in idx], [answers[i] for i in idx])
+            scores = self.backend.score_loss([prompts[i] for i in idx], [answers[i] for i in idx])
             for i, s in zip(idx, scores, strict=True):
                 out[i] = s
                 self.cache.put_loss(keys[i], s)

@@ -18,7 +18,7 @@ import xxhash
 from pydantic import Field, model_validator
 
 from operators.core.step import BatchResult, StepConfig, dropped_table
-from operators.llm.base import LLMConfig, Message
+from operators.llm.base import LLMConfig, LLMError, Message
 from operators.llm.client import LLMClient
 from operators.steps.synth.base import (
     CONVERSATION_TYPE,
@@ -74,7 +74,7 @@ class RespondStep(LLMStep[RespondConfig]):
         task = self.prompts["respond"]
         try:
             gens = self.client.chat(chats, task.sampling, task.cache_version)
-        except Exception as e:  # a permanent backend failure: these rows fail with the reason
+        except LLMError as e:  # the backend gave up (after its own retries): these rows fail with the reason
             return [("", f"llm_error: {e}")] * len(chats)
         return [(g.text.strip(), None) for g in gens]
 
