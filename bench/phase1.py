@@ -1,15 +1,18 @@
-"""Benchmark: Phase 1 end to end (ingest + every selection step), seconds, records/s and peak RSS per step.
+"""Benchmark: Phase 1 end to end (ingest + every selection step), seconds, records/s and peak RSS per task.
 
-    python bench/phase1.py [--records 100000] [--keep] [--seed 1234]
+    python bench/phase1.py [--records 100000] [--shard-mb 64] [--parallel 2] [--whole-steps] [--keep]
 
-Each step runs as its own CLI child process (`python -m operators run <step> ...`), exactly as a local
-StepOperator task does, so its wall time includes interpreter start and its peak RSS is its own. Run it
-at two sizes (e.g. 100k and 1M) to see how cost grows: seconds should grow linearly and peak RSS should
-stay bounded by part size, not corpus size (except the in-memory reduce stages of exact dedup and select,
-which hold a few dozen bytes per record; near dedup shuffles band rows by band hash and holds one
-partition, one shard's signatures and the duplicate links). There is no peer for the whole
-pipeline; the per-step peers are in bench/dsir.py, bench/dedup.py and bench/ingest.py.
-Prints a table, then LAST one JSON line: records, seconds, records_per_s, peak_rss_mb, steps{...}.
+By default every step runs the way the DAG runs it: `plan`, then each map and partition stage as one CLI
+child process per shard (`python -m operators stage ... --shard K`, up to --parallel at a time), each
+reduce stage once, `run --shard K` per shard, and the step's `reduce`; exactly the tasks a local
+StepOperator or a Kubernetes pod runs. A step's peak RSS is then the largest of its tasks', which is what
+sizes a pod; the table also names the task that peaked. --whole-steps instead runs each step as one
+`run` process (all tasks in one interpreter). Run it at two sizes (e.g. 100k and 1M) with the same
+--shard-mb: seconds should grow linearly and the peak per task should stay bounded by the shard size,
+not the corpus size (the dedup resolves hold ~40 bytes per duplicate, select holds a few per candidate).
+There is no peer for the whole pipeline; the per-step peers are in bench/dsir.py, bench/dedup.py and
+bench/ingest.py. Prints a table, then LAST one JSON line: records, seconds, records_per_s, peak_rss_mb,
+steps{...}.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import print_json_line, rate, run_child, write_instruction_corpus
+from bench._common import last_json_line, print_json_line, rate, run_child, run_children, write_instruction_corpus
 
 STEPS: list[tuple[str, dict[str, object]]] = [
     ("filter", {"languages": []}),
@@ -37,36 +40,83 @@ STEPS: list[tuple[str, dict[str, object]]] = [
 ]
 
 
+def _step_tasks(step: str, cfg: str, prev: str, out: str) -> list[tuple[str, list[list[str]]]]:
+    """The step's task waves in order, as the DAG runs them: (wave name, commands run in parallel)."""
+    from operators.core.registry import step_class
+
+    base = [sys.executable, "-m", "operators"]
+    waves: list[tuple[str, list[list[str]]]] = [("plan", [[*base, "plan", step, "--config", cfg, "--input", prev,
+                                                            "--output", out]])]
+    for st in step_class(step).stages:
+        stage = [*base, "stage", step, "--stage", st.name, "--config", cfg, "--output", out]
+        waves.append((st.name, [stage] if st.kind == "reduce" else [[*stage, "--shard", "{shard}"]]))
+    waves.append(("run", [[*base, "run", step, "--config", cfg, "--output", out, "--shard", "{shard}"]]))
+    waves.append(("reduce", [[*base, "reduce", step, "--output", out]]))
+    return waves
+
+
+def run_step_as_tasks(step: str, cfg: str, prev: str, out: str, parallel: int) -> dict[str, float | str]:
+    """Run one step as its DAG tasks; wall seconds, CPU seconds, the largest task peak RSS and its task."""
+    seconds = cpu = peak = 0.0
+    peak_task = ""
+    shards = 1
+    for wave, cmds in _step_tasks(step, cfg, prev, out):
+        if any("{shard}" in c for c in cmds[0]):
+            cmds = [[a.replace("{shard}", str(k)) for a in cmds[0]] for k in range(shards)]
+        wall, results = run_children(cmds, parallel=parallel)
+        for r in results:
+            r.check(f"{step} {wave}")
+            cpu += r.cpu_seconds
+            if r.peak_rss_mb > peak:
+                peak, peak_task = r.peak_rss_mb, wave
+        seconds += wall
+        if wave == "plan":
+            shards = len(last_json_line(results[0].stdout)["shards"])
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": peak,
+            "peak_task": peak_task, "shards": shards}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--shard-mb", type=float, default=64.0, help="target shard size of every step (MiB)")
+    ap.add_argument("--parallel", type=int, default=2, help="tasks of one wave run at once")
+    ap.add_argument("--whole-steps", action="store_true", help="each step as one `run` process")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="iip-phase1-"))
     try:
         corpus = write_instruction_corpus(tmp / "raw", args.records, seed=args.seed)
         print(f"corpus: {args.records} records in {len(corpus.files)} files under {tmp / 'raw'}")
-        results: dict[str, dict[str, float]] = {}
+        results: dict[str, dict[str, float | str]] = {}
         prev = str(tmp / "raw")
         chain: list[tuple[str, dict[str, object]]] = [("ingest", {"source_name": "bench"}), *STEPS]
+        shard_bytes = int(args.shard_mb * 2**20)
         for step, cfg in chain:
             out = str(tmp / "run" / step)
+            cfg = {**cfg, "target_shard_bytes": shard_bytes}
             if step == "select":
                 cfg = {**cfg, "dsir_dir": f"file://{tmp / 'run' / 'dsir'}"}
-            res = run_child([sys.executable, "-m", "operators", "run", step, "--config", json.dumps(cfg),
-                             "--input", prev, "--output", out]).check(step)
+            if args.whole_steps:
+                res = run_child([sys.executable, "-m", "operators", "run", step, "--config", json.dumps(cfg),
+                                 "--input", prev, "--output", out]).check(step)
+                measured: dict[str, float | str] = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds,
+                                                    "peak_rss_mb": res.peak_rss_mb, "peak_task": "run"}
+            else:
+                measured = run_step_as_tasks(step, json.dumps(cfg), prev, out, args.parallel)
             stats = json.loads((Path(out) / "stats.json").read_text())
-            results[step] = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds,
-                             "peak_rss_mb": res.peak_rss_mb, "records_in": stats["records_in"],
-                             "records_kept": stats["records_kept"],
-                             "records_per_s": rate(stats["records_in"], res.seconds)}
+            results[step] = {**measured, "records_in": stats["records_in"], "records_kept": stats["records_kept"],
+                             "records_per_s": rate(stats["records_in"], float(measured["seconds"]))}
             print(f"{step:14s} in {stats['records_in']:9d}  kept {stats['records_kept']:9d}  "
-                  f"{res.seconds:8.1f} s  {results[step]['records_per_s']:9.0f} rec/s  {res.peak_rss_mb:7.0f} MiB")
+                  f"{float(measured['seconds']):8.1f} s  {results[step]['records_per_s']:9.0f} rec/s  "
+                  f"{float(measured['peak_rss_mb']):7.0f} MiB (peak task: {measured['peak_task']})", flush=True)
             prev = out
-        seconds = round(sum(r["seconds"] for r in results.values()), 2)
+        seconds = round(sum(float(r["seconds"]) for r in results.values()), 2)
         print_json_line({"records": args.records, "seconds": seconds, "records_per_s": rate(args.records, seconds),
-                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values()), "steps": results})
+                         "peak_rss_mb": max(float(r["peak_rss_mb"]) for r in results.values()),
+                         "shard_mb": args.shard_mb, "mode": "whole-steps" if args.whole_steps else "tasks",
+                         "steps": results})
     finally:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)

@@ -14,7 +14,8 @@
     torchrun --nproc_per_node N -m operators train ...   # the same run over N processes (ZeRO-3)
 
 Multi-stage steps (dedup, DSIR) run their auxiliary stages with `stage` after `plan` and before `run`:
-map stages once per shard, reduce stages once. `run` without `--shard` plans, runs every stage and
+map and partition stages once per shard (`--shard K`; a partition stage's task K reduces shuffle partitions
+K, K + shards, ...), reduce stages once. `run` without `--shard` plans, runs every stage and
 shard and reduces in one process. The last stdout line is a
 JSON summary; `--xcom-file` also writes it where Airflow's KubernetesPodOperator collects XComs.
 Exit codes: 0 done, 1 step failed, 2 bad config or arguments (nothing was written).
@@ -40,6 +41,7 @@ from operators.core.runner import (
     reduce_step,
     run_all,
     run_map_stage,
+    run_partition_stage,
     run_reduce_stage,
     run_shard,
 )
@@ -242,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             kinds = {st.name: st.kind for st in step.stages}
             if args.stage not in kinds:
                 raise ConfigError(f"step {args.step!r} has no stage {args.stage!r}; stages: {sorted(kinds)}")
-            if kinds[args.stage] == "map":
+            if kinds[args.stage] in ("map", "partition"):
                 if args.shard is None:
-                    raise ConfigError(f"map stage {args.stage!r} needs --shard")
-                m = run_map_stage(step, args.output, plan, args.stage, args.shard)
+                    raise ConfigError(f"{kinds[args.stage]} stage {args.stage!r} needs --shard")
+                run_one = run_map_stage if kinds[args.stage] == "map" else run_partition_stage
+                m = run_one(step, args.output, plan, args.stage, args.shard)
             else:
                 m = run_reduce_stage(step, args.output, plan, args.stage)
             _emit({"step": args.step, "stage": args.stage, "shard": args.shard, **m.stats.model_dump(mode="json")},

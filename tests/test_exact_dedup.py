@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from operators.cli import build_step
 from operators.core import storage
@@ -70,3 +71,104 @@ def test_connected_components_transitive() -> None:
     labels = connected_components(500, left, right)
     assert all(labels[a] == labels[b] for a, b in zip(left, right, strict=True))
     assert all(labels[i] <= i for i in range(500))
+
+
+def _random_corpus(seed: int, shards: int = 4, per_shard: int = 60) -> list[list[dict[str, Any]]]:
+    """Records drawn from a few prompts and answers (with case/punctuation variants), so exact duplicates
+    cluster by conversation, by prompt, and transitively across both."""
+    rng = np.random.default_rng(seed)
+    prompts = [f"Question number {i}?" for i in range(25)]
+    answers = [f"Answer {j}." for j in range(6)]
+    out: list[list[dict[str, Any]]] = []
+    n = 0
+    for _ in range(shards):
+        rows = []
+        for _ in range(per_shard):
+            q = prompts[int(rng.integers(len(prompts)))]
+            q = q.upper() if rng.random() < 0.2 else q
+            reward = None if rng.random() < 0.3 else float(rng.integers(0, 4))
+            rows.append(rec(f"r{n:04d}", q, answers[int(rng.integers(len(answers)))], reward))
+            n += 1
+        out.append(rows)
+    return out
+
+
+def _whole_set_drops(shards: list[list[dict[str, Any]]], scopes: list[str]) -> dict[str, str]:
+    from operators.steps.dedup.exact import answer_lengths, choose_survivors, hash_words, record_hashes
+
+    rows = [r for s in shards for r in s]
+    convs = [r["conversations"] for r in rows]
+    hashes = {s: hash_words(record_hashes(convs, s)) for s in scopes}  # type: ignore[arg-type]
+    reward = np.array([np.nan if r["reward"] is None else r["reward"] for r in rows])
+    is_dup, survivor = choose_survivors(hashes, reward, np.array(answer_lengths(convs)),
+                                        pa.array([r["id"] for r in rows]))
+    return {rows[i]["id"]: f"duplicate of {rows[survivor[i]]['id']}" for i in np.flatnonzero(is_dup)}
+
+
+@pytest.mark.parametrize(("partitions", "scopes"), [(1, ["conversation", "first_human"]),
+                                                    (5, ["conversation", "first_human"]),
+                                                    (16, ["conversation"])])
+def test_partitioned_groups_equal_the_whole_set_decision(tmp_path: Path, partitions: int,
+                                                         scopes: list[str]) -> None:
+    """Hashes shuffled into any number of partitions, each grouped by its own task, drop exactly what the
+    single-machine decision drops, naming the same survivor; the ledger holds."""
+    shards = _random_corpus(7)
+    expected = _whole_set_drops(shards, scopes)
+    assert 40 < len(expected) < 230
+    out = storage.validate_uri(str(tmp_path / "out"))
+    m = run_all(build_step("exact_dedup", {"target_shard_bytes": 1, "partitions": partitions, "scopes": scopes}),
+                [write_shards(tmp_path / "in", shards)], out)
+    dropped = read_step_table(out, "dropped")
+    assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
+    assert m.stats.records_in == 240 == m.stats.records_kept + m.stats.dropped_by_reason["exact_duplicate"]
+    assert m.stats.counters["groups.partitions"] == partitions
+    folders = [p for p in (tmp_path / "out" / "_stages" / "keys").iterdir() if p.is_dir() and p.name[0] == "p"]
+    assert len(folders) == partitions
+
+
+def test_equal_hash_links_star_per_group() -> None:
+    from operators.steps.dedup.exact import equal_hash_links
+
+    keys = np.array([5, 3, 9, 3, 7, 1], dtype=np.int64)
+    scope = np.array([0, 0, 0, 0, 1, 0], dtype=np.int8)
+    h1 = np.array([1, 1, 2, 1, 1, 2], dtype=np.uint64)
+    h2 = np.array([0, 0, 0, 0, 0, 0], dtype=np.uint64)
+    src, dst = equal_hash_links(keys, scope, h1, h2)
+    # Group (0, 1, 0): keys 3, 3, 5 -> 5 links to 3 (3 repeated adds nothing); (0, 2, 0): 1, 9 -> 9 to 1;
+    # key 7 is alone in scope 1.
+    assert sorted(zip(src.tolist(), dst.tolist(), strict=True)) == [(5, 3), (9, 1)]
+
+
+def test_partition_tasks_cover_every_partition_once_and_resume(tmp_path: Path) -> None:
+    """Partition task k handles partitions k, k + shards, ...; a committed task is skipped on re-run, and a
+    crashed attempt's files are removed before the task runs again."""
+    from operators.core.manifest import read_manifest, shard_manifest_uri, stage_dir
+    from operators.core.runner import StepFailed, make_plan, run_map_stage, run_partition_stage
+    from operators.core.step import shuffle_partitions, slot_partitions
+
+    for shards, parts in [(4, 10), (4, 3), (1, 5), (7, 7)]:
+        assigned = [p for k in range(shards) for p in slot_partitions(k, shards, parts)]
+        assert sorted(assigned) == list(range(parts))
+    assert shuffle_partitions(None, 3) == 64 and shuffle_partitions(None, 500) == 500
+    assert shuffle_partitions(7, 500) == 7
+
+    shards = _random_corpus(3, shards=3)
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = build_step("exact_dedup", {"target_shard_bytes": 1, "partitions": 5})
+    plan = make_plan(step, [write_shards(tmp_path / "in", shards)], out)
+    with pytest.raises(StepFailed, match="not committed"):
+        run_partition_stage(step, out, plan, "groups", 0)  # its map stage has not run yet
+    for k in range(3):
+        run_map_stage(step, out, plan, "keys", k)
+    sdir = Path(stage_dir(out, "groups").removeprefix("file://"))
+    sdir.mkdir(parents=True)
+    orphan = sdir / "part-00001-00000-deadbeef.parquet"
+    orphan.write_bytes(b"left by a killed attempt")
+    first = run_partition_stage(step, out, plan, "groups", 1)
+    assert not orphan.exists()
+    assert first.stats.counters["partitions"] == 2  # partitions 1 and 4 of 5, over 3 tasks
+    again = run_partition_stage(build_step("exact_dedup", {"target_shard_bytes": 1, "partitions": 5}), out,
+                                plan, "groups", 1)
+    assert again.attempt == first.attempt  # skipped: the committed output stands
+    committed = read_manifest(shard_manifest_uri(stage_dir(out, "groups"), 1))
+    assert committed is not None and committed.attempt == first.attempt

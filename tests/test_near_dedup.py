@@ -112,34 +112,70 @@ def _write_shards(root: Path, shards: list[list[dict[str, Any]]]) -> str:
     return str(d)
 
 
-@pytest.mark.parametrize(("partitions", "budget"), [(1, 2_000_000), (7, 2_000_000), (16, 25)])
-def test_shuffled_resolve_equals_the_whole_set_resolve(tmp_path: Path, partitions: int, budget: int) -> None:
-    """Any number of band partitions, and candidate signatures fetched in small groups, drop exactly what the
-    whole-set resolve drops, with the same survivor named."""
+@pytest.mark.parametrize("partitions", [1, 3, 7, 16])
+def test_shuffled_resolve_equals_the_whole_set_resolve(tmp_path: Path, partitions: int) -> None:
+    """Any number of band partitions (fewer or more than the 4 shards that run the partition tasks) drops
+    exactly what the whole-set resolve drops, with the same survivor named."""
     shards = _varied_corpus(11)
     expected = _reference_drops(shards)
     assert 40 < len(expected) < 120  # the fixture has real clusters (verification rejects a few links too)
     out = storage.validate_uri(str(tmp_path / "out"))
-    step = build_step("near_dedup", {"target_shard_bytes": 1, "band_partitions": partitions,
-                                     "max_candidate_signatures": budget})
+    step = build_step("near_dedup", {"target_shard_bytes": 1, "band_partitions": partitions})
     m = run_all(step, [_write_shards(tmp_path, shards)], out)
     assert m.stats.shards == 4
     dropped = read_step_table(out, "dropped")
     assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
     assert m.stats.counters["resolve.near_duplicates"] == len(expected)
-    # The band rows really were shuffled: partition folders, each read on its own by the pairs stage.
+    # The band rows really were shuffled: partition folders, each read on its own by one task.
     stage = tmp_path / "out" / "_stages" / "signatures"
     folders = sorted(p.name for p in stage.iterdir() if p.is_dir() and p.name.startswith("p"))
     assert len(folders) == partitions and folders[0] == "p00000"
-    # Budget 25 < the candidates of one partition group: signatures were fetched group by group.
-    if budget == 25:
-        assert m.stats.counters["pairs.signatures_fetched"] > m.stats.counters["pairs.candidate_keys"] / 16
+    # Every partition was handled by exactly one of the 4 tasks.
+    assert m.stats.counters["pairs.partitions"] == partitions == m.stats.counters["candidates.partitions"]
+    # Only candidates' signatures moved: one per (candidate key, partition), never the whole corpus's.
+    assert m.stats.counters["pairs.signatures_gathered"] == m.stats.counters["candidates.candidate_keys"]
+    assert m.stats.counters["candidates.candidate_keys"] > 0
+    if partitions == 1:
+        assert m.stats.counters["candidates.candidate_keys"] < m.stats.records_in
+
+
+def test_near_dedup_partition_tasks_as_separate_processes_match(tmp_path: Path) -> None:
+    """The stages run as the orchestrator runs them: plan, then every map and partition task as its own CLI
+    process (fresh step object, state only in storage), then the reduces; the drops equal the whole-set's."""
+    import json
+    import subprocess
+    import sys
+
+    from operators.core.registry import step_class
+
+    shards = _varied_corpus(11)
+    expected = _reference_drops(shards)
+    src = _write_shards(tmp_path, shards)
+    out = str(tmp_path / "out")
+    cfg = json.dumps({"target_shard_bytes": 1, "band_partitions": 6})
+
+    def cli(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "operators", *args, "--config", cfg, "--output", out], check=True,
+                       capture_output=True)
+
+    cli("plan", "near_dedup", "--input", src)
+    for st in step_class("near_dedup").stages:
+        if st.kind == "reduce":
+            cli("stage", "near_dedup", "--stage", st.name)
+        else:
+            for shard in range(4):
+                cli("stage", "near_dedup", "--stage", st.name, "--shard", str(shard))
+    for shard in range(4):
+        cli("run", "near_dedup", "--shard", str(shard))
+    subprocess.run([sys.executable, "-m", "operators", "reduce", "near_dedup", "--output", out], check=True,
+                   capture_output=True)
+    dropped = read_step_table(storage.validate_uri(out), "dropped")
+    assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
 
 
 def test_bucket_members_and_shuffle_keep_buckets_whole() -> None:
-    import numpy as np
 
-    from operators.steps.dedup.near import bucket_members, group_partitions, shuffle_band_rows
+    from operators.steps.dedup.near import bucket_members, shuffle_band_rows
 
     rows = pa.table({"key": pa.array([1, 2, 3, 4, 4, 5], pa.int64()), "band": pa.array([0, 0, 1, 0, 0, 1], pa.int32()),
                      "band_hash": pa.array([10, 10, 10, 11, 11, 12], pa.uint64())})
@@ -149,8 +185,6 @@ def test_bucket_members_and_shuffle_keep_buckets_whole() -> None:
     assert sorted(parts) == [0, 1, 2] and sum(t.num_rows for t in parts.values()) == 6
     for k, t in parts.items():
         assert all(h % 3 == k for h in t["band_hash"].to_pylist())
-    sizes = [np.arange(n) for n in (3, 0, 4, 5, 1)]
-    assert group_partitions(sizes, 5) == [[0, 1], [2], [3], [4]]
 
 
 def test_crashed_map_attempt_leaves_no_shuffled_files(tmp_path: Path) -> None:

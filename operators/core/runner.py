@@ -32,7 +32,7 @@ from operators.core.manifest import (
     step_manifest_uri,
 )
 from operators.core.stats import LedgerError, StepStats, merge, peak_rss_mb
-from operators.core.step import REASON, SHARD_ROWS, Plan, Stage, Step, shuffle_dir
+from operators.core.step import REASON, SHARD_ROWS, Plan, Stage, StageRows, Step, shuffle_dir, slot_partitions
 from operators.core.writer import PartWriter
 
 log = logging.getLogger("operators.runner")
@@ -58,6 +58,7 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
     step_dir = storage.validate_uri(step_dir)
     files = step.resolve_inputs(inputs)
     shards = step.group_shards(files)
+    step.num_shards = len(shards)
     cfg = step.config.model_dump(mode="json")
     chash = config_hash(step.name, step.version, cfg, [f"{u}:{s}" for u, s in files])
     plan = Plan(step=step.name, config_hash=chash, config=cfg, inputs=list(inputs), shards=shards)
@@ -129,6 +130,7 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
         log.info("step %s shard %d: removed %d file(s) of an earlier uncommitted attempt",
                  step.name, shard_index, removed)
 
+    step.num_shards = len(plan.shards)
     step.begin_shard(shard_index)
     step.bind(StorageArtifacts(step_dir), shard_index)
     attempt = uuid.uuid4().hex[:8]
@@ -213,6 +215,12 @@ def _stage_counters(step_name: str, step_dir: str) -> dict[str, float]:
     except KeyError:
         return out
     for st in stages:
+        if st.kind == "partition":  # counters of its tasks, summed (tasks may count partitions of none)
+            summed: Counter[str] = Counter()
+            for uri in storage.list_files(storage.join(stage_dir(step_dir, st.name), SHARDS_DIR)):
+                if (sm := read_manifest(uri)) is not None:
+                    summed.update(sm.stats.counters)
+            out.update({f"{st.name}.{k}": float(v) for k, v in sorted(summed.items())})
         if st.kind != "reduce":
             continue
         m = read_manifest(step_manifest_uri(stage_dir(step_dir, st.name)))
@@ -280,9 +288,10 @@ def run_all(step: Step[Any], inputs: list[str], step_dir: str) -> Manifest:
     """Plan, run every stage and shard in this process, reduce: the whole step without an orchestrator."""
     plan = make_plan(step, inputs, step_dir)
     for stage in step.stages:
-        if stage.kind == "map":
+        if stage.kind in ("map", "partition"):
+            run_one = run_map_stage if stage.kind == "map" else run_partition_stage
             for spec in plan.shards:
-                run_map_stage(step, step_dir, plan, stage.name, spec.index)
+                run_one(step, step_dir, plan, stage.name, spec.index)
         else:
             run_reduce_stage(step, step_dir, plan, stage.name)
     for spec in plan.shards:
@@ -341,8 +350,16 @@ class StorageArtifacts:
 
     def __init__(self, step_dir: str) -> None:
         self.step_dir = step_dir
+        # Committed stages never change under a reader, so their file lists are listed once (a partition
+        # task asks for them once per partition; listing S shard manifests each time would cost S x P).
+        self._listed: dict[str, list[FileEntry]] = {}
 
     def _files(self, stage: str) -> list[FileEntry]:
+        if stage not in self._listed:
+            self._listed[stage] = self._list_files(stage)
+        return self._listed[stage]
+
+    def _list_files(self, stage: str) -> list[FileEntry]:
         sdir = stage_dir(self.step_dir, stage)
         reduced = read_manifest(step_manifest_uri(sdir))
         if reduced is not None:
@@ -369,6 +386,12 @@ class StorageArtifacts:
         prefix = f"part-{shard:05d}-"
         tables = [self._read(stage, f.path) for f in self._files(stage) if f.path.startswith(prefix)]
         return pa.concat_tables(tables) if tables else None
+
+    def shard_rows(self, stage: str, shard: int) -> Iterator[pa.Table]:
+        m = read_manifest(shard_manifest_uri(stage_dir(self.step_dir, stage), shard))
+        for f in m.files if m is not None else []:
+            if "/" not in f.path:
+                yield self._read(stage, f.path)
 
     def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
         prefix = shuffle_dir(partition) + "/"
@@ -401,53 +424,109 @@ def _commit(uri: str, manifest: Manifest, folder: str, what: str, owns_files: bo
     return winner
 
 
-def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_index: int) -> Manifest:
-    """Run map stage `stage` on one shard: side table rows for that shard, committed like a shard."""
-    step_dir = storage.validate_uri(step_dir)
-    _stage(step, stage, "map")
+def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, kind: str,
+                      shard_index: int) -> tuple[str, str, Manifest | None]:
+    """Checks before a per-shard stage task: (stage dir, manifest URI, the committed manifest if done).
+
+    When not done, files an earlier uncommitted attempt of this shard left are removed first."""
+    _stage(step, stage, kind)
     _check_config(step, step_dir, plan)
+    if not 0 <= shard_index < len(plan.shards):
+        raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
     _require_stages(step, step_dir, plan, before=stage)
+    step.num_shards = len(plan.shards)
     sdir = stage_dir(step_dir, stage)
     m_uri = shard_manifest_uri(sdir, shard_index)
     existing = read_manifest(m_uri)
     if existing is not None and existing.config_hash == plan.config_hash:
         log.info("step %s stage %s shard %d: already committed, skipping", step.name, stage, shard_index)
-        return existing
+        return sdir, m_uri, existing
     if existing is not None:
         storage.delete(m_uri)
-    _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=True)
-    step.begin_shard(shard_index)
-    step.prepare_stage(stage, StorageArtifacts(step_dir), shard_index)
-    spec = plan.shards[shard_index]
-    attempt = uuid.uuid4().hex[:8]
-    # One writer for the shard's own rows and, for a shuffling stage, one per partition it sends rows to.
-    writers: dict[int, PartWriter] = {}
+    _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=kind == "map")
+    return sdir, m_uri, None
 
-    def writer(key: int) -> PartWriter:
-        if key not in writers:
-            writers[key] = PartWriter(sdir, shard_index, attempt, "aux", step.config.max_part_rows,
-                                      step.config.max_part_bytes, subdir="" if key == SHARD_ROWS else shuffle_dir(key))
-        return writers[key]
 
-    stats = StepStats(step=f"{step.name}:{stage}", bytes_in=spec.bytes)
-    t0 = time.perf_counter()
-    for batch in step.read(spec):
-        stats.records_in += batch.num_rows
-        out = step.map_stage(stage, batch, shard_index)
-        for key, table in (out.items() if isinstance(out, dict) else [(SHARD_ROWS, out)]):
-            if key < SHARD_ROWS:
-                raise StepFailed(f"step {step.name} stage {stage}: bad shuffle partition {key}")
-            writer(key).write(table)
-    files = [f for key in sorted(writers) for f in writers[key].close()]
+def _commit_stage_shard(step: Step[Any], plan: Plan, stage: str, shard_index: int, sdir: str, m_uri: str,
+                        attempt: str, files: list[FileEntry], stats: StepStats, t0: float) -> Manifest:
     stats.records_kept = sum(f.rows for f in files)
     stats.bytes_out = sum(f.bytes for f in files)
     stats.seconds = round(time.perf_counter() - t0, 3)
     stats.peak_rss_mb = peak_rss_mb()
     manifest = Manifest(step=stats.step, config_hash=plan.config_hash, shard=shard_index, attempt=attempt,
                         files=files, stats=stats)
-    log.info("step %s stage %s shard %d: %d records -> %d rows in %.1fs", step.name, stage, shard_index,
-             stats.records_in, stats.records_kept, stats.seconds)
+    log.info("step %s stage %s shard %d: %d in -> %d rows in %.1fs, peak %.0f MiB", step.name, stage,
+             shard_index, stats.records_in, stats.records_kept, stats.seconds, stats.peak_rss_mb)
     return _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage} shard {shard_index}")
+
+
+class _StageWriter:
+    """Writes one task's stage rows: the shard's own rows, and for a shuffle, one writer per partition."""
+
+    def __init__(self, step: Step[Any], sdir: str, shard_index: int, attempt: str, stage: str) -> None:
+        self.step, self.sdir, self.shard, self.attempt, self.stage = step, sdir, shard_index, attempt, stage
+        self.writers: dict[int, PartWriter] = {}
+
+    def write(self, out: StageRows) -> None:
+        for key, table in (out.items() if isinstance(out, dict) else [(SHARD_ROWS, out)]):
+            if key < SHARD_ROWS:
+                raise StepFailed(f"step {self.step.name} stage {self.stage}: bad shuffle partition {key}")
+            if key not in self.writers:
+                cfg = self.step.config
+                self.writers[key] = PartWriter(self.sdir, self.shard, self.attempt, "aux", cfg.max_part_rows,
+                                               cfg.max_part_bytes,
+                                               subdir="" if key == SHARD_ROWS else shuffle_dir(key))
+            self.writers[key].write(table)
+
+    def close(self) -> list[FileEntry]:
+        return [f for key in sorted(self.writers) for f in self.writers[key].close()]
+
+
+def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_index: int) -> Manifest:
+    """Run map stage `stage` on one shard: side table rows for that shard, committed like a shard."""
+    step_dir = storage.validate_uri(step_dir)
+    sdir, m_uri, existing = _open_stage_shard(step, step_dir, plan, stage, "map", shard_index)
+    if existing is not None:
+        return existing
+    step.begin_shard(shard_index)
+    artifacts = StorageArtifacts(step_dir)
+    step.prepare_stage(stage, artifacts, shard_index)
+    spec = plan.shards[shard_index]
+    attempt = uuid.uuid4().hex[:8]
+    out = _StageWriter(step, sdir, shard_index, attempt, stage)
+    stats = StepStats(step=f"{step.name}:{stage}", bytes_in=spec.bytes)
+    t0 = time.perf_counter()
+    for batch in step.map_input(stage, artifacts, spec):
+        stats.records_in += batch.num_rows
+        out.write(step.map_stage(stage, batch, shard_index))
+    return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0)
+
+
+def run_partition_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, slot: int) -> Manifest:
+    """Run task `slot` of partition stage `stage`: the shuffle partitions assigned to it, one at a time,
+    each partition's rows written before the next is read; committed like a shard."""
+    step_dir = storage.validate_uri(step_dir)
+    sdir, m_uri, existing = _open_stage_shard(step, step_dir, plan, stage, "partition", slot)
+    if existing is not None:
+        return existing
+    attempt = uuid.uuid4().hex[:8]
+    out = _StageWriter(step, sdir, slot, attempt, stage)
+    stats = StepStats(step=f"{step.name}:{stage}")
+    counters: Counter[str] = Counter()
+    artifacts = StorageArtifacts(step_dir)
+    t0 = time.perf_counter()
+    partitions = _slot_partitions(step, stage, slot)
+    for k in partitions:
+        result = step.partition_stage(stage, artifacts, k)
+        stats.records_in += result.rows_in
+        out.write(result.rows)
+        counters.update(result.counters)
+    stats.counters = {"partitions": float(len(partitions)), **dict(sorted(counters.items()))}
+    return _commit_stage_shard(step, plan, stage, slot, sdir, m_uri, attempt, out.close(), stats, t0)
+
+
+def _slot_partitions(step: Step[Any], stage: str, slot: int) -> list[int]:
+    return slot_partitions(slot, step.num_shards, step.stage_partitions(stage))
 
 
 def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> Manifest:
@@ -456,6 +535,7 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
     _stage(step, stage, "reduce")
     _check_config(step, step_dir, plan)
     _require_stages(step, step_dir, plan, before=stage)
+    step.num_shards = len(plan.shards)
     sdir = stage_dir(step_dir, stage)
     m_uri = step_manifest_uri(sdir)
     existing = read_manifest(m_uri)
@@ -485,4 +565,4 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
 
 
 __all__ = ["SHARDS_DIR", "StepFailed", "StorageArtifacts", "load_plan", "make_plan", "read_step_table",
-           "reduce_step", "run_all", "run_map_stage", "run_reduce_stage", "run_shard"]
+           "reduce_step", "run_all", "run_map_stage", "run_partition_stage", "run_reduce_stage", "run_shard"]

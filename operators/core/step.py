@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeAlias, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -83,10 +83,15 @@ class Stage:
     A map stage may also shuffle: returning ``{SHARD_ROWS: own_rows, k: rows_for_partition_k, ...}``
     writes each partition's rows apart (under ``p<k>/`` in the stage folder), so a later stage reads one
     partition from every shard (`Artifacts.shuffled`) without reading the others.
+
+    `partition` stages are the reduce side of such a shuffle, split into parallel tasks: task k (one per
+    shard, so an orchestrator maps it like a map stage) handles the shuffle partitions ``p`` with
+    ``p % num_shards == k`` (`slot_partitions`) and emits its own rows, read later with `iter_tables`.
+    A task then holds one partition's rows, about corpus / partitions, never the whole corpus.
     """
 
     name: str
-    kind: Literal["map", "reduce"]
+    kind: Literal["map", "reduce", "partition"]
 
 
 @dataclass
@@ -99,6 +104,32 @@ class StageOutput:
 
 # Key of a shuffling map stage's output dict that holds the shard's own rows (not shuffled).
 SHARD_ROWS = -1
+
+# What a map or partition stage emits: its own rows, or {SHARD_ROWS: own rows, k: rows for partition k}.
+StageRows: TypeAlias = pa.Table | dict[int, pa.Table]
+
+
+@dataclass
+class PartitionResult:
+    """What a partition stage returns for one shuffle partition: rows (own or shuffled on), how many shuffled
+    rows it read, and counters summed into the step's stats."""
+
+    rows: StageRows
+    rows_in: int = 0
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def slot_partitions(slot: int, num_shards: int, partitions: int) -> list[int]:
+    """The shuffle partitions that task `slot` of a `partition` stage handles (round robin over shards)."""
+    return list(range(slot, partitions, max(1, num_shards)))
+
+
+def shuffle_partitions(configured: int | None, num_shards: int, floor: int = 64) -> int:
+    """How many partitions a shuffle uses: the configured number, else one per shard but at least `floor`.
+
+    One per shard keeps a partition task's memory at about one shard's worth of rows as the corpus grows;
+    the floor keeps small runs from putting everything into one partition."""
+    return configured if configured is not None else max(floor, num_shards)
 
 
 def shuffle_dir(partition: int) -> str:
@@ -130,6 +161,10 @@ class Artifacts(Protocol):
 
     def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
         """The rows every shard of map stage `stage` shuffled to `partition`, one part file at a time."""
+        ...
+
+    def shard_rows(self, stage: str, shard: int) -> Iterator[pa.Table]:
+        """The own rows shard `shard` emitted in map stage `stage`, one part file at a time."""
         ...
 
 
@@ -164,6 +199,9 @@ class Step(ABC, Generic[C]):
 
     def __init__(self, config: C) -> None:
         self.config = config
+        # Shards in the plan being run: set by the runner before any stage or shard, so a shuffling
+        # stage can size its partitions to the corpus (`shuffle_partitions`).
+        self.num_shards = 1
 
     # -- planning (edge: lists storage) -------------------------------------------------------------
     def resolve_inputs(self, inputs: list[str]) -> list[tuple[str, int]]:
@@ -217,7 +255,11 @@ class Step(ABC, Generic[C]):
                 yield from pf.iter_batches(batch_size=self.config.batch_rows)
 
     # -- multi-stage steps (override when `stages` is non-empty) ---------------------------------------
-    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table | dict[int, pa.Table]:
+    def map_input(self, stage: str, artifacts: Artifacts, shard: ShardSpec) -> Iterator[pa.RecordBatch]:
+        """What map stage `stage` reads of a shard: its records, or (overridden) an earlier stage's own rows."""
+        return self.read(shard)
+
+    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> StageRows:
         """Side table for one input batch of `shard` in map stage `stage`. Pure.
 
         A dict shuffles: key `SHARD_ROWS` holds the shard's own rows, key k >= 0 the rows for partition k."""
@@ -226,6 +268,14 @@ class Step(ABC, Generic[C]):
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Global decision of reduce stage `stage` over earlier stages' outputs."""
         raise NotImplementedError(f"step {self.name} has no reduce stage {stage!r}")
+
+    def stage_partitions(self, stage: str) -> int:
+        """How many shuffle partitions `partition` stage `stage` reads (known once `num_shards` is set)."""
+        raise NotImplementedError(f"step {self.name} has no partition stage {stage!r}")
+
+    def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
+        """Rows of `partition` stage `stage` for one shuffle partition (read it with `Artifacts.shuffled`)."""
+        raise NotImplementedError(f"step {self.name} has no partition stage {stage!r}")
 
     def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
         """Load what map stage `stage` of `shard` needs from earlier stages (runs before its batches)."""

@@ -1,6 +1,6 @@
 """Turns a registered step into Airflow tasks, so DAG files stay pure wiring.
 
-    plan -> [stage tasks: map stages mapped over shards, reduce stages once] -> run[shard] -> reduce
+    plan -> [stage tasks: map and partition stages mapped over shards, reduce stages once] -> run[shard] -> reduce
 
 Every task is a StepOperator running the same CLI; the shard list is the plan task's XCom.
 """
@@ -33,7 +33,7 @@ def step_group(
         plan = StepOperator(task_id="plan", action="plan", **common)
         prev: Any = plan
         for st in stages:
-            if st.kind == "map":
+            if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
                 task: Any = StepOperator.partial(task_id=st.name, action="stage", stage=st.name,
                                                  **common).expand(shard=plan.output)
             else:

@@ -1,16 +1,115 @@
-"""What exact and near-duplicate removal share: a reduce stage decides which rows of each shard to drop
-(and which record each duplicates), and the record transform drops exactly those rows."""
+"""What exact and near-duplicate removal share.
+
+Both run as map -> shuffle -> partitioned reduce -> resolve -> transform:
+  map          per record: a record key (``shard << 32 | row``) and the facts that pick a survivor (own rows),
+               plus hash rows shuffled by hash into partitions (`shuffle_rows`), so equal hashes meet
+  partition    per shuffle partition, in parallel tasks: duplicate links ``(key, linked_key)``
+  resolve      connected components over the links only (a record without a duplicate never enters it),
+               the survivor of each component, and per-shard drop lists (`resolve_links`)
+  transform    drop exactly the listed rows (`DropListStep.transform`)
+A partition task holds one partition's hash rows; the resolve holds a few dozen bytes per duplicate
+record, never per corpus record.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.core.step import Artifacts, BatchResult, Step, StepConfig, dropped_table
+from operators.core.step import Artifacts, BatchResult, StageOutput, Step, StepConfig, dropped_table, partition_by_shard
+from operators.dedup.minhash import components_from_links
 
 C = TypeVar("C", bound=StepConfig)
+
+KEY_SHIFT = np.int64(32)
+ROW_MASK = np.int64(0xFFFFFFFF)
+LINKS_SCHEMA = pa.schema([("key", pa.int64()), ("linked_key", pa.int64())])
+
+Keys = npt.NDArray[np.int64]
+
+
+def record_keys(shard: int, first_row: int, n: int) -> Keys:
+    """Keys of `n` records of `shard` from row `first_row` on: unique across shards, ordered like read order."""
+    return (np.int64(shard) << KEY_SHIFT) + np.arange(first_row, first_row + n, dtype=np.int64)
+
+
+def shuffle_rows(rows: pa.Table, partition: npt.NDArray[np.int64]) -> dict[int, pa.Table]:
+    """Split `rows` by their shuffle `partition` (one per row) into one table per non-empty partition."""
+    if rows.num_rows == 0:
+        return {}
+    order = np.argsort(partition, kind="stable")
+    sorted_part = partition[order]
+    cuts = np.flatnonzero(np.diff(sorted_part)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(order)]])
+    taken = rows.take(pa.array(order))
+    return {int(sorted_part[s]): taken.slice(s, e - s) for s, e in zip(starts, ends, strict=True)}
+
+
+def links_table(src: Keys, dst: Keys) -> pa.Table:
+    return pa.table({"key": pa.array(src, pa.int64()), "linked_key": pa.array(dst, pa.int64())})
+
+
+def linked_rows(artifacts: Artifacts, stage: str, linked: Keys, columns: list[str]) -> tuple[int, pa.Table]:
+    """One pass over map stage `stage`'s own rows: (records seen, the `columns` of the `linked` keys by key).
+
+    `linked` must be sorted and distinct; only those rows are kept, so memory follows the duplicates."""
+    records = 0
+    found: list[pa.Table] = []
+    for t in artifacts.iter_tables(stage):
+        records += t.num_rows
+        if linked.size:
+            idx = np.flatnonzero(np.isin(t.column("key").to_numpy(), linked, assume_unique=True))
+            if idx.size:
+                found.append(t.select(["key", *columns]).take(pa.array(idx)))
+    if not found:
+        if linked.size:
+            raise ValueError("links name keys that no shard's map output holds")  # stale or mixed stages
+        return records, pa.table({"key": pa.array([], pa.int64())})
+    rows = pa.concat_tables(found).combine_chunks()
+    rows = rows.take(pc.sort_indices(rows["key"]))
+    if not np.array_equal(rows["key"].to_numpy(), linked):
+        raise ValueError("links name keys that no shard's map output holds")  # stale or mixed stages
+    return records, rows
+
+
+def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, columns: list[str],
+                  priority: Callable[[pa.Table], npt.ArrayLike]) -> tuple[pa.Table, int, int]:
+    """Components of the links of `links_stage` and the drop list they imply.
+
+    The survivor of a component has the smallest ``priority(rows)`` (rows of the linked keys, sorted by
+    key, with `columns` and ``id`` from `rows_stage`), then the smallest key. Returns (drops as
+    ``shard, row, kept_id``, records seen, components)."""
+    links = pa.concat_tables([LINKS_SCHEMA.empty_table(), *artifacts.iter_tables(links_stage)])
+    linked = np.unique(np.concatenate([links.column("key").to_numpy(), links.column("linked_key").to_numpy()]))
+    records, rows = linked_rows(artifacts, rows_stage, linked, ["id", *columns])
+    empty = pa.table({"shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
+                      "kept_id": pa.array([], pa.string())})
+    if linked.size == 0:
+        return empty, records, 0
+    prio = np.asarray(priority(rows))
+    keys_sorted = rows["key"].to_numpy()
+
+    def by_key(keys: Keys) -> npt.NDArray[np.float64]:
+        return prio[np.searchsorted(keys_sorted, keys)]
+
+    comps = components_from_links(links, priority=by_key)
+    drops = comps.filter(pc.invert(comps["keep"]))
+    keys = drops["key"].to_numpy()
+    kept_ids = rows["id"].take(pa.array(np.searchsorted(keys_sorted, drops["keep_key"].to_numpy())))
+    table = pa.table({"shard": pa.array((keys >> KEY_SHIFT).astype(np.int32)),
+                      "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
+    return table, records, int(comps.filter(comps["keep"]).num_rows)
+
+
+def drop_lists(drops: pa.Table, summary: dict[str, int]) -> StageOutput:
+    """The resolve stage's output: one drop list per shard that has drops."""
+    return StageOutput(partitions=partition_by_shard(drops) if drops.num_rows else {}, summary=summary)
 
 
 class DropListStep(Step[C]):
@@ -30,6 +129,12 @@ class DropListStep(Step[C]):
 
     def begin_shard(self, shard: int) -> None:
         self._row = 0
+
+    def next_keys(self, shard: int, n: int) -> Keys:
+        """Keys of the next `n` records of `shard` in read order (map stages number rows as they read)."""
+        keys = record_keys(shard, self._row, n)
+        self._row += n
+        return keys
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         t = artifacts.partition("resolve", shard)

@@ -1,129 +1,162 @@
 """`exact_dedup` step: drop records whose normalized text repeats, keeping the best copy of each.
 
-Stages (each resumable on its own):
-  keys (map)       per record: hashes of the normalized whole conversation and of the first human turn,
-                   with the facts that decide which copy survives (reward, answer length, id)
-  resolve (reduce) group equal hashes across all shards, join groups that share a record (a copy may
-                   match one record by conversation and another by prompt), pick one survivor per
-                   cluster: highest reward, then longest answer, then smallest id; emit per-shard
-                   drop lists
-  transform        drop the listed rows of each shard with reason `exact_duplicate`
+Stages (each resumable on its own; no task holds the whole corpus):
+  keys (map)           per record: its key (shard << 32 | row) and the facts that decide which copy survives
+                       (reward, answer length, id) as the shard's own rows; and, per scope, a 128-bit hash
+                       of the normalized whole conversation / first human turn, shuffled by hash into
+                       `partitions` partitions so equal hashes meet in one
+  groups (partition)   per hash partition: records with an equal (scope, hash) linked to the group's first
+  resolve (reduce)     connected components over the links only (a copy may match one record by
+                       conversation and another by prompt), one survivor per component: highest reward,
+                       then longest answer, then smallest id; per-shard drop lists
+  transform            drop the listed rows of each shard with reason `exact_duplicate`
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 from pydantic import Field
 
-from operators.core.step import Artifacts, Stage, StageOutput, StepConfig, partition_by_shard
-from operators.dedup.unionfind import connected_components
-from operators.steps.dedup.droplist import DropListStep
+from operators.core.step import (
+    SHARD_ROWS,
+    Artifacts,
+    PartitionResult,
+    Stage,
+    StageOutput,
+    StepConfig,
+    shuffle_partitions,
+)
+from operators.dedup.unionfind import choose_keepers, connected_components
+from operators.steps.dedup.droplist import DropListStep, drop_lists, links_table, resolve_links, shuffle_rows
 from operators.text.normalize import normalize_text
 
 Scope = Literal["conversation", "first_human"]
 DEFAULT_SCOPES: tuple[Scope, ...] = ("conversation", "first_human")
-KEY_TYPE = pa.binary(16)
 REASON = "exact_duplicate"
 
 
 class ExactDedupConfig(StepConfig):
-    """Which texts must be unique."""
+    """Which texts must be unique, and the shuffle's size."""
 
     scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_SCOPES), min_length=1,
                                 description="Hash the whole conversation and/or the first human turn.")
+    partitions: int | None = Field(
+        None, ge=1, le=65_536,
+        description="Partitions the hash rows are shuffled into; a groups task holds one at a time. "
+                    "Default: one per shard, at least 64.")
 
 
 def _hash(text: str) -> bytes:
     return xxhash.xxh3_128_digest(normalize_text(text).encode())
 
 
-def record_keys(conversations: list[list[dict[str, str]]], scope: Scope) -> list[bytes]:
-    """Normalized-text hash of each record in `scope`. Pure."""
+def record_hashes(conversations: list[list[dict[str, str]]], scope: Scope) -> list[bytes]:
+    """Normalized-text hash (16 bytes) of each record in `scope`. Pure."""
     if scope == "conversation":
         return [_hash("\x1e".join(f"{t['from']}\x1f{t['value']}" for t in conv)) for conv in conversations]
     return [_hash(next((t["value"] for t in conv if t["from"] == "human"), "")) for conv in conversations]
+
+
+def hash_words(digests: list[bytes]) -> npt.NDArray[np.uint64]:
+    """128-bit digests as an ``(n, 2)`` uint64 matrix (sorts and compares fast; all 128 bits kept)."""
+    return np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2) if digests else \
+        np.zeros((0, 2), dtype=np.uint64)
 
 
 def answer_lengths(conversations: list[list[dict[str, str]]]) -> list[int]:
     return [sum(len(t["value"]) for t in conv if t["from"] == "gpt") for conv in conversations]
 
 
-def choose_survivors(keys: Mapping[str, np.ndarray], reward: np.ndarray, answer_len: np.ndarray,
-                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For n records with per-scope keys, return (is_duplicate mask, index of the survivor of each record).
+def equal_hash_links(keys: npt.NDArray[np.int64], scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
+                     h2: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Links (key, first key of its group) for rows whose (scope, hash) another row shares: a star per group,
+    linear in rows. A key repeated within a group (a re-emitted shard) adds no link."""
+    order = np.lexsort((keys, h2, h1, scope))
+    k, sc, a, b = keys[order], scope[order], h1[order], h2[order]
+    first = np.ones(k.size, dtype=bool)
+    first[1:] = (sc[1:] != sc[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    head = k[np.maximum.accumulate(np.where(first, np.arange(k.size), 0))] if k.size else k
+    linked = ~first & (k != head)
+    return k[linked], head[linked]
 
-    Records sharing any key are one cluster (transitively); the survivor has the highest reward (missing
-    rewards rank last), then the longest answers, then the smallest id. Pure and deterministic.
-    """
-    n = len(ids)
-    left: list[np.ndarray] = []
-    right: list[np.ndarray] = []
-    for k in keys.values():
-        order = np.argsort(k, kind="stable")
-        sk = k[order]
-        same = np.empty(n, dtype=bool)
-        if n:
-            same[0] = False
-            same[1:] = sk[1:] == sk[:-1]
-        # Link each record to the previous record with the same key: a chain per group, linear in n.
-        left.append(order[same])
-        right.append(order[np.roll(same, -1)] if n else order)
-    comp = connected_components(n, np.concatenate(left) if left else np.empty(0),
-                                np.concatenate(right) if right else np.empty(0))
-    # Rank records within components: lexsort's last key is the primary one.
-    rank = np.lexsort((ids, -answer_len, -np.nan_to_num(reward, nan=-np.inf), comp))
-    survivor_of_comp = np.full(n, -1, dtype=np.int64)
-    first_in_comp = np.ones(n, dtype=bool)
-    sc = comp[rank]
-    first_in_comp[1:] = sc[1:] != sc[:-1]
-    survivor_of_comp[sc[first_in_comp]] = rank[first_in_comp]
-    survivor = survivor_of_comp[comp]
-    return survivor != np.arange(n), survivor
+
+def survivor_rank(reward: npt.NDArray[np.float64], answer_len: npt.NDArray[np.int64], ids: pa.Array) -> npt.NDArray[
+        np.int64]:
+    """Rank of each record as a survivor (0 = best): highest reward (missing last), longest answer, smallest id."""
+    order = pc.sort_indices(pa.table({"r": np.nan_to_num(reward, nan=-np.inf), "a": answer_len, "id": ids}),
+                            sort_keys=[("r", "descending"), ("a", "descending"), ("id", "ascending")]).to_numpy()
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    return rank
+
+
+def choose_survivors(hashes: Mapping[str, npt.NDArray[np.uint64]], reward: npt.NDArray[np.float64],
+                     answer_len: npt.NDArray[np.int64], ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The single-machine form: for n records with per-scope ``(n, 2)`` hashes, (is_duplicate, survivor index).
+
+    Records sharing any hash are one cluster (transitively); the survivor is the best `survivor_rank`.
+    The distributed stages decide the same. Pure and deterministic."""
+    n = len(reward)
+    rows = np.arange(n, dtype=np.int64)
+    src, dst = [], []
+    for i, h in enumerate(hashes.values()):
+        s, d = equal_hash_links(rows, np.full(n, i, dtype=np.int8), h[:, 0], h[:, 1])
+        src.append(s)
+        dst.append(d)
+    comp = connected_components(n, np.concatenate(src), np.concatenate(dst))
+    survivor = choose_keepers(comp, survivor_rank(reward, answer_len, ids))
+    return survivor != rows, survivor
 
 
 class ExactDedupStep(DropListStep[ExactDedupConfig]):
     """Drop exact duplicates (after normalization) across all shards, keeping one copy of each."""
 
     name: ClassVar[str] = "exact_dedup"
+    version: ClassVar[int] = 2  # hashes shuffled to partition tasks; decisions unchanged
     config_model: ClassVar[type[StepConfig]] = ExactDedupConfig
-    stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("resolve", "reduce"))
+    stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("groups", "partition"),
+                                           Stage("resolve", "reduce"))
     drop_reason: ClassVar[str] = REASON
     detail_prefix: ClassVar[str] = "duplicate of"
 
-    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
+    def stage_partitions(self, stage: str) -> int:
+        return shuffle_partitions(self.config.partitions, self.num_shards)
+
+    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> dict[int, pa.Table]:
         convs = batch.column("conversations").to_pylist()
         n = len(convs)
-        cols: dict[str, Any] = {
-            "shard": pa.array([shard] * n, pa.int32()),
-            "row": pa.array(np.arange(self._row, self._row + n), pa.int64()),
-            "id": batch.column("id"),
-            "reward": batch.column("reward"),
-            "answer_len": pa.array(answer_lengths(convs), pa.int64()),
-        }
-        for scope in self.config.scopes:
-            cols[f"key_{scope}"] = pa.array(record_keys(convs, scope), KEY_TYPE)
-        self._row += n
-        return pa.table(cols)
+        keys = self.next_keys(shard, n)
+        own = pa.table({"key": pa.array(keys), "id": batch.column("id"), "reward": batch.column("reward"),
+                        "answer_len": pa.array(answer_lengths(convs), pa.int64())})
+        hash_rows = []
+        for i, scope in enumerate(self.config.scopes):
+            h = hash_words(record_hashes(convs, scope))
+            hash_rows.append(pa.table({"key": pa.array(keys), "scope": pa.array(np.full(n, i, dtype=np.int8)),
+                                       "h1": pa.array(h[:, 0]), "h2": pa.array(h[:, 1])}))
+        rows = pa.concat_tables(hash_rows)
+        part = (rows["h1"].to_numpy() % np.uint64(self.stage_partitions("groups"))).astype(np.int64)
+        return {SHARD_ROWS: own, **shuffle_rows(rows, part)}
+
+    def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
+        empty = pa.schema([("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint64()),
+                           ("h2", pa.uint64())]).empty_table()
+        t = pa.concat_tables([empty, *artifacts.shuffled("keys", partition)])
+        src, dst = equal_hash_links(t["key"].to_numpy(), t["scope"].to_numpy(), t["h1"].to_numpy(),
+                                    t["h2"].to_numpy())
+        return PartitionResult(links_table(src, dst), t.num_rows, {"links": float(src.size)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
-        tables = list(artifacts.iter_tables("keys"))
-        t = pa.concat_tables(tables) if tables else pa.table({"shard": pa.array([], pa.int32())})
-        if t.num_rows == 0:
-            return StageOutput(summary={"records": 0, "duplicates": 0})
-        keys: dict[str, np.ndarray] = {
-            s: np.asarray(t[f"key_{s}"].combine_chunks().to_pylist(), dtype="S16") for s in self.config.scopes
-        }
-        reward = t["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
-        ids = np.asarray(t["id"].to_pylist(), dtype=object)
-        is_dup, survivor = choose_survivors(keys, reward, t["answer_len"].to_numpy(), ids)
-        dup_idx = np.flatnonzero(is_dup)
-        shard = t["shard"].to_numpy()[dup_idx]
-        drops = pa.table({"shard": shard, "row": t["row"].to_numpy()[dup_idx],
-                          "kept_id": pa.array(ids[survivor[dup_idx]].tolist(), pa.string())})
-        return StageOutput(partitions=partition_by_shard(drops),
-                           summary={"records": t.num_rows, "duplicates": len(dup_idx)})
+        def rank(rows: pa.Table) -> npt.NDArray[np.int64]:
+            reward = rows["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
+            return survivor_rank(reward, rows["answer_len"].to_numpy(), rows["id"])
+
+        drops, records, _ = resolve_links(artifacts, links_stage="groups", rows_stage="keys",
+                                          columns=["reward", "answer_len"], priority=rank)
+        return drop_lists(drops, {"records": records, "duplicates": drops.num_rows})
