@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +81,53 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     """Run `python -m operators ...` in a subprocess, as a pod or the local StepOperator would."""
     return subprocess.run([sys.executable, "-m", "operators", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def airflow_env(home: Path, data_root: Path) -> dict[str, str]:
+    """Environment of an isolated embedded Airflow (its own home and SQLite DB) over this repo's DAGs."""
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "IIP_DATA_ROOT": str(data_root),
+        "IIP_EXECUTION_MODE": "local",
+    }
+
+
+def airflow(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the `airflow` CLI in `env`."""
+    return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def migrated_airflow(tmp_path_factory: pytest.TempPathFactory, extra: dict[str, str] | None = None
+                     ) -> tuple[dict[str, str], Path]:
+    """A fresh Airflow home with its metadata DB migrated: (its environment, its data root)."""
+    data = tmp_path_factory.mktemp("data")
+    env = {**airflow_env(tmp_path_factory.mktemp("airflow"), data), **(extra or {})}
+    r = airflow(env, "db", "migrate", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return env, data
+
+
+DAG_INFO = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+b = DagBag()
+d = b.dags.get(sys.argv[1])
+print(json.dumps({"errors": {k: str(v) for k, v in b.import_errors.items()}, "dags": sorted(b.dags),
+                  "tasks": sorted(t.task_id for t in d.tasks) if d else [],
+                  "params": sorted(d.params.keys()) if d else [],
+                  "schedule": str(d.schedule) if d else None, "catchup": d.catchup if d else None}))
+"""
+
+
+def dag_info(env: dict[str, str], dag_id: str) -> dict[str, Any]:
+    """What Airflow's DagBag parses in `env`: import errors, DAG ids, and `dag_id`'s tasks, params, schedule."""
+    r = subprocess.run([sys.executable, "-c", DAG_INFO, dag_id], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return info

@@ -5,58 +5,22 @@ from __future__ import annotations
 import ast
 import itertools
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.core.runner import read_step_table
-from tests.conftest import FAKE_SECRET, ROOT
-
-
-def airflow_env(home: Path, data_root: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "IIP_DATA_ROOT": str(data_root),
-        "IIP_EXECUTION_MODE": "local",
-    }
+from tests.conftest import FAKE_SECRET, ROOT, airflow, dag_info, migrated_airflow
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("airflow")
-    env = airflow_env(home, tmp_path_factory.mktemp("data"))
-    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    yield env
-
-
-def airflow(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return migrated_airflow(tmp_path_factory)[0]
 
 
 def test_dags_parse_without_errors(airflow_home: dict[str, str]) -> None:
-    code = (
-        "from airflow.dag_processing.dagbag import DagBag\n"
-        "import json\n"
-        "b = DagBag()\n"
-        "d = b.dags['ingest_source']\n"
-        "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()}, 'dags': sorted(b.dags),"
-        " 'tasks': sorted(t.task_id for t in d.tasks), 'params': sorted(d.params.keys())}))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env=airflow_home, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    info = dag_info(airflow_home, "ingest_source")
     assert info["errors"] == {}
     assert "ingest_source" in info["dags"]
     assert info["tasks"] == ["ingest.plan", "ingest.reduce", "ingest.run", "report"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,7 @@ from operators.orchestration.refresh import (
     plan_night,
     selection_inputs,
 )
-from tests.conftest import ROOT, run_cli
-from tests.test_dags import airflow, airflow_env
+from tests.conftest import ROOT, airflow, dag_info, migrated_airflow, run_cli
 
 
 def _plan(*shards: list[str]) -> Plan:
@@ -93,28 +89,12 @@ def test_plan_night_finds_only_new_files_and_ignores_failed_nights(tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("airflow")
-    env = airflow_env(home, tmp_path_factory.mktemp("data"))
-    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    yield env
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return migrated_airflow(tmp_path_factory)[0]
 
 
 def test_nightly_refresh_dag_parses(airflow_home: dict[str, str]) -> None:
-    code = (
-        "from airflow.dag_processing.dagbag import DagBag\n"
-        "import json\n"
-        "b = DagBag()\n"
-        "d = b.dags['nightly_refresh']\n"
-        "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()},"
-        " 'schedule': str(d.schedule), 'catchup': d.catchup,"
-        " 'tasks': sorted(t.task_id for t in d.tasks), 'params': sorted(d.params.keys())}))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env=airflow_home, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    info = dag_info(airflow_home, "nightly_refresh")
     assert info["errors"] == {}
     assert info["schedule"] == "@daily" and info["catchup"] is False
     assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.reduce", "validate", "export",

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,8 +18,7 @@ import pytest
 from operators.core.registry import step_class
 from operators.core.runner import read_step_table, run_all
 from operators.schema import CANONICAL_SCHEMA
-from tests.conftest import ROOT
-from tests.test_dags import airflow, airflow_env
+from tests.conftest import ROOT, airflow, migrated_airflow
 
 pytest.importorskip("transformers")
 
@@ -48,14 +46,10 @@ def foundational_fixture(data_root: Path, run: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    data = tmp_path_factory.mktemp("data")
-    e = airflow_env(tmp_path_factory.mktemp("airflow"), data)
-    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=e, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    e, data = migrated_airflow(tmp_path_factory)
     foundational_fixture(data, "found")
-    yield e
+    return e
 
 
 def stats(run_root: Path, step: str) -> dict:

@@ -4,9 +4,6 @@ evaluation suite's parts: answer extraction, HumanEval execution, the judge-scor
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +18,7 @@ from operators.train.evaluate import (
     load_records,
     parse_rating,
 )
-from tests.conftest import SHARED_DATA
-from tests.test_dags import airflow, airflow_env
+from tests.conftest import SHARED_DATA, airflow, migrated_airflow
 from tests.test_train_prep import SERIAL_ENV, one_torch_thread, write_set
 
 STAGE = {"max_steps": 2, "global_batch_size": 1, "learning_rate": 5e-4, "warmup_steps": 0, "max_seq_len": 128,
@@ -30,13 +26,8 @@ STAGE = {"max_steps": 2, "global_batch_size": 1, "learning_rate": 5e-4, "warmup_
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("airflow")
-    env = {**airflow_env(home, tmp_path_factory.mktemp("data")), **SERIAL_ENV}
-    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    yield env
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return migrated_airflow(tmp_path_factory, SERIAL_ENV)[0]
 
 
 def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
