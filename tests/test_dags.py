@@ -105,7 +105,8 @@ def test_airflow_loads_the_reports_plugin(airflow_home: dict[str, str]) -> None:
 def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
     from tests.conftest import run_cli
 
-    raw = tmp_path / "raw.jsonl"
+    raw = tmp_path / "raw"
+    raw.mkdir()
     lines = []
     for i in range(60):
         q = [f"Solve the equation {i}x + 3 = {i + 7}. How many solutions are there?",
@@ -118,12 +119,16 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     lines += lines[:10]  # exact duplicates
     lines.append(json.dumps({"conversations": [{"from": "human", "value": "Why?"},
                                                {"from": "gpt", "value": "I'm sorry, but I can't help with that."}]}))
-    raw.write_text("\n".join(lines) + "\n")
+    # Two files -> two shards all the way down (tiny target shards), so every map and partition stage runs
+    # as two mapped tasks and the duplicates (lines 60-69 repeat 0-9) sit in the other shard.
+    (raw / "a.jsonl").write_text("\n".join(lines[:35]) + "\n")
+    (raw / "b.jsonl").write_text("\n".join(lines[35:]) + "\n")
     data_root = Path(airflow_home["IIP_DATA_ROOT"])
     r = run_cli("run", "ingest", "--config", '{"source_name": "tiny"}', "--input", str(raw), "--output",
                 str(data_root / "sources" / "tiny" / "ingest"))
     assert r.returncode == 0, r.stderr[-2000:]
-    conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0}}
+    conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
+            "target_shard_mb": 0.001}
     r = airflow(airflow_home, "dags", "test", "foundational_selection", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = data_root / "runs" / "t1"
@@ -131,6 +136,12 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
              for s in ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")}
     assert stats["filter"]["records_in"] == 71 and stats["filter"]["dropped_by_reason"] == {"refusal": 1}
     assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
+    assert stats["exact_dedup"]["shards"] == 2 == stats["near_dedup"]["shards"]
+    # The dedup partition stages ran as mapped tasks, one per shard, covering every partition once.
+    for step, stage in (("exact_dedup", "groups"), ("near_dedup", "candidates"), ("near_dedup", "pairs")):
+        tasks = sorted((run / step / "_stages" / stage / "_shards").glob("*.json"))
+        assert len(tasks) == 2
+        assert sum(json.loads(t.read_text())["stats"]["counters"]["partitions"] for t in tasks) == 64
     # Each step reads exactly what the previous one kept: nothing lost between steps.
     order = ["filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select"]
     for a, b in itertools.pairwise(order):

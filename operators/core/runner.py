@@ -371,16 +371,16 @@ class StorageArtifacts:
                 files.extend(m.files)
         return files
 
-    def _read(self, stage: str, rel: str) -> pa.Table:
+    def _read(self, stage: str, rel: str, columns: list[str] | None = None) -> pa.Table:
         import pyarrow.parquet as pq
 
         with storage.open_input(storage.join(stage_dir(self.step_dir, stage), rel)) as fh:
-            return pq.read_table(fh)
+            return pq.read_table(fh, columns=columns)
 
-    def iter_tables(self, stage: str) -> Iterator[pa.Table]:
+    def iter_tables(self, stage: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for f in self._files(stage):
             if "/" not in f.path:  # a shuffling stage's partitions are read with `shuffled`
-                yield self._read(stage, f.path)
+                yield self._read(stage, f.path, columns)
 
     def partition(self, stage: str, shard: int) -> pa.Table | None:
         prefix = f"part-{shard:05d}-"

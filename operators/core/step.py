@@ -147,8 +147,9 @@ def partition_by_shard(table: pa.Table) -> dict[int, pa.Table]:
 class Artifacts(Protocol):
     """Read access to committed stage outputs (implemented by the runner over storage)."""
 
-    def iter_tables(self, stage: str) -> Iterator[pa.Table]:
-        """Every map-stage output part of `stage` (the shards' own rows, not shuffled ones), one at a time."""
+    def iter_tables(self, stage: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Every map-stage output part of `stage` (the shards' own rows, not shuffled ones), one at a time;
+        only `columns` when given (a reduce that needs ids need not read signatures)."""
         ...
 
     def partition(self, stage: str, shard: int) -> pa.Table | None:

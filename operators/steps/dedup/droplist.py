@@ -61,12 +61,12 @@ def linked_rows(artifacts: Artifacts, stage: str, linked: Keys, columns: list[st
     `linked` must be sorted and distinct; only those rows are kept, so memory follows the duplicates."""
     records = 0
     found: list[pa.Table] = []
-    for t in artifacts.iter_tables(stage):
+    for t in artifacts.iter_tables(stage, columns=["key", *columns] if linked.size else ["key"]):
         records += t.num_rows
         if linked.size:
             idx = np.flatnonzero(np.isin(t.column("key").to_numpy(), linked, assume_unique=True))
             if idx.size:
-                found.append(t.select(["key", *columns]).take(pa.array(idx)))
+                found.append(t.take(pa.array(idx)))
     if not found:
         if linked.size:
             raise ValueError("links name keys that no shard's map output holds")  # stale or mixed stages
