@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,15 +56,17 @@ def _step_tasks(step: str, cfg: str, prev: str, out: str) -> list[tuple[str, lis
     return waves
 
 
-def run_step_as_tasks(step: str, cfg: str, prev: str, out: str, parallel: int) -> dict[str, float | str]:
+def run_step_as_tasks(step: str, cfg: str, prev: str, out: str, parallel: int) -> dict[str, Any]:
     """Run one step as its DAG tasks; wall seconds, CPU seconds, the largest task peak RSS and its task."""
     seconds = cpu = peak = 0.0
     peak_task = ""
     shards = 1
+    wave_peaks: dict[str, float] = {}
     for wave, cmds in _step_tasks(step, cfg, prev, out):
         if any("{shard}" in c for c in cmds[0]):
             cmds = [[a.replace("{shard}", str(k)) for a in cmds[0]] for k in range(shards)]
         wall, results = run_children(cmds, parallel=parallel)
+        wave_peaks[wave] = max(r.peak_rss_mb for r in results)
         for r in results:
             r.check(f"{step} {wave}")
             cpu += r.cpu_seconds
@@ -73,7 +76,7 @@ def run_step_as_tasks(step: str, cfg: str, prev: str, out: str, parallel: int) -
         if wave == "plan":
             shards = len(last_json_line(results[0].stdout)["shards"])
     return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": peak,
-            "peak_task": peak_task, "shards": shards}
+            "peak_task": peak_task, "shards": shards, "task_peaks_mb": wave_peaks}
 
 
 def main() -> None:
@@ -89,7 +92,7 @@ def main() -> None:
     try:
         corpus = write_instruction_corpus(tmp / "raw", args.records, seed=args.seed)
         print(f"corpus: {args.records} records in {len(corpus.files)} files under {tmp / 'raw'}")
-        results: dict[str, dict[str, float | str]] = {}
+        results: dict[str, dict[str, Any]] = {}
         prev = str(tmp / "raw")
         chain: list[tuple[str, dict[str, object]]] = [("ingest", {"source_name": "bench"}), *STEPS]
         shard_bytes = int(args.shard_mb * 2**20)
@@ -101,7 +104,7 @@ def main() -> None:
             if args.whole_steps:
                 res = run_child([sys.executable, "-m", "operators", "run", step, "--config", json.dumps(cfg),
                                  "--input", prev, "--output", out]).check(step)
-                measured: dict[str, float | str] = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds,
+                measured: dict[str, Any] = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds,
                                                     "peak_rss_mb": res.peak_rss_mb, "peak_task": "run"}
             else:
                 measured = run_step_as_tasks(step, json.dumps(cfg), prev, out, args.parallel)

@@ -124,8 +124,8 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     (raw / "a.jsonl").write_text("\n".join(lines[:35]) + "\n")
     (raw / "b.jsonl").write_text("\n".join(lines[35:]) + "\n")
     data_root = Path(airflow_home["IIP_DATA_ROOT"])
-    r = run_cli("run", "ingest", "--config", '{"source_name": "tiny"}', "--input", str(raw), "--output",
-                str(data_root / "sources" / "tiny" / "ingest"))
+    r = run_cli("run", "ingest", "--config", '{"source_name": "tiny", "target_shard_bytes": 1}', "--input", str(raw),
+                "--output", str(data_root / "sources" / "tiny" / "ingest"))
     assert r.returncode == 0, r.stderr[-2000:]
     conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
             "target_shard_mb": 0.001}
