@@ -359,15 +359,34 @@ def _malform(rng: random.Random, rec: dict[str, Any], kind: str) -> str:
     return json.dumps(rec, ensure_ascii=False)
 
 
+def _near_copy(rng: random.Random, exchanges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`exchanges` with one word of the first prompt and one word of the last answer replaced."""
+    def edit(text: str) -> str:
+        words = text.split(" ")
+        if len(words) < 8:  # Chinese: no spaces; change one character instead
+            k = rng.randrange(len(text))
+            return text[:k] + "的" + text[k + 1:]
+        words[rng.randrange(len(words))] = rng.choice(["notably", "roughly", "again", "quite", "surely"])
+        return " ".join(words)
+
+    out = list(exchanges)
+    out[0] = (edit(out[0][0]), out[0][1])
+    out[-1] = (out[-1][0], edit(out[-1][1]))
+    return out
+
+
 def write_instruction_corpus(directory: str | Path, n_records: int, *, n_files: int | None = None,
                              seed: int = 1234, malformed_rate: float = 0.01,
-                             lang_weights: tuple[float, float, float] = (0.86, 0.08, 0.06)) -> Corpus:
+                             lang_weights: tuple[float, float, float] = (0.86, 0.08, 0.06),
+                             near_dup_rate: float = 0.0) -> Corpus:
     """Stream `n_records` synthetic instruction records into JSONL files under `directory`.
 
     Files rotate through ShareGPT, OpenAI, Alpaca, ShareGPT (ingest detects format per file); records
     are multi-turn, ~300-2000 characters, mostly English with some Chinese and French; about
-    `malformed_rate` of the lines are broken in one of :data:`MALFORMED_KINDS`. Deterministic for a
-    seed. Only one record is in memory at a time.
+    `malformed_rate` of the lines are broken in one of :data:`MALFORMED_KINDS`; about `near_dup_rate`
+    are near-duplicates of the record before them (one word of the first prompt and one of the last
+    answer replaced: not an exact duplicate by conversation or by prompt, but well above a 0.7 MinHash
+    Jaccard). Deterministic for a seed. Only one or two records are in memory at a time.
     """
     t0 = time.perf_counter()
     out_dir = Path(directory)
@@ -385,10 +404,15 @@ def write_instruction_corpus(directory: str | Path, n_records: int, *, n_files: 
         path = out_dir / f"part-{fi:04d}-{fmt}.jsonl"
         cf = CorpusFile(str(path), fmt, count, 0)
         with path.open("w", encoding="utf-8", newline="\n", buffering=1 << 20) as f:
+            previous: tuple[str, str | None, list[tuple[str, str]]] | None = None
             for i in range(count):
-                lang = rng.choices(("en", "zh", "fr"), weights=lang_weights)[0]
+                if previous is not None and near_dup_rate and rng.random() < near_dup_rate:
+                    lang, system, exchanges = previous[0], previous[1], _near_copy(rng, previous[2])
+                else:
+                    lang = rng.choices(("en", "zh", "fr"), weights=lang_weights)[0]
+                    system, exchanges = _conversation(rng, pool, lang)
+                previous = (lang, system, exchanges)
                 languages[lang] += 1
-                system, exchanges = _conversation(rng, pool, lang)
                 rec = _record(fmt, f"{fmt}-{fi}-{i}", system, exchanges)
                 # The first lines stay clean so per-file format detection sees a normal head.
                 if i >= 5 and rng.random() < malformed_rate:

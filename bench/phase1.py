@@ -9,7 +9,7 @@ StepOperator or a Kubernetes pod runs. A step's peak RSS is then the largest of 
 sizes a pod; the table also names the task that peaked. --whole-steps instead runs each step as one
 `run` process (all tasks in one interpreter). Run it at two sizes (e.g. 100k and 1M) with the same
 --shard-mb: seconds should grow linearly and the peak per task should stay bounded by the shard size,
-not the corpus size (the dedup resolves hold ~40 bytes per duplicate, select holds a few per candidate).
+not the corpus size (the dedup resolves hold a few hundred bytes per duplicate, select holds a few per candidate).
 There is no peer for the whole pipeline; the per-step peers are in bench/dsir.py, bench/dedup.py and
 bench/ingest.py. Prints a table, then LAST one JSON line: records, seconds, records_per_s, peak_rss_mb,
 steps{...}.
@@ -86,11 +86,13 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=float, default=64.0, help="target shard size of every step (MiB)")
     ap.add_argument("--parallel", type=int, default=2, help="tasks of one wave run at once")
     ap.add_argument("--whole-steps", action="store_true", help="each step as one `run` process")
+    ap.add_argument("--near-dup-rate", type=float, default=0.05,
+                    help="share of records that are near-duplicates of the record before them")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="iip-phase1-"))
     try:
-        corpus = write_instruction_corpus(tmp / "raw", args.records, seed=args.seed)
+        corpus = write_instruction_corpus(tmp / "raw", args.records, seed=args.seed, near_dup_rate=args.near_dup_rate)
         print(f"corpus: {args.records} records in {len(corpus.files)} files under {tmp / 'raw'}")
         results: dict[str, dict[str, Any]] = {}
         prev = str(tmp / "raw")

@@ -7,7 +7,7 @@ Both run as map -> shuffle -> partitioned reduce -> resolve -> transform:
   resolve      connected components over the links only (a record without a duplicate never enters it),
                the survivor of each component, and per-shard drop lists (`resolve_links`)
   transform    drop exactly the listed rows (`DropListStep.transform`)
-A partition task holds one partition's hash rows; the resolve holds a few dozen bytes per duplicate
+A partition task holds one partition's hash rows; the resolve holds a few hundred bytes per duplicate
 record, never per corpus record.
 """
 

@@ -18,7 +18,7 @@ Stages (each resumable on its own; no task holds the whole corpus):
   transform              drop listed rows with reason `near_duplicate` (detail: the kept record's id)
 Partition stages run one task per shard, each over the partitions ``k mod shards``, one partition at a time.
 Peak memory per task: one band partition (~20 bytes x bands x records / band_partitions) and the signatures
-of its candidates (~0.5 KB each), or one shard's signature rows; the resolve holds ~40 bytes per duplicate.
+of its candidates (~0.5 KB each), or one shard's signature rows; the resolve holds a few hundred bytes per duplicate.
 Data moved: each signature is read once by its own shard's gather task and sent only where it is a
 candidate, so I/O grows with the corpus, not with corpus x tasks.
 The decisions equal the in-memory `duplicate_components` on the whole set: every bucket is
