@@ -13,11 +13,11 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from operators.orchestration.dag_builder import publish_tasks, step_chain
+from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
-STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
+STEPS = FOUNDATIONAL_STEPS
 
 
 @dag(

@@ -14,13 +14,13 @@ from typing import Any
 
 from airflow.sdk import Param, dag, task
 
-from operators.orchestration.dag_builder import publish_tasks, step_chain
+from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
 from operators.orchestration.refresh import plan_night, selection_inputs
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name) }}"
-STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
+STEPS = FOUNDATIONAL_STEPS
 
 
 @dag(

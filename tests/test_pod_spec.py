@@ -83,6 +83,17 @@ def test_run_arguments_carry_the_shard_and_config() -> None:
     assert pod["metadata"]["labels"]["iip/shard"] == "7"
 
 
+def test_partition_stage_pod_runs_one_task_of_the_stage() -> None:
+    """A dedup partition stage's mapped task k becomes a pod running `stage ... --stage pairs --shard k`."""
+    op = StepOperator(task_id="pairs", step="near_dedup", action="stage", stage="pairs",
+                      output_uri="s3://bucket/runs/r1/near_dedup", config={}, shard=5, mode="kubernetes")
+    pod = render(op)
+    args = pod["spec"]["containers"][0]["args"]
+    assert args[:2] == ["stage", "near_dedup"]
+    assert args[args.index("--stage") + 1] == "pairs" and args[args.index("--shard") + 1] == "5"
+    assert pod["metadata"]["labels"]["iip/shard"] == "5"
+
+
 def test_profile_refuses_literal_secrets_and_latest_tags() -> None:
     with pytest.raises(ValidationError, match="secret"):
         PodProfile(image="x:1", env={"AWS_SECRET_ACCESS_KEY": "hunter2"})

@@ -15,6 +15,9 @@ from airflow.sdk import TaskGroup
 from operators.core.registry import step_class
 from operators.orchestration.step_operator import StepOperator
 
+# Phase 1 in the paper's order; `foundational_selection` and `nightly_refresh` both run exactly this chain.
+FOUNDATIONAL_STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
+
 
 def step_group(
     step: str,
