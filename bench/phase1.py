@@ -41,41 +41,37 @@ STEPS: list[tuple[str, dict[str, object]]] = [
 ]
 
 
-def _step_tasks(step: str, cfg: str, prev: str, out: str) -> list[tuple[str, list[list[str]]]]:
-    """The step's task waves in order, as the DAG runs them: (wave name, commands run in parallel)."""
+def _step_tasks(step: str, cfg: str, prev: str, out: str) -> list[tuple[str, list[str], bool]]:
+    """The step's task waves in order, as the DAG runs them: (wave name, command, once per shard?)."""
     from operators.core.registry import step_class
 
     base = [sys.executable, "-m", "operators"]
-    waves: list[tuple[str, list[list[str]]]] = [("plan", [[*base, "plan", step, "--config", cfg, "--input", prev,
-                                                            "--output", out]])]
+    waves = [("plan", [*base, "plan", step, "--config", cfg, "--input", prev, "--output", out], False)]
     for st in step_class(step).stages:
-        stage = [*base, "stage", step, "--stage", st.name, "--config", cfg, "--output", out]
-        waves.append((st.name, [stage] if st.kind == "reduce" else [[*stage, "--shard", "{shard}"]]))
-    waves.append(("run", [[*base, "run", step, "--config", cfg, "--output", out, "--shard", "{shard}"]]))
-    waves.append(("reduce", [[*base, "reduce", step, "--output", out]]))
+        waves.append((st.name, [*base, "stage", step, "--stage", st.name, "--config", cfg, "--output", out],
+                      st.kind != "reduce"))
+    waves.append(("run", [*base, "run", step, "--config", cfg, "--output", out], True))
+    waves.append(("reduce", [*base, "reduce", step, "--output", out], False))
     return waves
 
 
 def run_step_as_tasks(step: str, cfg: str, prev: str, out: str, parallel: int) -> dict[str, Any]:
     """Run one step as its DAG tasks; wall seconds, CPU seconds, the largest task peak RSS and its task."""
-    seconds = cpu = peak = 0.0
-    peak_task = ""
+    seconds = cpu = 0.0
     shards = 1
     wave_peaks: dict[str, float] = {}
-    for wave, cmds in _step_tasks(step, cfg, prev, out):
-        if any("{shard}" in c for c in cmds[0]):
-            cmds = [[a.replace("{shard}", str(k)) for a in cmds[0]] for k in range(shards)]
+    for wave, cmd, per_shard in _step_tasks(step, cfg, prev, out):
+        cmds = [[*cmd, "--shard", str(k)] for k in range(shards)] if per_shard else [cmd]
         wall, results = run_children(cmds, parallel=parallel)
-        wave_peaks[wave] = max(r.peak_rss_mb for r in results)
         for r in results:
             r.check(f"{step} {wave}")
             cpu += r.cpu_seconds
-            if r.peak_rss_mb > peak:
-                peak, peak_task = r.peak_rss_mb, wave
+        wave_peaks[wave] = max(r.peak_rss_mb for r in results)
         seconds += wall
         if wave == "plan":
             shards = len(last_json_line(results[0].stdout)["shards"])
-    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": peak,
+    peak_task = max(wave_peaks, key=lambda w: wave_peaks[w])
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": wave_peaks[peak_task],
             "peak_task": peak_task, "shards": shards, "task_peaks_mb": wave_peaks}
 
 

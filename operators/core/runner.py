@@ -115,7 +115,7 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     step_dir = storage.validate_uri(step_dir)
     if not 0 <= shard_index < len(plan.shards):
         raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
-    _check_config(step, step_dir, plan)
+    _bind_plan(step, step_dir, plan)
     m_uri = shard_manifest_uri(step_dir, shard_index)
     existing = read_manifest(m_uri)
     if existing is not None and existing.config_hash == plan.config_hash:
@@ -130,7 +130,6 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
         log.info("step %s shard %d: removed %d file(s) of an earlier uncommitted attempt",
                  step.name, shard_index, removed)
 
-    step.num_shards = len(plan.shards)
     step.begin_shard(shard_index)
     step.bind(StorageArtifacts(step_dir), shard_index)
     attempt = uuid.uuid4().hex[:8]
@@ -314,10 +313,12 @@ def read_step_table(step_dir: str, kind: str = "data") -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def _check_config(step: Step[Any], step_dir: str, plan: Plan) -> None:
+def _bind_plan(step: Step[Any], step_dir: str, plan: Plan) -> None:
+    """Fail unless the step's config is the planned one; then tell the step how many shards the plan has."""
     if step.config.model_dump(mode="json") != plan.config:
         raise StepFailed(f"step {step.name}: config differs from the one planned in {plan_uri(step_dir)}; "
                          "re-run the plan with this config")
+    step.num_shards = len(plan.shards)
 
 
 def _stage(step: Step[Any], name: str, kind: str) -> Stage:
@@ -430,11 +431,10 @@ def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, ki
 
     When not done, files an earlier uncommitted attempt of this shard left are removed first."""
     _stage(step, stage, kind)
-    _check_config(step, step_dir, plan)
+    _bind_plan(step, step_dir, plan)
     if not 0 <= shard_index < len(plan.shards):
         raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
     _require_stages(step, step_dir, plan, before=stage)
-    step.num_shards = len(plan.shards)
     sdir = stage_dir(step_dir, stage)
     m_uri = shard_manifest_uri(sdir, shard_index)
     existing = read_manifest(m_uri)
@@ -533,9 +533,8 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
     """Run reduce stage `stage` once over the earlier stages; commit its per-shard tables and summary."""
     step_dir = storage.validate_uri(step_dir)
     _stage(step, stage, "reduce")
-    _check_config(step, step_dir, plan)
+    _bind_plan(step, step_dir, plan)
     _require_stages(step, step_dir, plan, before=stage)
-    step.num_shards = len(plan.shards)
     sdir = stage_dir(step_dir, stage)
     m_uri = step_manifest_uri(sdir)
     existing = read_manifest(m_uri)

@@ -8,7 +8,7 @@ Airflow or storage, so it can be tested on in-memory batches and run anywhere.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeAlias, TypeVar
 
@@ -117,6 +117,14 @@ class PartitionResult:
     rows: StageRows
     rows_in: int = 0
     counters: dict[str, float] = field(default_factory=dict)
+
+
+def concat_or_empty(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
+    """`tables` as one table; with none, an empty table of `schema`, so its columns can still be read.
+
+    `schema` may name only the columns a reader needs: the tables may carry more (fixed-size lists whose
+    width the reader does not know, for example)."""
+    return pa.concat_tables([schema.empty_table(), *tables], promote_options="default")
 
 
 def slot_partitions(slot: int, num_shards: int, partitions: int) -> list[int]:

@@ -21,7 +21,16 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.core.step import Artifacts, BatchResult, StageOutput, Step, StepConfig, dropped_table, partition_by_shard
+from operators.core.step import (
+    Artifacts,
+    BatchResult,
+    StageOutput,
+    Step,
+    StepConfig,
+    concat_or_empty,
+    dropped_table,
+    partition_by_shard,
+)
 from operators.dedup.minhash import components_from_links
 
 C = TypeVar("C", bound=StepConfig)
@@ -67,13 +76,12 @@ def linked_rows(artifacts: Artifacts, stage: str, linked: Keys, columns: list[st
             idx = np.flatnonzero(np.isin(t.column("key").to_numpy(), linked, assume_unique=True))
             if idx.size:
                 found.append(t.take(pa.array(idx)))
-    if not found:
-        if linked.size:
-            raise ValueError("links name keys that no shard's map output holds")  # stale or mixed stages
+    if not linked.size:
         return records, pa.table({"key": pa.array([], pa.int64())})
-    rows = pa.concat_tables(found).combine_chunks()
-    rows = rows.take(pc.sort_indices(rows["key"]))
-    if not np.array_equal(rows["key"].to_numpy(), linked):
+    rows = pa.concat_tables(found).combine_chunks() if found else None
+    if rows is not None:
+        rows = rows.take(pc.sort_indices(rows["key"]))
+    if rows is None or not np.array_equal(rows["key"].to_numpy(), linked):
         raise ValueError("links name keys that no shard's map output holds")  # stale or mixed stages
     return records, rows
 
@@ -85,7 +93,7 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
     The survivor of a component has the smallest ``priority(rows)`` (rows of the linked keys, sorted by
     key, with `columns` and ``id`` from `rows_stage`), then the smallest key. Returns (drops as
     ``shard, row, kept_id``, records seen, components)."""
-    links = pa.concat_tables([LINKS_SCHEMA.empty_table(), *artifacts.iter_tables(links_stage)])
+    links = concat_or_empty(artifacts.iter_tables(links_stage), LINKS_SCHEMA)
     linked = np.unique(np.concatenate([links.column("key").to_numpy(), links.column("linked_key").to_numpy()]))
     records, rows = linked_rows(artifacts, rows_stage, linked, ["id", *columns])
     empty = pa.table({"shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
@@ -109,7 +117,7 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
 
 def drop_lists(drops: pa.Table, summary: dict[str, int]) -> StageOutput:
     """The resolve stage's output: one drop list per shard that has drops."""
-    return StageOutput(partitions=partition_by_shard(drops) if drops.num_rows else {}, summary=summary)
+    return StageOutput(partitions=partition_by_shard(drops), summary=summary)
 
 
 class DropListStep(Step[C]):

@@ -31,6 +31,7 @@ from operators.core.step import (
     Stage,
     StageOutput,
     StepConfig,
+    concat_or_empty,
     shuffle_partitions,
 )
 from operators.dedup.unionfind import choose_keepers, connected_components
@@ -145,9 +146,8 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
         return {SHARD_ROWS: own, **shuffle_rows(rows, part)}
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
-        empty = pa.schema([("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint64()),
-                           ("h2", pa.uint64())]).empty_table()
-        t = pa.concat_tables([empty, *artifacts.shuffled("keys", partition)])
+        t = concat_or_empty(artifacts.shuffled("keys", partition), pa.schema(
+            [("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint64()), ("h2", pa.uint64())]))
         src, dst = equal_hash_links(t["key"].to_numpy(), t["scope"].to_numpy(), t["h1"].to_numpy(),
                                     t["h2"].to_numpy())
         return PartitionResult(links_table(src, dst), t.num_rows, {"links": float(src.size)})

@@ -45,6 +45,7 @@ from operators.core.step import (
     Stage,
     StageOutput,
     StepConfig,
+    concat_or_empty,
     shuffle_partitions,
 )
 from operators.dedup.minhash import (
@@ -189,8 +190,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
 
     def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
         if stage == "gather":
-            t = pa.concat_tables([pa.schema([("key", pa.int64()), ("partition", pa.int32())]).empty_table(),
-                                  *artifacts.shuffled("candidates", shard)])
+            t = concat_or_empty(artifacts.shuffled("candidates", shard),
+                                pa.schema([("key", pa.int64()), ("partition", pa.int32())]))
             order = pc.sort_indices(t["key"])
             self._cand_keys = t["key"].take(order).to_numpy()
             self._cand_parts = t["partition"].take(order).to_numpy()
@@ -213,22 +214,23 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         return {SHARD_ROWS: own, **shuffled}
 
     def _band_rows(self, artifacts: Artifacts, k: int) -> pa.Table:
-        empty = pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())]).empty_table()
-        return pa.concat_tables([empty, *artifacts.shuffled("signatures", k)])
+        return concat_or_empty(artifacts.shuffled("signatures", k),
+                               pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())]))
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
-        rows = self._band_rows(artifacts, partition)
         verify = self.config.minhash.verify
+        if stage == "candidates" and not verify:  # no signature is needed: nothing to find or gather
+            return PartitionResult(route_candidates(np.zeros(0, dtype=np.int64), partition), 0,
+                                   {"candidate_keys": 0.0})
+        rows = self._band_rows(artifacts, partition)
         if stage == "candidates":
-            # Without verification no signature is needed: nothing to gather.
-            members = bucket_members(rows) if verify else np.zeros(0, dtype=np.int64)
+            members = bucket_members(rows)
             return PartitionResult(route_candidates(members, partition), rows.num_rows,
                                    {"candidate_keys": float(members.size)})
         verifier = None
         gathered = 0
         if verify:
-            sigs = pa.concat_tables([pa.schema([("key", pa.int64())]).empty_table(),
-                                     *artifacts.shuffled("gather", partition)], promote_options="default")
+            sigs = concat_or_empty(artifacts.shuffled("gather", partition), pa.schema([("key", pa.int64())]))
             gathered = sigs.num_rows
             keyed = KeyedColumns(sigs["key"].to_numpy(), signature_matrix(sigs) if gathered else
                                  np.zeros((0, 1), dtype=np.uint32))
