@@ -3,7 +3,7 @@
     python bench/train.py --quick          # < 1 minute on 2 CPU cores: 256-token windows, 6 steps, last 2 blocks
     python bench/train.py [--records 400] [--max-seq-len 1024] [--steps 10] [--train-layers N]
 
-1. Builds conversations from GSM8K train (question -> worked answer; /work/shared/data, else the built-in
+1. Builds conversations from GSM8K train (question -> worked answer; ../shared/data, else the built-in
    arithmetic set) and runs the real `train_prep` step: chat template, assistant-only labels, packing.
 2. Trains in a measured child process (`python -m operators train`, the CLI a pod runs): ZeRO-3 via the
    Hugging Face Trainer, torch AdamW, on CPU (gloo) or the GPU when present.
