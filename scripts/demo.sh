@@ -93,3 +93,6 @@ $BIN/airflow dags test two_stage_finetune -c "$CONF" >"$AIRFLOW_HOME/two_stage_f
 FT=$IIP_DATA_ROOT/runs/demo-finetune/finetune
 cat "$FT/eval_report.md"
 echo "models: $FT/stage1/model, $FT/stage2/model (Hugging Face format)"
+echo
+echo "== done. See it in the Airflow UI: make airflow  (then open http://127.0.0.1:8080/, log in as printed;"
+echo "   each run has a Report tab, and Browse > Dataset reports lists every run's report)"

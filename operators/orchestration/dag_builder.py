@@ -52,8 +52,12 @@ def step_group(
 
 
 def report_task(output_uri: str, task_id: str = "report") -> StepOperator:
-    """A task that (re)builds the run report from every committed step under `output_uri`."""
-    return StepOperator(task_id=task_id, action="report", step="report", output_uri=output_uri)
+    """A task that (re)builds the run report from every committed step under `output_uri`.
+
+    A teardown: it runs when the tasks before it are done, failed ones included (a failed run is when a report is
+    most needed), while the run's state still comes from the work tasks; a failing report fails the run."""
+    task = StepOperator(task_id=task_id, action="report", step="report", output_uri=output_uri)
+    return task.as_teardown(on_failure_fail_dagrun=True)
 
 
 def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inputs: list[str] | str, run: str,

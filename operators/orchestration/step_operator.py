@@ -32,10 +32,15 @@ def step_arguments(
     shard: int | None = None,
     stage: str | None = None,
     xcom_file: str | None = None,
+    run_context: dict[str, str] | None = None,
+    index: str | None = None,
 ) -> list[str]:
     """The CLI arguments after `python -m operators` for one step action."""
     xcom = ["--xcom-file", xcom_file] if xcom_file else []
-    if action in ("report", "validate"):
+    if action == "report":
+        ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
+        return [action, "--output", output, *ctx, *(["--index", index] if index else []), *xcom]
+    if action == "validate":
         return [action, "--output", output, *xcom]
     if action == "export":
         return ["export", "--input", inputs[0], "--output", output, *xcom]
@@ -135,11 +140,23 @@ class StepOperator(BaseOperator):
             return self._execute_pod(context)
         if mode != "local":
             raise ValueError(f"unknown execution mode {mode!r}: use 'local' or 'kubernetes'")
-        return self._execute_local()
+        return self._execute_local(context)
 
-    def _execute_local(self) -> Any:
+    def _report_context(self, context: Any) -> dict[str, Any]:
+        """For the report action: which Airflow run it reports on, and the data root its index entry goes under."""
+        if self.action != "report" or not hasattr(context, "get"):
+            return {}
+        from operators.orchestration.settings import data_root
+
+        logical = context.get("logical_date")
+        run = {"dag_id": self.dag_id or "", "run_id": str(context.get("run_id", "")),
+               "logical_date": logical.isoformat() if logical is not None else ""}
+        return {"run_context": run, "index": data_root()} if run["run_id"] else {}
+
+    def _execute_local(self, context: Any = None) -> Any:
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
-                              inputs=self._inputs(), shard=self.shard, stage=self.stage)
+                              inputs=self._inputs(), shard=self.shard, stage=self.stage,
+                              **self._report_context(context))
         secrets = secret_values()
         self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
                       self.shard, redact(self.output_uri, secrets))
@@ -178,7 +195,7 @@ class StepOperator(BaseOperator):
         xcom = self.action in ("plan", "reduce", "report", "validate", "export", "train", "evaluate")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage,
-                              xcom_file=XCOM_FILE if xcom else None)
+                              xcom_file=XCOM_FILE if xcom else None, **self._report_context(context))
         ti = context.get("ti") if hasattr(context, "get") else None
         run_id = str(context.get("run_id", "")) if hasattr(context, "get") else ""
         labels = pod_labels(self.dag_id or "", self.task_id, run_id, self.step, self.shard)

@@ -14,7 +14,7 @@ record, never per corpus record.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -115,9 +115,26 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
     return table, records, int(comps.filter(comps["keep"]).num_rows)
 
 
-def drop_lists(drops: pa.Table, summary: dict[str, int]) -> StageOutput:
-    """The resolve stage's output: one drop list per shard that has drops."""
-    return StageOutput(partitions=partition_by_shard(drops), summary=summary)
+CLUSTER_BINS = ((2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, None))
+
+
+def cluster_sizes(kept_ids: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """How many duplicate clusters have each size (survivor + its drops), in fixed bins (additive)."""
+    if len(kept_ids) == 0:
+        return {}
+    sizes = pc.value_counts(kept_ids).field("counts").to_numpy() + 1
+    out = {}
+    for lo, hi in CLUSTER_BINS:
+        n = int(((sizes >= lo) & (sizes <= (hi or sizes.max()))).sum())
+        if n:
+            out[str(lo) if lo == hi else (f"{lo}-{hi}" if hi else f">{lo - 1}")] = n
+    return out
+
+
+def drop_lists(drops: pa.Table, summary: dict[str, Any]) -> StageOutput:
+    """The resolve stage's output: one drop list per shard that has drops, and the cluster-size histogram."""
+    return StageOutput(partitions=partition_by_shard(drops),
+                       summary={**summary, "cluster_sizes": cluster_sizes(drops["kept_id"])})
 
 
 class DropListStep(Step[C]):

@@ -1,0 +1,64 @@
+"""The run report, in three layers kept apart:
+
+    collect.py   what the run committed -> one report dict (report.json)
+    figures.py   numbers -> SVG figures (pure), charts.py: one function per chart of the report
+    render.py    dict + figures -> one self-contained HTML page (+ a page per step, + Markdown)
+
+`write_report` runs the three and writes the files beside the run; with a run context it also writes a small
+index entry `<index root>/_reports/<dag>/<run>.json`, which is how the Airflow plugin finds a run's report
+without listing a data root of millions of parts. The plugin only serves these files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from operators.core import storage
+from operators.report.collect import build_report
+from operators.report.render import anchor, render_html, render_markdown, render_step_page, render_validation_page
+
+PAGES_DIR = "_report"
+INDEX_DIR = "_reports"
+SAFE = re.compile(r"[^A-Za-z0-9_.=-]")
+
+
+def index_key(value: str) -> str:
+    """A DAG or run id as one safe path segment (Airflow run ids contain ':' and '+')."""
+    return SAFE.sub("_", str(value)).strip("._") or "_"
+
+
+def index_uri(index_root: str, dag_id: str, run_id: str) -> str:
+    """Where the index entry of (dag_id, run_id) lives."""
+    return storage.join(storage.validate_uri(index_root), INDEX_DIR, index_key(dag_id), index_key(run_id) + ".json")
+
+
+def write_report(root: str, run: dict[str, Any] | None = None, index_root: str | None = None) -> dict[str, str]:
+    """Build the report of `root`, write report.json/.md/.html and the per-step pages; returns their URIs."""
+    report = build_report(root, run)
+    root = report["root"]
+    out = {"json": storage.join(root, "report.json"), "markdown": storage.join(root, "report.md"),
+           "html": storage.join(root, "report.html")}
+    storage.write_bytes(out["json"], json.dumps(report, indent=1, default=str).encode())
+    storage.write_bytes(out["markdown"], render_markdown(report).encode())
+    storage.write_bytes(out["html"], render_html(report).encode())
+    for s in report["steps"]:
+        storage.write_bytes(storage.join(root, PAGES_DIR, anchor(s["dir"]) + ".html"),
+                            render_step_page(report, s["dir"]).encode())
+    storage.write_bytes(storage.join(root, PAGES_DIR, "validation.html"), render_validation_page(report).encode())
+    if run and index_root and run.get("dag_id") and run.get("run_id"):
+        index_root = storage.validate_uri(index_root)
+        if not (root == index_root or root.startswith(index_root.rstrip("/") + "/")):
+            raise ValueError(f"report root {root} is not under the index root {index_root}")
+        steps = report["steps"]
+        entry = {**run, "path": root[len(index_root):].strip("/"), "generated_at": report["generated_at"],
+                 "steps": len(steps), "records_in": steps[0]["records_in"] if steps else 0,
+                 "records_kept": steps[-1]["records_kept"] if steps else 0,
+                 "pages": {s["dir"]: f"{PAGES_DIR}/{anchor(s['dir'])}.html" for s in steps}}
+        out["index"] = index_uri(index_root, run["dag_id"], run["run_id"])
+        storage.write_bytes(out["index"], json.dumps(entry, indent=1).encode())
+    return out
+
+
+__all__ = ["INDEX_DIR", "PAGES_DIR", "build_report", "index_key", "index_uri", "render_html", "write_report"]

@@ -1,0 +1,146 @@
+"""The run report: figures drawn from data alone, a report collected from real committed steps, one HTML page."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from operators.cli import build_step
+from operators.core.runner import read_step_table, run_all
+from operators.report import index_uri, write_report
+from operators.report.collect import clip, first_exchange
+from operators.report.figures import bar_chart, funnel_chart, heatmap, histogram, line_chart, stacked_bars
+from operators.report.render import render_html, sample_card
+from operators.steps.dedup.droplist import cluster_sizes
+
+WIDTH = re.compile(r"<rect x='[\d.]+' y='[\d.]+' width='([\d.]+)'")
+
+
+def test_bar_chart_bars_are_proportional_and_labels_escaped() -> None:
+    fig = bar_chart("t", [("a<script>", 10), ("b", 5), ("c", 0)], caption="c")
+    widths = [float(w) for w in WIDTH.findall(fig.svg)]
+    assert len(widths) == 3
+    assert widths[1] == pytest.approx(widths[0] / 2, rel=0.01) and widths[2] == 0
+    assert "<script>" not in fig.svg and "a&lt;script&gt;" in fig.svg
+    assert fig.rows == (("a<script>", 10), ("b", 5), ("c", 0))  # the table carries the same numbers
+
+
+def test_funnel_splits_each_bar_into_kept_and_dropped() -> None:
+    fig = funnel_chart("f", [("filter", 100, 75), ("dedup", 75, 25)], caption="c")
+    w = [float(x) for x in WIDTH.findall(fig.svg)][2:]  # after the two legend swatches
+    kept0, drop0, kept1, drop1 = w
+    assert kept0 / (kept0 + drop0) == pytest.approx(0.75, rel=0.01)
+    assert kept0 + drop0 == pytest.approx((kept1 + drop1) * 100 / 75, rel=0.01)  # both on one scale
+    assert kept1 / drop1 == pytest.approx(0.5, rel=0.01)
+    assert fig.rows == (("filter", 100, 75, 25), ("dedup", 75, 25, 50))
+
+
+def test_stacked_heatmap_histogram_and_lines_draw_what_they_are_given() -> None:
+    st = stacked_bars("s", [("a", {"x": 1, "y": 3}), ("b", {"y": 2})], caption="c")
+    assert st.svg.count("<title>a / ") == 2 and st.svg.count("<title>b / ") == 1
+    hm = heatmap("h", ["r1", "r2"], ["m1", "m2"], {("r1", "m1"): 1.0, ("r2", "m2"): 9.0}, caption="c", lo=1, hi=10)
+    assert hm.svg.count("<rect") == 2 and hm.rows == (("r1", 1.0, ""), ("r2", "", 9.0))
+    hi = histogram("h", [("0-9", 3), ("10-19", 0), ("20+", 6)], caption="c")
+    heights = [float(h) for h in re.findall(r"height='([\d.]+)' fill", hi.svg)]
+    assert heights[1] == 0 and heights[2] == pytest.approx(2 * heights[0], rel=0.01)
+    ln = line_chart("l", {"stage1": [(1, 2.0), (2, 1.5), (3, 1.2)], "stage2": [(1, 1.0)]}, caption="c")
+    assert ln.svg.count("<circle") == 4 and ln.svg.count("<path") == 1  # one point draws no line
+
+
+def test_clip_cuts_at_a_word_and_first_exchange_pairs_the_answer() -> None:
+    text = "word " * 200
+    cut = clip(text, 50)
+    assert len(cut) <= 52 and cut.endswith("…") and not cut[:-2].endswith("wor")
+    conv = [{"from": "system", "value": "sys"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    assert first_exchange(conv) == ("q", "a")
+    assert first_exchange([{"from": "gpt", "value": "a"}]) == ("", "")
+
+
+def test_cluster_sizes_count_survivor_and_drops() -> None:
+    kept_ids = pa.array(["s1"] + ["s2"] * 2 + ["s3"] * 4 + ["s4"] * 150)
+    assert cluster_sizes(kept_ids) == {"2": 1, "3": 1, "4-5": 1, ">100": 1}
+    assert cluster_sizes(pa.array([], pa.string())) == {}
+
+
+def test_contamination_sample_shows_the_benchmark_prompt_beside_the_turn() -> None:
+    detail = {"benchmark": "mt_bench", "item": 7, "match": "containment", "matched_text": "plan a trip to <Hawaii>",
+              "benchmark_prompt": "Compose a blog post about a trip to Hawaii", "turn": 0}
+    card = sample_card({"id": "x", "reason": "contamination", "detail": detail, "human": "please plan a trip",
+                        "answer": "ok"})
+    assert "mt_bench" in card and "containment" in card
+    assert "Compose a blog post about a trip to Hawaii" in card and "plan a trip to &lt;Hawaii&gt;" in card
+
+
+def _conv(q: str, a: str) -> dict[str, object]:
+    return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ingest -> filter -> exact_dedup over a small corpus with duplicates, bad lines and hostile markup."""
+    tmp = tmp_path_factory.mktemp("report")
+    lines = [json.dumps(_conv(f"Explain topic number {i} in a few sentences, please.",
+                              f"Topic {i} is about the number {i} and its many properties in arithmetic."))
+             for i in range(40)]
+    lines += lines[:6]  # exact duplicates
+    lines.append(json.dumps(_conv("<script>alert('x')</script>", "ok")))  # hostile markup, too short to keep
+    lines += ["{not json", "[1, 2]"]
+    raw = tmp / "raw.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    root = tmp / "runs" / "r1"
+    run_all(build_step("ingest", {"source_name": "t"}), [str(raw)], str(root / "ingest"))
+    run_all(build_step("filter", {"languages": ["en"], "min_chars": 40}), [str(root / "ingest")], str(root / "filter"))
+    run_all(build_step("exact_dedup", {}), [str(root / "filter")], str(root / "exact_dedup"))
+    return root
+
+
+def test_report_of_a_real_run(run_root: Path) -> None:
+    uris = write_report(str(run_root), run={"dag_id": "d", "run_id": "manual__2026-01-01T00:00:00+00:00"},
+                        index_root=str(run_root.parent.parent))
+    report = json.loads((run_root / "report.json").read_text())
+    by_dir = {s["dir"]: s for s in report["steps"]}
+    assert list(by_dir) == ["ingest", "filter", "exact_dedup"]
+    for d, s in by_dir.items():  # the funnel is the steps' own committed stats, ledger included
+        stats = json.loads((run_root / d / "stats.json").read_text())
+        assert (s["records_in"], s["records_kept"], s["dropped_by_reason"]) == \
+            (stats["records_in"], stats["records_kept"], {k: v for k, v in stats["dropped_by_reason"].items() if v})
+        assert s["records_in"] == s["records_kept"] + sum(s["dropped_by_reason"].values())
+        for reason, samples in s["dropped_samples"].items():
+            assert 1 <= len(samples) <= 3 and all(x["reason"] == reason for x in samples)
+    assert set(by_dir["ingest"]["dropped_samples"]) == {"bad_json", "not_an_object"}
+    assert by_dir["ingest"]["dropped_samples"]["bad_json"][0]["raw"] == "{not json"  # raw input shown, not ``
+    dups = by_dir["exact_dedup"]["dropped_samples"]["exact_duplicate"]
+    kept_ids = set(read_step_table(str(run_root / "exact_dedup")).column("id").to_pylist())
+    for x in dups:  # the survivor beside each duplicate: a kept record with the same text
+        assert x["survivor"]["id"] in kept_ids and x["survivor"]["human"] == x["human"]
+    assert report["selection"]["cluster_sizes"]["exact_dedup"] == [["2", 6]]
+    prof = report["kept_profile"]
+    assert prof["dir"] == "exact_dedup" and prof["records"] == by_dir["exact_dedup"]["records_kept"]
+    assert sum(n for _, n in prof["turns"]) == prof["records"] and prof["languages"] == {"en": prof["records"]}
+
+    hostile = [x for xs in by_dir["filter"]["dropped_samples"].values() for x in xs if "<script>" in x["human"]]
+    assert hostile  # the hostile record is among the samples, so the page must show it escaped
+    page = (run_root / "report.html").read_text()
+    assert page.count("<svg") >= 4 and "<script>" not in page and "&lt;script&gt;" in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained: no CDN, no fetch
+    for s in report["steps"]:
+        assert f"{s['records_kept']:,} / {s['records_in']:,}" in page
+    entry = json.loads(Path(index_uri(str(run_root.parent.parent), "d", "manual__2026-01-01T00:00:00+00:00")
+                            .removeprefix("file://")).read_text())
+    assert entry["path"] == "runs/r1" and entry["records_in"] == by_dir["ingest"]["records_in"]
+    assert set(entry["pages"]) == set(by_dir) and all((run_root / p).is_file() for p in entry["pages"].values())
+    assert uris["index"].endswith(".json")
+
+
+def test_report_refuses_an_index_root_that_does_not_hold_the_run(run_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not under the index root"):
+        write_report(str(run_root), run={"dag_id": "d", "run_id": "r"}, index_root=str(tmp_path))
+
+
+def test_render_survives_an_empty_run(tmp_path: Path) -> None:
+    page = render_html({"root": str(tmp_path), "steps": [], "run": {}})
+    assert "No step of this run has committed yet" in page
