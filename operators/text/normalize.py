@@ -19,3 +19,43 @@ def normalize_text(text: str) -> str:
 def words(text: str) -> list[str]:
     """Lowercase word tokens."""
     return _WORD.findall(text.lower())
+
+
+# -- tokens for benchmark matching (decontamination) -------------------------------------------------
+# Stronger than normalize_text, which exact dedup and the filters hash with and so must not change:
+# Unicode compatibility forms (NFKC: full-width letters, ligatures, no-break spaces), case (casefold:
+# 'ß' == 'ss'), Latin diacritics ('café' == 'cafe'), apostrophes deleted rather than spaced ("don't" ==
+# "don’t" == "dont") and invisible format characters (zero-width space, soft hyphen, BOM) deleted, so a
+# word split by one stays one word. Every other non-alphanumeric character, underscore included, ends a
+# token: quotes, dashes and punctuation of any script are separators.
+_MATCH_DELETE = re.compile("['\u2019\u2018\u02bc`\u00ad\u200b\u200c\u200d\u2060\ufeff]")
+_MATCH_MARKS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+_MATCH_TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def _match_fold(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).casefold()
+    if text.isascii():  # the common case: two C-level replaces, not a regex pass
+        return text.replace("'", "").replace("`", "")
+    return _MATCH_MARKS.sub("", unicodedata.normalize("NFD", _MATCH_DELETE.sub("", text)))
+
+
+def match_tokens(text: str) -> list[str]:
+    """Tokens for benchmark matching: 'Don’t  SHOUT—café!' -> ['dont', 'shout', 'cafe']."""
+    return _MATCH_TOKEN.findall(_match_fold(text))
+
+
+def match_token_spans(text: str) -> list[tuple[str, int, int]]:
+    """`match_tokens(text)` with each token's (start, end) character span in `text`.
+
+    Folds character by character to keep offsets, so it is slower: use it only to show a match. Where
+    per-character folding tokenizes differently from the whole-text folding (composed characters
+    around a combining mark), the spans are those of this tokenization; callers compare tokens."""
+    folded: list[str] = []
+    where: list[int] = []
+    for i, ch in enumerate(text):
+        f = _match_fold(ch)
+        folded.append(f)
+        where.extend([i] * len(f))
+    flat = "".join(folded)
+    return [(m.group(), where[m.start()], where[m.end() - 1] + 1) for m in _MATCH_TOKEN.finditer(flat)]

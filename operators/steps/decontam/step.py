@@ -1,13 +1,16 @@
 """`decontaminate` step: no benchmark prompt may leak into training data.
 
 A record is dropped (reason `contamination`) when any of its human turns (and, optionally, answers)
-shares a word n-gram (default 13, as in GPT-3's and the Infinity-Instruct paper's decontamination)
-with a benchmark prompt, or equals one after normalization. The detail names the benchmark, the item
-and the matching n-gram.
+equals a benchmark prompt after normalization (`exact`), shares a word n-gram with one (`ngram`,
+default 13 words, as in GPT-3's and the Infinity-Instruct paper's decontamination) or contains a whole
+short one (`containment`, with guards against generic prompts; see `index.py`). The detail is a JSON
+object: benchmark, item, match kind, the matched text of the record, the benchmark prompt and the turn,
+so a report can show the prompt beside the dropped turn.
 """
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import pyarrow as pa
@@ -16,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.benchmarks.loaders import FORMATS, load_prompts
 from operators.core.step import Artifacts, BatchResult, Step, StepConfig, dropped_table
-from operators.steps.decontam.index import ContaminationIndex
+from operators.steps.decontam.index import ContaminationIndex, Match
+from operators.text.normalize import match_token_spans, match_tokens
 
 REASON = "contamination"
 
@@ -47,12 +51,23 @@ class DecontamConfig(StepConfig):
     )
     ngram: int = Field(13, ge=3, le=50, description="Word n-gram length that counts as overlap.")
     check_answers: bool = Field(False, description="Also check assistant turns (catches leaked solutions).")
+    short_prompts: bool = Field(
+        True, description="Catch prompts shorter than `ngram` words contained in a turn (not only equal to it).")
+    min_tokens: int = Field(3, ge=1, le=12, description="Words a short prompt needs to be found inside a turn; "
+                            "shorter ones match only a whole turn.")
+    min_informative: int = Field(
+        3, ge=1, le=12, description="Informative words (not stopwords or boilerplate) a short prompt needs to "
+        "match anywhere in a turn.")
+    min_coverage: float = Field(
+        0.5, gt=0.0, le=1.0, description="A short prompt with fewer informative words matches only if they are "
+        "at least this share of the turn's informative words.")
 
 
 class DecontamStep(Step[DecontamConfig]):
     """Drop records overlapping any benchmark prompt."""
 
     name: ClassVar[str] = "decontaminate"
+    version: ClassVar[int] = 2  # v2: Unicode-folded tokens, short-prompt containment, JSON details
     config_model: ClassVar[type[StepConfig]] = DecontamConfig
 
     def __init__(self, config: DecontamConfig) -> None:
@@ -61,9 +76,12 @@ class DecontamStep(Step[DecontamConfig]):
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         if self._index is None:  # benchmarks are small: every shard builds the index once
-            index = ContaminationIndex(n=self.config.ngram)
+            cfg = self.config
+            index = ContaminationIndex(n=cfg.ngram, short_prompts=cfg.short_prompts, min_tokens=cfg.min_tokens,
+                                       min_informative=cfg.min_informative, min_coverage=cfg.min_coverage)
             for b in self.config.benchmarks:
                 index.add(b.name, load_prompts(b.uri, b.format))
+            index.prepare()
             self._index = index
 
     def transform(self, batch: pa.RecordBatch) -> BatchResult:
@@ -73,15 +91,42 @@ class DecontamStep(Step[DecontamConfig]):
 
 
 def decontaminate(table: pa.Table, index: ContaminationIndex, check_answers: bool) -> BatchResult:
-    """Pure transform: drop records whose turns overlap the benchmark index."""
+    """Pure transform: drop records whose turns match the benchmark index (first matching turn wins)."""
     roles = ("human", "gpt") if check_answers else ("human",)
-    keep: list[bool] = []
-    details: list[str] = []
-    for conv in table.column("conversations").to_pylist():
-        hit = next((h for t in conv if t["from"] in roles and (h := index.match(t["value"])) is not None), None)
-        keep.append(hit is None)
-        if hit is not None:
-            details.append(f"{hit[0]} item {hit[1]}: {hit[2][:200]!r}")
-    mask = pa.array(keep, pa.bool_())
-    return BatchResult(kept=table.filter(mask),
+    texts: list[str] = []
+    where: list[tuple[int, int]] = []  # (record, turn) of each checked text
+    for r, conv in enumerate(table.column("conversations").to_pylist()):
+        for t, turn in enumerate(conv):
+            if turn["from"] in roles:
+                texts.append(turn["value"])
+                where.append((r, t))
+    hits: dict[int, tuple[int, Match]] = {}
+    counters: dict[str, float] = {}
+    for k, m in enumerate(index.match_many(texts)):
+        r, t = where[k]
+        if m is not None and r not in hits:
+            hits[r] = (k, m)
+    details = []
+    for r in sorted(hits):
+        k, m = hits[r]
+        details.append(drop_detail(index, m, texts[k], where[k][1]))
+        counters[f"match.{m.kind}"] = counters.get(f"match.{m.kind}", 0.0) + 1
+    mask = pa.array([r not in hits for r in range(table.num_rows)], pa.bool_())
+    return BatchResult(kept=table.filter(mask), counters=counters,
                        dropped=dropped_table(table.filter(pc.invert(mask)), [REASON] * len(details), details))
+
+
+def drop_detail(index: ContaminationIndex, m: Match, text: str, turn: int) -> str:
+    """The JSON detail of a contamination drop: benchmark, item, kind, matched text, prompt, turn."""
+    return json.dumps({"benchmark": m.benchmark, "item": m.item, "match": m.kind,
+                       "matched_text": matched_text(text, m.start, m.length)[:300],
+                       "benchmark_prompt": index.prompts[index.names.index(m.benchmark)][m.item][:500],
+                       "turn": turn}, ensure_ascii=False)
+
+
+def matched_text(text: str, start: int, length: int) -> str:
+    """The part of `text` whose tokens `start`..`start + length` matched, as written in the record."""
+    spans = match_token_spans(text)
+    if [s[0] for s in spans] != match_tokens(text):  # the two foldings disagree: show the tokens instead
+        return " ".join(match_tokens(text)[start:start + length])
+    return text[spans[start][1]:spans[start + length - 1][2]]
