@@ -12,13 +12,34 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FAKE_SECRET = "iip-test-secret-Zx9QvL2pK7"  # a fake credential: tests assert it never leaks
+
+
+ALLOW_SKIPS_ENV = "IIP_ALLOW_SKIPS"
+
+
+def allowed_skips() -> set[str]:
+    """The names a developer listed in IIP_ALLOW_SKIPS (comma-separated), e.g. `vllm,helm`."""
+    return {w.strip() for w in os.environ.get(ALLOW_SKIPS_ENV, "").split(",") if w.strip()}
+
+
+def require_or_skip(what: str, reason: str) -> NoReturn:
+    """A test's prerequisite `what` is missing: skip if the developer allowed it, else fail loudly.
+
+    `make test` installs every prerequisite (helm, the vLLM environment, PostgreSQL, the shared data), so
+    under it a missing one is a broken setup, never a pass. `reason` names what is missing and how to get
+    it. Known names: helm, vllm, postgres, shared-data.
+    """
+    if what in allowed_skips():
+        pytest.skip(f"{reason} (skip allowed by {ALLOW_SKIPS_ENV}={os.environ[ALLOW_SKIPS_ENV]})")
+    pytest.fail(f"{what} is missing: {reason}. To skip on purpose instead, set {ALLOW_SKIPS_ENV}={what}",
+                pytrace=False)
 
 
 def free_port() -> int:

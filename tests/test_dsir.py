@@ -2,7 +2,7 @@
 
 Synthetic pools have a known answer (records drawn from a target word distribution versus noise from
 another over the same vocabulary); one test uses the shared reference data (GSM8K, MBPP, MMLU, oasst)
-and skips without it.
+and fails without it (unless IIP_ALLOW_SKIPS has shared-data).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from operators.dsir import (
     tokenize,
     top_k,
 )
+from tests.conftest import require_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -114,8 +115,11 @@ def test_tokenize_matches_nltk_wordpunct() -> None:
     expected = ["hello", ",", "world", "!!", "it", "'", "s", "3", ".", "5", "x_y"]
     assert tokenize("Hello, World!! It's 3.5 x_y") == expected
     # nltk 3.10 runs the pattern on the `regex` engine, as we do; older releases used stdlib `re`.
-    pytest.importorskip("nltk", minversion="3.10")
+    # The peers are in the `bench` extra, which `make test` installs: a missing one is an error, not a skip.
+    import nltk
     from nltk.tokenize import WordPunctTokenizer
+
+    assert tuple(int(x) for x in nltk.__version__.split(".")[:2]) >= (3, 10), nltk.__version__
 
     wpt = WordPunctTokenizer()
     for text in TRICKY:
@@ -185,7 +189,7 @@ def test_mixed_ascii_and_unicode_batches_keep_record_order() -> None:
 
 def test_reference_feature_totals_agree() -> None:
     """Per record the reference counts n unigrams + (n - 1) bigrams too (it only hashes differently)."""
-    ref = pytest.importorskip("data_selection.hashed_ngram_dsir")
+    from data_selection import hashed_ngram_dsir as ref
     feats = hashed_ngram_counts(TRICKY)
     for i, text in enumerate(TRICKY):
         assert int(ref.get_ngram_counts(text).sum()) == int(feats.counts[feats.indptr[i]:feats.indptr[i + 1]].sum())
@@ -222,7 +226,6 @@ def test_lone_surrogates_do_not_fail_the_batch() -> None:
 
 
 def test_to_scipy_matches_csr() -> None:
-    pytest.importorskip("scipy")
     feats = hashed_ngram_counts(["a b c", "c b a a"], num_buckets=64)
     dense = feats.to_scipy().toarray()
     assert dense.shape == (2, 64)
@@ -333,25 +336,69 @@ def _sharded_selection(keys: np.ndarray, ids: np.ndarray, k: int, n_shards: int)
     return merge_top_k(shards, k)
 
 
-def test_sharded_top_k_equals_single_machine(world: World) -> None:
-    pool, ids, k = world.pool, world.ids, world.k
-    chosen, log_w = dsir_select(pool, world.target, k, record_ids=ids, seed=42)
+def _dsir_step_input(folder: Path, world: World, domains: np.ndarray, files: int) -> str:
+    """The world's pool as canonical records (the text is the human turn) with a `domain`, in `files` files."""
+    import pyarrow.parquet as pq
 
-    # Distributed: map 1 counts per shard, reduce 1 fits, map 2 scores + per-shard top-k, reduce 2 merges.
-    bounds = np.linspace(0, len(pool), 6).astype(int)
-    shards = [(pool[a:b], ids[a:b]) for a, b in itertools.pairwise(bounds)]
-    raw_counts = sum(hashed_ngram_counts(texts, seed=42).total_counts() for texts, _ in shards)
-    target_counts = hashed_ngram_counts(world.target, seed=42).total_counts()
-    model = DSIRModel.fit(target_counts, raw_counts, seed=42)
-    candidates = []
-    for texts, shard_ids in shards:
-        w = log_importance_weights(hashed_ngram_counts(texts, seed=model.seed), model.log_p_target, model.log_p_raw)
-        candidates.append(shard_candidates(gumbel_keys(w, model.seed, shard_ids), shard_ids, k))
-    merged = merge_top_k(candidates, k)
+    from operators.schema import CANONICAL_SCHEMA
 
-    assert merged.ids.tolist() == ids[chosen].tolist()
-    assert np.array_equal(merged.keys, gumbel_keys(log_w, 42, ids)[chosen])
-    assert np.all(np.diff(merged.keys) <= 0)
+    rows = [{"id": str(rid), "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}],
+             "label": None, "langdetect": "en", "source": "s", "reward": None, "origin": None, "domain": str(d)}
+            for rid, text, d in zip(world.ids, world.pool, domains, strict=True)]
+    folder.mkdir()
+    schema = CANONICAL_SCHEMA.append(pa.field("domain", pa.string()))
+    for f, part in enumerate(np.array_split(np.arange(len(rows)), files)):
+        pq.write_table(pa.Table.from_pylist([rows[i] for i in part], schema=schema), folder / f"p{f}.parquet")
+    return str(folder)
+
+
+def test_dsir_step_sharded_equals_single_machine(world: World, tmp_path: Path) -> None:
+    """The `dsir` step itself (per-shard per-domain counts, the fit, the transform) run at 1 and at 5 shards gives
+    every record the same weight and key; the `select` step's top-k per domain over those keys is exactly the
+    single-machine `dsir_select` of that domain's records toward that domain's target."""
+    from operators.cli import build_step
+    from operators.core.runner import read_step_table, run_all
+
+    rng = np.random.default_rng(5)
+    domains = rng.choice(np.array(["math", "code", "general"]), len(world.pool), p=[0.4, 0.4, 0.2])
+    targets = {"math": world.target[:250], "code": world.target[250:]}  # two different targets
+    target_cfg = {}
+    for d, prompts in targets.items():
+        (tmp_path / f"{d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in prompts))
+        target_cfg[d] = [{"name": f"t_{d}", "uri": str(tmp_path / f"{d}.jsonl"), "format": "jsonl:text"}]
+    src = _dsir_step_input(tmp_path / "in", world, domains, files=5)
+    runs = {}
+    for shards, shard_bytes in [(1, 1 << 30), (5, 1)]:
+        out = str(tmp_path / f"dsir{shards}")
+        m = run_all(build_step("dsir", {"targets": target_cfg, "seed": 42, "target_shard_bytes": shard_bytes}),
+                    [src], out)
+        assert m.stats.shards == shards and m.stats.records_in == m.stats.records_kept == len(world.pool)
+        runs[shards] = read_step_table(out).sort_by("id")
+    one, five = runs[1], runs[5]
+    assert one["id"].to_pylist() == five["id"].to_pylist() == sorted(world.ids.tolist())
+    assert np.array_equal(one["dsir_key"].to_numpy(), five["dsir_key"].to_numpy())
+    assert np.array_equal(one["dsir_log_weight"].to_numpy(), five["dsir_log_weight"].to_numpy())
+
+    budgets = {"math": 60, "code": 45, "general": 30}
+    sel_out = str(tmp_path / "select")
+    run_all(build_step("select", {"budgets": budgets, "target_shard_bytes": 1}), [str(tmp_path / "dsir5")], sel_out)
+    selected = read_step_table(sel_out)
+    step_w = dict(zip(five["id"].to_pylist(), five["dsir_log_weight"].to_pylist(), strict=True))
+    for d in ("math", "code"):
+        mine = np.flatnonzero(domains == d)
+        chosen, log_w = dsir_select([world.pool[i] for i in mine], targets[d], budgets[d],
+                                    record_ids=world.ids[mine], seed=42)
+        assert np.allclose([step_w[str(i)] for i in world.ids[mine]], log_w, rtol=1e-12, atol=1e-9)
+        got = {i for i, dom in zip(selected["id"].to_pylist(), selected["domain"].to_pylist(), strict=True)
+               if dom == d}
+        assert got == set(world.ids[mine][chosen].tolist()), d
+    # A domain without a target: weight 0, so its selection is a uniform sample by the Gumbel keys alone.
+    general = np.flatnonzero(domains == "general")
+    assert all(step_w[str(i)] == 0.0 for i in world.ids[general])
+    uniform = top_k(gumbel_keys(np.zeros(general.size), 42, world.ids[general]), budgets["general"],
+                    world.ids[general])
+    assert {i for i, dom in zip(selected["id"].to_pylist(), selected["domain"].to_pylist(), strict=True)
+            if dom == "general"} == set(world.ids[general][uniform].tolist())
 
 
 def test_sharded_top_k_exact_with_heavy_ties() -> None:
@@ -427,8 +474,17 @@ def test_selection_is_deterministic_across_processes(world: World) -> None:
 # Real reference data
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "train.jsonl").exists(), reason="shared reference data absent")
-def test_bench_dsir_small_run(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def shared_data() -> Path:
+    """The shared reference data (GSM8K, MBPP, MMLU, oasst), or a failure naming it (a skip only when
+    IIP_ALLOW_SKIPS has shared-data)."""
+    if not (SHARED_DATA / "gsm8k" / "train.jsonl").is_file():
+        require_or_skip("shared-data", f"no shared reference data at {SHARED_DATA} (GSM8K, MBPP, MMLU, oasst; see "
+                        "its PROVENANCE.md): put it beside the checkout as ../shared/data or set IIP_SHARED_DATA")
+    return SHARED_DATA
+
+
+def test_bench_dsir_small_run(tmp_path: Path, shared_data: Path) -> None:
     """`bench/dsir.py` runs end to end (without the reference, which is slow and optional) and reports."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dsir.py"), "--records", "1500", "--no-reference",
                            "--tmp-dir", str(tmp_path), "--data", str(SHARED_DATA)],
@@ -461,8 +517,7 @@ def _oasst_prompts(path: Path) -> list[str]:
     return prompts
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "train.jsonl").exists(), reason="shared reference data absent")
-def test_gsm8k_target_prefers_math_prompts() -> None:
+def test_gsm8k_target_prefers_math_prompts(shared_data: Path) -> None:
     gsm8k = [str(r["question"]) for r in _jsonl(SHARED_DATA / "gsm8k" / "train.jsonl")]
     target, math_pool = gsm8k[:3000], gsm8k[3000:4000]  # disjoint: the pool's math is unseen by the target
     mbpp = [str(r["text"]) for r in _jsonl(SHARED_DATA / "mbpp" / "mbpp.jsonl")]

