@@ -4,12 +4,15 @@ Reads JSONL, JSON arrays and Parquet (optionally gzip/zstd/bz2-compressed), dete
 (ShareGPT, OpenAI messages, Alpaca, Infinity-Instruct) unless the config fixes it, and normalizes every
 record to the canonical schema with a stable content-hash `id` and a detected language. A record that
 cannot be read or normalized is quarantined in `dropped/` with its raw text and a reason; it never stops
-the run and never vanishes.
+the run and never vanishes. Parts of split conversations are rejoined or trimmed (`split_conversations`,
+see `splits.py`); a part joined into its conversation leaves as `merged`, so the ledger reads
+in = kept + quarantined (by reason) + merged.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any, BinaryIO, ClassVar, cast
 
@@ -30,6 +33,15 @@ from operators.steps.ingest.formats import (
     normalize,
 )
 from operators.steps.ingest.readers import iter_json_array_batches, iter_jsonl_batches, sniff_container
+from operators.steps.ingest.splits import (
+    MERGED,
+    SplitMode,
+    as_part,
+    chains,
+    joined_record,
+    raw_split_base,
+    without_leading_answer,
+)
 from operators.text.langid import detect_language
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
@@ -68,6 +80,10 @@ class IngestConfig(StepConfig):
     langid_chars: int = Field(
         200, ge=16, description="Characters of human turns used for language id (200 agree with 400 on "
         "benchmarks and halve its cost, the largest in ingestion).")
+    split_conversations: SplitMode = Field(
+        SplitMode.REJOIN, description="Parts `<base>_<n>` of split conversations: rejoin the parts found in one "
+        "file (and trim what still starts with the assistant), trim each part's leading assistant turn, or "
+        "quarantine them as broken_role_order.")
 
 
 def _base_suffix(uri: str) -> tuple[str, str | None]:
@@ -95,7 +111,7 @@ class IngestStep(Step[IngestConfig]):
     """Normalize raw records of one source into the canonical schema."""
 
     name: ClassVar[str] = "ingest"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # v2: split conversations rejoined or trimmed
     config_model: ClassVar[type[StepConfig]] = IngestConfig
     input_suffixes: ClassVar[tuple[str, ...]] = tuple(
         base + comp for base in (".jsonl", ".json", ".parquet") for comp in ("", *COMPRESSIONS)
@@ -136,7 +152,10 @@ class IngestStep(Step[IngestConfig]):
             else:
                 detected = detect_file_format(first.column("raw").to_pylist()[:DETECT_SAMPLE])
                 fmt = detected.value if detected else ""
-            for batch in _chain(first, batches):
+            stream = _chain(first, batches)
+            if self.config.split_conversations == SplitMode.REJOIN:
+                stream = _parts_together(stream, 16 * self.config.batch_rows)
+            for batch in stream:
                 n = batch.num_rows
                 yield pa.record_batch(
                     [batch.column("raw"), batch.column("line"), batch.column("error"),
@@ -155,7 +174,7 @@ def _empty_label() -> dict[str, list[str]]:
 
 
 def normalize_batch(batch: pa.RecordBatch, cfg: IngestConfig) -> BatchResult:
-    """Pure transform: raw rows (RAW_BATCH_SCHEMA) -> canonical records + quarantined rows."""
+    """Pure transform: raw rows (RAW_BATCH_SCHEMA) -> canonical records + quarantined (and merged) rows."""
     raws = batch.column("raw").to_pylist()
     lines = batch.column("line").to_pylist()
     errors = batch.column("error").to_pylist()
@@ -163,6 +182,7 @@ def normalize_batch(batch: pa.RecordBatch, cfg: IngestConfig) -> BatchResult:
     fmts = batch.column("format").to_pylist()
     kept: dict[str, list[Any]] = {name: [] for name in CANONICAL_SCHEMA.names}
     dropped: dict[str, list[Any]] = {name: [] for name in DROPPED_SCHEMA.names}
+    counters: Counter[str] = Counter()
 
     def drop(i: int, reason: str, detail: str) -> None:
         dropped["raw"].append(raws[i])
@@ -172,6 +192,7 @@ def normalize_batch(batch: pa.RecordBatch, cfg: IngestConfig) -> BatchResult:
         dropped[REASON].append(reason)
         dropped[DETAIL].append(detail)
 
+    parsed: dict[int, Any] = {}  # rows that reach normalization: their decoded record
     for i, raw in enumerate(raws):
         if errors[i]:
             drop(i, errors[i], "record could not be read")
@@ -187,28 +208,99 @@ def normalize_batch(batch: pa.RecordBatch, cfg: IngestConfig) -> BatchResult:
         except (ValueError, RecursionError) as e:  # absurdly deep nesting must not crash the shard
             drop(i, DropReason.BAD_JSON.value, str(e)[:200])
             continue
-        fmt_name = fmts[i]
-        if not fmt_name:
+        if not fmts[i]:
             drop(i, DropReason.UNKNOWN_FORMAT.value, "no record in this file matched a known format")
             continue
-        out = normalize(rec, SourceFormat(fmt_name))
+        parsed[i] = rec
+
+    # Rejoin: each run of parts becomes one record at its first part's row; the others are merged into it.
+    joined: dict[int, tuple[Normalized, bool]] = {}
+    merged: dict[int, tuple[int, str]] = {}  # row -> (row of its conversation, detail prefix)
+    if cfg.split_conversations == SplitMode.REJOIN:
+        groups: dict[tuple[str, str], list[Any]] = {}
+        for i, rec in parsed.items():
+            if (part := as_part(i, rec, fmts[i])) is not None:
+                groups.setdefault((files[i], part.base), []).append(part)
+        for parts in groups.values():
+            for run, repeated in chains(parts) if len(parts) > 1 else []:
+                if len(run) < 2:
+                    continue
+                out, trimmed = _outcome(joined_record(run), SourceFormat.SHAREGPT.value, cfg.split_conversations)
+                if not isinstance(out, Normalized):  # broken inside a part: each part is judged on its own
+                    continue
+                head = run[0].row
+                joined[head] = (out, trimmed)
+                for k, p in enumerate(run[1:], start=2):
+                    merged[p.row] = (head, f"part {k} of {len(run)} ({p.origin_id}) of split conversation "
+                                           f"{p.base!r}, merged into")
+                counters["split.rejoined_conversations"] += 1
+                counters["split.rejoined_parts"] += len(run) - 1
+                counters["split.repeated_turns_removed"] += repeated
+
+    ids: dict[int, str] = {}
+    for i, rec in parsed.items():
+        if i in merged:
+            continue
+        out, trimmed = joined[i] if i in joined else _outcome(rec, fmts[i], cfg.split_conversations)
         if isinstance(out, Rejected):
             drop(i, out.reason.value, out.detail)
             continue
-        assert isinstance(out, Normalized)
+        counters["split.trimmed"] += trimmed
         human_text = " ".join(t.value for t in out.turns if t.role == "human")
-        kept["id"].append(content_id(out.turns))
+        ids[i] = content_id(out.turns)
+        kept["id"].append(ids[i])
         kept["conversations"].append([{"from": t.role, "value": t.value} for t in out.turns])
         kept["label"].append(out.label if out.label is not None else _empty_label())
         kept["langdetect"].append(detect_language(human_text, cfg.langid_chars))
         kept["source"].append(cfg.source_name)
         kept["reward"].append(out.reward)
         kept["origin"].append({"file": files[i], "line": lines[i], "id": out.origin_id,
-                               "source": out.origin_source, "format": fmt_name})
+                               "source": out.origin_source, "format": fmts[i]})
+    for i, (head, what) in merged.items():
+        drop(i, MERGED, f"{what} {ids[head]} (line {lines[head]})")
     return BatchResult(
         kept=pa.table(kept, schema=CANONICAL_SCHEMA),
         dropped=pa.table(dropped, schema=DROPPED_SCHEMA),
+        counters={k: float(v) for k, v in counters.items() if v},
     )
+
+
+def _outcome(rec: Any, fmt: str, mode: SplitMode) -> tuple[Normalized | Rejected, bool]:
+    """Normalize `rec`; unless quarantining, a record that starts with the assistant loses that turn when
+    the rest is valid. Returns the outcome and whether it was trimmed."""
+    out = normalize(rec, SourceFormat(fmt))
+    if (isinstance(out, Rejected) and out.reason == DropReason.BROKEN_ROLE_ORDER and mode != SplitMode.QUARANTINE
+            and (trimmed := without_leading_answer(rec, fmt)) is not None):
+        retry = normalize(trimmed, SourceFormat(fmt))
+        if isinstance(retry, Normalized):
+            return retry, True
+    return out, False
+
+
+def _parts_together(batches: Iterator[pa.RecordBatch], limit: int) -> Iterator[pa.RecordBatch]:
+    """Re-cut one file's raw batches so that a run of rows with the same split base is never cut in two
+    (the transform joins parts within a batch): a batch's trailing run moves to the next batch, and the
+    file's last batch is never cut. A run longer than `limit` rows is cut anyway."""
+    held: pa.RecordBatch | None = None  # the trailing run of the previous batch
+    ready: pa.RecordBatch | None = None  # rows to yield once it is known that more batches follow
+    for batch in batches:
+        if held is not None:
+            batch, held = pa.concat_batches([held, batch]), None
+        if ready is not None:
+            yield ready
+            ready = None
+        raws = batch.column("raw")
+        start = batch.num_rows
+        base = raw_split_base(raws[start - 1].as_py()) if start else None
+        while base is not None and start > 0 and raw_split_base(raws[start - 1].as_py()) == base:
+            start -= 1
+        if start == batch.num_rows or (start == 0 and batch.num_rows >= limit):
+            ready = batch
+        else:
+            ready, held = (batch.slice(0, start) if start else None), batch.slice(start)
+    last = [b for b in (ready, held) if b is not None]
+    if last:
+        yield pa.concat_batches(last)
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
