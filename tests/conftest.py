@@ -104,6 +104,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def run_step_as_tasks(step: str, config: dict[str, Any], inputs: list[str], out: str) -> None:
+    """Run `step` the way the orchestrator does: `plan`, then every map and partition task of each stage and
+    every shard's `run` as its own CLI process (a fresh step object; state only in storage), each reduce
+    stage once, and the step's `reduce`. Fails naming the task that failed."""
+    from operators.core import storage
+    from operators.core.registry import step_class
+    from operators.core.runner import load_plan
+
+    cfg = ["--config", json.dumps(config)]
+
+    def task(*args: str) -> None:
+        r = run_cli(*args, "--output", out)
+        assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stderr[-3000:]}"
+
+    task("plan", step, *cfg, *[a for i in inputs for a in ("--input", i)])
+    shards = len(load_plan(storage.validate_uri(out)).shards)
+    for st in step_class(step).stages:
+        if st.kind == "reduce":
+            task("stage", step, *cfg, "--stage", st.name)
+        else:
+            for k in range(shards):
+                task("stage", step, *cfg, "--stage", st.name, "--shard", str(k))
+    for k in range(shards):
+        task("run", step, *cfg, "--shard", str(k))
+    task("reduce", step)
+
+
 def airflow_env(home: Path, data_root: Path) -> dict[str, str]:
     """Environment of an isolated embedded Airflow (its own home and SQLite DB) over this repo's DAGs."""
     return {

@@ -12,9 +12,11 @@ import pytest
 
 from operators.cli import build_step
 from operators.core import storage
+from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.core.runner import read_step_table, run_all
 from operators.dedup.unionfind import connected_components
 from operators.schema import CANONICAL_SCHEMA
+from tests.conftest import run_step_as_tasks
 
 
 def rec(rid: str, q: str, a: str, reward: float | None = None) -> dict[str, Any]:
@@ -74,35 +76,67 @@ def test_connected_components_transitive() -> None:
 
 
 def _random_corpus(seed: int, shards: int = 4, per_shard: int = 60) -> list[list[dict[str, Any]]]:
-    """Records drawn from a few prompts and answers (with case/punctuation variants), so exact duplicates
-    cluster by conversation, by prompt, and transitively across both."""
+    """Records drawn from a few prompts and answers, with case, punctuation and whitespace variants, so exact
+    duplicates cluster by conversation, by prompt, and transitively across both."""
     rng = np.random.default_rng(seed)
     prompts = [f"Question number {i}?" for i in range(25)]
     answers = [f"Answer {j}." for j in range(6)]
+    variants = [lambda t: t, str.upper, lambda t: t.replace(" ", "  \t"), lambda t: t.rstrip("?.") + "!!"]
     out: list[list[dict[str, Any]]] = []
     n = 0
     for _ in range(shards):
         rows = []
         for _ in range(per_shard):
-            q = prompts[int(rng.integers(len(prompts)))]
-            q = q.upper() if rng.random() < 0.2 else q
+            q = variants[int(rng.choice(4, p=[0.55, 0.15, 0.15, 0.15]))](prompts[int(rng.integers(len(prompts)))])
+            a = variants[int(rng.choice(4, p=[0.7, 0.1, 0.1, 0.1]))](answers[int(rng.integers(len(answers)))])
             reward = None if rng.random() < 0.3 else float(rng.integers(0, 4))
-            rows.append(rec(f"r{n:04d}", q, answers[int(rng.integers(len(answers)))], reward))
+            rows.append(rec(f"r{n:04d}", q, a, reward))
             n += 1
         out.append(rows)
     return out
 
 
 def _whole_set_drops(shards: list[list[dict[str, Any]]], scopes: list[str]) -> dict[str, str]:
-    from operators.steps.dedup.exact import answer_lengths, choose_survivors, hash_words, record_hashes
-
+    """The decision on one machine, in plain Python and nothing from the module under test: a dict per scope
+    on the normalized text (case, punctuation and whitespace folded), a union-find over records that share a
+    key, then per cluster the survivor by (reward desc with missing last, answer length desc, id)."""
     rows = [r for s in shards for r in s]
-    convs = [r["conversations"] for r in rows]
-    hashes = {s: hash_words(record_hashes(convs, s)) for s in scopes}  # type: ignore[arg-type]
-    reward = np.array([np.nan if r["reward"] is None else r["reward"] for r in rows])
-    is_dup, survivor = choose_survivors(hashes, reward, np.array(answer_lengths(convs)),
-                                        pa.array([r["id"] for r in rows]))
-    return {rows[i]["id"]: f"duplicate of {rows[survivor[i]]['id']}" for i in np.flatnonzero(is_dup)}
+
+    def norm(text: str) -> str:
+        return " ".join("".join(c if c.isalnum() or c == "_" else " " for c in text.lower()).split())
+
+    def key(r: dict[str, Any], scope: str) -> tuple[str, ...]:
+        turns = r["conversations"]
+        if scope == "first_human":
+            return (norm(next(t["value"] for t in turns if t["from"] == "human")),)
+        return tuple(f"{t['from']} {norm(t['value'])}" for t in turns)
+
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for scope in scopes:
+        first: dict[tuple[str, ...], int] = {}
+        for i, r in enumerate(rows):
+            j = first.setdefault(key(r, scope), i)
+            parent[find(i)] = find(j)
+    clusters: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        clusters.setdefault(find(i), []).append(i)
+
+    def rank(i: int) -> tuple[float, int, str]:
+        r = rows[i]
+        answer = sum(len(t["value"]) for t in r["conversations"] if t["from"] == "gpt")
+        return (-(r["reward"] if r["reward"] is not None else -1e9), -answer, r["id"])
+
+    drops = {}
+    for members in clusters.values():
+        best = min(members, key=rank)
+        drops.update({rows[i]["id"]: f"duplicate of {rows[best]['id']}" for i in members if i != best})
+    return drops
 
 
 @pytest.mark.parametrize(("partitions", "scopes"), [(1, ["conversation", "first_human"]),
@@ -124,6 +158,21 @@ def test_partitioned_groups_equal_the_whole_set_decision(tmp_path: Path, partiti
     assert m.stats.counters["groups.partitions"] == partitions
     folders = [p for p in (tmp_path / "out" / "_stages" / "keys").iterdir() if p.is_dir() and p.name[0] == "p"]
     assert len(folders) == partitions
+
+
+def test_every_map_and_partition_task_as_its_own_process(tmp_path: Path) -> None:
+    """As the orchestrator runs it: plan, each `keys` map and `groups` partition task and each shard's run as a
+    separate CLI process (a fresh step each time, state only in storage); the drops equal the whole-set's."""
+    shards = _random_corpus(9, shards=2)
+    expected = _whole_set_drops(shards, ["conversation", "first_human"])
+    out = str(tmp_path / "out")
+    src = write_shards(tmp_path / "in", shards)
+    run_step_as_tasks("exact_dedup", {"target_shard_bytes": 1, "partitions": 5}, [src], out)
+    m = read_manifest(step_manifest_uri(storage.validate_uri(out)))
+    assert m is not None and m.stats.shards == 2 and m.stats.counters["groups.partitions"] == 5
+    dropped = read_step_table(storage.validate_uri(out), "dropped")
+    assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
+    assert m.stats.records_kept == 120 - len(expected)
 
 
 def test_equal_hash_links_star_per_group() -> None:

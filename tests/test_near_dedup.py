@@ -15,6 +15,7 @@ from operators.cli import build_step
 from operators.core import storage
 from operators.core.runner import read_step_table, run_all
 from operators.schema import CANONICAL_SCHEMA
+from tests.conftest import run_step_as_tasks
 
 WORDS = ["river", "mountain", "engine", "lantern", "orbit", "velvet", "cobalt", "harbor", "meadow", "signal",
          "quartz", "ember", "saddle", "prism", "tunnel", "glacier", "falcon", "copper", "thistle", "beacon"]
@@ -142,33 +143,11 @@ def test_shuffled_resolve_equals_the_whole_set_resolve(tmp_path: Path, partition
 def test_near_dedup_partition_tasks_as_separate_processes_match(tmp_path: Path) -> None:
     """The stages run as the orchestrator runs them: plan, then every map and partition task as its own CLI
     process (fresh step object, state only in storage), then the reduces; the drops equal the whole-set's."""
-    import json
-    import subprocess
-    import sys
-
-    from operators.core.registry import step_class
-
     shards = _varied_corpus(11)
     expected = _reference_drops(shards)
-    src = _write_shards(tmp_path, shards)
     out = str(tmp_path / "out")
-    cfg = json.dumps({"target_shard_bytes": 1, "band_partitions": 6})
-
-    def cli(*args: str) -> None:
-        subprocess.run([sys.executable, "-m", "operators", *args, "--config", cfg, "--output", out], check=True,
-                       capture_output=True)
-
-    cli("plan", "near_dedup", "--input", src)
-    for st in step_class("near_dedup").stages:
-        if st.kind == "reduce":
-            cli("stage", "near_dedup", "--stage", st.name)
-        else:
-            for shard in range(4):
-                cli("stage", "near_dedup", "--stage", st.name, "--shard", str(shard))
-    for shard in range(4):
-        cli("run", "near_dedup", "--shard", str(shard))
-    subprocess.run([sys.executable, "-m", "operators", "reduce", "near_dedup", "--output", out], check=True,
-                   capture_output=True)
+    run_step_as_tasks("near_dedup", {"target_shard_bytes": 1, "band_partitions": 6}, [_write_shards(tmp_path, shards)],
+                      out)
     dropped = read_step_table(storage.validate_uri(out), "dropped")
     assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
 
