@@ -57,15 +57,18 @@ def by_origin(kept: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]]:
 
 
 def test_parts_in_order_and_out_of_order_are_rejoined(tmp_path: Path) -> None:
-    other = [("Z_0", conv("h:unrelated question", "g:unrelated answer"))]
+    # Ids that only count records (identity_0, identity_1) are kept apart: the first part's turns do not
+    # end where the next id says it starts.
+    other = [("identity_0", conv("h:unrelated question", "g:unrelated answer")),
+             ("identity_1", conv("h:another question", "g:another answer"))]
     # A in order; B reversed and with a record in between.
     f = write(tmp_path / "in.jsonl", [*A, B[1], *other, B[0]])
     m, kept, dropped = ingest(tmp_path, [f])
     got = by_origin(kept)
     assert got["A_0,A_3,A_5"] == A_WHOLE
     assert got["B_0,B_2"] == conv("h:b1", "g:b2", "h:b3", "g:b4")
-    assert got["Z_0"] == other[0][1]
-    assert m.stats.records_in == 6 and m.stats.records_kept == 3
+    assert got["identity_0"] == other[0][1] and got["identity_1"] == other[1][1]
+    assert m.stats.records_in == 7 and m.stats.records_kept == 4
     assert m.stats.dropped_by_reason == {"merged": 3}
     assert m.stats.counters["split.rejoined_conversations"] == 2
     assert m.stats.counters["split.rejoined_parts"] == 3 == m.stats.dropped_by_reason["merged"]
@@ -123,8 +126,8 @@ def test_chains_rules() -> None:
     a0, a3 = part(0, "h:1", "g:2", "h:3", "g:4"), part(3, "g:4", "h:5", "g:6", row=1)
     assert [len(r) for r, _ in chains([a3, a0])] == [2]  # out of order
     assert joined_record(chains([a3, a0])[0][0])["conversations"] == conv("h:1", "g:2", "h:3", "g:4", "h:5", "g:6")
-    # Ordinal numbering (_0, _1) joins by the same rule.
-    assert [len(r) for r, _ in chains([part(0, "h:1", "g:2"), part(1, "h:3", "g:4", row=1)])] == [2]
+    # Ids that count independent records (identity_0, identity_1, ...) are not parts of one conversation.
+    assert [len(r) for r, _ in chains([part(0, "h:1", "g:2"), part(1, "h:3", "g:4", row=1)])] == [1, 1]
     # A gap (turns missing between the parts), a duplicate start, or a seam where roles repeat: not joined.
     assert [len(r) for r, _ in chains([a0, part(9, "h:9", "g:10", row=1)])] == [1, 1]
     assert [len(r) for r, _ in chains([a0, part(0, "h:1", "g:2", row=1)])] == [1, 1]

@@ -8,11 +8,13 @@ previous one, and 6,293 of the 17,672 records of the real file start with the as
 conversations that a role-order check alone would quarantine.
 
 - rejoin (the default): parts of one base that arrive in one file are ordered by `n` and joined while
-  each continues the previous one (`n` grows but stays within the previous part's turns, so no turn is
-  missing; a leading turn that repeats the previous part's last turn is dropped; roles alternate at the
-  seam). Ordinal numbering (`_0`, `_1`, ...) meets the same rule. The joined conversation replaces its
-  first part, its `origin.id` lists the parts, the other parts leave the step as `merged` (reason
-  column, raw record kept). What still starts with the assistant is then trimmed as below.
+  each continues the previous one: its `n` is where the previous part ends (no turn missing), or one
+  turn earlier when its first turn repeats the previous part's last turn (then dropped), and roles
+  alternate at the seam. That is exactly how all 8,211 seams of the real file look, and it keeps ids
+  that merely count records (`identity_0`, `identity_1`, ... of independent conversations) apart. The
+  joined conversation replaces its first part, its `origin.id` lists the parts, the other parts leave
+  the step as `merged` (reason column, raw record kept). What still starts with the assistant is then
+  trimmed as below.
 - trim: a record whose first non-system turn is the assistant's loses that turn, if the rest is a
   valid conversation (for a ShareGPT part that turn is the repeated end of the previous part).
 - quarantine: neither; such records are `broken_role_order`, as before.
@@ -103,9 +105,9 @@ def as_part(row: int, rec: Any, fmt: str) -> Part | None:
 
 def _repeated(a: Part, b: Part) -> int | None:
     """Leading turns of `b` to drop when it continues `a` (0 or 1), or None when it does not continue it."""
-    if not a.n < b.n <= a.n + len(a.turns):
-        return None  # the same start (a duplicate) or a gap: turns between them are missing
-    skip = 1 if b.turns[0] == a.turns[-1] else 0
+    skip = a.n + len(a.turns) - b.n  # turns of `b` that `a` already holds
+    if skip not in (0, 1) or (skip and b.turns[0] != a.turns[-1]):
+        return None  # a gap, an overlap that is no repeat, or ids that merely count records
     if skip == len(b.turns):  # a part that only repeats the previous part's last turn: nothing to add
         return skip
     last, first = a.turns[-1].role, b.turns[skip].role

@@ -46,6 +46,7 @@ from operators.text.langid import detect_language
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 DETECT_SAMPLE = 200  # records looked at to decide a file's format
+MAX_PARTS = 256  # parts of one split conversation kept in one batch, at most (see _parts_together)
 # strict=False accepts raw control characters inside strings, as the JSON-array reader does, so a
 # record parses the same whichever container it arrived in.
 _DECODER = json.JSONDecoder(strict=False)
@@ -154,7 +155,7 @@ class IngestStep(Step[IngestConfig]):
                 fmt = detected.value if detected else ""
             stream = _chain(first, batches)
             if self.config.split_conversations == SplitMode.REJOIN:
-                stream = _parts_together(stream, 16 * self.config.batch_rows)
+                stream = _parts_together(stream)
             for batch in stream:
                 n = batch.num_rows
                 yield pa.record_batch(
@@ -277,10 +278,11 @@ def _outcome(rec: Any, fmt: str, mode: SplitMode) -> tuple[Normalized | Rejected
     return out, False
 
 
-def _parts_together(batches: Iterator[pa.RecordBatch], limit: int) -> Iterator[pa.RecordBatch]:
+def _parts_together(batches: Iterator[pa.RecordBatch], limit: int = MAX_PARTS) -> Iterator[pa.RecordBatch]:
     """Re-cut one file's raw batches so that a run of rows with the same split base is never cut in two
     (the transform joins parts within a batch): a batch's trailing run moves to the next batch, and the
-    file's last batch is never cut. A run longer than `limit` rows is cut anyway."""
+    file's last batch is never cut. A run of `limit` rows or more is cut anyway (a corpus whose ids all
+    share one base must not grow a batch without bound; the real file's longest run is 89 parts)."""
     held: pa.RecordBatch | None = None  # the trailing run of the previous batch
     ready: pa.RecordBatch | None = None  # rows to yield once it is known that more batches follow
     for batch in batches:
@@ -292,9 +294,10 @@ def _parts_together(batches: Iterator[pa.RecordBatch], limit: int) -> Iterator[p
         raws = batch.column("raw")
         start = batch.num_rows
         base = raw_split_base(raws[start - 1].as_py()) if start else None
-        while base is not None and start > 0 and raw_split_base(raws[start - 1].as_py()) == base:
+        while (base is not None and start > 0 and batch.num_rows - start < limit
+               and raw_split_base(raws[start - 1].as_py()) == base):
             start -= 1
-        if start == batch.num_rows or (start == 0 and batch.num_rows >= limit):
+        if start == batch.num_rows or batch.num_rows - start >= limit:
             ready = batch
         else:
             ready, held = (batch.slice(0, start) if start else None), batch.slice(start)
