@@ -1,14 +1,16 @@
 """Ingest's pure normalization (formats) and its streaming readers.
 
-The reference pipeline here (`outcome`) is the smallest faithful copy of what the ingest step
-does per raw row: reader error -> parse -> detect -> normalize. It lets every DropReason be
-asserted end to end, and the ledger (rows in == normalized + rejected) be fuzzed.
+End-to-end checks go through the step's own code, not a copy of it: reader rows of one file ->
+the file's format as the step decides it (`detect_file_format`) -> `normalize_batch`, the step's
+transform (`ingest_rows`). That lets every DropReason be asserted from bytes, and the ledger
+(rows in == kept + quarantined, raw text kept) be fuzzed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +40,13 @@ from operators.steps.ingest.readers import (
     iter_jsonl_batches,
     sniff_container,
 )
+from operators.steps.ingest.step import (
+    DETECT_SAMPLE,
+    RAW_BATCH_SCHEMA,
+    IngestConfig,
+    detect_file_format,
+    normalize_batch,
+)
 
 CONCRETE_FORMATS = [f for f in SourceFormat if f is not SourceFormat.AUTO]
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,22 +56,39 @@ FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCh
 # helpers
 
 
-def outcome(raw: str, error: str | None, fmt: SourceFormat = SourceFormat.AUTO) -> Normalized | Rejected:
-    """What ingest decides for one raw row."""
-    if error is not None:
-        return Rejected(DropReason(error), "unreadable")
-    try:
-        record = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        return Rejected(DropReason.BAD_JSON, str(exc)[:80])
+Outcome = dict[str, Any] | Rejected  # a canonical record the step kept, or why it quarantined the row
+
+
+def ingest_rows(rows: list[tuple[str, int, str | None]], fmt: SourceFormat = SourceFormat.AUTO) -> list[Outcome]:
+    """What the ingest step decides for the reader rows of one file, per row in order.
+
+    The file's format is chosen as `IngestStep.read` does (forced by the config, else `detect_file_format` over
+    the first DETECT_SAMPLE rows); then the batch goes through the step's transform, `normalize_batch`. The
+    ledger is checked here: one outcome per row, and every quarantined row keeps its raw text unchanged."""
+    raws = [raw for raw, _, _ in rows]
     if fmt is SourceFormat.AUTO:
-        if not isinstance(record, dict):
-            return normalize(record, SourceFormat.SHAREGPT)
-        detected = detect_format(record)
-        if detected is None:
-            return Rejected(DropReason.UNKNOWN_FORMAT, "no known layout")
-        fmt = detected
-    return normalize(record, fmt)
+        detected = detect_file_format(raws[:DETECT_SAMPLE])
+        fmt_name = detected.value if detected else ""
+    else:
+        fmt_name = fmt.value
+    n = len(rows)
+    batch = pa.record_batch([pa.array(raws, pa.string()), pa.array([line for _, line, _ in rows], pa.int64()),
+                             pa.array([error for _, _, error in rows], pa.string()), pa.array(["f.jsonl"] * n),
+                             pa.array([fmt_name] * n)], schema=RAW_BATCH_SCHEMA)
+    res = normalize_batch(batch, IngestConfig(source_name="t", format=fmt))
+    assert res.kept.num_rows + res.dropped.num_rows == n
+    by_line: dict[int, Outcome] = {r["origin"]["line"]: r for r in res.kept.to_pylist()}
+    raw_of = {line: raw for raw, line, _ in rows}
+    for d in res.dropped.to_pylist():
+        assert d["raw"] == raw_of[d["line"]] and d["file"] == "f.jsonl"  # nothing lost
+        by_line[d["line"]] = Rejected(DropReason(d["reason"]), d["detail"])
+    assert sorted(by_line) == sorted(raw_of)  # every row accounted for exactly once
+    return [by_line[line] for _, line, _ in rows]
+
+
+def reasons_of(outcomes: list[Outcome]) -> list[DropReason | None]:
+    """Each row's drop reason, None for a kept row."""
+    return [o.reason if isinstance(o, Rejected) else None for o in outcomes]
 
 
 def rows_of(batches: Iterator[pa.RecordBatch]) -> list[tuple[str, int, str | None]]:
@@ -381,7 +407,9 @@ def test_rejection_details_name_the_problem() -> None:
     assert len(role.detail) < 100  # a hostile role name does not bloat the quarantine
 
 
-# Raw text (as a reader row) -> reason, for the reasons that only arise before normalize.
+# Raw text (as a reader row) -> reason, for the reasons that only arise before normalize. Each row is read
+# in a ShareGPT file (a good record follows it), except the one whose file matches no known format.
+GOOD_SHAREGPT = json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
 RAW_REJECTIONS: list[tuple[str, str | None, DropReason]] = [
     ('{"conversations": [', None, DropReason.BAD_JSON),
     ("[" * 100_000, None, DropReason.BAD_JSON),  # too deep for json: a RecursionError, not a crash
@@ -394,32 +422,46 @@ RAW_REJECTIONS: list[tuple[str, str | None, DropReason]] = [
 
 @pytest.mark.parametrize(("raw", "error", "reason"), RAW_REJECTIONS)
 def test_raw_rejection_reason(raw: str, error: str | None, reason: DropReason) -> None:
-    result = outcome(raw, error)
-    assert isinstance(result, Rejected) and result.reason is reason
+    rows = [(raw, 1, error)] + ([] if reason is DropReason.UNKNOWN_FORMAT else [(GOOD_SHAREGPT, 2, None)])
+    assert reasons_of(ingest_rows(rows)) == [reason, None][: len(rows)]
 
 
 def test_every_drop_reason_is_reachable_from_bytes() -> None:
-    """End to end from file bytes: each DropReason comes out of readers + outcome at least once."""
-    lines = [
-        b"{not json",  # bad_json
-        b"[1, 2]",  # not_an_object
-        b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}',  # invalid_utf8 (latin-1 byte)
-        b'{"conversations": "' + b"z" * 300 + b'"}',  # oversize_record
-        b'{"text": "plain"}',  # unknown_format
-        b'{"instruction": "x", "output": "y", "input": 5}',  # bad_field_type
-        b'{"instruction": "x", "output": ""}',  # empty_turn
-        b'{"messages": [{"role": "tool", "content": "1"}]}',  # unknown_role
-        b'{"messages": [{"role": "user", "content": "hi"}]}',  # broken_role_order
-        b'{"conversations": [], "label": {}}',  # no_exchange
-        b'{"conversations": [{"from": "human", "value": "q"}]}'.replace(b'"value"', b'"valeur"'),  # missing_field
-        b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}',  # kept
-    ]
-    rows = jsonl(b"\n".join(lines), max_bytes=200)
-    results = [outcome(raw, error) for raw, _, error in rows]
-    reasons = {r.reason for r in results if isinstance(r, Rejected)}
-    assert reasons == set(ALL_DROP_REASONS)
-    assert sum(isinstance(r, Normalized) for r in results) == 1
-    assert len(rows) == len(lines)
+    """End to end from file bytes: each DropReason comes out of the readers + the step's transform, with the
+    file's format detected as the step does it (one format per file)."""
+    files = {
+        "sharegpt": [
+            b"{not json",  # bad_json
+            b"[1, 2]",  # not_an_object
+            b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}',  # invalid_utf8 (latin-1 byte)
+            b'{"conversations": "' + b"z" * 300 + b'"}',  # oversize_record
+            b'{"conversations": [], "label": {}}',  # no_exchange
+            b'{"conversations": [{"from": "human", "value": "q"}]}'.replace(b'"value"', b'"valeur"'),  # missing_field
+            GOOD_SHAREGPT.encode(),  # kept
+        ],
+        "alpaca": [
+            b'{"instruction": "x", "output": "y", "input": 5}',  # bad_field_type
+            b'{"instruction": "x", "output": ""}',  # empty_turn
+        ],
+        "openai": [
+            b'{"messages": [{"role": "tool", "content": "1"}]}',  # unknown_role
+            b'{"messages": [{"role": "user", "content": "hi"}]}',  # broken_role_order
+        ],
+        "unknown": [b'{"text": "plain"}'],  # unknown_format
+    }
+    got: dict[str, list[DropReason | None]] = {}
+    for name, lines in files.items():
+        rows = jsonl(b"\n".join(lines), max_bytes=200)
+        assert len(rows) == len(lines)
+        got[name] = reasons_of(ingest_rows(rows))
+    R = DropReason
+    assert got == {
+        "sharegpt": [R.BAD_JSON, R.NOT_AN_OBJECT, R.INVALID_UTF8, R.OVERSIZE, R.NO_EXCHANGE, R.MISSING_FIELD, None],
+        "alpaca": [R.BAD_FIELD_TYPE, R.EMPTY_TURN],
+        "openai": [R.UNKNOWN_ROLE, R.BROKEN_ROLE_ORDER],
+        "unknown": [R.UNKNOWN_FORMAT],
+    }
+    assert {r for rs in got.values() for r in rs if r is not None} == set(ALL_DROP_REASONS)
 
 
 def test_all_drop_reasons_values() -> None:
@@ -446,7 +488,7 @@ def test_content_id_respects_turn_boundaries_roles_and_order() -> None:
     assert content_id([Turn("human", "x"), Turn("gpt", "y")]) != content_id([Turn("gpt", "x"), Turn("human", "y")])
     assert content_id([Turn("human", "x"), Turn("gpt", "y")]) != content_id([Turn("human", "y"), Turn("gpt", "x")])
     assert content_id([Turn("human", "x")]) != content_id([Turn("human", "x"), Turn("gpt", "")])
-    assert len(ab_c) == 32 and int(ab_c, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{32}", ab_c)  # 128 bits as lowercase hex
 
 
 def test_content_id_same_conversation_from_different_formats() -> None:
@@ -471,7 +513,8 @@ def test_jsonl_rows_lines_blank_crlf_bom() -> None:
 def test_jsonl_invalid_utf8_keeps_every_byte() -> None:
     rows = jsonl(b'{"ok": 1}\n{"v": "\xff\xfeabc"}\n')
     assert rows[1] == ('{"v": "\\xff\\xfeabc"}', 2, "invalid_utf8")
-    assert outcome(rows[1][0], rows[1][2]) == Rejected(DropReason.INVALID_UTF8, "unreadable")
+    # Through the step the row is quarantined as invalid_utf8 with that escaped text (checked by ingest_rows).
+    assert reasons_of(ingest_rows(rows))[1] is DropReason.INVALID_UTF8
 
 
 def test_jsonl_oversize_line_keeps_head_and_next_line_survives() -> None:
@@ -596,8 +639,7 @@ def test_json_array_escaped_lone_surrogate_stays_escaped() -> None:
     rows = jarray(b'[{"conversations": [{"from": "human", "value": "\\ud800"}, {"from": "gpt", "value": "a"}]}]')
     raw, _, error = rows[0]
     assert error is None and "\\ud800" in raw
-    result = outcome(raw, error)
-    assert isinstance(result, Rejected) and result.reason is DropReason.INVALID_UTF8
+    assert reasons_of(ingest_rows(rows)) == [DropReason.INVALID_UTF8]
 
 
 def test_json_array_too_deep_element_is_bad_json_and_reading_goes_on() -> None:
@@ -670,12 +712,17 @@ shaped_records = st.one_of(
 )
 
 
-def check_result(result: Normalized | Rejected) -> None:
-    """Whatever comes out must be one of the two, internally consistent, and Arrow-safe."""
+def check_result(result: Normalized | Outcome) -> None:
+    """Whatever comes out must be a rejection, a normalized record or a kept canonical record, internally
+    consistent, and Arrow-safe."""
     if isinstance(result, Rejected):
         assert result.reason in ALL_DROP_REASONS
         result.detail.encode("utf-8")
         return
+    if isinstance(result, dict):  # kept by the step: its id is the content hash of exactly these turns
+        turns = [Turn(t["from"], t["value"]) for t in result["conversations"]]
+        assert result["id"] == content_id(turns) and result["source"] == "t"
+        result = Normalized(tuple(turns), None, None, None, None)
     assert isinstance(result, Normalized)
     seq = [t.role for t in result.turns]
     body = seq[1:] if seq and seq[0] == "system" else seq
@@ -704,10 +751,8 @@ def test_fuzz_jsonl_bytes_ledger(lines: list[bytes]) -> None:
     ]
     rows = rows_of(iter_jsonl_batches(io.BytesIO(data), 3, 30))
     assert [line for _, line, _ in rows] == non_blank  # exactly one row per non-blank line
-    results = [outcome(raw, error) for raw, _, error in rows]
-    kept = sum(isinstance(r, Normalized) for r in results)
-    dropped = sum(isinstance(r, Rejected) for r in results)
-    assert kept + dropped == len(rows) == len(non_blank)
+    results = ingest_rows(rows)  # checks one outcome per row and the raw text of every quarantined one
+    assert len(results) == len(non_blank)
     for result in results:
         check_result(result)
 
@@ -719,8 +764,8 @@ def test_fuzz_jsonl_records_ledger(records: list[Any], crlf: bool) -> None:
     data = newline.join(json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass") for r in records)
     rows = rows_of(iter_jsonl_batches(io.BytesIO(data), 4, 1 << 16))
     assert len(rows) == len(records)
-    for raw, _, error in rows:
-        check_result(outcome(raw, error))
+    for result in ingest_rows(rows):
+        check_result(result)
 
 
 @FUZZ
@@ -747,4 +792,5 @@ def test_fuzz_json_array_bytes_never_raise(data: bytes, chunk: int) -> None:
     for raw, _, error in rows:
         if error is None:
             json.loads(raw)  # a readable row is valid JSON
-        check_result(outcome(raw, error))
+    for result in ingest_rows(rows):
+        check_result(result)

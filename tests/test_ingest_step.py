@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from operators.cli import build_step
 from operators.core import storage
-from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.core.manifest import read_manifest, shard_manifest_uri, step_manifest_uri
 from operators.core.runner import read_step_table, run_all
 from operators.steps.ingest.step import RAW_BATCH_SCHEMA, IngestConfig, normalize_batch
 from tests.conftest import ROOT, run_cli
@@ -160,9 +160,11 @@ def test_transform_never_crashes_and_keeps_the_ledger(rows: list[tuple[str, str]
     res = normalize_batch(batch, IngestConfig(source_name="fuzz"))
     assert res.kept.num_rows + res.dropped.num_rows == len(rows)
     assert all(res.dropped["reason"].to_pylist())
-    # Nothing lost: every dropped row keeps its raw text and line.
+    # Nothing lost: every dropped row keeps its raw text, unchanged, and its line.
     assert sorted(res.dropped["line"].to_pylist() + res.kept["origin"].combine_chunks().field("line").to_pylist()) == (
         list(range(len(rows))))
+    for line, raw in zip(res.dropped["line"].to_pylist(), res.dropped["raw"].to_pylist(), strict=True):
+        assert raw == rows[line][0], line
 
 
 def test_cli_rejects_bad_config_naming_the_field(tmp_path: Path) -> None:
@@ -199,39 +201,78 @@ def _canonical(step_dir: str) -> list[dict[str, Any]]:
 
 
 def test_kill_9_mid_step_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> None:
-    src = tmp_path / "big.jsonl"
-    _big_corpus(src, 40_000)
-    cfg = json.dumps({"source_name": "k9", "max_part_rows": 1000, "batch_rows": 1000})
+    """Three files, one shard each, run in one process: killed after the first shard committed and while the
+    second was writing parts. The re-run keeps the committed shard as it is, redoes the rest, and equals an
+    uninterrupted run."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("a", "b", "c"):
+        _big_corpus(raw / f"{name}.jsonl", 12_000)
+    cfg = json.dumps({"source_name": "k9", "max_part_rows": 1000, "batch_rows": 1000, "target_shard_bytes": 1})
     killed = storage.validate_uri(str(tmp_path / "killed"))
+    shard0 = tmp_path / "killed" / "_shards" / "00000.json"
     proc = subprocess.Popen([sys.executable, "-m", "operators", "run", "ingest", "--config", cfg, "--input",
-                             str(src), "--output", killed], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             str(raw), "--output", killed], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    parts: list[Path] = []
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        parts = list((tmp_path / "killed").glob("part-*.parquet"))
-        if len(parts) >= 3:
+        if shard0.exists() and list((tmp_path / "killed").glob("part-00001-*.parquet")):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the step finished before it could be killed; make the corpus bigger"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(parts) >= 3
-    assert read_manifest(step_manifest_uri(killed)) is None  # a killed step has committed nothing
-    r = run_cli("run", "ingest", "--config", cfg, "--input", str(src), "--output", killed)
+    committed = read_manifest(shard_manifest_uri(killed, 0))
+    assert committed is not None  # the kill landed after the first shard's commit ...
+    assert read_manifest(shard_manifest_uri(killed, 1)) is None  # ... and before the second's
+    assert read_manifest(step_manifest_uri(killed)) is None
+    assert list((tmp_path / "killed").glob("part-00001-*.parquet"))  # shard 1's uncommitted parts are there
+
+    r = run_cli("run", "ingest", "--config", cfg, "--input", str(raw), "--output", killed)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "earlier uncommitted attempt" in r.stderr
+    assert "shard 0: already committed" in r.stderr
+    assert "shard 1: removed" in r.stderr and "earlier uncommitted attempt" in r.stderr
+    again = read_manifest(shard_manifest_uri(killed, 0))
+    assert again is not None and again.attempt == committed.attempt  # kept, not redone
     clean = storage.validate_uri(str(tmp_path / "clean"))
-    r2 = run_cli("run", "ingest", "--config", cfg, "--input", str(src), "--output", clean)
+    r2 = run_cli("run", "ingest", "--config", cfg, "--input", str(raw), "--output", clean)
     assert r2.returncode == 0, r2.stderr[-2000:]
     a, b = read_manifest(step_manifest_uri(killed)), read_manifest(step_manifest_uri(clean))
-    assert a is not None and b is not None
+    assert a is not None and b is not None and a.stats.shards == b.stats.shards == 3
     assert (a.stats.records_in, a.stats.records_kept, a.stats.dropped_by_reason) == (
         b.stats.records_in, b.stats.records_kept, b.stats.dropped_by_reason)
     assert _canonical(killed) == _canonical(clean)
-    # Only the committed attempt's files remain on disk.
+    # Only the committed attempts' files remain on disk.
     on_disk = {p.relative_to(tmp_path / "killed").as_posix() for p in (tmp_path / "killed").rglob("part-*.parquet")}
     assert on_disk == {f.path for f in a.files}
+
+
+def test_zst_and_bz2_inputs_read_like_plain_files(tmp_path: Path) -> None:
+    """Zstandard and bzip2 containers (JSONL and a JSON array) give the same records as the plain files."""
+    import bz2
+
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    lines = "".join(json.dumps(sharegpt(f"{EN_Q} ({i})", f"{EN_A} {i}")) + "\n" for i in range(300))
+    lines += '{"conversations": [\n'  # a torn last record: quarantined as bad_json in both
+    array = json.dumps([sharegpt(f"{ZH_Q} {i}", ZH_A) for i in range(40)], ensure_ascii=False)
+    (plain / "a.jsonl").write_text(lines)
+    (plain / "b.json").write_text(array)
+    with pa.CompressedOutputStream(str(packed / "a.jsonl.zst"), "zstd") as f:
+        f.write(lines.encode())
+    (packed / "b.json.bz2").write_bytes(bz2.compress(array.encode()))
+    assert (packed / "a.jsonl.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # really a zstd frame
+    results = []
+    for folder in (plain, packed):
+        out = storage.validate_uri(str(tmp_path / f"out-{folder.name}"))
+        m = run_all(build_step("ingest", {"source_name": "z"}), [str(folder)], out)
+        assert m.stats.records_in == 341 and m.stats.records_kept == 340
+        assert m.stats.dropped_by_reason == {"bad_json": 1}
+        rows = read_step_table(out).to_pylist()
+        results.append(sorted((r["id"], r["conversations"][0]["value"], r["origin"]["line"], r["langdetect"])
+                              for r in rows))
+    assert results[0] == results[1]
 
 
 @pytest.mark.integration
