@@ -24,13 +24,12 @@ PackMode = Literal["position_ids", "concat", "off"]
 
 
 def train_root() -> str:
-    """Where fine-tuning runs write: `IIP_TRAIN_ROOT`, else the data root when it is a local path, else the
-    training pods' shared checkpoint volume (`/checkpoints`): checkpoints need a POSIX filesystem."""
+    """Where fine-tuning runs write: `IIP_TRAIN_ROOT`, else the data root (a local path or `s3://`: on S3 each
+    rank works in local scratch and uploads checkpoints and models with completion markers)."""
     env = os.environ.get("IIP_TRAIN_ROOT", "").strip()
     if env:
         return env
-    data = os.environ.get("IIP_DATA_ROOT") or os.path.abspath(".data")
-    return data if "://" not in data or data.startswith("file://") else "/checkpoints"
+    return os.environ.get("IIP_DATA_ROOT") or os.path.abspath(".data")
 
 
 class PrepConfig(StepConfig):

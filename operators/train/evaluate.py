@@ -20,12 +20,15 @@ import json
 import logging
 import math
 import re
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from operators.core import storage
 from operators.core.stats import peak_rss_mb
+from operators.train import remote
 from operators.train.builtin_sets import BUILTIN
 from operators.train.config import IGNORE_INDEX, BenchSpec, EvalConfig, TwoStageConfig
 from operators.train.data_prep import MaskError, encode_batch
@@ -35,6 +38,7 @@ from operators.train.trainer import DataSelection, packed_windows, read_prepared
 log = logging.getLogger("operators.train.evaluate")
 
 REPORT_NAME = "eval_report"
+REPORT_MARKER = f"{REPORT_NAME}._COMPLETE"
 STAGE_ORDER = ("base", "stage1", "stage2", "one_stage")
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,7 +340,7 @@ def evaluate_stage(cfg: TwoStageConfig, stage: str, train_dir: str) -> dict[str,
     ecfg = cfg.evaluation
     t0 = time.perf_counter()
     model = eval_model(cfg, stage, train_dir)
-    runner = ModelRunner(model, ecfg.batch_size)
+    runner = ModelRunner(remote.local_model(model), ecfg.batch_size)  # a model on S3 is fetched and checked
     result: dict[str, Any] = {"stage": stage, "model": model, "heldout_loss": heldout_losses(runner, cfg),
                               "benchmarks": {}}
     for spec in ecfg.benchmarks:
@@ -384,9 +388,12 @@ def write_report(train_dir: str) -> dict[str, Any]:
         lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in columns) + " |")
     md = "# Fine-tuning evaluation\n\n" + "\n".join(lines) + "\n"
     report = {"rows": rows, "columns": columns}
-    storage.write_bytes(storage.join(storage.validate_uri(train_dir), f"{REPORT_NAME}.json"),
-                        json.dumps(report, indent=2).encode())
-    storage.write_bytes(storage.join(storage.validate_uri(train_dir), f"{REPORT_NAME}.md"), md.encode())
+    # Published like a model: both files uploaded with checksums, then a conditional completion marker.
+    with tempfile.TemporaryDirectory(prefix="eval-report-") as tmp:
+        (Path(tmp) / f"{REPORT_NAME}.json").write_text(json.dumps(report, indent=2))
+        (Path(tmp) / f"{REPORT_NAME}.md").write_text(md)
+        remote.publish(Path(tmp), storage.validate_uri(train_dir), [f"{REPORT_NAME}.json", f"{REPORT_NAME}.md"],
+                       marker=REPORT_MARKER)
     return report
 
 

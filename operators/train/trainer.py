@@ -3,15 +3,20 @@
     python -m operators train ...            (one process: CPU or one GPU)
     torchrun --nproc_per_node N -m operators train ...   (N processes; gloo on CPU, NCCL on GPUs)
 
-Layout of a run directory (a local path or a mounted shared volume, the same for every rank):
+Layout of a run directory (`s3://...`, or a local path / mounted shared volume, the same for every rank):
 
-    checkpoints/checkpoint-N/   Trainer + DeepSpeed state; `_COMPLETE` is written after the save finished
+    checkpoints/checkpoint-N/   Trainer + DeepSpeed state; `_COMPLETE` (every file with its sha256) is written
+                                by a conditional create after every rank's part was saved (and uploaded)
     model/                      final Hugging Face model, consolidated from the ZeRO-3 shards, + tokenizer
-    train_result.json           steps, loss curve, tokens/s, packing efficiency, peak memory
+                                (on S3 with its own `_COMPLETE` marker)
+    train_result.json           steps, loss curve, tokens/s, packing efficiency, peak memory, checkpoint times
     _DONE.json                  written last (create-if-absent): a finished run is skipped when re-run
 
-A run that dies (OOM, preemption, SIGKILL) resumes from the newest checkpoint carrying `_COMPLETE`; a
-half-written checkpoint is deleted first, so a crash during a save never poisons the resume.
+With `s3://` output every rank works in a local scratch folder (`operators.train.remote`): each rank uploads
+its own ZeRO-3 shard files, rank 0 the shared ones, and rank 0 commits the marker; resume downloads the newest
+complete checkpoint, each rank only its own shards. A run that dies (OOM, preemption, SIGKILL) resumes from the
+newest checkpoint carrying `_COMPLETE`; a half-written or half-uploaded one is deleted first, so a crash during
+a save never poisons the resume. Old checkpoints are pruned to `save_total_limit`.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from operators.core import storage
 from operators.core.manifest import config_hash, read_manifest, step_manifest_uri
 from operators.core.stats import peak_rss_mb
+from operators.train import remote
 from operators.train.config import DEFAULT_MODEL, IGNORE_INDEX, PackMode, TrainConfig
 from operators.train.data_prep import build_window, pack_lengths, packing_efficiency
 
 log = logging.getLogger("operators.train")
 
-COMPLETE_MARKER = "_COMPLETE"
+COMPLETE_MARKER = remote.COMPLETE_MARKER
 DONE_NAME = "_DONE.json"
 RESULT_NAME = "train_result.json"
 
@@ -76,23 +82,22 @@ class TrainJob(BaseModel):
     init_model: str = Field(DEFAULT_MODEL, description="Packaged model name or a Hugging Face folder.")
     data: list[DataSelection] = Field(..., min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    output: str = Field(..., description="Run directory: a local path or file:// URI on a shared volume.")
+    output: str = Field(..., description="Run directory: s3://..., or a local path / file:// URI on a shared "
+                        "volume.")
 
     @field_validator("output")
     @classmethod
-    def _local_output(cls, v: str) -> str:
+    def _output(cls, v: str) -> str:
         try:
-            uri = storage.validate_uri(v)
+            return storage.validate_uri(v)
         except storage.StorageError as e:
             raise ValueError(str(e)) from None
-        if not uri.startswith("file://"):
-            # DeepSpeed and the Trainer write checkpoints with plain file I/O from every rank: production
-            # mounts a shared volume (see operators.train.cluster) rather than writing to S3 directly.
-            raise ValueError(f"training output must be a local or mounted path, got {uri}")
-        return uri
 
     def local_dir(self) -> Path:
-        """The run directory as a local path."""
+        """Where DeepSpeed and the Trainer write (plain file I/O): the run directory itself when it is a local
+        path, else this node's scratch folder for it (files are then uploaded, see `CheckpointSync`)."""
+        if remote.is_remote(self.output):
+            return remote.scratch_dir(self.output)
         return Path(self.output[len("file://"):])
 
 
@@ -241,6 +246,81 @@ def last_complete_checkpoint(ckpt_dir: Path, clean: bool = False) -> Path | None
     return best
 
 
+class CheckpointSync:
+    """The commit point of each checkpoint, on a mounted path or on object storage.
+
+    `restore` and `commit` are collective: every rank calls them (the Trainer calls `on_save` on every rank).
+    """
+
+    def __init__(self, job: TrainJob, rank: int, local_rank: int, world: int) -> None:
+        self.remote = remote.is_remote(job.output)
+        self.local = job.local_dir() / "checkpoints"
+        self.uri = storage.join(job.output, "checkpoints")
+        self.rank, self.local_rank, self.world = rank, local_rank, world
+        self.keep = job.train.save_total_limit
+        self.restored: list[str] = []  # files this rank downloaded to resume
+        self.times: list[dict[str, float]] = []  # per checkpoint: save (Trainer + DeepSpeed) and commit seconds
+
+    def restore(self) -> Path | None:
+        """The local folder of the newest complete checkpoint (downloaded first when remote), or None."""
+        import torch.distributed as dist
+
+        if not self.remote:
+            if self.rank == 0:
+                self.local.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            resume = last_complete_checkpoint(self.local, clean=(self.rank == 0))
+            dist.barrier()
+            return resume
+        if self.local_rank == 0:
+            # This node's scratch copy may be stale or from another attempt: the bucket is the truth.
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local.mkdir(parents=True)
+        if self.rank == 0:
+            remote.discard_incomplete(self.uri)
+        dist.barrier()
+        found = remote.latest_complete(self.uri)
+        folder = None
+        if found is not None:
+            step, marker = found
+            if marker.get("world_size") != self.world:
+                raise TrainError(f"checkpoint-{step} under {self.uri} holds ZeRO shards of {marker.get('world_size')} "
+                                 f"ranks, this run has {self.world}: resume with the same world_size")
+            folder = self.local / f"checkpoint-{step}"
+            self.restored = remote.needed_files(marker["files"], self.rank, self.local_rank)
+            remote.download(storage.join(self.uri, f"checkpoint-{step}"), marker["files"], self.restored, folder)
+            log.info("rank %d: restored %d files of checkpoint-%d from %s", self.rank, len(self.restored), step,
+                     self.uri)
+        dist.barrier()
+        return folder
+
+    def commit(self, step: int, save_seconds: float) -> None:
+        """After the Trainer saved checkpoint-`step`: upload (remote) or checksum (mounted) this rank's files,
+        then rank 0 marks the checkpoint complete and prunes old ones."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        folder = self.local / f"checkpoint-{step}"
+        mine = remote.owned_files(remote.local_files(folder), self.rank) if folder.is_dir() else []
+        dest = storage.join(self.uri, f"checkpoint-{step}") if self.remote else "file://" + str(folder)
+        entries = remote.upload(folder, mine, dest) if self.remote else remote.checksum(folder, mine)
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, entries)  # also a barrier: every rank's part is saved before the marker
+        if self.rank == 0:
+            files = {k: v for part in parts for k, v in part.items()}
+            if not remote.commit(dest, files, global_step=step, world_size=self.world):
+                log.warning("checkpoint-%d was already marked complete (an earlier attempt)", step)
+            if self.remote:
+                remote.prune(self.uri, self.keep)
+        dist.barrier()
+        if self.remote and self.local_rank == 0:
+            for old in self.local.glob("checkpoint-*"):  # this node's older copies are on storage now
+                if old.name.rsplit("-", 1)[-1].isdigit() and int(old.name.rsplit("-", 1)[-1]) < step:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.times.append({"step": step, "save_s": round(save_seconds, 3),
+                           "commit_s": round(time.perf_counter() - t0, 3)})
+
+
 def freeze_all_but_last(model: Any, n_layers: int) -> int:
     """Leave only the last `n_layers` decoder blocks and the final norm trainable; returns trainable params."""
     layers = model.model.layers
@@ -267,11 +347,11 @@ def job_hash(job: TrainJob) -> str:
 
 def finished(job: TrainJob) -> dict[str, Any] | None:
     """The result of an already finished identical run, else None."""
-    done = job.local_dir() / DONE_NAME
-    if done.is_file():
-        info = json.loads(done.read_text())
+    done = storage.join(job.output, DONE_NAME)
+    if storage.exists(done):
+        info = json.loads(storage.read_bytes(done))
         if info.get("job_hash") == job_hash(job):
-            return dict(json.loads((job.local_dir() / RESULT_NAME).read_text()))
+            return dict(json.loads(storage.read_bytes(storage.join(job.output, RESULT_NAME))))
     return None
 
 
@@ -295,12 +375,11 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 
     out = job.local_dir()
     ckpt_dir = out / "checkpoints"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (out / DONE_NAME).unlink(missing_ok=True)
-    dist.barrier()
-    resume = last_complete_checkpoint(ckpt_dir, clean=(rank == 0))
-    dist.barrier()
+        storage.delete(storage.join(job.output, DONE_NAME))
+    sync = CheckpointSync(job, rank, local_rank, world)
+    resume = sync.restore()
 
     tables = [read_prepared(sel, "train") for sel in job.data]
     per_set = {sel.name: t.num_rows for sel, t in zip(job.data, tables, strict=True)}
@@ -310,7 +389,11 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     log.info("rank %d/%d: %d windows from %s, packing efficiency %.3f, resume from %s", rank, world,
              len(windows), per_set, pstats["packing_efficiency"], resume)
 
-    folder = resolve_model(job.init_model)
+    if job.init_model.startswith("s3://"):  # e.g. stage 2 starting from stage 1's model on S3
+        if local_rank == 0:
+            remote.local_model(job.init_model)  # one download per node
+        dist.barrier()
+    folder = resolve_model(remote.local_model(job.init_model))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # TrainingArguments must exist before the model is built so ZeRO-3 partitions it at load (zero.Init).
@@ -349,26 +432,34 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     if cfg.train_layers is not None:
         freeze_all_but_last(model, cfg.train_layers)
 
-    class _MarkComplete(TrainerCallback):
-        """Marks a checkpoint complete once every part of it is written (on_save runs after the save)."""
+    class _CommitCheckpoint(TrainerCallback):
+        """Commits each checkpoint once every rank saved it (`on_save` runs on every rank after the save)."""
+
+        step_end = 0.0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step_end = time.perf_counter()  # the save (if any) follows this step
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.is_world_process_zero:
-                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if path.is_dir():
-                    (path / COMPLETE_MARKER).write_text(json.dumps({"global_step": state.global_step}))
+            sync.commit(state.global_step, time.perf_counter() - self.step_end)
 
     collator = WindowCollator(pad_id)
     trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(windows), data_collator=collator,
-                      processing_class=tokenizer, callbacks=[_MarkComplete()])
+                      processing_class=tokenizer, callbacks=[_CommitCheckpoint()])
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     trainer.save_model(str(out / "model"))  # ZeRO-3: gathers the shards into one HF model on rank 0
+    t1 = time.perf_counter()
+    if rank == 0 and sync.remote:
+        remote.publish(out / "model", storage.join(job.output, "model"))
+    model_upload_s = time.perf_counter() - t1
     losses = [{"step": h["step"], "loss": round(float(h["loss"]), 5)} for h in trainer.state.log_history
               if "loss" in h]
     tokens = torch.tensor([collator.tokens_seen], dtype=torch.long)
     dist.all_reduce(tokens)
+    restored: list[Any] = [None] * world
+    dist.all_gather_object(restored, sync.restored)
     summary: dict[str, Any] = {
         "output": job.output,
         "init_model": job.init_model,
@@ -390,13 +481,17 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "tokens_seen": int(tokens.item()),
         "tokens_per_s": round(int(tokens.item()) / seconds, 1) if seconds > 0 else 0.0,
         "peak_rss_mb": peak_rss_mb(),
+        "checkpoints": sync.times,
+        "model_upload_s": round(model_upload_s, 3) if sync.remote else None,
+        "restored_files": {str(r): files for r, files in enumerate(restored)} if resume else {},
     }
     if rank == 0:
-        (out / RESULT_NAME).write_text(json.dumps(summary, indent=2))
+        storage.write_bytes(storage.join(job.output, RESULT_NAME), json.dumps(summary, indent=2).encode())
         done = {"job_hash": job_hash(job), "global_step": summary["global_step"]}
         storage.commit_if_absent(storage.join(job.output, DONE_NAME), json.dumps(done).encode())
         log.info("trained %d steps in %.1fs (%.0f tokens/s), loss %s -> %s, model in %s", summary["global_step"],
-                 seconds, summary["tokens_per_s"], summary["first_loss"], summary["last_loss"], out / "model")
+                 seconds, summary["tokens_per_s"], summary["first_loss"], summary["last_loss"],
+                 storage.join(job.output, "model"))
     dist.barrier()
     dist.destroy_process_group()
     return summary
