@@ -235,7 +235,9 @@ def test_sixteen_prompts_eight_in_flight_each_answered_in_its_row(backend: OpenA
     for g in gens:
         assert g.text.strip()
         assert 1 <= g.completion_tokens <= 24
-        assert (g.finish_reason == "length") == (g.completion_tokens == 24), g
+        assert g.finish_reason in ("stop", "length"), g
+        if g.finish_reason == "length":  # cut by max_tokens (a natural stop may also land on the 24th token)
+            assert g.completion_tokens == 24, g
     print(f"\nvLLM server: 16 chats, 8 in flight: {tokens} tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s")
 
 

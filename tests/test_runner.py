@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import Field
 
+from operators.core import runner as runner_mod
 from operators.core import storage
 from operators.core.manifest import read_manifest, shard_manifest_uri, step_manifest_uri
 from operators.core.runner import StepFailed, make_plan, read_step_table, reduce_step, run_all, run_shard
@@ -157,34 +158,67 @@ def test_merge_is_additive_and_checks_step() -> None:
     assert json.loads(m.model_dump_json())["dropped_by_reason"] == {"x": 4, "y": 3}
 
 
-@pytest.mark.integration
-def test_two_writers_of_one_shard_on_s3_exactly_one_commits(s3_bucket: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.integration)])
+def test_two_writers_of_one_shard_exactly_one_commits(where: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two attempts of one shard race for real: both are held at barriers until both have cleaned up, and again
+    until both have written their parts and reached the commit, then commit at once. Exactly one commit
+    succeeds; the loser deletes its own parts and adopts the winner's manifest."""
     import threading
 
     src = write_inputs(tmp_path, files=1, rows=5000)
-    for p in Path(src).iterdir():
-        storage.write_bytes(f"{s3_bucket}/in/{p.name}", p.read_bytes())
-    out = f"{s3_bucket}/out"
-    step = KeepMultiples(ModConfig(max_part_rows=500))
-    plan = make_plan(step, [f"{s3_bucket}/in"], out)
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        for p in Path(src).iterdir():
+            storage.write_bytes(f"{bucket}/in/{p.name}", p.read_bytes())
+        src, out = f"{bucket}/in", f"{bucket}/out"
+    else:
+        out = storage.validate_uri(str(tmp_path / "out"))
+    plan = make_plan(KeepMultiples(ModConfig(max_part_rows=500)), [src], out)
+
+    # Synchronization points around the real functions (which still do all the work): the race is certain,
+    # not left to thread scheduling.
+    cleaned, committing = threading.Barrier(2, timeout=120), threading.Barrier(2, timeout=120)
+    real_cleanup, real_commit = runner_mod._cleanup_uncommitted, storage.commit_if_absent
+    won: list[bool] = []
+
+    def cleanup_then_wait(*args: Any, **kw: Any) -> int:
+        removed = real_cleanup(*args, **kw)
+        cleaned.wait()  # neither writer's cleanup can delete the other's parts
+        return removed
+
+    def commit_together(uri: str, data: bytes) -> bool:
+        committing.wait()  # both attempts have written every part and now commit at the same moment
+        ok = real_commit(uri, data)
+        won.append(ok)
+        return ok
+
+    monkeypatch.setattr(runner_mod, "_cleanup_uncommitted", cleanup_then_wait)
+    monkeypatch.setattr(storage, "commit_if_absent", commit_together)
     results: list[Any] = [None, None]
-    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
 
     def writer(i: int) -> None:
-        barrier.wait()
-        results[i] = run_shard(KeepMultiples(ModConfig(max_part_rows=500)), out, plan, 0)
+        try:
+            results[i] = run_shard(KeepMultiples(ModConfig(max_part_rows=500)), out, plan, 0)
+        except BaseException as e:  # surfaced below, not lost in the thread
+            errors.append(e)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results[0] is not None and results[1] is not None
+    assert not errors, errors
+    assert sorted(won) == [False, True]  # both reached the commit; exactly one won
     # Both writers report the same committed attempt: one won, the other adopted the winner's output.
     assert results[0].attempt == results[1].attempt
     committed = read_manifest(shard_manifest_uri(out, 0))
     assert committed is not None and committed.attempt == results[0].attempt
-    final = reduce_step(step.name, out)
+    parts = {u[len(out) + 1:] for u in storage.list_files(out) if u.rsplit("/", 1)[1].startswith("part-")}
+    assert parts == {f.path for f in committed.files}  # the loser removed its own parts at once
+    monkeypatch.undo()
+    final = reduce_step("keep_multiples", out)
     assert final.stats.records_kept == 2500
     parts = {u[len(out) + 1:] for u in storage.list_files(out) if u.rsplit("/", 1)[1].startswith("part-")}
     assert parts == {f.path for f in final.files}  # the loser's files are gone
