@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import kubernetes_validate
@@ -124,3 +125,59 @@ def test_step_arguments_shapes() -> None:
     assert step_arguments("reduce", "ingest", output="file:///o") == ["reduce", "ingest", "--output", "file:///o"]
     assert step_arguments("report", "x", output="file:///o", xcom_file="/x.json") == [
         "report", "--output", "file:///o", "--xcom-file", "/x.json"]
+
+
+# ------------------------------------------------------------------------------------------ step pods in a DAG
+
+DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class _MappedTI:
+    """The one attribute of a mapped task instance the operator reads."""
+
+    map_index = 4
+
+
+def dag_step_pod(profile: str) -> tuple[Any, dict[str, Any]]:
+    """A mapped `near_dedup` run task of DAG `foundational_selection`, as its KubernetesPodOperator and its pod."""
+    from airflow.sdk import DAG
+
+    with DAG(dag_id="foundational_selection", schedule=None):
+        op = StepOperator(task_id="near_dedup.run", step="near_dedup", action="run",
+                          output_uri="s3://bucket/runs/r1/near_dedup", inputs=["s3://bucket/runs/r1/exact_dedup"],
+                          shard=4, config={}, profile=profile, mode="kubernetes")
+    kpo = op.build_pod_operator({"run_id": "scheduled__2026-11-25T10:00:00+00:00", "ti": _MappedTI()})
+    return kpo, dict(ApiClient().sanitize_for_serialization(kpo.build_pod_request_obj(dry_run=True)))
+
+
+@pytest.mark.parametrize("profile", ["cpu", "vllm", "train"])
+def test_step_pods_are_labelled_deleted_when_done_and_deferrable_on_gpus(profile: str) -> None:
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import OnFinishAction
+
+    kpo, pod = dag_step_pod(profile)
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    # The labels tie the pod to its DAG, task, run, step and shard (for cleanup and log search).
+    labels = pod["metadata"]["labels"]
+    assert {k: v for k, v in labels.items() if k.startswith("iip/")} == {
+        "iip/dag-id": "foundational_selection", "iip/task-id": "near_dedup.run",
+        "iip/run-id": "scheduled__2026-11-25T10_00_00_00_00", "iip/step": "near_dedup", "iip/shard": "4",
+        "iip/map-index": "4"}
+    assert all(re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", v) and len(v) <= 63 for v in labels.values())
+    # The API server only accepts DNS-1123 pod names (a step name's underscore is not allowed).
+    assert DNS_1123.fullmatch(pod["metadata"]["name"]) and len(pod["metadata"]["name"]) <= 253, pod["metadata"]
+    # Deleted when done, whatever the outcome; GPU pods free their worker slot while they wait (deferrable).
+    assert kpo.on_finish_action == OnFinishAction.DELETE_POD
+    assert kpo.deferrable is (profile in ("vllm", "train"))
+
+
+@pytest.mark.parametrize("profile", ["cpu", "vllm", "train"])
+def test_step_pods_run_under_runtime_default_seccomp(profile: str) -> None:
+    """Seccomp on the step pods themselves (not only the chart's): the pod, every container and the xcom sidecar."""
+    _, pod = dag_step_pod(profile)
+    spec = pod["spec"]
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in spec["containers"] + spec.get("initContainers", []):
+        assert c["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+    sidecar = render(make_op(profile, "plan", shard=None))["spec"]["containers"]
+    assert len(sidecar) == 2 and all(c["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+                                     for c in sidecar)

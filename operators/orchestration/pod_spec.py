@@ -166,7 +166,8 @@ def pod_operator_kwargs(
     env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", **profile.env}
     return {
         "task_id": task_id,
-        "name": f"iip-{labels.get('iip/step', 'step')}",
+        # Pod names must be DNS-1123 (lowercase alphanumerics and '-'): step names carry underscores.
+        "name": "iip-" + re.sub(r"[^a-z0-9-]+", "-", labels.get("iip/step", "step").lower()).strip("-"),
         "namespace": profile.namespace,
         "image": profile.image,
         "image_pull_policy": profile.image_pull_policy,
