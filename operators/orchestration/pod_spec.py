@@ -56,6 +56,8 @@ class PodProfile(BaseModel):
     cpu_limit: str | None = Field(None, pattern=QUANTITY)
     memory_limit: str | None = Field(None, pattern=QUANTITY)
     gpus: int = Field(0, ge=0, le=16)
+    nodes: int = Field(1, ge=1, le=512, description="Nodes of a training run (train action): more than one runs "
+                       "as an indexed Job with torchrun rendezvous (operators.orchestration.job_launcher).")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     secret_env: list[SecretEnv] = Field(default_factory=list)

@@ -216,10 +216,27 @@ class StepOperator(BaseOperator):
         return KubernetesPodOperator(**self.pod_kwargs(context))
 
     def _execute_pod(self, context: Any) -> Any:
+        if self.action == "train" and load_profiles()[self.profile].nodes > 1:
+            # Several nodes: an indexed Job + headless Service, created, awaited and deleted by the launcher.
+            from operators.orchestration.job_launcher import launch
+
+            return launch(self, context)
         result = self.build_pod_operator(context).execute(context)
         if self.action == "plan" and isinstance(result, dict):
             return result["shards"]
         return result
+
+    def train_job_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """Resume a deferred multi-node training task after its Job finished (see job_launcher)."""
+        from operators.orchestration.job_launcher import complete
+
+        return complete(self, event)
+
+    def on_kill(self) -> None:
+        """A killed multi-node training task deletes its Job, pods and Service (single pods: KPO's own)."""
+        from operators.orchestration.job_launcher import kill
+
+        kill(self)
 
     def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
         """Resume a deferred pod task: a deferrable KubernetesPodOperator hands back here after its trigger."""

@@ -7,10 +7,12 @@ Two shapes, same container, same command (`torchrun ... -m operators train ...`)
 - several nodes: an indexed Job (one pod per node, `completionMode: Indexed`) plus a headless Service, so
   pod 0 is reachable as `<job>-0.<service>`; torchrun's c10d rendezvous runs there and assigns ranks.
 
-Every pod: the `train` image, `nvidia.com/gpu` requests = limits, a shared ReadWriteMany volume for
-checkpoints and the final model (every rank writes its ZeRO-3 shard there; a restarted pod resumes from
-it), a memory-backed /dev/shm for NCCL, NCCL settings as plain env, S3 credentials only as Secret refs,
-and the restricted security context every step pod has (non-root, read-only root, no capabilities).
+Every pod: the `train` image, `nvidia.com/gpu` requests = limits, a local scratch emptyDir (`/scratch`,
+`IIP_TRAIN_SCRATCH`) where each rank writes its checkpoint part before uploading it to the run's `s3://`
+output (a rescheduled pod resumes from S3, not from a node-local path), optionally a ReadWriteMany volume for
+clusters that keep training output on a shared file system instead, a memory-backed /dev/shm for NCCL,
+NCCL settings as plain env, S3 credentials only as Secret refs, and the restricted security context every
+step pod has (non-root, read-only root, no capabilities).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from operators.orchestration.pod_spec import (
 )
 
 CHECKPOINT_VOLUME = "checkpoints"
+SCRATCH_VOLUME = "scratch"
 DEFAULT_NCCL_ENV = {
     "NCCL_DEBUG": "WARN",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a hung collective fails the pod instead of blocking forever
@@ -54,8 +57,11 @@ class ClusterTrainSpec(BaseModel):
     cpu: str = Field("16", pattern=QUANTITY)
     memory: str = Field("256Gi", pattern=QUANTITY)
     shm_size: str = Field("64Gi", pattern=QUANTITY, description="Memory-backed /dev/shm (NCCL, dataloaders).")
-    checkpoint_claim: str = Field("iip-checkpoints", pattern=K8S_NAME,
-                                  description="ReadWriteMany PersistentVolumeClaim shared by every rank.")
+    scratch_size: str = Field("1Ti", pattern=QUANTITY, description="Local emptyDir for this node's checkpoint "
+                              "parts and downloads (output on s3://).")
+    scratch_mount: str = Field("/scratch", pattern=r"^/[A-Za-z0-9_./-]*$")
+    checkpoint_claim: str | None = Field(None, pattern=K8S_NAME, description="ReadWriteMany PersistentVolumeClaim "
+                                         "shared by every rank, for output on a mounted path; blank with s3:// output.")
     checkpoint_mount: str = Field("/checkpoints", pattern=r"^/[A-Za-z0-9_./-]*$")
     master_port: int = Field(29500, ge=1024, le=65535)
     node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
@@ -80,12 +86,13 @@ class ClusterTrainSpec(BaseModel):
 
 
 def spec_from_profile(profile: PodProfile, **overrides: Any) -> ClusterTrainSpec:
-    """A one-node training placement from a StepOperator pod profile (image, GPUs, scheduling, secrets)."""
+    """A training placement from a StepOperator pod profile (image, nodes, GPUs, scheduling, secrets)."""
     base: dict[str, Any] = {
         "image": profile.image, "namespace": profile.namespace, "service_account": profile.service_account,
         "gpus_per_node": max(1, profile.gpus), "cpu": profile.cpu, "memory": profile.memory,
         "node_selector": dict(profile.node_selector), "tolerations": list(profile.tolerations),
         "secret_env": list(profile.secret_env), "env": {**DEFAULT_NCCL_ENV, **profile.env},
+        "nodes": profile.nodes,
     }
     return ClusterTrainSpec.model_validate({**base, **overrides})
 
@@ -117,14 +124,24 @@ def _restricted() -> dict[str, Any]:
 
 
 def _volumes(spec: ClusterTrainSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    volumes = [
+    volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"sizeLimit": "50Gi"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
-        {"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": spec.checkpoint_claim}},
+        {"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": spec.scratch_size}},
     ]
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"},
-              {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_mount}]
+              {"name": SCRATCH_VOLUME, "mountPath": spec.scratch_mount}]
+    if spec.checkpoint_claim:
+        volumes.append({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": spec.checkpoint_claim}})
+        mounts.append({"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_mount})
     return volumes, mounts
+
+
+def _plain_env(spec: ClusterTrainSpec) -> dict[str, str]:
+    """Non-secret environment of a training container: NCCL settings and where local scratch is."""
+    from operators.train.remote import SCRATCH_ENV
+
+    return {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", SCRATCH_ENV: spec.scratch_mount, **spec.env}
 
 
 def _name(value: str, limit: int = 52) -> str:
@@ -140,8 +157,7 @@ def render_indexed_job(spec: ClusterTrainSpec, name: str, arguments: list[str],
     host = f"{job}-0.{service}.{spec.namespace}.svc"
     volumes, mounts = _volumes(spec)
     gpus = str(spec.gpus_per_node)
-    plain = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", **spec.env}
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(plain.items())]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(_plain_env(spec).items())]
     env += [{"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key}}} for s in spec.secret_env]
     all_labels = {**labels, "app.kubernetes.io/part-of": "iip", "app.kubernetes.io/component": "train",
                   "iip/train-job": job}
@@ -196,18 +212,25 @@ def single_node_pod_kwargs(kpo_kwargs: dict[str, Any], spec: ClusterTrainSpec) -
         requests={"cpu": spec.cpu, "memory": spec.memory, "nvidia.com/gpu": gpus},
         limits={"memory": spec.memory, "nvidia.com/gpu": gpus})
     present = {e.name for e in out.get("env_vars", [])}
-    out["env_vars"] = [*out.get("env_vars", []),
-                       *(k8s.V1EnvVar(name=k, value=v) for k, v in sorted(spec.env.items()) if k not in present)]
-    out["volumes"] = [
-        *out.get("volumes", []),
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size)),
-        k8s.V1Volume(name=CHECKPOINT_VOLUME, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=spec.checkpoint_claim))]
-    out["volume_mounts"] = [
-        *out.get("volume_mounts", []),
-        k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-        k8s.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=spec.checkpoint_mount)]
+    plain = sorted(_plain_env(spec).items())
+    out["env_vars"] = [*out.get("env_vars", []), *(k8s.V1EnvVar(name=k, value=v) for k, v in plain if k not in present)]
+    # The same volumes as a node of the indexed Job, minus the /tmp emptyDir the step pod already has.
+    volumes, mounts = _volumes(spec)
+    out["volumes"] = [*out.get("volumes", []), *(_k8s_volume(v) for v in volumes[1:])]
+    out["volume_mounts"] = [*out.get("volume_mounts", []),
+                            *(k8s.V1VolumeMount(name=m["name"], mount_path=m["mountPath"]) for m in mounts[1:])]
     out["node_selector"] = dict(spec.node_selector)
     out["tolerations"] = [k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
                           for t in spec.tolerations]
     return out
+
+
+def _k8s_volume(v: dict[str, Any]) -> Any:
+    """A rendered volume (emptyDir or PersistentVolumeClaim) as the kubernetes client's model."""
+    from kubernetes.client import models as k8s
+
+    if "emptyDir" in v:
+        return k8s.V1Volume(name=v["name"], empty_dir=k8s.V1EmptyDirVolumeSource(
+            medium=v["emptyDir"].get("medium"), size_limit=v["emptyDir"].get("sizeLimit")))
+    return k8s.V1Volume(name=v["name"], persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+        claim_name=v["persistentVolumeClaim"]["claimName"]))
