@@ -189,14 +189,22 @@ def test_evolve_respond_and_final_set_with_the_real_model(tmp_path: Path) -> Non
         evolved = str(tmp_path / "evolve2")
     else:
         evolved = str(tmp_path / "evolve")
+    instructions = {r["id"]: r["conversations"][0]["value"] for r in read_step_table(evolved).to_pylist()}
     r = run("respond", {**TINY, "min_turns": 2, "max_turns": 2}, [evolved], tmp_path / "respond")
     assert set(r.stats.dropped_by_reason) <= {"llm_error", "empty_response", "refusal"}
     convs = read_step_table(str(tmp_path / "respond")).to_pylist()
+    assert convs, r.stats.dropped_by_reason  # an empty set would make every check below vacuous
     for c in convs:
-        assert conversation_problem(c["conversations"]) is None
-        assert len(c["conversations"]) == 4 or c["turns_note"]  # two user turns, or it says why not
+        turns = c["conversations"]
+        assert conversation_problem(turns) is None
+        assert turns[0] == {"from": "human", "value": instructions[c["id"]]}  # the evolved instruction, verbatim
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert all(t["value"].strip() for t in turns)
+        assert len(turns) == 4 or (len(turns) == 2 and c["turns_note"])  # two user turns, or it says why not
     f = run("conversational_set", {}, [str(tmp_path / "respond")], tmp_path / "final")
-    assert f.stats.records_kept == len(convs)
+    assert f.stats.records_kept == len(convs) >= 1
+    assert sorted(row["id"] for row in read_step_table(str(tmp_path / "final")).to_pylist()) == sorted(
+        c["id"] for c in convs)
     for row in read_step_table(str(tmp_path / "final")).to_pylist():
         assert row["source"].startswith("synthesized/") and row["langdetect"]
 
