@@ -14,13 +14,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import transformers  # noqa: F401  (the `llm` extra, installed by `make test`: missing is an error, not a skip)
 
 from operators.core.registry import step_class
 from operators.core.runner import read_step_table, run_all
 from operators.schema import CANONICAL_SCHEMA
 from tests.conftest import ROOT, airflow, migrated_airflow
-
-pytest.importorskip("transformers")
 
 QA = [("math", "What is 15% of 80?", "15% of 80 is 12."),
       ("math", "Solve for x: 2x + 6 = 14.", "2x = 8, so x = 4."),
