@@ -4,8 +4,10 @@ prep (tokenize, assistant-only labels, held-out split) for both sets
   -> stage1 (foundational) -> eval_stage1 -> stage2 (conversational + foundational replay) -> eval_stage2
   -> one_stage (both sets mixed once: the ablation) -> eval_one_stage          (mode one_stage or both)
   -> eval_base (the starting model) ; report (one table, every evaluated stage)
-Training runs DeepSpeed ZeRO-3 via the Hugging Face Trainer: locally on CPU (embedded), or as a torchrun
-pod with every GPU of a node and a shared checkpoint volume (kubernetes mode, `train` profile).
+Training runs DeepSpeed ZeRO-3 via the Hugging Face Trainer: locally on CPU (embedded); in kubernetes mode
+as a torchrun pod with every GPU of a node (a one-node profile), or as an indexed Job of one pod per node
+that the task creates, waits for (deferred), reports and deletes (a profile with `nodes` > 1; the Param
+`train_profile` picks it). Checkpoints and models go to the run folder, `s3://` included.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
         "global_batch_size": Param(528, type="integer", minimum=1,
                                    description="= per-device batch x accumulation x world size (checked)."),
         "per_device_batch_size": Param(1, type="integer", minimum=1),
-        "world_size": Param(1, type="integer", minimum=1, description="Training processes (GPUs in the pod)."),
+        "world_size": Param(1, type="integer", minimum=1, description="Training processes: nodes x GPUs per node "
+                            "of the training profile (checked before a Job is created)."),
+        "train_profile": Param("train", type="string", minLength=1, description="Pod profile of the training "
+                               "stages in kubernetes mode (IIP_POD_PROFILES); nodes > 1 runs an indexed Job."),
         "max_seq_len": Param(4096, type="integer", minimum=16),
         "bf16": Param(True, type="boolean"),
         "gradient_checkpointing": Param(True, type="boolean"),
@@ -96,6 +101,7 @@ def two_stage_finetune() -> None:
     }
 
     def task(action: str, stage: str, profile: str) -> StepOperator:
+        # Training stages run under the profile the Param names (one node: a pod; several: an indexed Job).
         return StepOperator(task_id=stage if action == "train" else f"eval_{stage}", step="finetune",
                             action=action, stage=stage, config=config, output_uri=TRAIN_DIR,  # type: ignore[arg-type]
                             profile=profile)
@@ -103,8 +109,9 @@ def two_stage_finetune() -> None:
     report = StepOperator(task_id="report", step="finetune", action="evaluate", stage="report", config=config,
                           output_uri=TRAIN_DIR, trigger_rule="none_failed")
     prepared = [prep_f, prep_c]
-    stage1, stage2, one_stage = task("train", "stage1", "train"), task("train", "stage2", "train"), \
-        task("train", "one_stage", "train")
+    train = "{{ params.train_profile }}"
+    stage1, stage2, one_stage = task("train", "stage1", train), task("train", "stage2", train), \
+        task("train", "one_stage", train)
     prepared >> stage1 >> task("evaluate", "stage1", "vllm") >> stage2 >> task("evaluate", "stage2", "vllm") >> report
     prepared >> one_stage >> task("evaluate", "one_stage", "vllm") >> report
     prepared >> task("evaluate", "base", "vllm") >> report
