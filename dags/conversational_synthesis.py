@@ -44,7 +44,8 @@ def llm(role: str) -> str:
     params={
         "foundational": Param("demo", type="string", description="A foundational_selection run name (its "
                               "`select` output is the seed pool), or the URI of any canonical step dir."),
-        "run_name": Param("", type="string", description="Folder under <data root>/runs; blank = the run id."),
+        "run_name": Param(None, type=["null", "string"],
+                          description="Folder under <data root>/runs; blank = the run id."),
         "pool_budgets": Param({"math": 4, "code": 4, "general": 4}, type="object",
                               description="Records per domain taken from the foundational set into the seed "
                               "pool ({} = all of it, as in production)."),

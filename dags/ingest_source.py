@@ -34,7 +34,7 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
                              description="Name recorded in each record's `source`."),
         "format": Param("auto", enum=[f.value for f in SourceFormat],
                         description="Input format; auto detects it per file."),
-        "output_uri": Param("", type="string",
+        "output_uri": Param(None, type=["null", "string"],
                             description="Where to write; blank = <data root>/sources/<source_name>."),
         "max_record_bytes": Param(1 << 20, type="integer", minimum=256,
                                   description="Records above this size are quarantined as oversize."),

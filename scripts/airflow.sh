@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=$ROOT/.venv/bin
+export PATH=$BIN:$PATH  # standalone starts its components as `airflow ...` from PATH
 PORT=${AIRFLOW_PORT:-8080}
 case $PORT in ''|*[!0-9]*) echo "AIRFLOW_PORT must be a number, got '$PORT'" >&2; exit 2;; esac
 

