@@ -14,17 +14,19 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------------
 # Measured child processes
@@ -116,6 +118,63 @@ def run_children(cmds: Sequence[Sequence[str]], *, parallel: int = 1, cwd: Path 
 def run_child(cmd: Sequence[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None) -> ChildResult:
     """Run one command as a measured child process."""
     return run_children([cmd], cwd=cwd, env=env)[1][0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Repeated, interleaved measurements
+#
+# A ratio against a peer is only meaningful when both sides ran under the same load: measured one after the
+# other on a shared machine, one side can get a quiet minute and the other a busy one (a README figure once
+# moved from 26x to 10x that way). So the benchmarks run ours, the peer, ours, the peer, ..., pair each of
+# our runs with the peer run next to it, and report the median of the repeats with their spread, next to
+# the machine's load when the run started.
+
+
+def machine_load() -> dict[str, Any]:
+    """1, 5 and 15-minute load averages and the CPU count: how busy the machine was."""
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "loadavg_15m": round(fifteen, 2),
+            "cpus": os.cpu_count()}
+
+
+def print_machine_load(when: str = "start") -> dict[str, Any]:
+    """Print the machine's load (see `machine_load`) and return it, for the result's JSON line."""
+    load = machine_load()
+    print(f"machine load at {when}: {load['loadavg_1m']} / {load['loadavg_5m']} / {load['loadavg_15m']} "
+          f"(1/5/15 min) on {load['cpus']} CPUs", flush=True)
+    return load
+
+
+def interleaved(repeats: int, measure: Sequence[tuple[str, Callable[[int], T]]]) -> dict[str, list[T]]:
+    """Call every (name, measure) in order, `repeats` rounds (a, b, a, b, ...); each gets the round number.
+
+    Returns each name's results in round order, so round r of one side ran next to round r of the other."""
+    out: dict[str, list[T]] = {name: [] for name, _ in measure}
+    for r in range(repeats):
+        for name, fn in measure:
+            out[name].append(fn(r))
+    return out
+
+
+def spread(values: Sequence[float], digits: int = 2) -> dict[str, Any]:
+    """Median of repeated measurements with their spread: min, max, and (max - min) / median in percent."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "spread_pct": None, "runs": []}
+    med = statistics.median(values)
+    return {"median": round(med, digits), "min": round(min(values), digits), "max": round(max(values), digits),
+            "spread_pct": round(100 * (max(values) - min(values)) / med, 1) if med else None,
+            "runs": [round(v, digits) for v in values]}
+
+
+def paired_ratios(ours: Sequence[float], peer: Sequence[float]) -> list[float]:
+    """Per round, ours / peer (rates measured side by side); rounds where the peer measured 0 are left out."""
+    return [a / b for a, b in zip(ours, peer, strict=True) if b]
+
+
+def describe(name: str, s: dict[str, Any], unit: str = "") -> str:
+    """One line: 'name: median unit (min-max, spread %, n runs)'."""
+    return (f"{name}: {s['median']}{unit} (range {s['min']}-{s['max']}, spread {s['spread_pct']}%, "
+            f"{len(s['runs'])} runs)")
 
 
 # ----------------------------------------------------------------------------------------------------

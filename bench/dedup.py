@@ -2,7 +2,7 @@
 
     python bench/dedup.py [--records 20000] [--seed 7] [--num-perm 128] [--ngram 5] [--threshold 0.7]
                           [--bands 16 --rows 8] [--edit-rate 0.01:0.05] [--minhash-seed 1]
-                          [--skip datasketch,rensa] [--threads 1] [--keep]
+                          [--skip datasketch,rensa] [--threads 1] [--repeats 3] [--keep]
 
 1. Builds a deterministic corpus with planted near-duplicates: base documents of 100-300 words
    drawn (Zipf-like) from a seeded vocabulary of pseudo-words, with sentence case and punctuation,
@@ -29,6 +29,10 @@
      ``ours_kernel_s``), to show where the time goes.
    Every method's verified links go through the same connected components; predicted pairs are
    all pairs within a predicted component (what dedup acts on).
+   The methods run ``--repeats`` rounds, interleaved (ours, datasketch, rensa, ours, ...), so every side
+   sees the same load; each rate is the median of its rounds with their spread, and each speed-up is the
+   median of the per-round ratios (ours against the peer run next to it). The machine's load average is
+   printed at the start and the end.
 3. Prints human-readable lines, then LAST one JSON line: records, records_per_s,
    datasketch_records_per_s, rensa_records_per_s, speedup_vs_datasketch, speedup_vs_rensa,
    precision/recall/f1/recall_at_threshold/peak_rss_mb per method, and the parameters.
@@ -43,6 +47,7 @@ import argparse
 import importlib.util
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +59,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: `python bench/dedup.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import last_json_line, print_json_line, rate, run_child
+from bench._common import (
+    describe,
+    interleaved,
+    last_json_line,
+    paired_ratios,
+    print_json_line,
+    print_machine_load,
+    rate,
+    run_child,
+    spread,
+)
 
 METHODS = ("ours", "datasketch", "rensa")
 
@@ -382,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit-rate", default="0.01:0.05", help="per-copy edit rate range lo:hi")
     parser.add_argument("--skip", default="", help="comma-separated peers to skip: datasketch,rensa")
     parser.add_argument("--threads", type=int, default=1, help="threads per child (RAYON/OMP/BLAS)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every method (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--make-corpus", help=argparse.SUPPRESS)
@@ -398,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     # The parent imports nothing heavy and holds no corpus until the measured children are done:
     # a child's peak RSS (ru_maxrss) starts from its parent's RSS at spawn time, which is kept
     # across exec, so a fat parent would inflate every child's number.
+    load_start = print_machine_load("start")
     skip = {s for s in args.skip.split(",") if s}
     for peer in ("datasketch", "rensa"):
         if peer not in skip and importlib.util.find_spec(peer) is None:
@@ -416,21 +433,40 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--num-perm", args.num_perm, "--ngram", args.ngram, "--threshold", args.threshold,
                   "--bands", args.bands, "--rows", args.rows, "--minhash-seed", args.mh_seed,
                   "--corpus", corpus]
-        results: dict[str, dict[str, Any]] = {}
-        for method in METHODS:
-            if method in skip:
-                continue
-            child = run_child([sys.executable, str(Path(__file__).resolve()), "--child", method,
-                               *(str(c) for c in common), "--out", str(tmp / f"{method}.npy")],
-                              env=env).check(method)
-            results[method] = {**last_json_line(child.stdout), "peak_rss_mb": child.peak_rss_mb}
-            print(f"{method:>10}: {results[method]['seconds']:.2f}s wall, {results[method]['cpu_seconds']:.2f}s "
-                  f"cpu, peak RSS {child.peak_rss_mb} MB, stages {results[method]['stages']}", flush=True)
+        def measure(method: str) -> Any:
+            def run(r: int) -> dict[str, Any]:
+                child = run_child([sys.executable, str(Path(__file__).resolve()), "--child", method,
+                                   *(str(c) for c in common), "--out", str(tmp / f"{method}-{r}.npy")],
+                                  env=env).check(method)
+                out = {**last_json_line(child.stdout), "peak_rss_mb": child.peak_rss_mb}
+                print(f"  round {r + 1} {method:>10}: {out['seconds']:.2f}s wall, {out['cpu_seconds']:.2f}s cpu, "
+                      f"peak RSS {child.peak_rss_mb} MB, stages {out['stages']}", flush=True)
+                return out
+            return run
 
-        # Ground truth and scores, now that nothing else is measured.
+        repeats = max(1, args.repeats)
+        methods = [m for m in METHODS if m not in skip]
+        print(f"{repeats} round(s), interleaved: {' / '.join(methods)}", flush=True)
+        rounds = interleaved(repeats, [(m, measure(m)) for m in methods])
+        load_end = print_machine_load("end")
+        # Heavy imports only now that every measured child is done (see above).
         import numpy as np
         import pyarrow.parquet as pq
 
+        n_records = pq.read_metadata(corpus).num_rows
+        results: dict[str, dict[str, Any]] = {}
+        for method, runs in rounds.items():
+            # Decisions are deterministic: every round must predict the same pairs (scored once, below).
+            first = np.load(tmp / f"{method}-0.npy")
+            assert all(np.array_equal(np.load(tmp / f"{method}-{r}.npy"), first) for r in range(repeats)), method
+            rates = spread([rate(n_records, o["seconds"]) for o in runs], 1)
+            results[method] = {**runs[-1], "seconds": statistics.median(o["seconds"] for o in runs),
+                               "cpu_seconds": statistics.median(o["cpu_seconds"] for o in runs),
+                               "peak_rss_mb": max(o["peak_rss_mb"] for o in runs), "records_per_s": rates["median"],
+                               "records_per_s_spread": rates}
+            print(describe(f"{method:>10} records/s", rates), flush=True)
+
+        # Ground truth and scores, now that nothing else is measured.
         table = pq.read_table(corpus)
         texts = table.column("text").to_pylist()
         planted = planted_pairs(table.column("cluster").to_pylist())
@@ -440,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threshold} (median {float(np.median(list(jac.values()))) if jac else 0:.3f}), "
               f"edit rate {edit_lo}-{edit_hi}", flush=True)
         for method, info in results.items():
-            predicted = {(int(a), int(b)) for a, b in np.load(tmp / f"{method}.npy")}
-            info.update(_scores(predicted, planted, findable), records_per_s=rate(len(texts), info["seconds"]))
+            predicted = {(int(a), int(b)) for a, b in np.load(tmp / f"{method}-0.npy")}
+            info.update(_scores(predicted, planted, findable))
             print(f"{method:>10}: {info['records_per_s']:>10.1f} records/s  precision {info['precision']:.4f} "
                   f"recall {info['recall']:.4f} f1 {info['f1']:.4f} recall@J>={args.threshold} "
                   f"{info['recall_at_threshold']:.4f}", flush=True)
@@ -451,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
             "bands": args.bands, "rows": args.rows, "edit_rate": [edit_lo, edit_hi], "threads": int(threads),
             "corpus_seed": args.seed, "minhash_seed": args.mh_seed,
             "planted_pairs": len(planted), "planted_pairs_at_threshold": len(findable),
-            "records_per_s": ours["records_per_s"], "seconds": ours["seconds"],
+            "repeats": repeats, "load_at_start": load_start, "load_at_end": load_end,
+            "records_per_s": ours["records_per_s"], "records_per_s_spread": ours["records_per_s_spread"],
+            "seconds": ours["seconds"],
             "precision": ours["precision"], "recall": ours["recall"], "f1": ours["f1"],
             "recall_at_threshold": ours["recall_at_threshold"], "peak_rss_mb": ours["peak_rss_mb"],
             "stages": ours["stages"],
@@ -459,8 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         for peer in ("datasketch", "rensa"):
             r = results.get(peer)
             summary[f"{peer}_records_per_s"] = r["records_per_s"] if r else None
-            summary[f"speedup_vs_{peer}"] = (round(ours["records_per_s"] / r["records_per_s"], 2)
-                                             if r and r["records_per_s"] else None)
+            summary[f"{peer}_records_per_s_spread"] = r["records_per_s_spread"] if r else None
+            ratio = spread(paired_ratios(ours["records_per_s_spread"]["runs"], r["records_per_s_spread"]["runs"])
+                           ) if r else None
+            summary[f"speedup_vs_{peer}"] = ratio["median"] if ratio else None
+            summary[f"speedup_vs_{peer}_spread"] = ratio
             for key in ("precision", "recall", "f1", "recall_at_threshold", "peak_rss_mb"):
                 summary[f"{peer}_{key}"] = r[key] if r else None
         if "rensa" in results:
@@ -468,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             summary["ours_kernel_s"] = results["rensa"]["stages"]["ours_kernel_s"]
         for peer in ("datasketch", "rensa"):
             if summary[f"speedup_vs_{peer}"] is not None:
-                print(f"speedup vs {peer}: {summary[f'speedup_vs_{peer}']}x "
-                      f"(f1 {summary['f1']} vs {summary[f'{peer}_f1']})")
+                print(describe(f"speedup vs {peer}", summary[f"speedup_vs_{peer}_spread"], "x")
+                      + f" (median of per-round ratios; f1 {summary['f1']} vs {summary[f'{peer}_f1']})")
         if "rensa_kernel_s" in summary:
             print(f"sketch kernels alone on the same 64-bit shingle hashes: rensa {summary['rensa_kernel_s']}s, "
                   f"ours {summary['ours_kernel_s']}s")

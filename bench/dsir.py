@@ -1,6 +1,7 @@
 """Benchmark: this project's DSIR against the reference ``data-selection`` HashedNgramDSIR, same data, one run.
 
-    python bench/dsir.py [--records 50000] [--k-frac 0.1] [--seed 0] [--shard-records 25000] [--keep]
+    python bench/dsir.py [--records 50000] [--k-frac 0.1] [--seed 0] [--shard-records 25000] [--repeats 3]
+                         [--keep]
 
 1. Builds a raw pool of N prompts from the shared reference sets (GSM8K train, MATH test, MBPP, MMLU
    test with its choices, oasst prompter turns, self-instruct seeds), drawn with fixed source weights
@@ -24,7 +25,10 @@
 Both children run single-threaded (BLAS/OpenMP pinned to one thread, pyarrow's JSON reader without
 threads); records/s is per core. Rates are reported per wall second and per CPU second of the child's
 pipeline (interpreter start and imports excluded for both); CPU time is the steadier figure on a busy
-machine. Prints human-readable lines, then LAST one JSON line.
+machine. Steps 2 and 3 are repeated `--repeats` times, interleaved (ours, reference, ours, reference, ...),
+so both sides see the same load; rates and the speed-up (the median of the per-round ratios) are medians
+with their spread, and the machine's load average is printed at the start and the end. Prints
+human-readable lines, then LAST one JSON line.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +49,20 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: `python bench/dsir.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, ChildResult, last_json_line, mib, print_json_line, rate, run_child
+from bench._common import (
+    ROOT,
+    ChildResult,
+    describe,
+    interleaved,
+    last_json_line,
+    mib,
+    paired_ratios,
+    print_json_line,
+    print_machine_load,
+    rate,
+    run_child,
+    spread,
+)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SOURCE_WEIGHTS = {"gsm8k": 0.10, "math": 0.10, "mbpp": 0.15, "mmlu": 0.30, "oasst": 0.20, "self_instruct": 0.15}
@@ -313,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-records", type=int, default=8192, help="records per featurized batch (default 8192)")
     p.add_argument("--data", default=str(SHARED_DATA), help="the shared reference data folder")
     p.add_argument("--no-reference", action="store_true", help="skip the data-selection run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side (default 3)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.add_argument("--tmp-dir", default=None, help="where to create the temp dir (default: system temp)")
     p.add_argument("--ours-child", metavar="SPEC", default=None, help=argparse.SUPPRESS)
@@ -334,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     if not (data / "gsm8k" / "train.jsonl").exists():
         raise SystemExit(f"shared reference data not found under {data} (pass --data)")
+    load_start = print_machine_load("start")
     work = Path(tempfile.mkdtemp(prefix="bench-dsir-", dir=args.tmp_dir))
     try:
         t = time.perf_counter()
@@ -344,33 +364,70 @@ def main(argv: list[str] | None = None) -> int:
               f"mix {dict(mix.most_common())}; target: {n_target} GSM8K+MATH questions; k = {k}; "
               f"built in {time.perf_counter() - t:.1f}s", flush=True)
 
-        spec = {"raw": str(raw), "target": str(target), "k": k, "seed": args.seed, "work": str(work),
-                "output": str(work / "ours-selected.jsonl"), "shard_records": args.shard_records,
-                "batch_records": args.batch_records}
-        spec_path = work / "spec.json"
-        spec_path.write_text(json.dumps(spec))
         me = str(Path(__file__).resolve())
-        ours = run_child([sys.executable, me, "--ours-child", str(spec_path)], env=SINGLE_THREAD_ENV).check("ours")
-        ours_out = last_json_line(ours.stdout)
-        tm = ours_out["timings"]
-        print(f"ours: {ours_out['seconds']:.2f}s wall, {ours_out['cpu_seconds']:.2f}s cpu "
-              f"({rate(n, ours_out['seconds']):.0f} records/s, {rate(n, ours_out['cpu_seconds']):.0f} records/cpu-s); "
-              f"without I/O {ours_out['core_seconds']:.2f}s ({rate(n, ours_out['core_seconds']):.0f} records/s); "
-              f"peak RSS {ours.peak_rss_mb:.0f} MiB; stages {tm}", flush=True)
+
+        def spec_file(name: str, r: int) -> Path:
+            """Each round gets its own spec, output and reference work dir: no run reuses another's cache."""
+            spec = {"raw": str(raw), "target": str(target), "k": k, "seed": args.seed, "work": str(work / f"ref-{r}"),
+                    "output": str(work / f"ours-selected-{r}.jsonl"), "shard_records": args.shard_records,
+                    "batch_records": args.batch_records}
+            (work / f"ref-{r}").mkdir(exist_ok=True)
+            path = work / f"spec-{name}-{r}.json"
+            path.write_text(json.dumps(spec))
+            return path
+
+        def run_ours(r: int) -> tuple[ChildResult, dict[str, Any]]:
+            child = run_child([sys.executable, me, "--ours-child", str(spec_file("ours", r))],
+                              env=SINGLE_THREAD_ENV).check("ours")
+            out = last_json_line(child.stdout)
+            print(f"  round {r + 1} ours: {out['seconds']:.2f}s wall, {out['cpu_seconds']:.2f}s cpu "
+                  f"({rate(n, out['seconds']):.0f} records/s); without I/O {out['core_seconds']:.2f}s; "
+                  f"peak RSS {child.peak_rss_mb:.0f} MiB", flush=True)
+            return child, out
+
+        def run_reference(r: int) -> tuple[ChildResult, dict[str, Any]]:
+            if r:  # only the last round's output is scored; earlier rounds' caches go
+                shutil.rmtree(work / f"ref-{r - 1}", ignore_errors=True)
+            child = run_child([sys.executable, me, "--reference-child", str(spec_file("reference", r))],
+                              env=SINGLE_THREAD_ENV).check("reference")
+            out = last_json_line(child.stdout)
+            print(f"  round {r + 1} reference: {out['seconds']:.2f}s wall, {out['cpu_seconds']:.2f}s cpu "
+                  f"({rate(n, out['seconds']):.0f} records/s); peak RSS {child.peak_rss_mb:.0f} MiB", flush=True)
+            return child, out
 
         why_not = "--no-reference given" if args.no_reference else reference_available()
-        ref: ChildResult | None = None
-        ref_out: dict[str, Any] = {}
-        if why_not is None:
-            ref = run_child([sys.executable, me, "--reference-child", str(spec_path)],
-                            env=SINGLE_THREAD_ENV).check("reference")
-            ref_out = last_json_line(ref.stdout)
-            print(f"reference (data-selection HashedNgramDSIR, num_proc=1): {ref_out['seconds']:.2f}s wall, "
-                  f"{ref_out['cpu_seconds']:.2f}s cpu ({rate(n, ref_out['seconds']):.0f} records/s, "
-                  f"{rate(n, ref_out['cpu_seconds']):.0f} records/cpu-s); peak RSS {ref.peak_rss_mb:.0f} MiB; "
-                  f"stages {ref_out['timings']}", flush=True)
-        else:
+        if why_not is not None:
             print(f"reference: not run ({why_not})", flush=True)
+        sides: list[tuple[str, Any]] = [("ours", run_ours)]
+        if why_not is None:
+            sides.append(("reference", run_reference))
+        repeats = max(1, args.repeats)
+        print(f"{repeats} round(s), interleaved: {' / '.join(name for name, _ in sides)}", flush=True)
+        runs = interleaved(repeats, sides)
+        load_end = print_machine_load("end")
+
+        ours_runs = [out for _, out in runs["ours"]]
+        ours_out = ours_runs[-1]
+        ours = max((child for child, _ in runs["ours"]), key=lambda c: c.peak_rss_mb)
+        first = selected_ids([work / "ours-selected-0.jsonl"])
+        assert all(selected_ids([work / f"ours-selected-{r}.jsonl"]) == first for r in range(repeats)), (
+            "our selection differs between rounds")
+        ours_rate = spread([rate(n, o["seconds"]) for o in ours_runs], 1)
+        ours_cpu_rate = spread([rate(n, o["cpu_seconds"]) for o in ours_runs], 1)
+        ours_core_rate = spread([rate(n, o["core_seconds"]) for o in ours_runs], 1)
+        print(describe("ours records/s", ours_rate) + "; " + describe("per CPU second", ours_cpu_rate), flush=True)
+        ref_runs = [out for _, out in runs.get("reference", [])]
+        ref_out: dict[str, Any] = ref_runs[-1] if ref_runs else {}
+        ref = max((child for child, _ in runs["reference"]), key=lambda c: c.peak_rss_mb) if ref_runs else None
+        ref_rate = spread([rate(n, o["seconds"]) for o in ref_runs], 1)
+        ref_cpu_rate = spread([rate(n, o["cpu_seconds"]) for o in ref_runs], 1)
+        speedup = spread(paired_ratios(ours_rate["runs"], ref_rate["runs"])) if ref_runs else spread([])
+        cpu_speedup = spread(paired_ratios(ours_cpu_rate["runs"], ref_cpu_rate["runs"])) if ref_runs else spread([])
+        if ref_runs:
+            print(describe("reference records/s", ref_rate) + "; " + describe("per CPU second", ref_cpu_rate),
+                  flush=True)
+        tm = ours_out["timings"]
+        spec = json.loads((work / f"spec-ours-{repeats - 1}.json").read_text())
 
         selections = {"ours": selected_ids([Path(spec["output"])])}
         if ref_out:
@@ -388,34 +445,36 @@ def main(argv: list[str] | None = None) -> int:
             overlap = round(len(set(selections["ours"]) & set(selections["reference"])) / k, 4)
             print(f"  overlap of the two selections: {overlap:.1%} of k", flush=True)
 
-        ours_rate = rate(n, ours_out["seconds"])
-        ref_rate = rate(n, ref_out["seconds"]) if ref_out else None
-        ours_cpu_rate = rate(n, ours_out["cpu_seconds"])
-        ref_cpu_rate = rate(n, ref_out["cpu_seconds"]) if ref_out else None
-        speedup = round(ours_rate / ref_rate, 2) if ref_rate else None
-        cpu_speedup = round(ours_cpu_rate / ref_cpu_rate, 2) if ref_cpu_rate else None
-        if speedup is not None:
-            print(f"speedup vs reference: {speedup:.2f}x per wall second, {cpu_speedup:.2f}x per CPU second "
-                  f"(both with their file I/O)", flush=True)
+        if ref_runs:
+            print(describe("speedup vs reference per wall second", speedup, "x") + "; "
+                  + describe("per CPU second", cpu_speedup, "x") + " (medians of the per-round ratios, both "
+                  "with their file I/O)", flush=True)
         if args.keep:
             print(f"kept temp dir: {work}", flush=True)
         print_json_line({
             "records": n,
             "k": k,
             "target_records": n_target,
-            "records_per_s": ours_rate,
-            "records_per_cpu_s": ours_cpu_rate,
-            "core_records_per_s": rate(n, ours_out["core_seconds"]),
-            "seconds": ours_out["seconds"],
+            "repeats": repeats,
+            "load_at_start": load_start,
+            "load_at_end": load_end,
+            "records_per_s": ours_rate["median"],
+            "records_per_s_spread": ours_rate,
+            "records_per_cpu_s": ours_cpu_rate["median"],
+            "core_records_per_s": ours_core_rate["median"],
+            "seconds": statistics.median(o["seconds"] for o in ours_runs),
             "stage_seconds": tm,
             "peak_rss_mb": ours.peak_rss_mb,
-            "reference_records_per_s": ref_rate,
-            "reference_records_per_cpu_s": ref_cpu_rate,
-            "reference_seconds": ref_out.get("seconds"),
+            "reference_records_per_s": ref_rate["median"],
+            "reference_records_per_s_spread": ref_rate if ref_runs else None,
+            "reference_records_per_cpu_s": ref_cpu_rate["median"],
+            "reference_seconds": statistics.median(o["seconds"] for o in ref_runs) if ref_runs else None,
             "reference_stage_seconds": ref_out.get("timings"),
             "reference_peak_rss_mb": ref.peak_rss_mb if ref else None,
-            "speedup_vs_reference": speedup,
-            "cpu_speedup_vs_reference": cpu_speedup,
+            "speedup_vs_reference": speedup["median"],
+            "speedup_spread": speedup if ref_runs else None,
+            "cpu_speedup_vs_reference": cpu_speedup["median"],
+            "cpu_speedup_spread": cpu_speedup if ref_runs else None,
             "kl_random": scores["random"]["kl"],
             "kl_reduction": scores["ours"]["kl_reduction"],
             "reference_kl_reduction": scores.get("reference", {}).get("kl_reduction"),

@@ -487,7 +487,7 @@ def shared_data() -> Path:
 def test_bench_dsir_small_run(tmp_path: Path, shared_data: Path) -> None:
     """`bench/dsir.py` runs end to end (without the reference, which is slow and optional) and reports."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dsir.py"), "--records", "1500", "--no-reference",
-                           "--tmp-dir", str(tmp_path), "--data", str(SHARED_DATA)],
+                           "--repeats", "2", "--tmp-dir", str(tmp_path), "--data", str(shared_data)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -496,6 +496,12 @@ def test_bench_dsir_small_run(tmp_path: Path, shared_data: Path) -> None:
     assert result["records_per_s"] > 0 and result["peak_rss_mb"] > 0
     assert result["kl_reduction"] > 0 and result["math_share"] > 0.8
     assert result["reference_records_per_s"] is None and result["reference_skipped"]
+    # Repeated runs are reported as a median with their spread, beside the machine's load.
+    rates = result["records_per_s_spread"]
+    assert result["repeats"] == 2 and len(rates["runs"]) == 2 and rates["min"] <= rates["median"] <= rates["max"]
+    assert result["records_per_s"] == rates["median"]
+    assert set(result["load_at_start"]) == {"loadavg_1m", "loadavg_5m", "loadavg_15m", "cpus"}
+    assert "machine load at start" in proc.stdout
     assert not list(tmp_path.iterdir()), "the bench removes its temp dir"
 
 
