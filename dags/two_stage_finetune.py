@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from operators.orchestration.dag_builder import step_group
+from operators.orchestration.dag_builder import report_task, step_group
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
 from operators.train.config import train_root
@@ -55,7 +55,8 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
                               description="Committed foundational set (e.g. <run>/select of foundational_selection)."),
         "conversational": Param("", type="string", minLength=1,
                                 description="Committed conversational set (Phase 2 output, or any step dir)."),
-        "run_name": Param("", type="string", description="Folder under <data root>/runs; blank = the run id."),
+        "run_name": Param(None, type=["null", "string"],
+                          description="Folder under <data root>/runs; blank = the run id."),
         "model": Param("smollm2-135m-instruct", type="string", description="Base model: packaged name or folder."),
         "mode": Param("two_stage", enum=["two_stage", "one_stage", "both"],
                       description="two_stage (paper), one_stage (ablation: mix once) or both, for the comparison."),
@@ -115,6 +116,7 @@ def two_stage_finetune() -> None:
     prepared >> stage1 >> task("evaluate", "stage1", "vllm") >> stage2 >> task("evaluate", "stage2", "vllm") >> report
     prepared >> one_stage >> task("evaluate", "one_stage", "vllm") >> report
     prepared >> task("evaluate", "base", "vllm") >> report
+    report >> report_task(RUN, task_id="run_report")  # the run's page: data prep funnel, loss curves, eval table
 
 
 two_stage_finetune()
