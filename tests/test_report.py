@@ -30,13 +30,20 @@ def test_bar_chart_bars_are_proportional_and_labels_escaped() -> None:
 
 
 def test_funnel_splits_each_bar_into_kept_and_dropped() -> None:
-    fig = funnel_chart("f", [("filter", 100, 75), ("dedup", 75, 25)], caption="c")
+    fig = funnel_chart("f", [("filter", 100, 75, 0), ("dedup", 75, 25, 0)], caption="c")
     w = [float(x) for x in WIDTH.findall(fig.svg)][2:]  # after the two legend swatches
     kept0, drop0, kept1, drop1 = w
     assert kept0 / (kept0 + drop0) == pytest.approx(0.75, rel=0.01)
     assert kept0 + drop0 == pytest.approx((kept1 + drop1) * 100 / 75, rel=0.01)  # both on one scale
     assert kept1 / drop1 == pytest.approx(0.5, rel=0.01)
-    assert fig.rows == (("filter", 100, 75, 25), ("dedup", 75, 25, 50))
+    assert fig.rows == (("filter", 100, 75, 0, 25), ("dedup", 75, 25, 0, 50))
+
+
+def test_funnel_shows_merged_records_apart_from_losses() -> None:
+    fig = funnel_chart("f", [("ingest", 100, 60, 30)], caption="c")
+    kept, merged, dropped = [float(x) for x in WIDTH.findall(fig.svg)][3:]  # after three legend swatches
+    assert (merged / kept, dropped / kept) == (pytest.approx(0.5, rel=0.01), pytest.approx(1 / 6, rel=0.01))
+    assert "merged 30" in fig.svg and fig.rows == (("ingest", 100, 60, 30, 10),)
 
 
 def test_stacked_heatmap_histogram_and_lines_draw_what_they_are_given() -> None:

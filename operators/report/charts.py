@@ -17,13 +17,17 @@ from operators.report.figures import (
     stacked_bars,
 )
 
+MERGED = "merged"  # a reason that is not a loss: the record lives on inside another one
+
 
 def funnel(steps: list[dict[str, Any]]) -> Figure:
     """Records in, kept and dropped per step."""
     return funnel_chart("Funnel: records in and kept per step",
-                        [(s["dir"], s["records_in"], s["records_kept"]) for s in steps],
-                        caption="Each bar is a step's input; green is what it kept, red what it dropped "
-                                "(every drop has a reason, below). Ledger: in = kept + dropped.")
+                        [(s["dir"], s["records_in"], s["records_kept"], s["dropped_by_reason"].get(MERGED, 0))
+                         for s in steps],
+                        caption="Each bar is a step's input; green is what it kept, grey what it merged into another "
+                                "record (e.g. parts of a split conversation, rejoined), red what it dropped (every "
+                                "drop has a reason, below). Ledger: in = kept + merged + dropped.")
 
 
 def drops_of_step(s: dict[str, Any]) -> Figure:

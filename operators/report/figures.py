@@ -86,25 +86,35 @@ def bar_chart(title: str, items: Sequence[tuple[str, float]], *, caption: str, v
                   tuple((label, value) for label, value in items))
 
 
-def funnel_chart(title: str, steps: Sequence[tuple[str, int, int]], *, caption: str, width: int = 720) -> Figure:
-    """Per step, a bar of records in with its kept part in green and dropped part in red."""
+def funnel_chart(title: str, steps: Sequence[tuple[str, int, int, int]], *, caption: str,
+                 width: int = 720) -> Figure:
+    """Per step (label, in, kept, merged), a bar of records in: kept in green, merged into another record in grey
+    (not lost: e.g. the parts of a split conversation), dropped in red."""
     row_h, left, right = 30, 170, 170
     height = max(1, len(steps)) * row_h + 40
-    top = max((n_in for _, n_in, _ in steps), default=0) or 1
+    top = max((n_in for _, n_in, _, _ in steps), default=0) or 1
     span = width - left - right
-    body = [_legend(["kept", "dropped"], [KEPT, DROPPED], left, 16)]
-    for i, (label, n_in, kept) in enumerate(steps):
+    merges = any(m for *_, m in steps)
+    names, colors = (["kept", "merged", "dropped"], [KEPT, MUTED, DROPPED]) if merges else \
+        (["kept", "dropped"], [KEPT, DROPPED])
+    body = [_legend(names, colors, left, 16)]
+    for i, (label, n_in, kept, merged) in enumerate(steps):
         y = 28 + i * row_h
-        wk, wd = kept / top * span, max(0, n_in - kept) / top * span
+        dropped = max(0, n_in - kept - merged)
+        x = float(left)
+        for value, color, what in ((kept, KEPT, "kept"), (merged, MUTED, "merged"), (dropped, DROPPED, "dropped")):
+            if what == "merged" and not merges:
+                continue
+            w = value / top * span
+            body.append(f"<rect x='{x:.1f}' y='{y + 4}' width='{w:.1f}' height='{row_h - 8}' fill='{color}'>"
+                        f"<title>{_e(label)}: {what} {fmt(value)}</title></rect>")
+            x += w
         rate = f"{kept / n_in:.1%}" if n_in else "–"
         body.append(f"<text x='{left - 8}' y='{y + 17}' text-anchor='end'>{_e(_short(label, 24))}</text>"
-                    f"<rect x='{left}' y='{y + 4}' width='{wk:.1f}' height='{row_h - 8}' fill='{KEPT}'>"
-                    f"<title>{_e(label)}: kept {fmt(kept)}</title></rect>"
-                    f"<rect x='{left + wk:.1f}' y='{y + 4}' width='{wd:.1f}' height='{row_h - 8}' fill='{DROPPED}' "
-                    f"fill-opacity='0.75'><title>{_e(label)}: dropped {fmt(n_in - kept)}</title></rect>"
-                    f"<text x='{left + wk + wd + 6:.1f}' y='{y + 17}'>{fmt(kept)} / {fmt(n_in)} ({rate})</text>")
-    return Figure(title, caption, _svg(width, height, "".join(body), title), ("step", "in", "kept", "dropped"),
-                  tuple((label, n_in, kept, n_in - kept) for label, n_in, kept in steps))
+                    f"<text x='{x + 6:.1f}' y='{y + 17}'>{fmt(kept)} / {fmt(n_in)} ({rate})</text>")
+    return Figure(title, caption, _svg(width, height, "".join(body), title),
+                  ("step", "in", "kept", "merged", "dropped"),
+                  tuple((label, n_in, kept, merged, n_in - kept - merged) for label, n_in, kept, merged in steps))
 
 
 def stacked_bars(title: str, rows: Sequence[tuple[str, dict[str, float]]], *, caption: str,
