@@ -39,6 +39,12 @@ def test_funnel_splits_each_bar_into_kept_and_dropped() -> None:
     assert fig.rows == (("filter", 100, 75, 0, 25), ("dedup", 75, 25, 0, 50))
 
 
+def test_funnel_scales_each_bar_to_its_input_when_inputs_differ_widely() -> None:
+    fig = funnel_chart("f", [("pool", 2400, 9, 0), ("label", 9, 7, 0)], caption="c")
+    k0, d0, k1, d1 = [float(x) for x in WIDTH.findall(fig.svg)][2:]
+    assert k0 + d0 == pytest.approx(k1 + d1, rel=0.01) and k1 / (k1 + d1) == pytest.approx(7 / 9, rel=0.01)
+
+
 def test_funnel_shows_merged_records_apart_from_losses() -> None:
     fig = funnel_chart("f", [("ingest", 100, 60, 30)], caption="c")
     kept, merged, dropped = [float(x) for x in WIDTH.findall(fig.svg)][3:]  # after three legend swatches

@@ -27,7 +27,8 @@ def funnel(steps: list[dict[str, Any]]) -> Figure:
                          for s in steps],
                         caption="Each bar is a step's input; green is what it kept, grey what it merged into another "
                                 "record (e.g. parts of a split conversation, rejoined), red what it dropped (every "
-                                "drop has a reason, below). Ledger: in = kept + merged + dropped.")
+                                "drop has a reason, below). Ledger: in = kept + merged + dropped. Bars share one "
+                                "scale unless inputs differ more than 20-fold; then each spans its own input.")
 
 
 def drops_of_step(s: dict[str, Any]) -> Figure:

@@ -89,10 +89,14 @@ def bar_chart(title: str, items: Sequence[tuple[str, float]], *, caption: str, v
 def funnel_chart(title: str, steps: Sequence[tuple[str, int, int, int]], *, caption: str,
                  width: int = 720) -> Figure:
     """Per step (label, in, kept, merged), a bar of records in: kept in green, merged into another record in grey
-    (not lost: e.g. the parts of a split conversation), dropped in red."""
+    (not lost: e.g. the parts of a split conversation), dropped in red.
+
+    Bars share one scale unless the steps' inputs differ more than 20-fold (a synthesis run samples a pool of
+    thousands down to a few seeds); then each bar spans its own input, so every step's split stays readable."""
     row_h, left, right = 30, 170, 170
     height = max(1, len(steps)) * row_h + 40
-    top = max((n_in for _, n_in, _, _ in steps), default=0) or 1
+    inputs = [n_in for _, n_in, _, _ in steps if n_in]
+    own_scale = bool(inputs) and max(inputs) > 20 * min(inputs)
     span = width - left - right
     merges = any(m for *_, m in steps)
     names, colors = (["kept", "merged", "dropped"], [KEPT, MUTED, DROPPED]) if merges else \
@@ -101,6 +105,7 @@ def funnel_chart(title: str, steps: Sequence[tuple[str, int, int, int]], *, capt
     for i, (label, n_in, kept, merged) in enumerate(steps):
         y = 28 + i * row_h
         dropped = max(0, n_in - kept - merged)
+        top = (n_in if own_scale else max(inputs, default=0)) or 1
         x = float(left)
         for value, color, what in ((kept, KEPT, "kept"), (merged, MUTED, "merged"), (dropped, DROPPED, "dropped")):
             if what == "merged" and not merges:
