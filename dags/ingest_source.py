@@ -36,6 +36,9 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
                         description="Input format; auto detects it per file."),
         "output_uri": Param(None, type=["null", "string"],
                             description="Where to write; blank = <data root>/sources/<source_name>."),
+        "split_conversations": Param("rejoin", enum=["rejoin", "trim", "quarantine"],
+                                     description="ShareGPT-style parts <id>_<n> of one conversation: rejoin them "
+                                     "(in one file), trim a leading answer, or quarantine them."),
         "max_record_bytes": Param(1 << 20, type="integer", minimum=256,
                                   description="Records above this size are quarantined as oversize."),
         "target_shard_mb": Param(1024, type="number", exclusiveMinimum=0,
@@ -50,6 +53,7 @@ def ingest_source() -> None:
         config={
             "source_name": "{{ params.source_name }}",
             "format": "{{ params.format }}",
+            "split_conversations": "{{ params.split_conversations }}",
             "max_record_bytes": "{{ params.max_record_bytes }}",
             "target_shard_bytes": "{{ (params.target_shard_mb * 1048576) | int }}",
         },
