@@ -54,3 +54,14 @@ def test_bench_phase1_small_run() -> None:
     assert steps["near_dedup"]["shards"] >= 2
     assert steps["near_dedup"]["peak_task"] in ("plan", "signatures", "candidates", "gather", "pairs", "resolve",
                                                 "run", "reduce")
+
+
+def test_bench_report_small_run() -> None:
+    """`bench/report.py --records 2000` builds a run, reports it as the report task does, and says what it cost."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--records", "2000"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
+    assert run["records"] == 2000
+    for key in ("report_seconds", "report_peak_rss_mb", "html_bytes", "json_bytes", "pages_bytes"):
+        assert run[key] > 0, f"{key} = {run[key]}"
