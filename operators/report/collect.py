@@ -243,7 +243,8 @@ def selection_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _bucket(values: np.ndarray, edges: tuple[int, ...]) -> list[tuple[str, int]]:
-    labels = [f"{lo:,}-{hi - 1:,}" for lo, hi in itertools.pairwise(edges)] + [f">={edges[-1]:,}"]
+    labels = [f"{lo:,}" if hi - lo == 1 else f"{lo:,}-{hi - 1:,}" for lo, hi in itertools.pairwise(edges)] + \
+        [f">={edges[-1]:,}"]
     counts = np.bincount(np.searchsorted(np.asarray(edges), values, side="right") - 1, minlength=len(labels))
     return [(label, int(n)) for label, n in zip(labels, counts[: len(labels)], strict=True)]
 

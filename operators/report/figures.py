@@ -188,7 +188,7 @@ def histogram(title: str, bins: Sequence[tuple[str, float]], *, caption: str, co
     top = max((v for _, v in bins), default=0.0) or 1.0
     bw = (width - 2 * left) / max(1, len(bins))
     body = [f"<line x1='{left}' y1='{height - bottom}' x2='{width - left}' y2='{height - bottom}' stroke='{MUTED}'/>"]
-    marks = {0, len(bins) // 2, len(bins) - 1}
+    marks = set(range(len(bins))) if len(bins) <= 10 else {0, len(bins) // 2, len(bins) - 1}
     for i, (label, v) in enumerate(bins):
         h = max(0.0, v) / top * plot_h
         x = left + i * bw

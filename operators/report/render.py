@@ -32,7 +32,8 @@ margin:8px 0;background:#fff;flex:1 1 420px;min-width:300px}.turn{white-space:pr
 margin:4px 0;padding:6px 8px;border-radius:6px;font-size:13px;max-height:220px;overflow:auto}.human{background:#eff6ff}
 .gpt{background:#f0fdf4}.raw{background:#fef2f2;font-family:ui-monospace,monospace}.bench{background:#fff7ed}
 .label{font-size:11px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}.reason{font-weight:600}
-.pass{color:var(--ok);font-weight:600}.fail{color:var(--bad);font-weight:600}code{font-size:12px}
+.ftitle{font-weight:600;margin:4px 0}.pass{color:var(--ok);font-weight:600}.fail{color:var(--bad);font-weight:600}
+code{font-size:12px}
 """
 
 
@@ -57,7 +58,7 @@ def table(headers: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
 
 def figure(fig: Figure) -> str:
     """A chart with its caption and, folded under it, the same numbers as a table."""
-    return (f"<figure>{fig.svg}<figcaption>{e(fig.caption)}</figcaption>"
+    return (f"<figure><div class='ftitle'>{e(fig.title)}</div>{fig.svg}<figcaption>{e(fig.caption)}</figcaption>"
             f"<details><summary>numbers: {e(fig.title)}</summary>{table(fig.headers, fig.rows)}</details></figure>")
 
 
