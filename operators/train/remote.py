@@ -84,21 +84,27 @@ def local_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def _pipe(src: Any, out: Any | None = None) -> dict[str, Any]:
+    """Stream `src` into `out` (when given) in chunks; returns {sha256, size} of the bytes that passed."""
+    h, size = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+        if out is not None:
+            out.write(chunk)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
 def upload(folder: Path, rels: Iterable[str], dest: str) -> dict[str, dict[str, Any]]:
     """Upload `folder/rel` to `dest/rel` for each rel, streaming; returns {rel: {sha256, size}}."""
     fs, root = storage.filesystem(dest)
     entries: dict[str, dict[str, Any]] = {}
     for rel in rels:
-        h, size = hashlib.sha256(), 0
         target = f"{root}/{rel}"
         if dest.startswith("file://"):
             os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(folder / rel, "rb") as src, fs.open_output_stream(target) as out:
-            while chunk := src.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-        entries[rel] = {"sha256": h.hexdigest(), "size": size}
+            entries[rel] = _pipe(src, out)
     return entries
 
 
@@ -106,12 +112,8 @@ def checksum(folder: Path, rels: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{rel: {sha256, size}} of local files (a checkpoint on a mounted volume is committed with these)."""
     entries: dict[str, dict[str, Any]] = {}
     for rel in rels:
-        h, size = hashlib.sha256(), 0
         with open(folder / rel, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        entries[rel] = {"sha256": h.hexdigest(), "size": size}
+            entries[rel] = _pipe(f)
     return entries
 
 
@@ -137,14 +139,11 @@ def download(src: str, files: dict[str, dict[str, Any]], rels: Iterable[str], fo
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        h = hashlib.sha256()
         try:
             with fs.open_input_stream(f"{root}/{rel}") as inp, open(tmp, "wb") as out:
-                while chunk := inp.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-            if h.hexdigest() != want["sha256"]:
-                raise RemoteError(f"{src}/{rel}: sha256 {h.hexdigest()} != {want['sha256']} in the marker")
+                got = _pipe(inp, out)["sha256"]
+            if got != want["sha256"]:
+                raise RemoteError(f"{src}/{rel}: sha256 {got} != {want['sha256']} in the marker")
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

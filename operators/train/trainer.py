@@ -458,6 +458,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
               if "loss" in h]
     tokens = torch.tensor([collator.tokens_seen], dtype=torch.long)
     dist.all_reduce(tokens)
+    ckpt_s = sum(t["save_s"] + t["commit_s"] for t in sync.times)
+    compute_s = seconds - ckpt_s
     restored: list[Any] = [None] * world
     dist.all_gather_object(restored, sync.restored)
     summary: dict[str, Any] = {
@@ -479,7 +481,9 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "train_loss": round(float(result.training_loss), 5),
         "seconds": round(seconds, 3),
         "tokens_seen": int(tokens.item()),
-        "tokens_per_s": round(int(tokens.item()) / seconds, 1) if seconds > 0 else 0.0,
+        # Training throughput without the time spent saving and uploading checkpoints (reported apart).
+        "tokens_per_s": round(int(tokens.item()) / compute_s, 1) if compute_s > 0 else 0.0,
+        "checkpoint_seconds": round(ckpt_s, 3),
         "peak_rss_mb": peak_rss_mb(),
         "checkpoints": sync.times,
         "model_upload_s": round(model_upload_s, 3) if sync.remote else None,
