@@ -141,12 +141,15 @@ def main() -> None:
             from operators.core import storage
 
             result = json.loads(storage.read_bytes(storage.join(storage.validate_uri(output), "train_result.json")))
-    ckpt = result["checkpoints"][0] if result["checkpoints"] else {"save_s": None, "commit_s": None}
+    ckpt = result["checkpoints"][0] if result["checkpoints"] else {"save_s": None, "commit_s": None}  # the first
     print(f"train: {result['global_step']} steps on {result['device']} in {result['seconds']:.1f}s, "
           f"{result['tokens_per_s']:.0f} tokens/s, loss {result['first_loss']} -> {result['last_loss']}, "
           f"peak RSS {child.peak_rss_mb:.0f} MiB (child wall {child.seconds:.1f}s)")
-    print(f"checkpoint to {'local disk' if args.local else 'S3 (moto, loopback)'}: save {ckpt['save_s']}s, "
-          f"upload + marker {ckpt['commit_s']}s; final model upload {result['model_upload_s']}s")
+    where = "local disk" if args.local else "S3 (moto, loopback)"
+    for c in result["checkpoints"]:
+        print(f"checkpoint-{c['step']} to {where}: save {c['save_s']}s, "
+              f"{'checksums' if args.local else 'upload'} + marker {c['commit_s']}s")
+    print(f"final model upload {result['model_upload_s']}s; training tokens/s exclude the checkpoint time")
     on_gpu = result["device"] == "cuda"
     print_gpu_figures(134.5e6, result["tokens_per_s"], on_gpu)
     print_json_line({
@@ -160,7 +163,7 @@ def main() -> None:
         "loss_first": result["first_loss"], "loss_last": result["last_loss"],
         "resumed_from": summary.get("resumed_from"), "output": "local" if args.local else "s3 (moto, loopback)",
         "checkpoint_save_s": ckpt["save_s"], "checkpoint_upload_s": ckpt["commit_s"],
-        "model_upload_s": result["model_upload_s"],
+        "model_upload_s": result["model_upload_s"], "checkpoints": result["checkpoints"],
         "gpu_tokens_per_s": result["tokens_per_s"] if on_gpu else "not measured: no GPU",
         "mfu": "6 * N * tokens_per_s / (world_size * peak_flops)" if not on_gpu else
         round(6 * 134.5e6 * result["tokens_per_s"] / (result["world_size"] * max(PEAK_FLOPS.values())), 4),
