@@ -216,7 +216,8 @@ class StepOperator(BaseOperator):
         return KubernetesPodOperator(**self.pod_kwargs(context))
 
     def _execute_pod(self, context: Any) -> Any:
-        if self.action == "train" and load_profiles()[self.profile].nodes > 1:
+        profile = load_profiles().get(self.profile)  # an unknown one fails in pod_kwargs, naming the known ones
+        if self.action == "train" and profile is not None and profile.nodes > 1:
             # Several nodes: an indexed Job + headless Service, created, awaited and deleted by the launcher.
             from operators.orchestration.job_launcher import launch
 
