@@ -41,14 +41,16 @@ def _folder(tmp: Path, files: dict[str, bytes]) -> Path:
     return tmp
 
 
-def test_publish_fetch_and_checksums_on_s3(s3_bucket: str, tmp_path: Path) -> None:
+def test_publish_fetch_and_checksums_on_s3(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(remote.SCRATCH_ENV, str(tmp_path / "scratch"))
     src = _folder(tmp_path / "model", {"config.json": b"{}", "sub/weights.bin": b"w" * 100_000})
     dest = f"{s3_bucket}/runs/r/stage1/model"
     files = remote.publish(src, dest)
     assert files["sub/weights.bin"]["size"] == 100_000
     got = remote.fetch(dest, tmp_path / "copy")
     assert (got / "sub/weights.bin").read_bytes() == b"w" * 100_000
-    assert remote.local_model(dest) != dest and Path(remote.local_model(dest), "config.json").is_file()
+    assert Path(remote.local_model(dest), "config.json").is_file()  # fetched into this node's scratch
+    assert remote.local_model(dest).startswith(str(tmp_path / "scratch"))
     # The marker is a conditional create: a second writer is refused.
     assert remote.commit(dest, files) is False
     # A file changed after it was published fails the checksum on download; nothing is left half-written.
