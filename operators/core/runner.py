@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.core import storage
+from operators.core import faults, storage
 from operators.core.manifest import (
     SHARDS_DIR,
     STATS_NAME,
@@ -293,8 +293,10 @@ def run_all(step: Step[Any], inputs: list[str], step_dir: str) -> Manifest:
                 run_one(step, step_dir, plan, stage.name, spec.index)
         else:
             run_reduce_stage(step, step_dir, plan, stage.name)
+        faults.point("stage.done")  # between stages: this one committed, the next not started
     for spec in plan.shards:
         run_shard(step, step_dir, plan, spec.index)
+    faults.point("stage.done")
     return reduce_step(step.name, step_dir)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from operators.core import faults
 
 ALLOWED_SCHEMES = ("file", "s3")
 
@@ -139,6 +142,9 @@ def file_size(uri: str) -> int:
     return int(info.size or 0)
 
 
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{8}$")  # what _local_temp appends
+
+
 def _local_temp(path: str, data: bytes | pa.Buffer) -> str:
     """Write `data` durably to a temp file beside `path` and return the temp file's path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -157,7 +163,9 @@ def write_bytes(uri: str, data: bytes | pa.Buffer) -> None:
     """
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.replace(_local_temp(path, data), path)
+        tmp = _local_temp(path, data)
+        faults.point("write.temp")  # a crash here leaves a temp file no reader lists
+        os.replace(tmp, path)
         return
     with fs.open_output_stream(path) as out:
         out.write(data)
@@ -171,10 +179,12 @@ def commit_if_absent(uri: str, data: bytes) -> bool:
     `If-None-Match: *` is rejected with 412 when the key exists.
     """
     fs, path = filesystem(uri)
+    faults.point("commit.before")
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)
+            faults.point("commit.after")  # committed; the temp file and the caller's return are not done
             return True
         except FileExistsError:
             return False
@@ -185,6 +195,7 @@ def commit_if_absent(uri: str, data: bytes) -> bool:
     bucket, _, key = path.partition("/")
     try:
         _s3_client(S3Settings.from_env()).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        faults.point("commit.after")
         return True
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
@@ -214,7 +225,11 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
         return []
     sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     prefix = "s3://" if uri.startswith("s3://") else "file://"
-    return sorted(prefix + i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    # A temp file of a local write is never a file to read: a process killed between writing it and its
+    # rename (or after a commit's link) leaves it behind, and a manifest's copy read as a second manifest
+    # double-counts (found by tests/reliability: a partition task killed after its commit).
+    return sorted(prefix + i.path for i in fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File and not _TEMP_NAME.search(i.path))
 
 
 def sha256_hex(data: bytes | pa.Buffer) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators.core import storage
+from operators.core import faults, storage
 from operators.core.manifest import FileEntry
 
 ROW_GROUP_ROWS = 65_536
@@ -92,6 +92,7 @@ class PartWriter:
         name = f"part-{self.shard:05d}-{len(self.files):05d}-{self.attempt}.parquet"
         rel = f"{self.subdir}/{name}" if self.subdir else name
         storage.write_bytes(storage.join(self.step_dir, rel), buf)  # no copy: a Buffer is bytes-like
+        faults.point("part.written")  # uploaded, but no manifest lists it: crash tests kill here
         self.files.append(
             FileEntry(path=rel, kind=self.kind, rows=self._part_rows, bytes=buf.size, sha256=storage.sha256_hex(buf))
         )
