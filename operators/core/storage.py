@@ -223,8 +223,14 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
         return [uri]
     if info.type == pafs.FileType.NotFound:
         return []
-    sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     prefix = "s3://" if uri.startswith("s3://") else "file://"
+    if isinstance(fs, pafs.LocalFileSystem):
+        # os.walk does not descend into symlinked folders (pyarrow's selector does): a link loop in an input
+        # folder must not list for ever. A symlinked file is listed; ingest refuses it with a reason.
+        walked = os.walk(path, followlinks=False) if recursive else [next(os.walk(path), (path, [], []))]
+        return sorted(prefix + p for d, _, names in walked for name in names
+                      if os.path.isfile(p := os.path.join(d, name)) and not _TEMP_NAME.search(name))
+    sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     # A temp file of a local write is never a file to read: a process killed between writing it and its
     # rename (or after a commit's link) leaves it behind, and a manifest's copy read as a second manifest
     # double-counts (found by tests/reliability: a partition task killed after its commit).

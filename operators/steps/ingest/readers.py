@@ -24,7 +24,13 @@ import pyarrow as pa
 from operators.steps.ingest.formats import DropReason, is_utf8_safe
 
 __all__ = [
+    "CONTAINER_REASONS",
     "RAW_SCHEMA",
+    "BoundedStream",
+    "ContainerError",
+    "check_parquet_expansion",
+    "container_error_row",
+    "expansion_limit",
     "iter_json_array_batches",
     "iter_jsonl_batches",
     "sniff_container",
@@ -52,6 +58,93 @@ _OVERSIZE = DropReason.OVERSIZE.value
 
 _Row = tuple[str, int, str | None]
 
+# -- hostile containers ---------------------------------------------------------------------------------
+# A whole file that cannot be read to its end is one quarantined row with one of these reasons (the records
+# read before the fault stay, so nothing read is lost and the failure itself is on the ledger).
+DECOMPRESSION_BOMB = "decompression_bomb"
+TRUNCATED_STREAM = "truncated_stream"
+CORRUPT_CONTAINER = "corrupt_container"
+REFUSED_LINK = "refused_symlink"
+CONTAINER_REASONS = (DECOMPRESSION_BOMB, TRUNCATED_STREAM, CORRUPT_CONTAINER, REFUSED_LINK)
+# A file may expand to at most MAX_EXPANSION x its stored size plus EXPANSION_FLOOR bytes. Instruction text
+# compresses 3-10x with gzip/zstd (templated corpora ~30x); a bomb expands 1,000x (gzip) to 30,000x+ (zstd).
+# The floor lets tiny, very compressible files through. Readers stream, so memory is bounded anyway; the
+# bound stops a bomb from costing hours of CPU and being mistaken for data.
+MAX_EXPANSION = 200
+EXPANSION_FLOOR = 64 << 20
+
+
+class ContainerError(Exception):
+    """A file (not one record) cannot be read: `reason` is one of :data:`CONTAINER_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def expansion_limit(stored_bytes: int) -> int:
+    """Most bytes a file of `stored_bytes` may expand to before it counts as a decompression bomb."""
+    return MAX_EXPANSION * stored_bytes + EXPANSION_FLOOR
+
+
+_PIECE = 64 << 10
+
+
+class BoundedStream:
+    """A decompressed stream that raises :class:`ContainerError` once it yields more than `limit` bytes.
+
+    It reads the wrapped stream in 64 KiB pieces and, when a read fails (a truncated or corrupt stream),
+    first returns what the earlier pieces decoded and raises on the next call: pyarrow's decompressing
+    streams drop everything a failing read decoded, which lost up to a chunk of good records before a cut.
+    """
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._error: Exception | None = None
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        # Never ask for more than one byte past the limit: a read(-1) must not inflate a bomb in memory.
+        room = self._limit + 1 - self.bytes_read
+        want = room if n is None or n < 0 else min(n, room)
+        out = bytearray()
+        while len(out) < want:
+            try:
+                piece = self._stream.read(min(_PIECE, want - len(out)))
+            except Exception as e:
+                if not out:
+                    raise
+                self._error = e
+                break
+            if not piece:
+                break
+            out += piece
+        data = bytes(out)
+        self.bytes_read += len(data)
+        if self.bytes_read > self._limit:
+            raise ContainerError(DECOMPRESSION_BOMB, f"expands past {self._limit} bytes "
+                                 f"({MAX_EXPANSION}x its stored size + {EXPANSION_FLOOR >> 20} MiB)")
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def check_parquet_expansion(uncompressed_bytes: int, stored_bytes: int) -> None:
+    """Refuse a Parquet file whose row groups claim to expand past the bound, before reading any of them."""
+    if uncompressed_bytes > expansion_limit(stored_bytes):
+        raise ContainerError(DECOMPRESSION_BOMB, f"row groups expand to {uncompressed_bytes} bytes, more than "
+                             f"{MAX_EXPANSION}x its {stored_bytes} stored bytes + {EXPANSION_FLOOR >> 20} MiB")
+
+
+def container_error_row(reason: str, detail: str, line: int) -> pa.RecordBatch:
+    """The one :data:`RAW_SCHEMA` row that stands for a file read no further (``line`` -1 for the whole file)."""
+    return _to_batch([detail[:_OVERSIZE_KEEP]], [line], [reason])
+
 
 def _check_args(batch_size: int, max_record_bytes: int) -> None:
     if batch_size < 1:
@@ -65,14 +158,20 @@ def _batched(rows: Iterable[_Row], batch_size: int) -> Iterator[pa.RecordBatch]:
     lines: list[int] = []
     errors: list[str | None] = []
     chars = 0
-    for raw, line, error in rows:
-        raws.append(raw)
-        lines.append(line)
-        errors.append(error)
-        chars += len(raw)
-        if len(raws) >= batch_size or chars >= _MAX_BATCH_CHARS:
+    try:
+        for raw, line, error in rows:
+            raws.append(raw)
+            lines.append(line)
+            errors.append(error)
+            chars += len(raw)
+            if len(raws) >= batch_size or chars >= _MAX_BATCH_CHARS:
+                yield _to_batch(raws, lines, errors)
+                raws, lines, errors, chars = [], [], [], 0
+    except Exception:
+        # The stream broke (truncated, corrupt, a bomb): the whole records read before it are still records.
+        if raws:
             yield _to_batch(raws, lines, errors)
-            raws, lines, errors, chars = [], [], [], 0
+        raise
     if raws:
         yield _to_batch(raws, lines, errors)
 

@@ -12,11 +12,13 @@ in = kept + quarantined (by reason) + merged.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, BinaryIO, ClassVar, cast
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field
 
@@ -32,7 +34,19 @@ from operators.steps.ingest.formats import (
     detect_format,
     normalize,
 )
-from operators.steps.ingest.readers import iter_json_array_batches, iter_jsonl_batches, sniff_container
+from operators.steps.ingest.readers import (
+    CORRUPT_CONTAINER,
+    REFUSED_LINK,
+    TRUNCATED_STREAM,
+    BoundedStream,
+    ContainerError,
+    check_parquet_expansion,
+    container_error_row,
+    expansion_limit,
+    iter_json_array_batches,
+    iter_jsonl_batches,
+    sniff_container,
+)
 from operators.steps.ingest.splits import (
     MERGED,
     SplitMode,
@@ -120,12 +134,31 @@ class IngestStep(Step[IngestConfig]):
 
     # -- edge: reading raw files -----------------------------------------------------------------------
     def _raw_batches(self, uri: str) -> Iterator[pa.RecordBatch]:
+        """Raw rows of one file; a file that cannot be read on ends in one quarantined row saying why."""
         base, codec = _base_suffix(uri)
+        try:
+            yield from self._container_batches(uri, base, codec)
+        except ContainerError as e:
+            yield container_error_row(e.reason, f"{uri}: {e.detail}", -1)
+        except (OSError, EOFError, pa.ArrowException) as e:  # a truncated or corrupt compressed stream or Parquet
+            truncated = codec is not None and ("truncat" in str(e).lower() or isinstance(e, EOFError))
+            yield container_error_row(TRUNCATED_STREAM if truncated else CORRUPT_CONTAINER,
+                                      f"{uri}: {type(e).__name__}: {e}", -1)
+
+    def _container_batches(self, uri: str, base: str, codec: str | None) -> Iterator[pa.RecordBatch]:
         cfg = self.config
+        fs, path = storage.filesystem(uri)
+        if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
+            raise ContainerError(REFUSED_LINK, "a symbolic link; inputs must be regular files")
+        size = storage.file_size(uri)
         if base.endswith(".parquet"):
             with storage.open_input(uri) as f:
                 line = 0
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows):
+                pf = pq.ParquetFile(f)
+                meta = pf.metadata
+                check_parquet_expansion(sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)),
+                                        size)
+                for batch in pf.iter_batches(batch_size=cfg.batch_rows):
                     rows = batch.to_pylist()
                     raws = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
                     yield pa.record_batch(
@@ -133,8 +166,8 @@ class IngestStep(Step[IngestConfig]):
                          pa.nulls(len(rows), pa.string())], names=["raw", "line", "error"])
                     line += len(rows)
             return
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path, compression=codec) as stream:
+        with fs.open_input_stream(path, compression=codec) as raw_stream:
+            stream = BoundedStream(raw_stream, expansion_limit(size)) if codec else raw_stream
             head = stream.read(4096)
             # Re-join the sniffed head with the rest of the stream without seeking (compressed streams can't).
             joined = cast(BinaryIO, _Prefixed(bytes(head), stream))
