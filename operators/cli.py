@@ -8,6 +8,9 @@
     python -m operators export --input STEP_DIR --output DIR [--formats parquet,hf,sharegpt]
     python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
     python -m operators steps                    # registered steps and their config JSON schemas
+    python -m operators datasets publish <name> --input STEP_DIR --run RUN_ROOT [--keep K]  # a new version
+    python -m operators datasets list [<name>] | show <name> [vN] | diff <name> [vA vB]
+    python -m operators datasets pin|unpin <name> vN | retain <name> --keep K     (--root DATA_ROOT)
     python -m operators train --stage stage1|stage2|one_stage --config TWO_STAGE_JSON --output TRAIN_DIR
     python -m operators train --config TRAIN_JOB_JSON --output RUN_DIR      # one run (bench, tests)
     python -m operators evaluate --stage base|stage1|stage2|one_stage --config TWO_STAGE_JSON --output TRAIN_DIR
@@ -122,6 +125,18 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--index", default=None, help="data root under which _reports/<dag>/<run>.json is written")
     rp.add_argument("--xcom-file", default=None)
     sub.add_parser("steps")
+    dp = sub.add_parser("datasets", help="dataset versions: publish, list, show, diff, pin, unpin, retain")
+    dp.add_argument("action", choices=("publish", "list", "show", "diff", "pin", "unpin", "retain"))
+    dp.add_argument("name", nargs="?", default=None)
+    dp.add_argument("versions", nargs="*", default=[], help="show: [vN]; diff: [vA vB] (default: the two "
+                    "latest); pin/unpin: vN")
+    dp.add_argument("--root", default=None, help="data root (default: IIP_DATA_ROOT or ./.data)")
+    dp.add_argument("--input", default=None, help="publish: the committed step directory")
+    dp.add_argument("--run", default=None, help="publish: the run root (lineage, stats, report)")
+    dp.add_argument("--config", default=None, help="publish: JSON {keep, licenses}")
+    dp.add_argument("--keep", type=int, default=None)
+    dp.add_argument("--run-context", default=None, help="publish: JSON {dag_id, run_id, logical_date}")
+    dp.add_argument("--xcom-file", default=None)
     for cmd in ("train", "evaluate"):
         tp = sub.add_parser(cmd)
         tp.add_argument("--config", required=True, help="inline JSON or a path/URI to a JSON file")
@@ -185,6 +200,52 @@ def _train_command(args: argparse.Namespace) -> dict[str, Any]:
                                     "peak_rss_mb", "resumed_from", "world_size", "init_model")}
 
 
+def _datasets_command(args: argparse.Namespace) -> int:
+    """`datasets ...`: the version registry (operators.datasets); prints JSON (diff: one JSON line per group)."""
+    from operators.datasets import versions as dv
+    from operators.datasets.diff import diff_versions
+    from operators.orchestration.settings import data_root
+
+    root = args.root or data_root()
+    if args.action == "list":
+        for name in [args.name] if args.name else dv.names(root):
+            latest = dv.read_latest(root, name)[0]
+            print(json.dumps({"name": name, "latest": latest, "versions": dv.versions(root, name),
+                              "pinned": sorted(dv.pinned(root, name))}), flush=True)
+        return 0
+    if not args.name:
+        raise ConfigError(f"datasets {args.action} needs a dataset name")
+    vs = [dv.parse_version(v) for v in args.versions]
+    if args.action == "publish":
+        if not args.input or not args.run:
+            raise ConfigError("datasets publish needs --input STEP_DIR and --run RUN_ROOT")
+        data = {**load_config_arg(args.config), "name": args.name}
+        if args.keep is not None:
+            data["keep"] = args.keep
+        cfg = _validated(dv.PublishConfig, data, "publish")
+        run = json.loads(args.run_context) if args.run_context else None
+        _emit(dv.publish(root, cfg, args.input, args.run, run), args.xcom_file)
+    elif args.action == "show":
+        print(json.dumps(dv.show(root, args.name, vs[0] if vs else None), indent=2))
+    elif args.action == "diff":
+        if not vs:
+            vs = dv.versions(root, args.name)[-2:]
+        if len(vs) != 2:
+            raise ConfigError("datasets diff needs two versions (or a dataset with at least two)")
+        for group in diff_versions(root, args.name, vs[0], vs[1]):
+            print(json.dumps(group), flush=True)
+    elif args.action in ("pin", "unpin"):
+        if len(vs) != 1:
+            raise ConfigError(f"datasets {args.action} needs one version")
+        dv.pin(root, args.name, vs[0], on=args.action == "pin")
+        print(json.dumps({"name": args.name, "pinned": sorted(dv.pinned(root, args.name))}))
+    else:
+        if args.keep is None:
+            raise ConfigError("datasets retain needs --keep K")
+        print(json.dumps({"name": args.name, "deleted": dv.retain(root, args.name, args.keep)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -215,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             _emit({"out_dir": summary["out_dir"], "counts": summary["counts"]}, args.xcom_file)
             return 0
+        if args.command == "datasets":
+            from operators.datasets.versions import PublishConflict, PublishError
+
+            try:
+                return _datasets_command(args)
+            except PublishConflict as e:
+                log.error("publish lost the race: %s", e)
+                return 1
+            except PublishError as e:
+                log.error("%s", e)
+                return 2
         if args.command in ("train", "evaluate"):
             from operators.llm.models import ModelNotFound
             from operators.train.trainer import TrainError

@@ -205,6 +205,68 @@ def commit_if_absent(uri: str, data: bytes) -> bool:
         raise StorageError(f"commit of {uri} failed: {code or e}") from e
 
 
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The content of a small pointer file and the token `compare_and_swap` expects, or (None, None) if absent.
+
+    S3: the token is the object's ETag (what `If-Match` compares). Local: the sha256 of the content (pointers
+    written here hold unique content, e.g. an increasing version, so equal content means an unchanged pointer).
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        return data, sha256_hex(data)
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = path.partition("/")
+    try:
+        r = _s3_client(S3Settings.from_env()).get_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+            return None, None
+        raise StorageError(f"cannot read {uri}: {e}") from e
+    return bytes(r["Body"].read()), str(r["ETag"])
+
+
+def compare_and_swap(uri: str, expected: str | None, data: bytes) -> bool:
+    """Replace the pointer at `uri` with `data` only if it is unchanged since `read_versioned` gave `expected`.
+
+    `expected` None means "only if absent" (`commit_if_absent`). Returns False when another writer moved the
+    pointer first: of two writers that read the same token, exactly one wins. S3: `PUT` with `If-Match: <etag>`
+    (412 when stale). Local: under an exclusive `flock` on a lock file beside the pointer (held across the
+    compare and the swap), the new content is written to a temp file and renamed over the pointer atomically,
+    so readers (who take no lock) see the old or the new pointer, never a partial one.
+    """
+    if expected is None:
+        return commit_if_absent(uri, data)
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        import fcntl
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            if read_versioned(uri)[1] != expected:
+                return False
+            os.replace(_local_temp(path, data), path)
+            return True
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = path.partition("/")
+    try:
+        _s3_client(S3Settings.from_env()).put_object(Bucket=bucket, Key=key, Body=data, IfMatch=expected)
+        return True
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412):
+            return False
+        raise StorageError(f"compare-and-swap of {uri} failed: {code or e}") from e
+
+
 def delete(uri: str) -> None:
     """Delete a file if it exists."""
     fs, path = filesystem(uri)

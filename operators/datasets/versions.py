@@ -1,0 +1,302 @@
+"""The registry of dataset versions under `<data root>/datasets/<name>/`.
+
+    LATEST             {"version": N, "path": "v000N", ...}, moved only by compare-and-swap
+    _claims/v000N      one file per version number ever claimed (commit_if_absent): numbers are never reused
+    pinned/v000N       a pin: retention never deletes this version
+    v000N/hf/          the Hugging Face folder (export's layout: data/{train,replay}-*.parquet) + the card README.md
+    v000N/ids/         id index (id, source, domain, hash) bucketed by hash, for streamed diffs
+    v000N/stats/       every step's stats.json;  v000N/report.{json,html} when the run had one
+    v000N/_VERSION.json  the version's manifest, committed last: a version without it does not exist
+
+Publishing is two commits: the version folder is written and its manifest committed (`build_version`), then
+`LATEST` moves from the value read at the start to the new version (`move_latest`). A publisher whose pointer
+moved under it loses (PublishConflict) and leaves a complete, unpointed version that retention removes later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from operators.core import storage
+from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.export import export_step
+
+VERSION_MANIFEST = "_VERSION.json"
+LATEST = "LATEST"
+IDS_PER_BUCKET = 2_000_000  # the diff holds one bucket of both versions' ids in memory at a time
+IDS_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("domain", pa.string()),
+                        ("h", pa.uint64())])
+
+
+class PublishError(RuntimeError):
+    """The version could not be published (bad input, unknown dataset or version)."""
+
+
+class PublishConflict(PublishError):
+    """Another publisher moved LATEST first; this version is complete but not the latest."""
+
+
+class PublishConfig(BaseModel):
+    """What `python -m operators datasets publish` takes (also the publish task's config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="Dataset name.")
+    keep: int | None = Field(None, ge=1, description="Keep the last K versions (plus LATEST and pins); None: all.")
+    licenses: dict[str, str] = Field(default_factory=dict, description="License per source name (for the card).")
+
+
+def dataset_root(root: str, name: str) -> str:
+    """`<data root>/datasets/<name>`."""
+    PublishConfig(name=name)  # validates the name as one safe path segment
+    return storage.join(storage.validate_uri(root), "datasets", name)
+
+
+def vname(version: int) -> str:
+    return f"v{version:04d}"
+
+
+def parse_version(text: str) -> int:
+    """`v0003`, `v3` or `3` -> 3."""
+    try:
+        return int(str(text).lower().lstrip("v"))
+    except ValueError:
+        raise PublishError(f"not a version: {text!r} (use v0003 or 3)") from None
+
+
+def id_hash(ids: list[str]) -> pa.Array:
+    """Stable 64-bit hashes of record ids (bucket = hash mod buckets, the same in every version)."""
+    return pa.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids],
+                    pa.uint64())
+
+
+def read_latest(root: str, name: str) -> tuple[int | None, str | None]:
+    """(LATEST's version, its compare-and-swap token); (None, None) before the first publish."""
+    data, token = storage.read_versioned(storage.join(dataset_root(root, name), LATEST))
+    return (int(json.loads(data)["version"]) if data is not None else None), token
+
+
+def _numbered(folder: str) -> list[int]:
+    """Version numbers named by the files `v<N>` in `folder` (a writer's temp file beside them is not one)."""
+    names = (u.rsplit("/", 1)[1] for u in storage.list_files(folder, recursive=False))
+    return sorted(int(n[1:]) for n in names if re.fullmatch(r"v\d+", n))
+
+
+def _claimed(base: str) -> list[int]:
+    return _numbered(storage.join(base, "_claims"))
+
+
+def versions(root: str, name: str) -> list[int]:
+    """Committed versions of `name`, oldest first (a claimed number without a manifest is not a version)."""
+    base = dataset_root(root, name)
+    return [v for v in _claimed(base) if storage.exists(storage.join(base, vname(v), VERSION_MANIFEST))]
+
+
+def names(root: str) -> list[str]:
+    """Every dataset with at least one claimed version."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(storage.join(storage.validate_uri(root), "datasets"))
+    dirs = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            if i.type == pafs.FileType.Directory]  # one level only: never lists the versions' files
+    return sorted(d for d in dirs if _claimed(dataset_root(root, d)))
+
+
+def show(root: str, name: str, version: int | None = None) -> dict[str, Any]:
+    """The manifest of `version` (default LATEST), with `latest` and `pinned` flags."""
+    latest, _ = read_latest(root, name)
+    v = latest if version is None else version
+    if v is None:
+        raise PublishError(f"dataset {name!r} has no published version")
+    uri = storage.join(dataset_root(root, name), vname(v), VERSION_MANIFEST)
+    if not storage.exists(uri):
+        raise PublishError(f"dataset {name!r} has no version {v}")
+    m: dict[str, Any] = json.loads(storage.read_bytes(uri))
+    return {**m, "latest": v == latest, "pinned": v in pinned(root, name)}
+
+
+def pinned(root: str, name: str) -> set[int]:
+    """Versions a pin protects from retention."""
+    return set(_numbered(storage.join(dataset_root(root, name), "pinned")))
+
+
+def pin(root: str, name: str, version: int, on: bool = True) -> None:
+    """Pin (or unpin) a committed version."""
+    if version not in versions(root, name):
+        raise PublishError(f"dataset {name!r} has no version {version}")
+    uri = storage.join(dataset_root(root, name), "pinned", vname(version))
+    if on:
+        storage.write_bytes(uri, datetime.now(UTC).isoformat(timespec="seconds").encode())
+    else:
+        storage.delete(uri)
+
+
+def retain(root: str, name: str, keep: int) -> list[int]:
+    """Delete all but the last `keep` versions, never LATEST's nor a pinned one; returns the deleted versions."""
+    if keep < 1:
+        raise PublishError("keep must be at least 1")
+    latest, _ = read_latest(root, name)
+    protected = pinned(root, name) | ({latest} if latest is not None else set())
+    all_versions = versions(root, name)
+    doomed = [v for v in all_versions[:-keep] if v not in protected]
+    base = dataset_root(root, name)
+    for v in doomed:
+        vdir = storage.join(base, vname(v))
+        storage.delete(storage.join(vdir, VERSION_MANIFEST))  # first: the version vanishes at once for readers
+        for uri in storage.list_files(vdir):
+            storage.delete(uri)
+    return doomed
+
+
+def _lineage(step_dir: str, run_root: str, licenses: dict[str, str]) -> dict[str, Any]:
+    """Walk plan inputs (and step dirs a config names) back from `step_dir`: steps inside the run, sources outside."""
+    from operators.core.runner import load_plan
+
+    steps: dict[str, dict[str, Any]] = {}
+    sources: dict[str, dict[str, Any]] = {}
+    todo, seen = [step_dir], set()
+    while todo:
+        d = storage.validate_uri(todo.pop())
+        if d in seen:
+            continue
+        seen.add(d)
+        m = read_manifest(step_manifest_uri(d))
+        inside = d == run_root or d.startswith(run_root + "/")
+        if not inside or m is None:
+            raw = storage.read_bytes(step_manifest_uri(d)) if m is not None else None
+            name = d.rstrip("/").split("/")[-2] if d.endswith("/ingest") else d.rstrip("/").split("/")[-1]
+            sources[d] = {"uri": d, "name": name, "manifest_sha256": storage.sha256_hex(raw) if raw else None,
+                          "records": m.stats.records_kept if m else None, "license": licenses.get(name)}
+            continue
+        steps[d[len(run_root) + 1:] or d] = {"step": m.step, "config_hash": m.config_hash,
+                                             "records_in": m.stats.records_in, "records_kept": m.stats.records_kept}
+        plan = load_plan(d)
+        refs = [v for v in plan.config.values() if isinstance(v, str)] + \
+            [x for v in plan.config.values() if isinstance(v, list) for x in v if isinstance(x, str)]
+        todo += list(plan.inputs) + [r for r in refs if r.startswith(run_root + "/")]
+    return {"steps": dict(sorted(steps.items())), "sources": sorted(sources.values(), key=lambda s: s["uri"])}
+
+
+def _write_ids(step_dir: str, vdir: str) -> tuple[int, list[dict[str, Any]]]:
+    """Write the id index part by part; returns (buckets, counts by source and domain)."""
+    m = read_manifest(step_manifest_uri(step_dir))
+    assert m is not None
+    files = m.data_files()
+    buckets = 1 << max(0, math.ceil(math.log2(max(1, sum(f.rows for f in files)) / IDS_PER_BUCKET)))
+    counts: Counter[tuple[str, str]] = Counter()
+    for i, f in enumerate(files):
+        with storage.open_input(storage.join(step_dir, f.path)) as fh:
+            pf = pq.ParquetFile(fh)
+            cols = [c for c in ("id", "source", "domain") if c in pf.schema_arrow.names]
+            t = pf.read(columns=cols)
+        ids = t["id"].to_pylist()
+        src = t["source"].to_pylist() if "source" in cols else [None] * len(ids)
+        dom = t["domain"].to_pylist() if "domain" in cols else [None] * len(ids)
+        table = pa.table([pa.array(ids, pa.string()), pa.array([s or "" for s in src], pa.string()),
+                          pa.array([d or "" for d in dom], pa.string()), id_hash(ids)], schema=IDS_SCHEMA)
+        counts.update(zip(table["source"].to_pylist(), table["domain"].to_pylist(), strict=True))
+        hb = [h % buckets for h in table["h"].to_pylist()]
+        for b in range(buckets):
+            part = table.filter(pa.array([x == b for x in hb]))
+            sink = pa.BufferOutputStream()
+            pq.write_table(part, sink, compression="zstd")
+            storage.write_bytes(storage.join(vdir, "ids", f"b{b:05d}", f"part-{i:05d}.parquet"), sink.getvalue())
+    return buckets, [{"source": s, "domain": d, "records": n} for (s, d), n in sorted(counts.items())]
+
+
+def iter_ids(root: str, name: str, version: int, bucket: int, of: int) -> Iterator[pa.Table]:
+    """Id index tables of `version` whose hash is `bucket` mod `of` (`of` a multiple of the version's buckets)."""
+    m = show(root, name, version)
+    vdir = storage.join(dataset_root(root, name), vname(version))
+    for uri in storage.list_files(storage.join(vdir, "ids", f"b{bucket % m['id_buckets']:05d}"), recursive=False):
+        with storage.open_input(uri) as fh:
+            t = pq.read_table(fh)
+        if of != m["id_buckets"]:
+            t = t.filter(pa.array([h % of == bucket for h in t["h"].to_pylist()]))
+        yield t
+
+
+@dataclass
+class Draft:
+    """A complete version folder whose pointer has not moved yet."""
+
+    root: str
+    name: str
+    version: int
+    expected: str | None  # LATEST's token when the publish began
+    manifest: dict[str, Any]
+
+
+def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[str, Any] | None = None,
+                  licenses: dict[str, str] | None = None) -> Draft:
+    """Write and commit a new version folder from a committed step (the pointer is not moved here)."""
+    step_dir, run_root = storage.validate_uri(step_dir), storage.validate_uri(run_root)
+    base = dataset_root(root, name)
+    if read_manifest(step_manifest_uri(step_dir)) is None:
+        raise PublishError(f"no committed step at {step_dir}")
+    latest, token = read_latest(root, name)  # the pointer this publish will move from
+    version = max([latest or 0, *_claimed(base)]) + 1
+    while not storage.commit_if_absent(storage.join(base, "_claims", vname(version)), b""):
+        version += 1  # another publisher claimed it: numbers are never shared
+    vdir = storage.join(base, vname(version))
+    summary = export_step(step_dir, vdir, ("hf",), name=name)  # data: the Hub's Parquet layout, replay split
+    split_bytes = {s: sum(storage.file_size(u) for u in summary["files"] if f"/data/{s}-" in u)
+                   for s in summary["counts"]}
+    buckets, by_source_domain = _write_ids(step_dir, vdir)
+    lineage = _lineage(step_dir, run_root, licenses or {})
+    for key in lineage["steps"]:
+        stats = storage.join(run_root, key, "stats.json")
+        if storage.exists(stats):
+            storage.write_bytes(storage.join(vdir, "stats", f"{key.replace('/', '__')}.json"),
+                                storage.read_bytes(stats))
+    for f in ("report.json", "report.html"):
+        if storage.exists(storage.join(run_root, f)):
+            storage.write_bytes(storage.join(vdir, f), storage.read_bytes(storage.join(run_root, f)))
+    manifest: dict[str, Any] = {
+        "name": name, "version": version, "path": vname(version), "uri": vdir, "hf": storage.join(vdir, "hf"),
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"), "step_dir": step_dir,
+        "run_root": run_root, "run": run or {}, "report": storage.join(run_root, "report.html"),
+        "counts": {"splits": summary["counts"], "by_source_domain": by_source_domain, "split_bytes": split_bytes},
+        "id_buckets": buckets, "lineage": lineage,
+    }
+    from operators.datasets.card import render_card
+
+    storage.write_bytes(storage.join(vdir, "hf", "README.md"), render_card(manifest).encode())
+    manifest["files"] = [{"path": u[len(vdir) + 1:], "bytes": storage.file_size(u)} for u in storage.list_files(vdir)]
+    if not storage.commit_if_absent(storage.join(vdir, VERSION_MANIFEST), json.dumps(manifest, indent=2).encode()):
+        raise PublishConflict(f"{name} {vname(version)} was committed by someone else")
+    return Draft(root, name, version, token, manifest)
+
+
+def move_latest(draft: Draft) -> dict[str, Any]:
+    """Point LATEST at the draft's version if LATEST has not moved since the draft began; else PublishConflict."""
+    ptr = {"version": draft.version, "path": vname(draft.version),
+           "published_at": draft.manifest["published_at"]}
+    uri = storage.join(dataset_root(draft.root, draft.name), LATEST)
+    if not storage.compare_and_swap(uri, draft.expected, json.dumps(ptr).encode()):
+        raise PublishConflict(f"LATEST of {draft.name} moved while {vname(draft.version)} was being published; "
+                              "that version is complete but not latest (publish again to supersede it)")
+    return ptr
+
+
+def publish(root: str, cfg: PublishConfig, step_dir: str, run_root: str,
+            run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish a committed step as the next version of `cfg.name`, move LATEST, then apply retention."""
+    draft = build_version(root, cfg.name, step_dir, run_root, run, cfg.licenses)
+    move_latest(draft)
+    deleted = retain(root, cfg.name, cfg.keep) if cfg.keep else []
+    m = draft.manifest
+    return {"name": cfg.name, "version": draft.version, "uri": m["uri"], "hf": m["hf"],
+            "counts": m["counts"]["splits"], "deleted": deleted}

@@ -1,0 +1,164 @@
+"""Dataset versions: publish makes an immutable, complete version with a card and lineage; LATEST moves by
+compare-and-swap (two racing publishers cannot both win, locally and on the S3 API); diff streams ids per
+source and domain; retention keeps the last K, LATEST and pins."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from operators.cli import build_step
+from operators.core import storage
+from operators.core.runner import read_step_table, run_all
+from operators.datasets import versions as dv
+from operators.datasets.diff import diff_versions
+from tests.conftest import run_cli
+from tests.test_exports_consumers import SCHEMA, pool
+
+
+def _select(src: str, out: str, budgets: dict[str, Any]) -> str:
+    out = storage.validate_uri(out)
+    run_all(build_step("select", {"budgets": budgets, "target_shard_bytes": 1, "replay_fraction": 0.2}), [src], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two runs of one pipeline: `upstream/select` (outside the runs: a source with a manifest) feeding
+    `runA/select` and `runB/select` with different budgets."""
+    tmp = tmp_path_factory.mktemp("runs")
+    (tmp / "raw").mkdir()
+    rows = pool(120)
+    for f in range(2):
+        pq.write_table(pa.Table.from_pylist(rows[f::2], schema=SCHEMA), tmp / "raw" / f"p{f}.parquet")
+    up = _select(str(tmp / "raw"), str(tmp / "upstream" / "select"), {})
+    a = _select(up, str(tmp / "runA" / "select"), {"math": 20, "code": 0.5})
+    b = _select(up, str(tmp / "runB" / "select"), {"math": 30, "code": 0.25, "general": 0.5})
+    (tmp / "runA" / "report.json").write_text('{"steps": []}')
+    return {"up": up, "a": a, "b": b, "runA": storage.validate_uri(str(tmp / "runA")),
+            "runB": storage.validate_uri(str(tmp / "runB"))}
+
+
+def test_publish_version_folder_card_and_lineage(runs: dict[str, str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = str(tmp_path)
+    out = dv.publish(root, dv.PublishConfig(name="found", licenses={"select": "cc-by-4.0"}), runs["a"], runs["runA"],
+                     {"dag_id": "foundational_selection", "run_id": "manual__1"})
+    assert out["version"] == 1 and dv.read_latest(root, "found")[0] == 1
+    vdir = tmp_path / "datasets" / "found" / "v0001"
+    table = read_step_table(runs["a"])
+    m = json.loads((vdir / "_VERSION.json").read_text())
+    # Every file the manifest lists exists with its size: the folder is complete before LATEST moved.
+    assert all((vdir / f["path"]).stat().st_size == f["bytes"] for f in m["files"])
+    assert (vdir / "report.json").exists() and (vdir / "stats" / "select.json").exists()
+    assert m["counts"]["splits"] == {"train": table.num_rows, "replay": sum(table["replay"].to_pylist())}
+    by = {(r["source"], r["domain"]): r["records"] for r in m["counts"]["by_source_domain"]}
+    assert sum(by.values()) == table.num_rows and by[("src0", "math")] > 0
+    # Lineage: the step inside the run with its config hash; the upstream step as a source with its checksum.
+    assert m["lineage"]["steps"]["select"]["config_hash"] == json.loads(
+        storage.read_bytes(storage.join(runs["a"], "_MANIFEST.json")))["config_hash"]
+    [source] = m["lineage"]["sources"]
+    assert source["uri"] == runs["up"] and source["manifest_sha256"] == storage.sha256_hex(
+        storage.read_bytes(storage.join(runs["up"], "_MANIFEST.json")))
+    # The card: YAML the Hub reads, and the folder loads with `datasets` (offline, no project code).
+    card = (vdir / "hf" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "cc-by-4.0" and meta["size_categories"] == ["n<1K"]
+    assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == m["counts"]["splits"]
+    assert "manual__1" in card and m["lineage"]["steps"]["select"]["config_hash"] in card
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    ds = datasets.load_dataset(str(vdir / "hf"))
+    assert sorted(ds["train"]["id"]) == sorted(table["id"].to_pylist())
+    # The card's features are exactly what `datasets` reads from the data, and its split counts are used.
+    assert datasets.Features._from_yaml_list(meta["dataset_info"]["features"]) == ds["train"].features
+    assert ds["train"].info.splits["replay"].num_examples == m["counts"]["splits"]["replay"]
+
+
+def test_diff_retention_pins_and_cli(runs: dict[str, str], tmp_path: Path) -> None:
+    root = str(tmp_path)
+    cfg = dv.PublishConfig(name="found")
+    for d, r in (("a", "runA"), ("b", "runB"), ("a", "runA")):
+        dv.publish(root, cfg, runs[d], runs[r])
+    ids_a, ids_b = (read_step_table(runs[k]).select(["id", "source", "domain"]).to_pylist() for k in "ab")
+    groups = list(diff_versions(root, "found", 1, 2))
+    added = {i for g in groups if g["change"] == "added" for i in g["ids"]}
+    removed = {i for g in groups if g["change"] == "removed" for i in g["ids"]}
+    assert added == {r["id"] for r in ids_b} - {r["id"] for r in ids_a} and added
+    assert removed == {r["id"] for r in ids_a} - {r["id"] for r in ids_b} and removed
+    dom = {r["id"]: (r["source"], r["domain"]) for r in ids_a + ids_b}
+    assert all(dom[i] == (g["source"], g["domain"]) for g in groups[:-1] for i in g["ids"])
+    # The CLI streams the same groups as JSON lines; diff 1 -> 3 (same data) is empty.
+    r = run_cli("datasets", "diff", "found", "v1", "v2", "--root", root)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == groups
+    r = run_cli("datasets", "diff", "found", "v1", "v3", "--root", root)
+    assert [json.loads(line)["change"] for line in r.stdout.splitlines()] == ["summary"]
+    # Retention: pin v1, keep 1 -> v2 goes, v1 (pinned) and v3 (LATEST) stay; unpinned v1 goes next time.
+    assert run_cli("datasets", "pin", "found", "v1", "--root", root).returncode == 0
+    r = run_cli("datasets", "retain", "found", "--keep", "1", "--root", root)
+    assert json.loads(r.stdout)["deleted"] == [2]
+    assert dv.versions(root, "found") == [1, 3] and not list((tmp_path / "datasets/found/v0002").rglob("*.parquet"))
+    dv.pin(root, "found", 1, on=False)
+    assert dv.retain(root, "found", 1) == [1]
+    r = run_cli("datasets", "list", "--root", root)
+    assert json.loads(r.stdout) == {"name": "found", "latest": 3, "versions": [3], "pinned": []}
+    # A new publish never reuses a number, even of a deleted version.
+    assert dv.publish(root, cfg, runs["b"], runs["runB"])["version"] == 4
+    assert json.loads(run_cli("datasets", "show", "found", "--root", root).stdout)["version"] == 4
+
+
+def _race(root: str, runs: dict[str, str]) -> list[Any]:
+    """Two publishers build their versions, wait at a barrier, then both try to move LATEST."""
+    barrier = threading.Barrier(2, timeout=60)  # a publisher that fails breaks the barrier
+    results: list[Any] = [None, None]
+
+    def publisher(k: int) -> None:
+        draft = dv.build_version(root, "race", runs["ab"[k]], runs["run" + "AB"[k]])
+        barrier.wait()
+        try:
+            results[k] = dv.move_latest(draft)["version"]
+        except dv.PublishConflict as e:
+            results[k] = e
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_racing_publishers_cannot_both_win(where: str, runs: dict[str, str], tmp_path: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    for _attempt in range(2):  # from an absent LATEST (If-None-Match), then from an existing one (If-Match)
+        before = dv.read_latest(root, "race")[0]
+        results = _race(root, runs)
+        winners = [r for r in results if isinstance(r, int)]
+        assert len(winners) == 1 and sum(isinstance(r, dv.PublishConflict) for r in results) == 1, results
+        assert dv.read_latest(root, "race")[0] == winners[0] != before
+    # Both losers' versions are complete (committed manifests), just not LATEST; numbers never collide.
+    assert dv.versions(root, "race") == [1, 2, 3, 4]
+
+
+def test_compare_and_swap_primitive(tmp_path: Path, s3_bucket: str) -> None:
+    for base in (str(tmp_path), s3_bucket):
+        uri = storage.join(storage.validate_uri(base), "p", "LATEST")
+        assert storage.read_versioned(uri) == (None, None)
+        assert storage.compare_and_swap(uri, None, b"1") and not storage.compare_and_swap(uri, None, b"x")
+        data, token = storage.read_versioned(uri)
+        assert data == b"1" and token
+        assert storage.compare_and_swap(uri, token, b"2")
+        assert not storage.compare_and_swap(uri, token, b"3")  # stale token
+        assert storage.read_versioned(uri)[0] == b"2"
