@@ -95,6 +95,9 @@ def find_steps(root: str) -> list[tuple[str, Manifest]]:
     return sorted(found.items(), key=lambda kv: (level(kv[0]), kv[1].created_at, kv[0]))
 
 
+BATCH_ROWS = 16_384  # rows decoded at a time: bounds memory by a slice of a part, not by the part
+
+
 def _read(step_dir: str, rel: str, columns: list[str] | None = None) -> pa.Table:
     with storage.open_input(storage.join(step_dir, rel)) as fh:
         pf = pq.ParquetFile(fh)
@@ -102,11 +105,31 @@ def _read(step_dir: str, rel: str, columns: list[str] | None = None) -> pa.Table
         return pf.read(columns=cols)
 
 
+def _rows(step_dir: str, rel: str, indices: list[int], columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows `indices` (sorted) of one part file, decoding only the row groups that hold them."""
+    out: list[dict[str, Any]] = []
+    with storage.open_input(storage.join(step_dir, rel)) as fh:
+        pf = pq.ParquetFile(fh)
+        cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            local = [i - start for i in indices if start <= i < start + n]
+            if local:
+                out += pf.read_row_group(g, columns=cols).take(pa.array(local)).to_pylist()
+            start += n
+    return out
+
+
 def iter_parts(step_dir: str, m: Manifest, kind: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """The step's committed `kind` files ("data" or "dropped"), one table per part."""
+    """The step's committed `kind` files ("data" or "dropped") as tables of at most BATCH_ROWS rows."""
     for f in m.files:
         if f.kind == kind and f.rows:
-            yield _read(step_dir, f.path, columns)
+            with storage.open_input(storage.join(step_dir, f.path)) as fh:
+                pf = pq.ParquetFile(fh)
+                cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+                    yield pa.Table.from_batches([batch])
 
 
 def _sample_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -138,8 +161,7 @@ def dropped_samples(step_dir: str, m: Manifest,
                 wanted[r] -= 1
                 take.append(i)
         if take:
-            rows = _read(step_dir, f.path).take(pa.array(take)).to_pylist()
-            for row in rows:
+            for row in _rows(step_dir, f.path, take):
                 out[row["reason"]].append(_sample_row(row))
     return {r: s for r, s in out.items() if s}
 
@@ -166,7 +188,7 @@ def attach_survivors(step_dir: str, m: Manifest, samples: dict[str, list[dict[st
         ids = _read(step_dir, f.path, ["id"]).column("id")
         idx = np.flatnonzero(pc.is_in(ids, value_set=pa.array(list(want), pa.string())).to_numpy(zero_copy_only=False))
         if idx.size:
-            for row in _read(step_dir, f.path, ["id", "conversations"]).take(pa.array(idx)).to_pylist():
+            for row in _rows(step_dir, f.path, idx.tolist(), ["id", "conversations"]):
                 human, answer = first_exchange(row["conversations"])
                 for s in want.pop(row["id"], []):
                     s["survivor"] = {"id": row["id"], "human": human, "answer": answer}
