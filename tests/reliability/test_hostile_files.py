@@ -210,6 +210,7 @@ def test_any_bytes_in_jsonl_never_crash_and_never_lose_a_record(tmp_path: Path, 
 
     lines = lines + [hostile_line(rng, i) for i in range(5)]
     rng.shuffle(lines)
+    lines.insert(0, b'{"x": 1}')  # a file whose first byte is "[" is a JSON array, not JSON Lines (by design)
     path = tmp_path / f"h{seed}.jsonl"
     path.write_bytes(b"\n".join(lines))
     n_in, n_out, reasons = _read_all(path)
@@ -232,3 +233,15 @@ def test_any_json_values_in_an_array_never_crash_and_never_lose_a_record(tmp_pat
     path.write_bytes(gzip.compress(data) if gz else data)
     n_in, n_out, reasons = _read_all(path)
     assert n_in == n_out == len(values) and all(reasons)
+
+
+def test_a_skipped_array_element_is_quarantined_as_itself_not_with_the_elements_after_it(tmp_path: Path) -> None:
+    # Elements too big to decode (an integer past Python's digit limit) are stepped over undecoded; their
+    # quarantined text once ran on for 64 KiB into the next elements, so memory grew with the file.
+    elements = [b'{"reward": ' + b"9" * 5000 + b', "instruction": "a", "output": "b%d"}' % i for i in range(40)]
+    path = tmp_path / "ints.json"
+    path.write_bytes(b"[" + b", ".join(elements) + b"]")
+    step = IngestStep(IngestConfig(source_name="h"))
+    raws = [r for b in step.read(ShardSpec(index=0, uris=[f"file://{path}"], bytes=path.stat().st_size))
+            for r in step.transform(b).dropped.column("raw").to_pylist()]
+    assert [r.encode() for r in raws] == elements
