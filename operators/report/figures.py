@@ -128,8 +128,9 @@ def stacked_bars(title: str, rows: Sequence[tuple[str, dict[str, float]]], *, ca
     segments: list[str] = []
     for _, parts in rows:
         segments.extend(k for k in parts if k not in segments)
-    colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(segments)}
-    row_h, left, right = 26, 170, 80
+    others = iter(PALETTE * (1 + len(segments) // len(PALETTE)))
+    colors = {s: KEPT if s == "kept" else next(others) for s in segments}  # "kept" is green in every chart
+    row_h, left, right = 26, 240, 60
     legend_rows = math.ceil(len(segments) / 4) if segments else 1
     head = 10 + 18 * legend_rows
     height = head + max(1, len(rows)) * row_h + 8
@@ -141,7 +142,7 @@ def stacked_bars(title: str, rows: Sequence[tuple[str, dict[str, float]]], *, ca
         body.append(_legend(chunk, [colors[s] for s in chunk], 10, 16 + 18 * (i // 4)))
     for i, (label, parts) in enumerate(rows):
         y, x = head + i * row_h, float(left)
-        body.append(f"<text x='{left - 8}' y='{y + 16}' text-anchor='end'>{_e(_short(label, 24))}</text>")
+        body.append(f"<text x='{left - 8}' y='{y + 16}' text-anchor='end'>{_e(_short(label, 34))}</text>")
         for seg, value in parts.items():
             w = value / top * span
             body.append(f"<rect x='{x:.1f}' y='{y + 4}' width='{w:.1f}' height='{row_h - 8}' fill='{colors[seg]}'>"
@@ -222,7 +223,7 @@ def heatmap(title: str, rows: Sequence[str], cols: Sequence[str], values: dict[t
             f"</text>" for ci, c in enumerate(cols)]
     for ri, r in enumerate(rows):
         y = head + ri * cell_h
-        body.append(f"<text x='{left - 8}' y='{y + 16}' text-anchor='end'>{_e(_short(r, 34))}</text>")
+        body.append(f"<text x='{left - 8}' y='{y + 16}' text-anchor='end'>{_e(_short(r, 31))}</text>")
         for ci, c in enumerate(cols):
             if (r, c) not in values:
                 continue
