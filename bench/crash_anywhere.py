@@ -10,10 +10,12 @@ How: every step of Phase 1 (ingest, filter, exact_dedup, near_dedup, decontamina
 runs as its DAG tasks (plan, each map/partition stage per shard, each reduce stage, `run` per shard, the
 step's `reduce`), each task in a forked child process that runs the CLI entry point. A first, uninterrupted
 pass records which fault points (`operators/core/faults.py`) each task passes through. A second pass over
-a fresh root kills chosen tasks at chosen hits (`IIP_FAULT=<point>:<n>`: `os._exit(137)`, no cleanup), then
-re-runs the killed task as a retry would. Then, per step: the record ids of every shard manifest and the
-step's stats (timing and memory fields aside) must equal the uninterrupted run's, every file the step
-manifest lists must exist with its checksum, and no `part-*` file may lie outside a committed manifest.
+a fresh root kills chosen tasks at chosen hits (`IIP_FAULT=<point>:<n>`: `os._exit(137)`, no cleanup), each
+kill from the state the task started from, then retries the task as Airflow would: the retry must commit
+exactly what the uninterrupted task committed (file checksums and row counts, stats). Then, per step: the
+record ids of every shard manifest and the step's stats (timing and memory fields aside) must equal the
+uninterrupted run's, every file the step manifest lists must exist with its checksum, a reader must see
+exactly those files, and no `part-*` file may lie outside a committed manifest.
 Prints LAST one JSON line with the figures.
 """
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -67,7 +70,7 @@ class Figures:
     """What the faulted pass did."""
 
     kills: int = 0
-    survived: int = 0
+    survived: int = 0  # kills whose retry succeeded and committed what the uninterrupted task did
     by_point: Counter[str] = field(default_factory=Counter)
     by_task_kind: Counter[str] = field(default_factory=Counter)
     temp_leftovers: int = 0
@@ -189,34 +192,75 @@ def _kind(task_name: str) -> str:
     return task_name.split(":")[0]
 
 
-def _killed_then_retried(task: Task, kills: list[tuple[str, int]], env: dict[str, str], figures: Figures) -> None:
-    """Kill fresh attempts of `task` once per chosen window, each attempt resuming what the last left; then
-    one retry that must succeed."""
-    for p, n in kills:
+def _task_output(task: Task, step_dir: Path) -> Path:
+    """The file a task commits: its plan, its stage or shard manifest, or the step manifest."""
+    kind, *rest = task.name.split(":")
+    if kind == "plan":
+        return step_dir / "_plan.json"
+    if kind in ("map", "partition"):
+        return step_dir / "_stages" / rest[0] / "_shards" / f"{int(rest[1]):05d}.json"
+    if kind == "stage":
+        return step_dir / "_stages" / rest[0] / "_MANIFEST.json"
+    if kind == "run":
+        return step_dir / "_shards" / f"{int(rest[0]):05d}.json"
+    return step_dir / "_MANIFEST.json"
+
+
+def _committed(path: Path) -> Any:
+    """What a task committed, less what differs by nature (attempt ids in names, timing, memory, roots)."""
+    doc = json.loads(path.read_text())
+    if path.name == "_plan.json":
+        return [(s["index"], len(s["uris"]), s["bytes"]) for s in doc["shards"]]
+    stats = {k: v for k, v in doc["stats"].items() if k not in VOLATILE_STATS}
+    return [sorted((f["kind"], f["rows"], f["sha256"]) for f in doc["files"]), stats, doc.get("summary")]
+
+
+def _killed_then_retried(task: Task, step_dir: Path, kills: list[tuple[str, int]], env: dict[str, str],
+                         figures: Figures, clean_dir: Path | None) -> None:
+    """Each chosen window: from the state before the task, kill an attempt there (status 137 expected), then
+    retry; the retry must succeed and commit what the uninterrupted task committed."""
+    snap = step_dir.with_name(f".before-{step_dir.name}")
+    shutil.rmtree(snap, ignore_errors=True)
+    if kills and step_dir.exists():
+        shutil.copytree(step_dir, snap, symlinks=True)
+    for k, (p, n) in enumerate(kills):
+        if k:  # every kill starts from the state the task started from
+            shutil.rmtree(step_dir, ignore_errors=True)
+            if snap.exists():
+                shutil.copytree(snap, step_dir, symlinks=True)
         rc = run_task(task.argv, {**env, FAULT_ENV: f"{p}:{n}"})
-        if rc == 137:
-            figures.kills += 1
-            figures.by_point[p] += 1
-            figures.by_task_kind[_kind(task.name)] += 1
-        elif rc != 0:
-            raise RuntimeError(f"{task.step} {task.name}: attempt killed at {p}:{n} returned {rc}, not 137 or 0")
-        # rc 0: an earlier kill's attempt already committed past this window; the retry below still runs.
+        if rc != 137:
+            raise RuntimeError(f"{task.step} {task.name}: the attempt to kill at {p}:{n} exited {rc}, not 137")
+        figures.kills += 1
+        figures.by_point[p] += 1
+        figures.by_task_kind[_kind(task.name)] += 1
+        _retry(task, step_dir, env, clean_dir, f"after a kill at {p}:{n}")
+        figures.survived += 1
+    if not kills:
+        _retry(task, step_dir, env, None, "uninterrupted")
+    shutil.rmtree(snap, ignore_errors=True)
+
+
+def _retry(task: Task, step_dir: Path, env: dict[str, str], clean_dir: Path | None, what: str) -> None:
     rc = run_task(task.argv, env)
     if rc != 0:
-        raise RuntimeError(f"{task.step} {task.name}: retry after kills {kills} failed with status {rc}")
-    figures.survived += 1
+        raise RuntimeError(f"{task.step} {task.name}: retry {what} failed with status {rc}")
+    if clean_dir is not None:
+        got, want = _committed(_task_output(task, step_dir)), _committed(_task_output(task, clean_dir))
+        if got != want:
+            raise RuntimeError(f"{task.step} {task.name}: retry {what} committed {got}, uninterrupted {want}")
 
 
 def faulted(corpus: Path, root: Path, kills: dict[tuple[str, str], list[tuple[str, int]]], env: dict[str, str],
-            figures: Figures) -> None:
+            figures: Figures, clean: Path) -> None:
     """Run the pipeline under `root`, killing the chosen tasks at the chosen windows and retrying them."""
     prev = str(corpus)
     for step, cfg in PIPELINE:
         out = str(root / step)
         t = plan_task(step, cfg, [prev], out)
-        _killed_then_retried(t, kills.get((step, t.name), []), env, figures)
+        _killed_then_retried(t, root / step, kills.get((step, t.name), []), env, figures, clean / step)
         for task in step_tasks(step, cfg, [prev], out):
-            _killed_then_retried(task, kills.get((step, task.name), []), env, figures)
+            _killed_then_retried(task, root / step, kills.get((step, task.name), []), env, figures, clean / step)
         prev = out
 
 
@@ -294,13 +338,13 @@ def run(records: int, per_step: int, seed: int, work: Path) -> dict[str, Any]:
     hits = baseline(corpus, work / "clean", work / "traces", env)
     kills = choose_kills(hits, per_step, seed)
     figures = Figures()
-    faulted(corpus, work / "hurt", kills, env, figures)
+    faulted(corpus, work / "hurt", kills, env, figures, work / "clean")
     found = [p for step, _ in PIPELINE for p in problems(step, work / "clean" / step, work / "hurt" / step)]
     figures.temp_leftovers = len(list((work / "hurt").rglob("*.tmp-*")))
     windows = sum(sum(c.values()) for c in hits.values())
     return {"records": records, "steps": [s for s, _ in PIPELINE], "tasks": len(hits), "fault_windows": windows,
             "kills_planned": sum(len(v) for v in kills.values()), "kills": figures.kills,
-            "crashes_survived": figures.kills, "tasks_retried": figures.survived,
+            "crashes_survived": figures.survived,
             "kills_by_point": dict(figures.by_point), "kills_by_task_kind": dict(figures.by_task_kind),
             "temp_files_left": figures.temp_leftovers, "problems": found}
 
