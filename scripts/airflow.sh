@@ -48,12 +48,14 @@ setsid "$BIN/airflow" standalone >"$LOG" 2>&1 &
 PGID=$!
 
 stop() {
+  # Kill first, talk after: a closed terminal or pipe must not stop the clean-up half way (SIGPIPE on echo).
   trap - INT TERM EXIT
-  echo; echo "== stopping Airflow (process group $PGID)"
+  trap '' PIPE
   kill -TERM -- "-$PGID" 2>/dev/null || true
+  { echo; echo "== stopping Airflow (process group $PGID)"; } 2>/dev/null || true
   for _ in $(seq 1 10); do kill -0 -- "-$PGID" 2>/dev/null || break; sleep 1; done
   kill -KILL -- "-$PGID" 2>/dev/null || true
-  echo "stopped"
+  echo "stopped" 2>/dev/null || true
 }
 trap stop INT TERM EXIT
 
