@@ -5,7 +5,8 @@ pool (sample of the foundational set) -> label (two-level abilities) -> label_vo
 -> evolve (depth + breadth rounds, elimination) -> respond (answers + multi-turn extension)
 -> diagnose (candidates answer probes, a judge scores each ability)
 -> round 2: seed_select for the weak abilities -> evolve -> respond
--> conversational_set (canonical schema) -> validate -> export -> report
+-> conversational_set (canonical schema) -> validate -> export -> publish (dataset `conversational`) -> report
+With IIP_ASSET_SCHEDULES=1 (read at parse time) it runs on each new version of the `foundational` dataset.
 Every LLM step caches its results beside its output: a retried or re-run task pays no tokens twice.
 In kubernetes mode LLM steps run in the `vllm` pod profile (GPU); embedded mode runs the packaged CPU model.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from operators.orchestration.dag_builder import publish_tasks, step_group
+from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
 from operators.orchestration.settings import data_root, run_dir, safe_name
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -34,12 +35,13 @@ def llm(role: str) -> str:
     dag_id="conversational_synthesis",
     description="Synthesize conversational instructions: ability labels, long-tail seeds, evolution, "
     "multi-turn responses, and diagnosis-driven supplementation.",
-    schedule=None,
+    schedule=asset_schedule("foundational"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     render_template_as_native_obj=True,
-    user_defined_macros={"data_root": data_root(), "safe_name": safe_name, "run_dir": run_dir},
+    user_defined_macros={"data_root": data_root(), "safe_name": safe_name, "run_dir": run_dir,
+                         "asset_extra": asset_extra},
     tags=["iip", "phase-2", "llm"],
     params={
         "foundational": Param("demo", type="string", description="A foundational_selection run name (its "
@@ -65,6 +67,8 @@ def llm(role: str) -> str:
         "min_turns": Param(2, type="integer", minimum=1, maximum=8),
         "max_turns": Param(3, type="integer", minimum=1, maximum=8),
         "probes_per_ability": Param(1, type="integer", minimum=1),
+        "keep_versions": Param(10, type="integer", minimum=1,
+                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
     },
 )
 def conversational_synthesis() -> None:
@@ -75,7 +79,7 @@ def conversational_synthesis() -> None:
     seeds = {"max_ifd": "{{ params.max_ifd }}"}
     plan: list[tuple[str, str, dict[str, Any], list[str] | str, str]] = [
         ("pool", "select", {"budgets": "{{ params.pool_budgets }}", "replay_fraction": 0.0},
-         "{{ [run_dir(params.foundational, 'select')] }}", "cpu"),
+         "{{ [run_dir(asset_extra(triggering_asset_events, 'step_dir', params.foundational), 'select')] }}", "cpu"),
         ("label", "label", {"llm": llm("labeler"), "max_tokens": cap}, [f"{RUN}/pool"], LLM_PROFILE),
         ("label_vocab", "label_vocab", {}, [f"{RUN}/label"], "cpu"),
         ("seed_score", "seed_score", {"llm": llm("reference")}, [f"{RUN}/label_vocab"], LLM_PROFILE),
@@ -105,7 +109,8 @@ def conversational_synthesis() -> None:
                  ("seed_select_r1", "seed_select_r2"), ("seed_select_r2", "evolve_r2"), ("evolve_r2", "respond_r2"),
                  ("respond_r1", "conversational_set"), ("respond_r2", "conversational_set")]:
         groups[a] >> groups[b]
-    first, _ = publish_tasks("conversational_set", f"{RUN}/conversational_set", RUN)
+    first, _ = publish_tasks("conversational_set", f"{RUN}/conversational_set", RUN,
+                             dataset="conversational")
     groups["conversational_set"] >> first
 
 conversational_synthesis()

@@ -2,7 +2,8 @@
 
 filter -> exact_dedup -> near_dedup (MinHash LSH) -> decontaminate -> route
 -> dsir (importance weights toward each domain's target)
--> select (budgets, caps, replay, KL reduction) -> validate -> export -> report
+-> select (budgets, caps, replay, KL reduction) -> validate -> export -> publish -> report
+publish makes the next version of the `foundational` dataset and emits an event on its asset.
 Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
 """
 
@@ -56,6 +57,8 @@ STEPS = FOUNDATIONAL_STEPS
         "source_caps": Param({}, type="object", description="Most records per source."),
         "replay_fraction": Param(0.16, type="number", minimum=0, maximum=1),
         "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
+        "keep_versions": Param(10, type="integer", minimum=1,
+                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
     },
 )
 def foundational_selection() -> None:
@@ -73,7 +76,7 @@ def foundational_selection() -> None:
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
                       common={"target_shard_bytes": shard_bytes})
-    first, _ = publish_tasks("select", f"{RUN}/select", RUN)
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     last >> first
 
 foundational_selection()

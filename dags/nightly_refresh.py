@@ -2,7 +2,8 @@
 
 find_new (diff raw listings against committed ingest plans) -> ingest[source] (mapped; new files only,
 into <data root>/sources/<name>/<ds>/ingest) -> selection_inputs (every committed ingest dir)
--> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export -> report
+-> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export -> publish
+-> report (publish: the next version of the `foundational` dataset, an event on its asset)
 The selection writes to one stable run folder (`run_name`), so a night whose inputs and configs are
 unchanged finds every step committed under the same config hash and skips it.
 """
@@ -46,6 +47,8 @@ STEPS = FOUNDATIONAL_STEPS
         "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
                          description="Per domain: a count (>= 1) or a fraction of the domain."),
         "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
+        "keep_versions": Param(10, type="integer", minimum=1,
+                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
     },
 )
 def nightly_refresh() -> None:
@@ -70,7 +73,7 @@ def nightly_refresh() -> None:
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}", run=RUN,
                       common={"target_shard_bytes": shard_bytes}, after=sources)
-    first, _ = publish_tasks("select", f"{RUN}/select", RUN)
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     last >> first
 
 nightly_refresh()

@@ -8,6 +8,8 @@ Training runs DeepSpeed ZeRO-3 via the Hugging Face Trainer: locally on CPU (emb
 as a torchrun pod with every GPU of a node (a one-node profile), or as an indexed Job of one pod per node
 that the task creates, waits for (deferred), reports and deletes (a profile with `nodes` > 1; the Param
 `train_profile` picks it). Checkpoints and models go to the run folder, `s3://` included.
+With IIP_ASSET_SCHEDULES=1 (read at parse time) it runs on each new version of the `conversational` dataset: the
+asset event's extra names the conversational set and the foundational set it was synthesized from.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.dag_builder import asset_extra, asset_schedule, report_task, step_group
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
 from operators.train.config import train_root
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 TRAIN_DIR = "{{ train_root }}/runs/{{ safe_name(params.run_name or run_id) }}/finetune"
+# A run triggered by a new `conversational` version trains on it and on the foundational set it came from.
+CONVERSATIONAL = "{{ asset_extra(triggering_asset_events, 'step_dir', params.conversational) }}"
+FOUNDATIONAL = "{{ (asset_extra(triggering_asset_events, 'sources', []) + [params.foundational])[0] }}"
+SCHEDULE = asset_schedule("conversational")
+REQUIRED = 0 if SCHEDULE else 1  # a scheduled DAG's Params need valid defaults: the asset event fills these in
 
 
 def _stage_config(prefix: str = "") -> dict[str, Any]:
@@ -43,17 +50,18 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
     dag_id="two_stage_finetune",
     description="Two-stage fine-tune (foundational, then conversational + replay) with DeepSpeed ZeRO-3, "
     "evaluation after each stage, and the one-stage ablation.",
-    schedule=None,
+    schedule=SCHEDULE,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     render_template_as_native_obj=True,
-    user_defined_macros={"data_root": data_root(), "train_root": train_root(), "safe_name": safe_name},
+    user_defined_macros={"data_root": data_root(), "train_root": train_root(), "safe_name": safe_name,
+                         "asset_extra": asset_extra},
     tags=["iip", "training"],
     params={
-        "foundational": Param("", type="string", minLength=1,
+        "foundational": Param("", type="string", minLength=REQUIRED,
                               description="Committed foundational set (e.g. <run>/select of foundational_selection)."),
-        "conversational": Param("", type="string", minLength=1,
+        "conversational": Param("", type="string", minLength=REQUIRED,
                                 description="Committed conversational set (Phase 2 output, or any step dir)."),
         "run_name": Param(None, type=["null", "string"],
                           description="Folder under <data root>/runs; blank = the run id."),
@@ -90,9 +98,9 @@ def two_stage_finetune() -> None:
     prep_config = {"model": "{{ params.model }}", "max_seq_len": "{{ params.max_seq_len }}",
                    "heldout_fraction": "{{ params.heldout_fraction }}",
                    "target_shard_bytes": "{{ (params.target_shard_mb * 1048576) | int }}"}
-    prep_f = step_group("train_prep", config=prep_config, inputs=["{{ params.foundational }}"],
+    prep_f = step_group("train_prep", config=prep_config, inputs=[FOUNDATIONAL],
                         output_uri=f"{RUN}/train_prep_foundational", group_id="prep_foundational")
-    prep_c = step_group("train_prep", config=prep_config, inputs=["{{ params.conversational }}"],
+    prep_c = step_group("train_prep", config=prep_config, inputs=[CONVERSATIONAL],
                         output_uri=f"{RUN}/train_prep_conversational", group_id="prep_conversational")
     config = {
         "foundational": f"{RUN}/train_prep_foundational", "conversational": f"{RUN}/train_prep_conversational",

@@ -298,5 +298,6 @@ def publish(root: str, cfg: PublishConfig, step_dir: str, run_root: str,
     move_latest(draft)
     deleted = retain(root, cfg.name, cfg.keep) if cfg.keep else []
     m = draft.manifest
-    return {"name": cfg.name, "version": draft.version, "uri": m["uri"], "hf": m["hf"],
+    return {"name": cfg.name, "version": draft.version, "uri": m["uri"], "hf": m["hf"], "step_dir": m["step_dir"],
+            "sources": [src["uri"] for src in m["lineage"]["sources"]],
             "counts": m["counts"]["splits"], "deleted": deleted}

@@ -7,10 +7,11 @@ Every task is a StepOperator running the same CLI; the shard list is the plan ta
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import TaskGroup
+from airflow.sdk import Asset, TaskGroup
 
 from operators.core.registry import step_class
 from operators.orchestration.step_operator import StepOperator
@@ -75,11 +76,43 @@ def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inpu
     return previous
 
 
-def publish_tasks(step: str, step_dir: str, run: str) -> tuple[StepOperator, StepOperator]:
-    """validate -> export -> report for a final step output; returns (first task, last task)."""
+def dataset_asset(name: str) -> Asset:
+    """The Airflow asset a publish of dataset `name` updates (its events carry the version in `extra`)."""
+    return Asset(f"iip://datasets/{name}")
+
+
+def asset_schedule(name: str) -> list[Asset] | None:
+    """Schedule for a DAG that consumes dataset `name`: its asset when `IIP_ASSET_SCHEDULES` is on (read at parse
+    time; opt-in, so by default a DAG keeps `schedule=None` and runs only when triggered)."""
+    on = os.environ.get("IIP_ASSET_SCHEDULES", "").strip().lower() in ("1", "true", "yes", "on")
+    return [dataset_asset(name)] if on else None
+
+
+def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None,
+                  keep: Any = "{{ params.keep_versions }}") -> tuple[StepOperator, StepOperator]:
+    """validate -> export -> publish -> report for a final step output; returns (first task, last task).
+
+    `publish` makes version N+1 of `dataset` under <data root>/datasets and emits an event on its asset; `keep`
+    (templated, a Param) is how many versions retention keeps. The report stays last: a teardown."""
     validate = StepOperator(task_id="validate", action="validate", step=step, output_uri=step_dir)
     export = StepOperator(task_id="export", action="export", step=step, inputs=[step_dir],
                           output_uri=f"{run}/export")
     report = report_task(run)
-    validate >> export >> report
+    if dataset is None:
+        validate >> export >> report
+        return validate, report
+    publish = StepOperator(task_id="publish", action="publish", step=dataset, inputs=[step_dir], output_uri=run,
+                           config={"keep": keep}, outlets=[dataset_asset(dataset)])
+    validate >> export >> publish >> report
     return validate, report
+
+
+def asset_extra(events: Any, key: str, default: Any) -> Any:
+    """`extra[key]` of the newest asset event that triggered this run (a template passes it
+    `triggering_asset_events`), or `default` for a run no asset event triggered (manual, the Params form)."""
+    newest: Any = None
+    for evs in (events or {}).values():
+        for ev in evs:
+            if key in (getattr(ev, "extra", None) or {}) and (newest is None or ev.timestamp > newest.timestamp):
+                newest = ev
+    return default if newest is None else newest.extra[key]

@@ -18,7 +18,7 @@ from airflow.sdk import BaseOperator
 
 from operators.orchestration.pod_spec import SECRETISH, load_profiles, pod_labels, pod_operator_kwargs
 
-Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export", "train", "evaluate"]
+Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export", "publish", "train", "evaluate"]
 XCOM_FILE = "/airflow/xcom/return.json"
 
 
@@ -44,6 +44,11 @@ def step_arguments(
         return [action, "--output", output, *xcom]
     if action == "export":
         return ["export", "--input", inputs[0], "--output", output, *xcom]
+    if action == "publish":  # `step` names the dataset; `output` is the run root (lineage, stats, report)
+        ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
+        return ["datasets", "publish", step, "--input", inputs[0], "--run", output,
+                "--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":")), *ctx,
+                *(["--root", index] if index else []), *xcom]
     if action in ("train", "evaluate"):  # fine-tuning: `stage` names the training stage (stage1, stage2, ...)
         staged = ["--stage", stage] if stage else []
         return [action, *staged, "--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":")),
@@ -136,15 +141,40 @@ class StepOperator(BaseOperator):
                 _validated(TwoStageConfig, dict(self.config), "fine-tuning")
             except ConfigError as e:  # fail before any work, naming the field
                 raise ValueError(str(e)) from None
+        if self.action == "publish":
+            from operators.cli import ConfigError, _validated
+            from operators.datasets.versions import PublishConfig
+
+            try:
+                _validated(PublishConfig, {**self.config, "name": self.step}, "publish")
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         if mode == "kubernetes":
-            return self._execute_pod(context)
-        if mode != "local":
+            result = self._execute_pod(context)
+        elif mode != "local":
             raise ValueError(f"unknown execution mode {mode!r}: use 'local' or 'kubernetes'")
-        return self._execute_local(context)
+        else:
+            result = self._execute_local(context)
+        if self.action == "publish":
+            self._record_asset_events(context, result)
+        return result
+
+    def _record_asset_events(self, context: Any, result: Any) -> None:
+        """Attach the published version to this task's asset events (`extra`), so the event says which version
+        it announces and a DAG scheduled on the asset can read it from `triggering_asset_events`."""
+        from airflow.sdk import Asset
+
+        if not isinstance(result, dict) or "version" not in result or not hasattr(context, "get"):
+            raise StepFailedError(f"publish of {self.step} returned no version: {result!r}")
+        events = context.get("outlet_events")
+        extra = {k: result[k] for k in ("name", "version", "uri", "hf", "step_dir", "sources") if k in result}
+        for asset in self.outlets or []:
+            if isinstance(asset, Asset) and events is not None:
+                events[asset].extra.update(extra)
 
     def _report_context(self, context: Any) -> dict[str, Any]:
         """For the report action: which Airflow run it reports on, and the data root its index entry goes under."""
-        if self.action != "report" or not hasattr(context, "get"):
+        if self.action not in ("report", "publish") or not hasattr(context, "get"):
             return {}
         from operators.orchestration.settings import data_root
 
@@ -192,7 +222,7 @@ class StepOperator(BaseOperator):
         profiles = load_profiles()
         if self.profile not in profiles:
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
-        xcom = self.action in ("plan", "reduce", "report", "validate", "export", "train", "evaluate")
+        xcom = self.action in ("plan", "reduce", "report", "validate", "export", "publish", "train", "evaluate")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage,
                               xcom_file=XCOM_FILE if xcom else None, **self._report_context(context))
