@@ -162,3 +162,22 @@ def test_compare_and_swap_primitive(tmp_path: Path, s3_bucket: str) -> None:
         assert storage.compare_and_swap(uri, token, b"2")
         assert not storage.compare_and_swap(uri, token, b"3")  # stale token
         assert storage.read_versioned(uri)[0] == b"2"
+
+
+def test_a_crashed_publish_is_invisible_and_its_number_not_reused(runs: dict[str, str], tmp_path: Path) -> None:
+    root = str(tmp_path)
+    cfg = dv.PublishConfig(name="found")
+    dv.publish(root, cfg, runs["a"], runs["runA"])
+    # A publisher that died after claiming v2 and writing part of its folder, before its manifest.
+    base = tmp_path / "datasets" / "found"
+    (base / "_claims" / "v0002").write_bytes(b"")
+    (base / "v0002" / "hf" / "data").mkdir(parents=True)
+    (base / "v0002" / "hf" / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 half")
+    assert dv.versions(root, "found") == [1] and dv.read_latest(root, "found")[0] == 1
+    with pytest.raises(dv.PublishError, match="no version 2"):
+        dv.show(root, "found", 2)
+    assert dv.publish(root, cfg, runs["b"], runs["runB"])["version"] == 3
+    assert dv.versions(root, "found") == [1, 3]
+    r = run_cli("datasets", "publish", "found", "--input", str(tmp_path / "nothing"), "--run", runs["runA"],
+                "--root", root)
+    assert r.returncode == 2 and "no committed step" in r.stderr

@@ -106,3 +106,19 @@ def test_asset_extra_reads_the_newest_triggering_event() -> None:
     events = TriggeringAssetEventsAccessor.build([event(2, 3), event(3, 5), event(1, 1)])
     assert asset_extra(events, "step_dir", "demo") == "s3://b/runs/r3/select"
     assert asset_extra(TriggeringAssetEventsAccessor.build([]), "step_dir", "demo") == "demo"
+
+
+def test_publish_pod_runs_the_same_cli_and_collects_its_result() -> None:
+    from operators.orchestration.dag_builder import dataset_asset
+    from operators.orchestration.step_operator import StepOperator
+
+    op = StepOperator(task_id="publish", action="publish", step="found", inputs=["s3://b/runs/r/select"],
+                      output_uri="s3://b/runs/r", config={"keep": 3}, outlets=[dataset_asset("found")])
+    kw = op.pod_kwargs({"run_id": "manual__1", "logical_date": None})
+    args = kw["arguments"]
+    assert args[:3] == ["datasets", "publish", "found"] and kw["do_xcom_push"] is True
+    assert args[args.index("--input") + 1] == "s3://b/runs/r/select" and args[args.index("--run") + 1] == "s3://b/runs/r"
+    assert json.loads(args[args.index("--config") + 1]) == {"keep": 3}
+    assert json.loads(args[args.index("--run-context") + 1])["run_id"] == "manual__1"
+    with pytest.raises(ValueError, match="keep"):  # a bad publish config fails before any work
+        StepOperator(task_id="p", action="publish", step="found", output_uri="x", config={"keep": 0}).execute({})
