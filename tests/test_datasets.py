@@ -49,7 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_publish_version_folder_card_and_lineage(runs: dict[str, str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     root = str(tmp_path)
-    out = dv.publish(root, dv.PublishConfig(name="found", licenses={"select": "cc-by-4.0"}), runs["a"], runs["runA"],
+    out = dv.publish(root, dv.PublishConfig(name="found", licenses={"upstream/select": "cc-by-4.0"}), runs["a"], runs["runA"],
                      {"dag_id": "foundational_selection", "run_id": "manual__1"})
     assert out["version"] == 1 and dv.read_latest(root, "found")[0] == 1
     vdir = tmp_path / "datasets" / "found" / "v0001"

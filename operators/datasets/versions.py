@@ -176,7 +176,8 @@ def _lineage(step_dir: str, run_root: str, licenses: dict[str, str]) -> dict[str
         inside = d == run_root or d.startswith(run_root + "/")
         if not inside or m is None:
             raw = storage.read_bytes(step_manifest_uri(d)) if m is not None else None
-            name = d.rstrip("/").split("/")[-2] if d.endswith("/ingest") else d.rstrip("/").split("/")[-1]
+            parts = d.rstrip("/").split("/")  # an ingest is named by its source; any other step dir by <run>/<step>
+            name = parts[-2] if d.endswith("/ingest") else "/".join(parts[-2:])
             sources[d] = {"uri": d, "name": name, "manifest_sha256": storage.sha256_hex(raw) if raw else None,
                           "records": m.stats.records_kept if m else None, "license": licenses.get(name)}
             continue
