@@ -445,7 +445,9 @@ def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, ki
         return sdir, m_uri, existing
     if existing is not None:
         storage.delete(m_uri)
-    _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=kind == "map")
+    # Map and partition tasks may both write shuffle partitions (near_dedup's candidates does): a killed
+    # attempt's parts there are orphans too (found by bench/crash_anywhere.py, exhaustive variant).
+    _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=kind in ("map", "partition"))
     return sdir, m_uri, None
 
 
