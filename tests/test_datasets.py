@@ -49,8 +49,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_publish_version_folder_card_and_lineage(runs: dict[str, str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     root = str(tmp_path)
-    out = dv.publish(root, dv.PublishConfig(name="found", licenses={"upstream/select": "cc-by-4.0"}), runs["a"], runs["runA"],
-                     {"dag_id": "foundational_selection", "run_id": "manual__1"})
+    cfg = dv.PublishConfig(name="found", licenses={"upstream/select": "cc-by-4.0"})
+    out = dv.publish(root, cfg, runs["a"], runs["runA"], {"dag_id": "foundational_selection", "run_id": "manual__1"})
     assert out["version"] == 1 and dv.read_latest(root, "found")[0] == 1
     vdir = tmp_path / "datasets" / "found" / "v0001"
     table = read_step_table(runs["a"])
@@ -181,3 +181,32 @@ def test_a_crashed_publish_is_invisible_and_its_number_not_reused(runs: dict[str
     r = run_cli("datasets", "publish", "found", "--input", str(tmp_path / "nothing"), "--run", runs["runA"],
                 "--root", root)
     assert r.returncode == 2 and "no committed step" in r.stderr
+
+
+def test_a_reader_never_sees_half_a_version(runs: dict[str, str], tmp_path: Path) -> None:
+    """A reader polling LATEST while versions are published always finds the version it points at complete."""
+    root = str(tmp_path)
+    done, seen, problems = threading.Event(), set(), list[str]()
+
+    def reader() -> None:
+        while not done.is_set():
+            latest = dv.read_latest(root, "found")[0]
+            if latest is None:
+                continue
+            seen.add(latest)
+            vdir = tmp_path / "datasets" / "found" / dv.vname(latest)
+            try:
+                m = json.loads((vdir / "_VERSION.json").read_text())
+                problems.extend(f["path"] for f in m["files"] if (vdir / f["path"]).stat().st_size != f["bytes"])
+            except (OSError, ValueError) as e:
+                problems.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for d, r in (("a", "runA"), ("b", "runB"), ("a", "runA")):
+            dv.publish(root, dv.PublishConfig(name="found"), runs[d], runs[r])
+    finally:
+        done.set()
+        t.join()
+    assert problems == [] and seen and seen <= {1, 2, 3}
