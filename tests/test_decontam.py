@@ -6,7 +6,6 @@ reads, the drop detail is the JSON the report reads, and the ledger holds throug
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,7 @@ from operators.schema import CANONICAL_SCHEMA
 from operators.steps.decontam.index import ContaminationIndex, informative
 from operators.steps.decontam.step import DecontamConfig, DecontamStep
 from operators.text.normalize import match_token_spans, match_tokens, normalize_text
-from tests.conftest import SHARED_DATA
-
-try:
-    from tests.conftest import require_or_skip  # type: ignore[attr-defined]
-except ImportError:  # the shared helper is not there yet: the same rule, here
-    def require_or_skip(what: str, reason: str) -> None:
-        """Fail naming what is missing, unless IIP_ALLOW_SKIPS lists `what` (then skip)."""
-        if what in os.environ.get("IIP_ALLOW_SKIPS", "").split(","):
-            pytest.skip(reason)
-        pytest.fail(reason)
+from tests.conftest import SHARED_DATA, require_or_skip
 
 SHARED_BENCHMARKS = [
     ("gsm8k", "gsm8k/test.jsonl", "gsm8k"),

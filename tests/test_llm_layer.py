@@ -15,9 +15,6 @@ from operators.llm.client import LLMClient, OutputInvalid, close_truncated, extr
 from operators.llm.prompts import PromptError, PromptTask, load_prompt
 from operators.steps.synth.label import LabelConfig, LabelStep, map_ability, packaged_taxonomy
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 CFG = LLMConfig(batch_size=8, max_model_len=1024)
 
 

@@ -146,7 +146,7 @@ def test_empty_texts_get_the_empty_signature() -> None:
 @pytest.mark.parametrize("scheme", ["affine32", "legacy"])
 def test_signatures_equal_datasketch_bit_for_bit(scheme: str) -> None:
     """Given the same 32-bit token hashes, our vectorized permutations equal datasketch's MinHash."""
-    datasketch = pytest.importorskip("datasketch")
+    import datasketch  # the bench extra, installed by make test: missing is an error, not a skip
     rng = random.Random(2)
     vocab = _vocab(rng)
     texts = [" ".join(_paragraph(rng, vocab, rng.randint(1, 40))) for _ in range(20)] + [""]
@@ -410,7 +410,7 @@ def test_optimal_bands_is_sane_and_matches_datasketch() -> None:
         assert rows >= previous_rows  # a stricter threshold needs more rows per band
         previous_rows = rows
     assert optimal_bands(128, 0.7) == (14, 9)
-    lsh = pytest.importorskip("datasketch.lsh")
+    from datasketch import lsh
     for num_perm, threshold in ((128, 0.5), (128, 0.7), (128, 0.85), (256, 0.8), (64, 0.6)):
         assert optimal_bands(num_perm, threshold) == lsh._optimal_param(threshold, num_perm, 0.5, 0.5)
 

@@ -99,7 +99,6 @@ def test_humaneval_pass_at_1_is_really_executed() -> None:
 def test_chat_probe_through_the_llm_layer() -> None:
     assert parse_rating("Good answer. Rating: [[7]]") == 7.0
     assert parse_rating("rating: 4") == 4.0 and parse_rating("no idea") is None and parse_rating("[[11]]") is None
-    pytest.importorskip("operators.llm.backends.transformers_cpu")
     from operators.llm.base import LLMConfig
     from operators.train.evaluate import ModelRunner, chat_probe
 
