@@ -161,6 +161,16 @@ def test_report_refuses_an_index_root_that_does_not_hold_the_run(run_root: Path,
         write_report(str(run_root), run={"dag_id": "d", "run_id": "r"}, index_root=str(tmp_path))
 
 
+def test_markdown_lists_ability_scores_per_diagnosis_round() -> None:
+    from operators.report.render import render_markdown
+
+    md = render_markdown({"root": "r", "steps": [], "llm": {"prompt_tokens": 5.0},
+                          "diagnosis": [{"step": "diagnose_r1", "scores": {"math": {"m1": 3.5}}},
+                                        {"step": "diagnose_r2", "scores": {}}]})
+    assert "## Ability scores: diagnose_r1" in md and "| math | 3.5 |" in md and "LLM usage" in md
+    assert "No probe was judged" in md
+
+
 def test_render_survives_an_empty_run(tmp_path: Path) -> None:
     page = render_html({"root": str(tmp_path), "steps": [], "run": {}})
     assert "No step of this run has committed yet" in page

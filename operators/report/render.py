@@ -287,6 +287,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("llm"):
         lines += ["", "## LLM usage (all steps, all roles)", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v:g} |" for k, v in report["llm"].items()]
+    for d in report.get("diagnosis", []):
+        models = sorted({m for per in d["scores"].values() for m in per})
+        lines += ["", f"## Ability scores: {d['step']} (mean judge score, 1-10)", ""]
+        if not models:
+            lines.append("No probe was judged (see the step's `judge_failures.*`).")
+            continue
+        lines += ["| ability | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(str(per.get(m, "")) for m in models) + " |"
+                  for a, per in d["scores"].items()]
     for s in report["steps"]:
         lines += ["", f"## {s['dir']} ({s['step']}, config {s['config_hash']})", "", "Drops by reason:", ""]
         lines += [f"- `{r}`: {n}" for r, n in s["dropped_by_reason"].items()] or ["- none"]
