@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from typing import Any
 
@@ -26,23 +25,13 @@ from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from operators.core import storage
+from operators.orchestration.settings import data_root, safe_name
 
 INDEX_DIR = "_reports"  # written by operators.report.write_report
 PAGE = re.compile(r"^_report/[A-Za-z0-9_.\-]{1,200}\.html$")
-SAFE = re.compile(r"[^A-Za-z0-9_.=-]")
 STYLE = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#0f172a}table{border-collapse:collapse}"
          "th,td{border:1px solid #e2e8f0;padding:4px 10px;text-align:left}th{background:#f8fafc}"
          "td.n{text-align:right}a{color:#2563eb}.muted{color:#64748b}")
-
-
-def data_root() -> str:
-    """The platform's data root (`IIP_DATA_ROOT`, default ./.data)."""
-    return storage.validate_uri(os.environ.get("IIP_DATA_ROOT") or os.path.abspath(".data"))
-
-
-def key(value: str) -> str:
-    """A DAG or run id as the one path segment its index entry uses (same rule as the report writer)."""
-    return SAFE.sub("_", str(value)).strip("._") or "_"
 
 
 def inside(root: str, rel: str, *names: str) -> str:
@@ -73,7 +62,7 @@ def index_entries(root: str) -> list[dict[str, Any]]:
 
 def index_entry(root: str, dag_id: str, run_id: str) -> dict[str, Any] | None:
     """The index entry of one run, or None when its report task has not written one yet."""
-    uri = storage.join(root, INDEX_DIR, key(dag_id), key(run_id) + ".json")
+    uri = storage.join(root, INDEX_DIR, safe_name(dag_id), safe_name(run_id) + ".json")
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
@@ -140,7 +129,7 @@ def create_app() -> FastAPI:
         rows = []
         for e in entries:
             dag, run = str(e.get("dag_id")), str(e.get("run_id"))
-            href = f"runs/{html.escape(dag)}/{html.escape(key(run))}"
+            href = f"runs/{html.escape(dag)}/{html.escape(safe_name(run))}"
             rows.append(
                 f"<tr><td>{html.escape(dag)}</td><td><a href='{href}'>{html.escape(run)}</a></td>"
                 f"<td>{html.escape(str(e.get('logical_date') or e.get('generated_at') or ''))}</td>"

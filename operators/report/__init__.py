@@ -12,26 +12,20 @@ without listing a data root of millions of parts. The plugin only serves these f
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from operators.core import storage
+from operators.orchestration.settings import safe_name
 from operators.report.collect import build_report
 from operators.report.render import anchor, render_html, render_markdown, render_step_page, render_validation_page
 
 PAGES_DIR = "_report"
 INDEX_DIR = "_reports"
-SAFE = re.compile(r"[^A-Za-z0-9_.=-]")
-
-
-def index_key(value: str) -> str:
-    """A DAG or run id as one safe path segment (Airflow run ids contain ':' and '+')."""
-    return SAFE.sub("_", str(value)).strip("._") or "_"
 
 
 def index_uri(index_root: str, dag_id: str, run_id: str) -> str:
     """Where the index entry of (dag_id, run_id) lives."""
-    return storage.join(storage.validate_uri(index_root), INDEX_DIR, index_key(dag_id), index_key(run_id) + ".json")
+    return storage.join(storage.validate_uri(index_root), INDEX_DIR, safe_name(dag_id), safe_name(run_id) + ".json")
 
 
 def write_report(root: str, run: dict[str, Any] | None = None, index_root: str | None = None) -> dict[str, str]:
@@ -61,4 +55,4 @@ def write_report(root: str, run: dict[str, Any] | None = None, index_root: str |
     return out
 
 
-__all__ = ["INDEX_DIR", "PAGES_DIR", "build_report", "index_key", "index_uri", "render_html", "write_report"]
+__all__ = ["INDEX_DIR", "PAGES_DIR", "build_report", "index_uri", "render_html", "write_report"]

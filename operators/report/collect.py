@@ -75,11 +75,12 @@ def _plan_inputs(step_dir: str) -> list[str]:
     return [storage.validate_uri(i).rstrip("/") for i in json.loads(storage.read_bytes(uri)).get("inputs", [])]
 
 
-def find_steps(root: str) -> list[tuple[str, Manifest]]:
-    """Every committed step under `root` (not stage manifests) in data-flow order: a step after the steps whose
-    output it read (from its plan's inputs), then by commit time; timestamps alone tie within a second."""
+def find_steps(files: list[str]) -> list[tuple[str, Manifest]]:
+    """Every committed step among `files` (a listing of the run root; not stage manifests) in data-flow order: a
+    step after the steps whose output it read (from its plan's inputs), then by commit time; timestamps alone tie
+    within a second."""
     found: dict[str, Manifest] = {}
-    for uri in storage.list_files(root):
+    for uri in files:
         if uri.endswith("/" + MANIFEST_NAME) and "/_stages/" not in uri:
             m = read_manifest(uri)
             if m is not None:
@@ -387,10 +388,10 @@ def phase2_section(root: str, found: list[tuple[str, Manifest]], steps: list[dic
     return out
 
 
-def training_section(root: str) -> dict[str, Any]:
-    """Loss curves per stage and the evaluation table of a fine-tuning folder under `root`, if any."""
+def training_section(files: list[str]) -> dict[str, Any]:
+    """Loss curves per stage and the evaluation table of a fine-tuning folder among `files`, if any."""
     out: dict[str, Any] = {}
-    for uri in storage.list_files(root):
+    for uri in files:
         name = uri.rsplit("/", 1)[-1]
         if name == "train_result.json" and "/checkpoints/" not in uri:
             tr = json.loads(storage.read_bytes(uri))
@@ -416,10 +417,10 @@ def validation_section(found: list[tuple[str, Manifest]], root: str) -> list[dic
     return out
 
 
-def exports_section(root: str) -> list[dict[str, Any]]:
-    """Exported datasets under the run root: folder, formats and file counts."""
+def exports_section(root: str, files: list[str]) -> list[dict[str, Any]]:
+    """Exported datasets among `files` under the run root: folder, formats and file counts."""
     out = []
-    for uri in storage.list_files(root):
+    for uri in files:
         if uri.endswith("/_EXPORT.json"):
             summary = json.loads(storage.read_bytes(uri))
             summary["dir"] = uri[len(root):].lstrip("/").rsplit("/", 1)[0]
@@ -430,7 +431,8 @@ def exports_section(root: str) -> list[dict[str, Any]]:
 def build_report(root: str, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collect every committed step under `root` into one report dict."""
     root = storage.validate_uri(root)
-    found = find_steps(root)
+    files = storage.list_files(root)  # one listing serves steps, training and exports (a run holds many parts)
+    found = find_steps(files)
     steps = [step_entry(root, d, m) for d, m in found]
     data_steps = [(d, m) for d, m in found if m.step not in ("train_prep",)]
     profile = None
@@ -450,7 +452,7 @@ def build_report(root: str, run: dict[str, Any] | None = None) -> dict[str, Any]
         "phase2": phase2_section(root, found, steps),
         "llm": llm_totals(steps),
         "diagnosis": diagnosis(steps),
-        "training": training_section(root),
+        "training": training_section(files),
         "validation": validation_section(found, root),
-        "exports": exports_section(root),
+        "exports": exports_section(root, files),
     }
