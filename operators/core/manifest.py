@@ -48,6 +48,11 @@ class Manifest(BaseModel):
     stats: StepStats
     # Small JSON results of a reduce stage (global models, thresholds) committed atomically with it.
     summary: dict[str, Any] = Field(default_factory=dict)
+    # A shard's content key (`operators.core.step.shard_key`): a later plan whose shard has the same key
+    # reuses this output instead of recomputing it.
+    shard_key: str | None = None
+    # Set when this commit reuses the output of an earlier plan (that plan's config hash): no work was done.
+    reused_from: str | None = None
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def data_files(self) -> list[FileEntry]:

@@ -32,7 +32,18 @@ from operators.core.manifest import (
     step_manifest_uri,
 )
 from operators.core.stats import LedgerError, StepStats, merge, peak_rss_mb
-from operators.core.step import REASON, SHARD_ROWS, Plan, Stage, StageRows, Step, shuffle_dir, slot_partitions
+from operators.core.step import (
+    REASON,
+    SHARD_ROWS,
+    Plan,
+    Stage,
+    StageRows,
+    Step,
+    extend_shards,
+    shard_key,
+    shuffle_dir,
+    slot_partitions,
+)
 from operators.core.writer import PartWriter
 
 log = logging.getLogger("operators.runner")
@@ -57,11 +68,19 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
     """
     step_dir = storage.validate_uri(step_dir)
     files = step.resolve_inputs(inputs)
-    shards = step.group_shards(files)
-    step.num_shards = len(shards)
     cfg = step.config.model_dump(mode="json")
+    base = config_hash(step.name, step.version, cfg, [])
+    shards = None
+    previous = _previous_plan(step_dir)
+    if previous is not None and previous.base_hash == base:
+        # Same code and config over more inputs (a night's new files): old shards keep their files and
+        # indices, so their committed outputs are reused by content key; only new shards do work.
+        shards = extend_shards(previous.shards, files, step.group_shards)
+    if shards is None:
+        shards = step.group_shards(files)
+    step.num_shards = len(shards)
     chash = config_hash(step.name, step.version, cfg, [f"{u}:{s}" for u, s in files])
-    plan = Plan(step=step.name, config_hash=chash, config=cfg, inputs=list(inputs), shards=shards)
+    plan = Plan(step=step.name, config_hash=chash, config=cfg, inputs=list(inputs), shards=shards, base_hash=base)
     current = read_manifest(step_manifest_uri(step_dir))
     if current is not None and current.config_hash != chash:
         log.info("step %s: committed output has config hash %s, new plan %s: recomputing",
@@ -72,6 +91,35 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
     log.info("step %s: planned %d shard(s) over %d file(s), %.1f MiB, config hash %s",
              step.name, len(shards), len(files), total / 2**20, chash)
     return plan
+
+
+def _previous_plan(step_dir: str) -> Plan | None:
+    """The plan an earlier run left in `step_dir`, or None (none, or unreadable: then plan afresh)."""
+    uri = plan_uri(step_dir)
+    if not storage.exists(uri):
+        return None
+    try:
+        return Plan.model_validate_json(storage.read_bytes(uri))
+    except ValueError:
+        log.warning("ignoring unreadable earlier plan %s", uri)
+        return None
+
+
+def _reuse(m_uri: str, existing: Manifest | None, key: str | None, plan: Plan, folder: str,
+           what: str) -> Manifest | None:
+    """Re-commit `existing` for this plan when its content key is `key` and its files are intact; else None.
+
+    The files stay where they are: the new manifest lists the same files under the new config hash, and
+    `reused_from` says that no work was done (the stats still describe the output)."""
+    if existing is None or key is None or existing.shard_key != key:
+        return None
+    if not all(_file_ok(folder, f) for f in existing.files):
+        return None
+    reused = existing.model_copy(update={"config_hash": plan.config_hash,
+                                         "reused_from": existing.reused_from or existing.config_hash})
+    storage.write_bytes(m_uri, reused.to_bytes())
+    log.info("%s: input and config unchanged (key %s): reusing its committed output", what, key)
+    return reused
 
 
 def load_plan(step_dir: str) -> Plan:
@@ -122,26 +170,32 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
         log.info("step %s shard %d: already committed (%d kept), skipping",
                  step.name, shard_index, existing.stats.records_kept)
         return existing
+    _require_stages(step, step_dir, plan)
+    artifacts = StorageArtifacts(step_dir)
+    digest = step.transform_digest(artifacts, shard_index)
+    key = None if digest is None else shard_key(plan, plan.shards[shard_index], "transform", digest)
+    reused = _reuse(m_uri, existing, key, plan, step_dir, f"step {step.name} shard {shard_index}")
+    if reused is not None:
+        return reused
     if existing is not None:
         storage.delete(m_uri)
-    _require_stages(step, step_dir, plan)
     removed = _cleanup_uncommitted(step_dir, shard_index)
     if removed:
         log.info("step %s shard %d: removed %d file(s) of an earlier uncommitted attempt",
                  step.name, shard_index, removed)
 
     step.begin_shard(shard_index)
-    step.bind(StorageArtifacts(step_dir), shard_index)
+    step.bind(artifacts, shard_index)
     attempt = uuid.uuid4().hex[:8]
     step.open_shard(step_dir, shard_index, attempt)
     try:
-        return _run_open_shard(step, step_dir, plan, shard_index, attempt, m_uri)
+        return _run_open_shard(step, step_dir, plan, shard_index, attempt, m_uri, key)
     finally:
         step.close_shard()
 
 
 def _run_open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int, attempt: str,
-                    m_uri: str) -> Manifest:
+                    m_uri: str, key: str | None) -> Manifest:
     spec = plan.shards[shard_index]
     cfg = step.config
     kept_w = PartWriter(step_dir, shard_index, attempt, "data", cfg.max_part_rows, cfg.max_part_bytes)
@@ -189,7 +243,7 @@ def _run_open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int
         raise LedgerError(f"step {step.name} shard {shard_index}: {stats.records_dropped} dropped records "
                           f"counted but {written_dropped} written to dropped/")
     manifest = Manifest(step=step.name, config_hash=plan.config_hash, shard=shard_index, attempt=attempt,
-                        files=files, stats=stats)
+                        files=files, stats=stats, shard_key=key)
     lost = [f.path for f in files if not storage.exists(storage.join(step_dir, f.path))]
     if lost:  # a concurrent attempt's cleanup removed our files: never commit a manifest that lies
         raise StepFailed(f"step {step.name} shard {shard_index}: {len(lost)} file(s) of attempt {attempt} "
@@ -267,6 +321,7 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     stats = merge(m.stats for m in shard_manifests)
     stats.check_ledger()
     stats.counters.update(_stage_counters(step_name, step_dir))
+    stats.counters["shards_reused"] = float(sum(m.reused_from is not None for m in shard_manifests))
     listed = {f.path for f in files}
     for uri, rel in _part_files(step_dir, ("", "dropped")):  # garbage: parts of stale or lost attempts
         if rel not in listed:
@@ -428,10 +483,12 @@ def _commit(uri: str, manifest: Manifest, folder: str, what: str, owns_files: bo
 
 
 def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, kind: str,
-                      shard_index: int) -> tuple[str, str, Manifest | None]:
-    """Checks before a per-shard stage task: (stage dir, manifest URI, the committed manifest if done).
+                      shard_index: int) -> tuple[str, str, Manifest | None, str | None]:
+    """Checks before a per-shard stage task: (stage dir, manifest URI, the committed manifest if done, the
+    shard's content key for this stage).
 
-    When not done, files an earlier uncommitted attempt of this shard left are removed first."""
+    A map stage's output committed under another plan is reused when its content key matches. When not
+    done, files an earlier uncommitted attempt of this shard left are removed first."""
     _stage(step, stage, kind)
     _bind_plan(step, step_dir, plan)
     if not 0 <= shard_index < len(plan.shards):
@@ -442,23 +499,31 @@ def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, ki
     existing = read_manifest(m_uri)
     if existing is not None and existing.config_hash == plan.config_hash:
         log.info("step %s stage %s shard %d: already committed, skipping", step.name, stage, shard_index)
-        return sdir, m_uri, existing
+        return sdir, m_uri, existing, existing.shard_key
+    key = None
+    if kind == "map":
+        digest = step.map_digest(stage, StorageArtifacts(step_dir), shard_index)
+        key = None if digest is None else shard_key(plan, plan.shards[shard_index], f"map:{stage}", digest)
+    reused = _reuse(m_uri, existing, key, plan, sdir, f"step {step.name} stage {stage} shard {shard_index}")
+    if reused is not None:
+        return sdir, m_uri, reused, key
     if existing is not None:
         storage.delete(m_uri)
     # Map and partition tasks may both write shuffle partitions (near_dedup's candidates does): a killed
     # attempt's parts there are orphans too (found by bench/crash_anywhere.py, exhaustive variant).
     _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=kind in ("map", "partition"))
-    return sdir, m_uri, None
+    return sdir, m_uri, None, key
 
 
 def _commit_stage_shard(step: Step[Any], plan: Plan, stage: str, shard_index: int, sdir: str, m_uri: str,
-                        attempt: str, files: list[FileEntry], stats: StepStats, t0: float) -> Manifest:
+                        attempt: str, files: list[FileEntry], stats: StepStats, t0: float,
+                        key: str | None = None) -> Manifest:
     stats.records_kept = sum(f.rows for f in files)
     stats.bytes_out = sum(f.bytes for f in files)
     stats.seconds = round(time.perf_counter() - t0, 3)
     stats.peak_rss_mb = peak_rss_mb()
     manifest = Manifest(step=stats.step, config_hash=plan.config_hash, shard=shard_index, attempt=attempt,
-                        files=files, stats=stats)
+                        files=files, stats=stats, shard_key=key)
     log.info("step %s stage %s shard %d: %d in -> %d rows in %.1fs, peak %.0f MiB", step.name, stage,
              shard_index, stats.records_in, stats.records_kept, stats.seconds, stats.peak_rss_mb)
     return _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage} shard {shard_index}")
@@ -489,7 +554,7 @@ class _StageWriter:
 def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_index: int) -> Manifest:
     """Run map stage `stage` on one shard: side table rows for that shard, committed like a shard."""
     step_dir = storage.validate_uri(step_dir)
-    sdir, m_uri, existing = _open_stage_shard(step, step_dir, plan, stage, "map", shard_index)
+    sdir, m_uri, existing, key = _open_stage_shard(step, step_dir, plan, stage, "map", shard_index)
     if existing is not None:
         return existing
     step.begin_shard(shard_index)
@@ -503,14 +568,14 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
     for batch in step.map_input(stage, artifacts, spec):
         stats.records_in += batch.num_rows
         out.write(step.map_stage(stage, batch, shard_index))
-    return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0)
+    return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0, key)
 
 
 def run_partition_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, slot: int) -> Manifest:
     """Run task `slot` of partition stage `stage`: the shuffle partitions assigned to it, one at a time,
     each partition's rows written before the next is read; committed like a shard."""
     step_dir = storage.validate_uri(step_dir)
-    sdir, m_uri, existing = _open_stage_shard(step, step_dir, plan, stage, "partition", slot)
+    sdir, m_uri, existing, _ = _open_stage_shard(step, step_dir, plan, stage, "partition", slot)
     if existing is not None:
         return existing
     attempt = uuid.uuid4().hex[:8]

@@ -8,7 +8,7 @@ Airflow or storage, so it can be tested on in-memory batches and run anywhere.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeAlias, TypeVar
 
@@ -61,6 +61,61 @@ class Plan(BaseModel):
     config: dict[str, Any]
     inputs: list[str]
     shards: list[ShardSpec]
+    # Identity of the step's code and config without its inputs: a shard's content key builds on it, so a
+    # shard whose own input files are unchanged keeps its key when other shards are added (`shard_key`).
+    base_hash: str = ""
+
+
+def shard_key(plan: Plan, spec: ShardSpec, what: str, digest: str) -> str:
+    """Content key of one unit of a shard's work: the step's code and config (`plan.base_hash`), the shard's
+    own input files with their sizes, which work (`what`: the transform or a map stage) and a `digest` of the
+    global results that work reads (a drop list, a fitted model). Equal keys mean an equal output. Pure."""
+    import hashlib
+
+    # A shard records its files and their total bytes; with committed upstream files (immutable, with an
+    # attempt id in their names) that identifies its input.
+    payload = "\n".join([plan.base_hash, what, digest, str(spec.bytes), *spec.uris])
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def table_digest(table: pa.Table | None) -> str:
+    """A short digest of a table's content (column names, types and values): equal tables, equal digests.
+    For the small global results a transform reads (drop lists, decisions), to tell whether they changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if table is None:
+        return "none"
+    for name in table.column_names:
+        col = table.column(name)
+        h.update(f"{name}:{col.type}:{len(col)}".encode())
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+            h.update(col.to_numpy(zero_copy_only=False).tobytes())
+        else:
+            h.update("\x00".join(map(str, col.to_pylist())).encode())
+    return h.hexdigest()[:24]
+
+
+def extend_shards(previous: list[ShardSpec], files: list[tuple[str, int]],
+                  group: Callable[[list[tuple[str, int]]], list[ShardSpec]]) -> list[ShardSpec] | None:
+    """The previous plan's shards, unchanged and at their indices, then new shards for the files none of
+    them holds; None when a previous shard lost a file or changed size (then the caller regroups).
+
+    Keeping the old shards' indices is what lets a night with new input files reuse every old shard's
+    committed output: the shard key and the record keys (shard << 32 | row) of old shards do not move."""
+    sizes = dict(files)
+    kept: list[ShardSpec] = []
+    held: set[str] = set()
+    for spec in previous:
+        if not spec.uris or any(u not in sizes for u in spec.uris) or \
+                sum(sizes[u] for u in spec.uris) != spec.bytes:
+            return None
+        kept.append(spec)
+        held.update(spec.uris)
+    rest = [(u, n) for u, n in files if u not in held]
+    if not rest:
+        return kept
+    return kept + [ShardSpec(index=len(kept) + s.index, uris=s.uris, bytes=s.bytes) for s in group(rest)]
 
 
 @dataclass
@@ -291,6 +346,27 @@ class Step(ABC, Generic[C]):
 
     def begin_shard(self, shard: int) -> None:
         """Reset per-shard state (e.g. a row counter) before a map stage or the transform reads a shard."""
+
+    # -- incremental re-runs: when a shard's committed output can be reused ------------------------------
+    def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
+        """What the transform of `shard` reads besides its records and config, as a short string (a digest
+        of its drop list, of a fitted model), or None when it cannot say (then the shard is never reused).
+
+        A step without stages reads nothing else: its transform is record-local. A step with stages must
+        override this to be reused across plans."""
+        return "" if not self.stages else None
+
+    def map_digest(self, stage: str, artifacts: Artifacts, shard: int) -> str | None:
+        """Like `transform_digest`, for map stage `stage` of `shard`. The first stage reads only the shard's
+        records (plus the number of partitions it shuffles into); a later map stage reads earlier stages and
+        is not reused unless a step says so."""
+        if not self.stages or stage != self.stages[0].name:
+            return None
+        widths = []
+        for st in self.stages:
+            if st.kind == "partition":
+                widths.append(f"{st.name}={self.stage_partitions(st.name)}")
+        return ",".join(widths)
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         """Load what the record transform of `shard` needs from the stages (runs before `transform`)."""

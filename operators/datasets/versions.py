@@ -88,6 +88,27 @@ def read_latest(root: str, name: str) -> tuple[int | None, str | None]:
     return (int(json.loads(data)["version"]) if data is not None else None), token
 
 
+def published_id_hashes(dataset_uri: str) -> tuple[int | None, Any]:
+    """(LATEST's version, the sorted distinct `id_hash` of its records as a numpy uint64 array) of the dataset
+    folder `dataset_uri` (`<data root>/datasets/<name>`); (None, empty array) before its first publish.
+
+    Hashes, not ids: 8 bytes per published record is what a dedup resolve can hold to protect them."""
+    import numpy as np
+
+    root, sep, name = storage.validate_uri(dataset_uri).rstrip("/").rpartition("/datasets/")
+    if not sep or "/" in name:
+        raise PublishError(f"not a dataset folder (<data root>/datasets/<name>): {dataset_uri!r}")
+    version, _ = read_latest(root, name)
+    if version is None:
+        return None, np.zeros(0, dtype=np.uint64)
+    parts = []
+    for uri in storage.list_files(storage.join(dataset_root(root, name), vname(version), "ids")):
+        if uri.endswith(".parquet"):
+            with storage.open_input(uri) as fh:
+                parts.append(pq.read_table(fh, columns=["h"])["h"].to_numpy())
+    return version, np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+
+
 def _numbered(folder: str) -> list[int]:
     """Version numbers named by the files `v<N>` in `folder` (a writer's temp file beside them is not one)."""
     names = (u.rsplit("/", 1)[1] for u in storage.list_files(folder, recursive=False))

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from operators.core.step import (
     Artifacts,
@@ -30,6 +31,7 @@ from operators.core.step import (
     concat_or_empty,
     dropped_table,
     partition_by_shard,
+    table_digest,
 )
 from operators.dedup.minhash import components_from_links
 
@@ -86,13 +88,34 @@ def linked_rows(artifacts: Artifacts, stage: str, linked: Keys, columns: list[st
     return records, rows
 
 
+class NoChurnConfig(StepConfig):
+    """What a dedup step must not take back: the records of a published dataset version."""
+
+    published: str | None = Field(
+        None, description="A dataset folder (<data root>/datasets/<name>): the records of its LATEST version are "
+        "never dropped as duplicates of records that arrive later (no churn); each one survives its cluster. "
+        "None: every record competes on the usual survivor rule.")
+
+
+def published_mask(dataset_uri: str | None, ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
+    """Which of `ids` are records of the LATEST version of the dataset at `dataset_uri` (none when None)."""
+    if dataset_uri is None or len(ids) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    from operators.datasets.versions import id_hash, published_id_hashes  # storage-facing; only when configured
+
+    _, published = published_id_hashes(dataset_uri)
+    return np.isin(id_hash(ids.to_pylist()).to_numpy(), published)
+
+
 def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, columns: list[str],
-                  priority: Callable[[pa.Table], npt.ArrayLike]) -> tuple[pa.Table, int, int]:
+                  priority: Callable[[pa.Table], npt.ArrayLike],
+                  protected: Callable[[pa.Table], npt.NDArray[np.bool_]] | None = None) -> tuple[pa.Table, int, int]:
     """Components of the links of `links_stage` and the drop list they imply.
 
     The survivor of a component has the smallest ``priority(rows)`` (rows of the linked keys, sorted by
-    key, with `columns` and ``id`` from `rows_stage`), then the smallest key. Returns (drops as
-    ``shard, row, kept_id``, records seen, components)."""
+    key, with `columns` and ``id`` from `rows_stage`), then the smallest key. Rows that `protected` marks
+    (published records) survive first and are never dropped, even when one component holds several.
+    Returns (drops as ``shard, row, kept_id``, records seen, components)."""
     links = concat_or_empty(artifacts.iter_tables(links_stage), LINKS_SCHEMA)
     linked = np.unique(np.concatenate([links.column("key").to_numpy(), links.column("linked_key").to_numpy()]))
     records, rows = linked_rows(artifacts, rows_stage, linked, ["id", *columns])
@@ -100,14 +123,19 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
                       "kept_id": pa.array([], pa.string())})
     if linked.size == 0:
         return empty, records, 0
-    prio = np.asarray(priority(rows))
+    prio = np.asarray(priority(rows), dtype=np.float64)
+    keep_always = protected(rows) if protected is not None else np.zeros(rows.num_rows, dtype=bool)
+    prio = np.where(keep_always, -np.inf, prio)
     keys_sorted = rows["key"].to_numpy()
 
     def by_key(keys: Keys) -> npt.NDArray[np.float64]:
         return prio[np.searchsorted(keys_sorted, keys)]
 
     comps = components_from_links(links, priority=by_key)
-    drops = comps.filter(pc.invert(comps["keep"]))
+    dropped = pc.invert(comps["keep"])
+    if keep_always.any():
+        dropped = pc.and_(dropped, pa.array(~keep_always[np.searchsorted(keys_sorted, comps["key"].to_numpy())]))
+    drops = comps.filter(dropped)
     keys = drops["key"].to_numpy()
     kept_ids = rows["id"].take(pa.array(np.searchsorted(keys_sorted, drops["keep_key"].to_numpy())))
     table = pa.table({"shard": pa.array((keys >> KEY_SHIFT).astype(np.int32)),
@@ -160,6 +188,10 @@ class DropListStep(Step[C]):
         keys = record_keys(shard, self._row, n)
         self._row += n
         return keys
+
+    def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
+        # The transform reads only the shard's drop list: an unchanged list means an unchanged output.
+        return table_digest(artifacts.partition("resolve", shard))
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         t = artifacts.partition("resolve", shard)

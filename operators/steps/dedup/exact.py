@@ -35,7 +35,15 @@ from operators.core.step import (
     shuffle_partitions,
 )
 from operators.dedup.unionfind import choose_keepers, connected_components
-from operators.steps.dedup.droplist import DropListStep, drop_lists, links_table, resolve_links, shuffle_rows
+from operators.steps.dedup.droplist import (
+    DropListStep,
+    NoChurnConfig,
+    drop_lists,
+    links_table,
+    published_mask,
+    resolve_links,
+    shuffle_rows,
+)
 from operators.text.normalize import normalize_text
 
 Scope = Literal["conversation", "first_human"]
@@ -43,7 +51,7 @@ DEFAULT_SCOPES: tuple[Scope, ...] = ("conversation", "first_human")
 REASON = "exact_duplicate"
 
 
-class ExactDedupConfig(StepConfig):
+class ExactDedupConfig(NoChurnConfig):
     """Which texts must be unique, and the shuffle's size."""
 
     scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_SCOPES), min_length=1,
@@ -158,5 +166,6 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
             return survivor_rank(reward, rows["answer_len"].to_numpy(), rows["id"])
 
         drops, records, _ = resolve_links(artifacts, links_stage="groups", rows_stage="keys",
-                                          columns=["reward", "answer_len"], priority=rank)
+                                          columns=["reward", "answer_len"], priority=rank,
+                                          protected=lambda rows: published_mask(self.config.published, rows["id"]))
         return drop_lists(drops, {"records": records, "duplicates": drops.num_rows})

@@ -61,7 +61,9 @@ from operators.steps.dedup.droplist import (
     KEY_SHIFT,
     LINKS_SCHEMA,
     DropListStep,
+    NoChurnConfig,
     drop_lists,
+    published_mask,
     resolve_links,
     shuffle_rows,
 )
@@ -69,7 +71,7 @@ from operators.steps.dedup.droplist import (
 REASON = "near_duplicate"
 
 
-class NearDedupConfig(StepConfig):
+class NearDedupConfig(NoChurnConfig):
     """MinHash/LSH parameters (num_perm, ngram, seed, threshold, bands/rows, verify) and the shuffle's size."""
 
     minhash: MinHashParams = Field(default_factory=MinHashParams)
@@ -241,8 +243,10 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the links only; the survivor of each (highest reward, then smallest key)."""
-        drops, records, clusters = resolve_links(artifacts, links_stage="pairs", rows_stage="signatures",
-                                                 columns=["priority"], priority=lambda r: r["priority"].to_numpy())
+        drops, records, clusters = resolve_links(
+            artifacts, links_stage="pairs", rows_stage="signatures", columns=["priority"],
+            priority=lambda r: r["priority"].to_numpy(),
+            protected=lambda rows: published_mask(self.config.published, rows["id"]))
         return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
 
 

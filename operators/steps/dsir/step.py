@@ -112,6 +112,14 @@ class DSIRStep(Step[DSIRConfig]):
         return StageOutput(summary={"pool": pool, "target_prompts": target_sizes, "models": models,
                                     "target_counts": target_counts})
 
+    def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
+        # The transform reads only the fitted models: while they are unchanged a shard's scores are too.
+        import hashlib
+        import json
+
+        models = json.dumps(artifacts.summary("fit")["models"], sort_keys=True)
+        return hashlib.sha256(models.encode()).hexdigest()[:24]
+
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         self._models = {d: DSIRModel.from_dict(m) for d, m in artifacts.summary("fit")["models"].items()}
 

@@ -31,6 +31,7 @@ from operators.core.step import (
     StepConfig,
     dropped_table,
     partition_by_shard,
+    table_digest,
 )
 
 DOMAIN = "domain"
@@ -208,6 +209,10 @@ class SelectStep(Step[SelectConfig]):
                 summary["kl_random"][d] = round(rnd, 4)
                 summary["kl_reduction"][d] = round(rnd - sel, 4)
         return StageOutput(summary=summary)
+
+    def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
+        # The transform reads only the shard's decisions (selected, replay, capped per row).
+        return table_digest(artifacts.partition("decide", shard))
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         t = artifacts.partition("decide", shard)
