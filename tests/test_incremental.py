@@ -69,13 +69,15 @@ def _corpus(tmp_path: Path) -> tuple[str, str]:
     return _write(tmp_path / "night1", old), _write(tmp_path / "night2", new)
 
 
-def _chain(root: Path, inputs: list[str], target: str, published: str | None = None) -> dict[str, str]:
+def _chain(root: Path, inputs: list[str], target: str, published: str | None = None,
+           freeze: bool = False) -> dict[str, str]:
     """filter -> exact_dedup -> near_dedup -> dsir -> select, one shard per upstream file."""
     one_file_shards = {"target_shard_bytes": 1}
     configs: dict[str, dict[str, Any]] = {
         "filter": {}, "exact_dedup": {"published": published}, "near_dedup": {"published": published},
-        "dsir": {"targets": {"general": [{"name": "t", "uri": target, "format": "jsonl:text"}]}, "seed": 3},
-        "select": {"budgets": {"general": 0.5}},
+        "dsir": {"targets": {"general": [{"name": "t", "uri": target, "format": "jsonl:text"}]}, "seed": 3,
+                 "freeze": freeze},
+        "select": {"budgets": {"general": 0.5}, "freeze": freeze},
     }
     dirs = {}
     for name, cfg in configs.items():
@@ -202,3 +204,35 @@ def test_no_churn_a_published_record_survives_a_better_copy_that_arrives_later(t
     # Without the rule the better newcomer wins, as the plain survivor rule says (the rule is what changes it).
     plain = _chain(tmp_path / "plain", [night2, night1], str(target))
     assert _decisions(plain["exact_dedup"])[1]["a1-0"] == "exact_duplicate"
+
+
+def test_freeze_keeps_the_models_and_the_selection_and_adds_from_new_records(tmp_path: Path) -> None:
+    """With `freeze`, dsir keeps its fitted models (old shards keep their keys and are reused) and select keeps
+    every decision of the shards whose candidates are unchanged, choosing only among the other records with
+    the domain's fraction applied to them."""
+    night1, night2 = _corpus(tmp_path)
+    target = tmp_path / "target.jsonl"
+    target.write_text("".join(json.dumps({"text": f"Question about {w}"}) + "\n" for w in WORDS))
+    inc = tmp_path / "inc"
+    first = _chain(inc, [night1], str(target), freeze=True)
+    selected_before = set(read_step_table(first["select"])["id"].to_pylist())
+    dirs = _chain(inc, [night2, night1], str(target), freeze=True)
+
+    assert [m.reused_from is not None for m in _shard_manifests(dirs["dsir"])] == [True, False, True, True,
+                                                                                    False, False]
+    decide = read_manifest(step_manifest_uri(stage_dir(dirs["select"], "decide")))
+    assert decide is not None and decide.summary["frozen_shards"] == 3  # old shards 0, 2, 3
+    assert [m.reused_from is not None for m in _shard_manifests(dirs["select"])] == [True, False, True, True,
+                                                                                      False, False]
+    after = read_step_table(dirs["select"])
+    now = set(after["id"].to_pylist())
+    shards = _shard_manifests(dirs["dsir"])
+    unchanged_old = {i for m in shards[:1] + shards[2:4] for f in m.files if f.kind == "data"
+                     for i in pq.read_table(storage.join(dirs["dsir"], f.path))["id"].to_pylist()}
+    assert selected_before & unchanged_old <= now  # nothing selected before was taken back
+    # The others (new shards and the changed shard 1): half of their records, the best keys among them.
+    pool = read_step_table(dirs["dsir"])
+    others = pool.filter(pa.array([i not in unchanged_old for i in pool["id"].to_pylist()]))
+    best = others.sort_by([("dsir_key", "descending")])["id"].to_pylist()[: others.num_rows // 2]
+    assert now - unchanged_old == set(best)
+    assert not (storage.exists(storage.join(stage_dir(dirs["select"], "decide"), "_PREVIOUS.json")))

@@ -49,6 +49,9 @@ from operators.core.writer import PartWriter
 log = logging.getLogger("operators.runner")
 
 PLAN_NAME = "_plan.json"
+# A reduce stage's last committed manifest, kept (with its files) while the stage recomputes for a new plan, so a
+# step can keep earlier decisions (select's and dsir's `freeze`); removed once the new output is committed.
+PREVIOUS_NAME = "_PREVIOUS.json"
 PROGRESS_EVERY_S = 10.0
 
 
@@ -451,6 +454,27 @@ class StorageArtifacts:
             if "/" not in f.path:
                 yield self._read(stage, f.path)
 
+    def shard_keys(self, stage: str) -> dict[int, str | None]:
+        out: dict[int, str | None] = {}
+        for uri in storage.list_files(storage.join(stage_dir(self.step_dir, stage), SHARDS_DIR)):
+            m = read_manifest(uri)
+            if m is not None and m.shard is not None:
+                out[m.shard] = m.shard_key
+        return out
+
+    def _previous(self, stage: str) -> Manifest | None:
+        return read_manifest(storage.join(stage_dir(self.step_dir, stage), PREVIOUS_NAME))
+
+    def previous_summary(self, stage: str) -> dict[str, Any] | None:
+        m = self._previous(stage)
+        return None if m is None else m.summary
+
+    def previous_partition(self, stage: str, shard: int) -> pa.Table | None:
+        m = self._previous(stage)
+        prefix = f"part-{shard:05d}-"
+        tables = [self._read(stage, f.path) for f in (m.files if m else []) if f.path.startswith(prefix)]
+        return pa.concat_tables(tables) if tables else None
+
     def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
         prefix = shuffle_dir(partition) + "/"
         for f in self._files(stage):
@@ -610,10 +634,15 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
     if existing is not None and existing.config_hash == plan.config_hash:
         log.info("step %s stage %s: already committed, skipping", step.name, stage)
         return existing
+    prev_uri = storage.join(sdir, PREVIOUS_NAME)
     if existing is not None:
+        storage.write_bytes(prev_uri, existing.to_bytes())  # before the delete: a crash between keeps it
         storage.delete(m_uri)
-    for uri, _ in _part_files(sdir, ("",)):
-        storage.delete(uri)
+    previous = read_manifest(prev_uri)
+    held = {f.path for f in previous.files} if previous is not None else set()
+    for uri, rel in _part_files(sdir, ("",)):
+        if rel not in held:  # parts of an attempt that never committed
+            storage.delete(uri)
     t0 = time.perf_counter()
     out = step.reduce_stage(stage, StorageArtifacts(step_dir), len(plan.shards))
     attempt = uuid.uuid4().hex[:8]
@@ -629,7 +658,14 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
                         stats=stats, summary=out.summary)
     log.info("step %s stage %s: %d rows over %d partition(s) in %.1fs", step.name, stage,
              stats.records_kept, len(out.partitions), stats.seconds)
-    return _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage}")
+    committed = _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage}")
+    if previous is not None:  # the new output is committed: the previous one's files are garbage now
+        listed = {f.path for f in committed.files}
+        for f in previous.files:
+            if f.path not in listed:
+                storage.delete(storage.join(sdir, f.path))
+        storage.delete(prev_uri)
+    return committed
 
 
 __all__ = ["SHARDS_DIR", "StepFailed", "StorageArtifacts", "load_plan", "make_plan", "read_step_table",

@@ -231,6 +231,18 @@ class Artifacts(Protocol):
         """The own rows shard `shard` emitted in map stage `stage`, one part file at a time."""
         ...
 
+    def shard_keys(self, stage: str) -> dict[int, str | None]:
+        """The content key of each shard's committed output of map stage `stage` (None: computed without one)."""
+        ...
+
+    def previous_summary(self, stage: str) -> dict[str, Any] | None:
+        """While reduce stage `stage` recomputes: the summary of its last committed output (None: none)."""
+        ...
+
+    def previous_partition(self, stage: str, shard: int) -> pa.Table | None:
+        """While reduce stage `stage` recomputes: its last committed table for `shard` (None: none)."""
+        ...
+
 
 def keep_all(table: pa.Table, counters: dict[str, float] | None = None) -> BatchResult:
     """The result of a scorer: every record kept (with its new columns), none dropped."""

@@ -44,6 +44,10 @@ class DSIRConfig(StepConfig):
     num_buckets: int = Field(NUM_BUCKETS, ge=16)
     smoothing: float = Field(1.0, gt=0)
     seed: int = 0
+    freeze: bool = Field(
+        False, description="Keep the importance models of the last committed fit (refit only domains it lacks), "
+        "so a night's new records are scored by the same models and old records keep their keys; the "
+        "incremental refresh's setting. False: refit from every shard's counts each run.")
 
 
 def prompt_texts(table: pa.Table) -> list[str]:
@@ -100,8 +104,14 @@ class DSIRStep(Step[DSIRConfig]):
         models: dict[str, Any] = {}
         target_counts: dict[str, list[int]] = {}
         target_sizes: dict[str, int] = {}
+        previous = artifacts.previous_summary(stage) if self.config.freeze else None
         for d, sources in self.config.targets.items():
             if d not in raw:
+                continue
+            if previous is not None and d in previous.get("models", {}):
+                models[d] = previous["models"][d]
+                target_counts[d] = previous["target_counts"][d]
+                target_sizes[d] = previous["target_prompts"][d]
                 continue
             prompts = [p for s in sources for p in load_prompts(s.uri, s.format)]
             tc = hashed_ngram_counts(prompts, self.config.num_buckets, seed=self.config.seed).total_counts()

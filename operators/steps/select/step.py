@@ -56,6 +56,53 @@ def _dsir_fit(dsir_dir: str | None) -> dict[str, Any]:
     return m.summary
 
 
+def decide(c: pa.Table, budgets: dict[str, float], caps: dict[str, int], replay_fraction: float
+           ) -> dict[str, np.ndarray]:
+    """The selection over candidates `c` (domain, source, key, replay_key): per source at most its cap (best
+    keys first), then per domain the best keys within its budget (a fraction of the domain's records in `c`, or
+    a count; unlisted domains keep all), and a replay share of each domain's selection. Pure."""
+    n = c.num_rows
+    key = c["key"].to_numpy()
+    source = np.asarray(c["source"].to_pylist(), dtype=object)
+    domain = np.asarray(c["domain"].to_pylist(), dtype=object)
+    passed_cap = np.ones(n, dtype=bool)
+    for src, cap in caps.items():
+        idx = np.flatnonzero(source == src)
+        if len(idx) > cap:
+            passed_cap[idx[np.argsort(-key[idx], kind="stable")[cap:]]] = False
+    selected = np.zeros(n, dtype=bool)
+    chosen: dict[str, int] = {}
+    for d in sorted(set(domain.tolist())):
+        idx = np.flatnonzero((domain == d) & passed_cap)
+        b = budgets.get(d, 1.0)
+        k = min(len(idx), math.floor(b * len(idx)) if b <= 1 else int(b))
+        selected[idx[np.argsort(-key[idx], kind="stable")[:k]]] = True
+        chosen[d] = k
+    replay = np.zeros(n, dtype=bool)
+    rkey = c["replay_key"].to_numpy()
+    for d, k in chosen.items():  # stratified: each domain contributes its share
+        idx = np.flatnonzero(selected & (domain == d))
+        m = round(replay_fraction * k)
+        replay[idx[np.argsort(rkey[idx], kind="stable")[:m]]] = True
+    return {"passed_cap": passed_cap, "selected": selected, "replay": replay}
+
+
+def _frozen_decisions(c: pa.Table, frozen: dict[int, pa.Table | None]) -> dict[str, np.ndarray]:
+    """The kept decisions for the candidate rows `c` (all of frozen shards), aligned with `c`'s rows."""
+    out = {col: np.zeros(c.num_rows, dtype=bool) for col in ("passed_cap", "selected", "replay")}
+    tables = [t for t in frozen.values() if t is not None]
+    if not c.num_rows or not tables:
+        return out
+    before = pa.concat_tables(tables)
+    index = {(s, r): i for i, (s, r) in enumerate(zip(before["shard"].to_pylist(), before["row"].to_pylist(),
+                                                       strict=True))}
+    at = np.array([index[(s, r)] for s, r in zip(c["shard"].to_pylist(), c["row"].to_pylist(), strict=True)],
+                  dtype=np.int64)
+    for col in out:
+        out[col] = before[col].to_numpy(zero_copy_only=False)[at]
+    return out
+
+
 class SelectConfig(StepConfig):
     """Budgets, caps and the replay share."""
 
@@ -68,6 +115,11 @@ class SelectConfig(StepConfig):
     seed: int = 0
     dsir_dir: str | None = Field(
         None, description="The dsir step's output: when set, the KL reduction of the selection is reported.")
+    freeze: bool = Field(
+        False, description="Keep every decision of the last committed selection for the shards whose candidates "
+        "are unchanged since, and select only among the other shards' records: each domain's fraction applies "
+        "to them alone, a count budget and a source cap to what the kept decisions left. The incremental "
+        "refresh's setting: a night adds to the selection and never takes a record back.")
 
     @field_validator("budgets")
     @classmethod
@@ -121,35 +173,44 @@ class SelectStep(Step[SelectConfig]):
         if not parts:
             return StageOutput(summary={"selected": 0})
         c = pa.concat_tables(parts).combine_chunks()
-        n = c.num_rows
-        key = c["key"].to_numpy()
-        source = np.asarray(c["source"].to_pylist(), dtype=object)
+        keys = {str(k): v for k, v in artifacts.shard_keys("candidates").items()}
+        frozen = self._frozen(artifacts, keys)
+        shard = c["shard"].to_numpy()
+        is_frozen = np.isin(shard, np.array(sorted(frozen), dtype=shard.dtype))
         domain = np.asarray(c["domain"].to_pylist(), dtype=object)
-        passed_cap = np.ones(n, dtype=bool)
-        for src, cap in self.config.source_caps.items():
-            idx = np.flatnonzero(source == src)
-            if len(idx) > cap:
-                passed_cap[idx[np.argsort(-key[idx], kind="stable")[cap:]]] = False
-        selected = np.zeros(n, dtype=bool)
-        pool: dict[str, int] = {}
-        chosen: dict[str, int] = {}
+        source = np.asarray(c["source"].to_pylist(), dtype=object)
+        old = _frozen_decisions(c.filter(pa.array(is_frozen)), frozen)
+        budgets: dict[str, float] = {}
         for d in sorted(set(domain.tolist())):
-            idx = np.flatnonzero((domain == d) & passed_cap)
-            pool[d] = len(idx)
             b = self.config.budgets.get(d, 1.0)
-            k = min(len(idx), math.floor(b * len(idx)) if b <= 1 else int(b))
-            selected[idx[np.argsort(-key[idx], kind="stable")[:k]]] = True
-            chosen[d] = k
-        replay = np.zeros(n, dtype=bool)
-        rkey = c["replay_key"].to_numpy()
-        for d, k in chosen.items():  # stratified: each domain contributes its share
-            idx = np.flatnonzero(selected & (domain == d))
-            m = round(self.config.replay_fraction * k)
-            replay[idx[np.argsort(rkey[idx], kind="stable")[:m]]] = True
-        decision = pa.table({"shard": c["shard"], "row": c["row"], "passed_cap": pa.array(passed_cap),
-                             "selected": pa.array(selected), "replay": pa.array(replay)})
+            kept_before = int((old["selected"] & (domain[is_frozen] == d)).sum())
+            budgets[d] = b if b <= 1 else max(0.0, b - kept_before)
+        caps = {src: max(0, cap - int((old["passed_cap"] & (source[is_frozen] == src)).sum()))
+                for src, cap in self.config.source_caps.items()}
+        new = decide(c.filter(pa.array(~is_frozen)), budgets, caps, self.config.replay_fraction)
+        decision = pa.table({
+            "shard": pa.concat_arrays([c["shard"].filter(pa.array(is_frozen)).combine_chunks(),
+                                       c["shard"].filter(pa.array(~is_frozen)).combine_chunks()]),
+            "row": pa.concat_arrays([c["row"].filter(pa.array(is_frozen)).combine_chunks(),
+                                     c["row"].filter(pa.array(~is_frozen)).combine_chunks()]),
+            **{col: pa.array(np.concatenate([old[col], new[col]])) for col in ("passed_cap", "selected", "replay")}})
+        domains = np.concatenate([domain[is_frozen], domain[~is_frozen]])
+        flags = {col: decision[col].to_numpy(zero_copy_only=False) for col in ("passed_cap", "selected", "replay")}
+        pool = {d: int((flags["passed_cap"] & (domains == d)).sum()) for d in sorted(set(domain.tolist()))}
+        chosen = {d: int((flags["selected"] & (domains == d)).sum()) for d in pool}
         return StageOutput(partitions=partition_by_shard(decision), summary={
-            "selected": int(selected.sum()), "replay": int(replay.sum()), "pool": pool, "chosen": chosen})
+            "selected": int(flags["selected"].sum()), "replay": int(flags["replay"].sum()), "pool": pool,
+            "chosen": chosen, "candidate_keys": keys, "frozen_shards": len(frozen)})
+
+    def _frozen(self, artifacts: Artifacts, keys: dict[str, str | None]) -> dict[int, pa.Table | None]:
+        """With `freeze`: the shards whose candidates have the key they had at the last committed selection,
+        with that selection's decisions for them (None: the shard had no candidates)."""
+        previous = artifacts.previous_summary("decide") if self.config.freeze else None
+        if not previous:
+            return {}
+        before = previous.get("candidate_keys", {})
+        return {int(s): artifacts.previous_partition("decide", int(s)) for s, k in keys.items()
+                if k is not None and before.get(s) == k}
 
     # -- KL reduction: hashed-feature KL(target || selected) vs KL(target || random sample, same size) --
     def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
