@@ -198,9 +198,11 @@ class SelectStep(Step[SelectConfig]):
         flags = {col: decision[col].to_numpy(zero_copy_only=False) for col in ("passed_cap", "selected", "replay")}
         pool = {d: int((flags["passed_cap"] & (domains == d)).sum()) for d in sorted(set(domain.tolist()))}
         chosen = {d: int((flags["selected"] & (domains == d)).sum()) for d in pool}
-        return StageOutput(partitions=partition_by_shard(decision), summary={
-            "selected": int(flags["selected"].sum()), "replay": int(flags["replay"].sum()), "pool": pool,
-            "chosen": chosen, "candidate_keys": keys, "frozen_shards": len(frozen)})
+        summary: dict[str, Any] = {"selected": int(flags["selected"].sum()), "replay": int(flags["replay"].sum()),
+                                   "pool": pool, "chosen": chosen}
+        if self.config.freeze:  # what the next run's freeze compares (keys name the input files' locations)
+            summary.update({"candidate_keys": keys, "frozen_shards": len(frozen)})
+        return StageOutput(partitions=partition_by_shard(decision), summary=summary)
 
     def _frozen(self, artifacts: Artifacts, keys: dict[str, str | None]) -> dict[int, pa.Table | None]:
         """With `freeze`: the shards whose candidates have the key they had at the last committed selection,
