@@ -189,6 +189,10 @@ def test_no_churn_a_published_record_survives_a_better_copy_that_arrives_later(t
     first = _chain(inc, [night1], str(target), published)
     dv.publish(root, dv.PublishConfig(name="foundational"), first["near_dedup"], str(inc))
     assert "a1-0" in read_step_table(first["near_dedup"])["id"].to_pylist()
+    # The version records what each dedup step kept: the rule protects those records too, so old drop lists
+    # never change when new records arrive.
+    survivors = dv.show(root, "foundational")["dedup_survivors"]
+    assert survivors == {s: read_step_table(first[s]).num_rows for s in ("exact_dedup", "near_dedup")}
 
     dirs = _chain(inc, [night2, night1], str(target), published)
     full = _chain(tmp_path / "full", [night2, night1], str(target), published)

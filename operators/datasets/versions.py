@@ -88,9 +88,10 @@ def read_latest(root: str, name: str) -> tuple[int | None, str | None]:
     return (int(json.loads(data)["version"]) if data is not None else None), token
 
 
-def published_id_hashes(dataset_uri: str) -> tuple[int | None, Any]:
+def published_id_hashes(dataset_uri: str, step: str | None = None) -> tuple[int | None, Any]:
     """(LATEST's version, the sorted distinct `id_hash` of its records as a numpy uint64 array) of the dataset
-    folder `dataset_uri` (`<data root>/datasets/<name>`); (None, empty array) before its first publish.
+    folder `dataset_uri` (`<data root>/datasets/<name>`); (None, empty array) before its first publish. With
+    `step` (a dedup step), also the records that step kept in the version's run (`_write_survivors`).
 
     Hashes, not ids: 8 bytes per published record is what a dedup resolve can hold to protect them."""
     import numpy as np
@@ -102,10 +103,12 @@ def published_id_hashes(dataset_uri: str) -> tuple[int | None, Any]:
     if version is None:
         return None, np.zeros(0, dtype=np.uint64)
     parts = []
-    for uri in storage.list_files(storage.join(dataset_root(root, name), vname(version), "ids")):
-        if uri.endswith(".parquet"):
-            with storage.open_input(uri) as fh:
-                parts.append(pq.read_table(fh, columns=["h"])["h"].to_numpy())
+    vdir = storage.join(dataset_root(root, name), vname(version))
+    survivors = storage.join(vdir, "dedup_index", f"{step}.parquet")
+    uris = [u for u in storage.list_files(storage.join(vdir, "ids")) if u.endswith(".parquet")]
+    for uri in uris + ([survivors] if step and storage.exists(survivors) else []):
+        with storage.open_input(uri) as fh:
+            parts.append(pq.read_table(fh, columns=["h"])["h"].to_numpy())
     return version, np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
@@ -238,6 +241,32 @@ def _write_ids(step_dir: str, vdir: str) -> tuple[int, list[dict[str, Any]]]:
     return buckets, [{"source": s, "domain": d, "records": n} for (s, d), n in sorted(counts.items())]
 
 
+DEDUP_STEPS = ("exact_dedup", "near_dedup")
+
+
+def _write_survivors(run_root: str, vdir: str) -> dict[str, int]:
+    """For each dedup step of the run: the `id_hash` of every record it kept, sorted, in
+    `<version>/dedup_index/<step>.parquet`; returns the counts. The dedup steps' no-churn rule reads them:
+    a record a published run kept through dedup keeps that status in later runs (`published_id_hashes`)."""
+    import numpy as np
+
+    counts: dict[str, int] = {}
+    for step in DEDUP_STEPS:
+        m = read_manifest(step_manifest_uri(storage.join(run_root, step)))
+        if m is None:
+            continue
+        parts = []
+        for f in m.data_files():
+            with storage.open_input(storage.join(run_root, step, f.path)) as fh:
+                parts.append(id_hash(pq.read_table(fh, columns=["id"])["id"].to_pylist()).to_numpy())
+        h = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"h": pa.array(h, pa.uint64())}), sink, compression="zstd")
+        storage.write_bytes(storage.join(vdir, "dedup_index", f"{step}.parquet"), sink.getvalue())
+        counts[step] = int(h.size)
+    return counts
+
+
 def iter_ids(root: str, name: str, version: int, bucket: int, of: int) -> Iterator[pa.Table]:
     """Id index tables of `version` whose hash is `bucket` mod `of` (`of` a multiple of the version's buckets)."""
     m = show(root, name, version)
@@ -277,6 +306,7 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
     split_bytes = {s: sum(storage.file_size(u) for u in summary["files"] if f"/data/{s}-" in u)
                    for s in summary["counts"]}
     buckets, by_source_domain = _write_ids(step_dir, vdir)
+    survivors = _write_survivors(run_root, vdir)
     lineage = _lineage(step_dir, run_root, licenses or {})
     for key in lineage["steps"]:
         stats = storage.join(run_root, key, "stats.json")
@@ -291,7 +321,7 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"), "step_dir": step_dir,
         "run_root": run_root, "run": run or {}, "report": storage.join(run_root, "report.html"),
         "counts": {"splits": summary["counts"], "by_source_domain": by_source_domain, "split_bytes": split_bytes},
-        "id_buckets": buckets, "lineage": lineage,
+        "id_buckets": buckets, "lineage": lineage, "dedup_survivors": survivors,
     }
     from operators.datasets.card import render_card
 

@@ -92,18 +92,20 @@ class NoChurnConfig(StepConfig):
     """What a dedup step must not take back: the records of a published dataset version."""
 
     published: str | None = Field(
-        None, description="A dataset folder (<data root>/datasets/<name>): the records of its LATEST version are "
-        "never dropped as duplicates of records that arrive later (no churn); each one survives its cluster. "
-        "None: every record competes on the usual survivor rule.")
+        None, description="A dataset folder (<data root>/datasets/<name>): the records of its LATEST version, and "
+        "every record this step kept in that version's run, are never dropped as duplicates of records that "
+        "arrive later (no churn); each one survives its cluster. None: every record competes on the usual "
+        "survivor rule.")
 
 
-def published_mask(dataset_uri: str | None, ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
-    """Which of `ids` are records of the LATEST version of the dataset at `dataset_uri` (none when None)."""
+def published_mask(dataset_uri: str | None, step: str, ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
+    """Which of `ids` the LATEST version of the dataset at `dataset_uri` protects from dedup step `step`: its
+    records and the ones `step` kept in its run (none when `dataset_uri` is None)."""
     if dataset_uri is None or len(ids) == 0:
         return np.zeros(len(ids), dtype=bool)
     from operators.datasets.versions import id_hash, published_id_hashes  # storage-facing; only when configured
 
-    _, published = published_id_hashes(dataset_uri)
+    _, published = published_id_hashes(dataset_uri, step)
     return np.isin(id_hash(ids.to_pylist()).to_numpy(), published)
 
 

@@ -246,7 +246,7 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         drops, records, clusters = resolve_links(
             artifacts, links_stage="pairs", rows_stage="signatures", columns=["priority"],
             priority=lambda r: r["priority"].to_numpy(),
-            protected=lambda rows: published_mask(self.config.published, rows["id"]))
+            protected=lambda rows: published_mask(self.config.published, self.name, rows["id"]))
         return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
 
 
