@@ -5,7 +5,10 @@ into <data root>/sources/<name>/<ds>/ingest) -> selection_inputs (every committe
 -> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export -> publish
 -> report (publish: the next version of the `foundational` dataset, an event on its asset)
 The selection writes to one stable run folder (`run_name`), so a night whose inputs and configs are
-unchanged finds every step committed under the same config hash and skips it.
+unchanged finds every step committed under the same config hash and skips it, and a night with new files
+reuses every shard whose input and global inputs are unchanged (the runner's content keys): with `no_churn`
+(dedup keeps what the latest version's run kept) and `freeze_selection` (dsir keeps its models, select its
+decisions) that is every old shard, so a night's work follows its new data.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ STEPS = FOUNDATIONAL_STEPS
         "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
         "keep_versions": Param(10, type="integer", minimum=1,
                                description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
+        "no_churn": Param(True, type="boolean",
+                          description="Records the latest version's run kept through dedup are never dropped for "
+                          "duplicates that arrive later. Off: every night re-decides every duplicate cluster."),
+        "freeze_selection": Param(True, type="boolean",
+                                  description="Keep DSIR's models and every earlier selection decision; a night "
+                                  "only adds from its new records. Off: refit and reselect over everything."),
     },
 )
 def nightly_refresh() -> None:
@@ -68,8 +77,13 @@ def nightly_refresh() -> None:
     new >> ingest >> sources
 
     shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
+    published = "{{ (data_root ~ '/datasets/foundational') if params.no_churn else None }}"
+    freeze = "{{ params.freeze_selection }}"
     configs: dict[str, dict[str, Any]] = {
-        "select": {"budgets": "{{ params.budgets }}", "dsir_dir": f"{RUN}/dsir"},
+        "exact_dedup": {"published": published},
+        "near_dedup": {"published": published},
+        "dsir": {"freeze": freeze},
+        "select": {"budgets": "{{ params.budgets }}", "dsir_dir": f"{RUN}/dsir", "freeze": freeze},
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}", run=RUN,
                       common={"target_shard_bytes": shard_bytes}, after=sources)

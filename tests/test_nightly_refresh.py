@@ -102,7 +102,7 @@ def test_nightly_refresh_dag_parses(airflow_home: dict[str, str]) -> None:
     assert {"sources", "run_name", "budgets"} <= set(info["params"])
 
 
-def test_a_night_ingests_only_new_files_and_reselects_everything(airflow_home: dict[str, str],
+def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dict[str, str],
                                                                  tmp_path: Path) -> None:
     data = Path(airflow_home["IIP_DATA_ROOT"])
     raw = tmp_path / "raw"
@@ -134,6 +134,21 @@ def test_a_night_ingests_only_new_files_and_reselects_everything(airflow_home: d
     print(f"nightly dags test, night without new files: {time.perf_counter() - t0:.1f}s")
     assert not Path(night_dir("tiny", "2026-01-03", str(data))).exists()
     assert _committed_state(data) == before
+
+    # A night with one new file: the old shard of every step is reused by its content key (no churn: the
+    # repeats of c's records lose to the published run's copies; freeze: the models and decisions stay), only
+    # the new shard does work, and the night publishes the next version.
+    (raw / "d.jsonl").write_text(_conversations("d", 6) + _conversations("c", 2))
+    r = airflow(airflow_home, "dags", "test", "nightly_refresh", "2026-01-04", "-c", json.dumps(conf))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    for step in PHASE1:
+        shards = [read_manifest(str(f)) for f in sorted((data / "runs" / "n1" / step / "_shards").glob("*.json"))]
+        assert [m is not None and m.reused_from is not None for m in shards] == [True, False], step
+    exact = json.loads((data / "runs" / "n1" / "exact_dedup" / "stats.json").read_text())
+    assert exact["dropped_by_reason"] == {"exact_duplicate": 3 + 2}
+    from operators.datasets.versions import read_latest
+
+    assert read_latest(str(data), "foundational")[0] == 3  # every successful night publishes: 01-02, 01-03, 01-04
 
 
 PHASE1 = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")

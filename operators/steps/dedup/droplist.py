@@ -127,6 +127,13 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
         return empty, records, 0
     prio = np.asarray(priority(rows), dtype=np.float64)
     keep_always = protected(rows) if protected is not None else np.zeros(rows.num_rows, dtype=bool)
+    if keep_always.any():
+        # Ids are content hashes, so an exact copy carries its original's id: protect one row per id, the one
+        # with the smallest key (rows are sorted by key; an older shard's row), never its copies.
+        at = np.flatnonzero(keep_always)
+        _, first = np.unique(np.asarray(rows["id"].take(pa.array(at)).to_pylist(), dtype=object), return_index=True)
+        keep_always = np.zeros(rows.num_rows, dtype=bool)
+        keep_always[at[first]] = True
     prio = np.where(keep_always, -np.inf, prio)
     keys_sorted = rows["key"].to_numpy()
 
