@@ -14,13 +14,15 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,6 +115,20 @@ def run_children(cmds: Sequence[Sequence[str]], *, parallel: int = 1, cwd: Path 
             )
         total = round(time.perf_counter() - t0, 3)
     return total, [results[i] for i in range(len(cmd_of))]
+
+
+@contextmanager
+def scratch_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A fresh temporary folder for one benchmark run: removed afterwards unless `keep` (then its path is
+    printed, to inspect the run's data)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_child(cmd: Sequence[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None) -> ChildResult:

@@ -19,16 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import last_json_line, print_json_line, rate, run_child, run_children, write_instruction_corpus
+from bench._common import (
+    last_json_line,
+    print_json_line,
+    rate,
+    run_child,
+    run_children,
+    scratch_dir,
+    write_instruction_corpus,
+)
 
 STEPS: list[tuple[str, dict[str, object]]] = [
     ("filter", {"languages": []}),
@@ -86,8 +92,7 @@ def main() -> None:
                     help="share of records that are near-duplicates of the record before them")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="iip-phase1-"))
-    try:
+    with scratch_dir("iip-phase1-", args.keep) as tmp:
         corpus = write_instruction_corpus(tmp / "raw", args.records, seed=args.seed, near_dup_rate=args.near_dup_rate)
         print(f"corpus: {args.records} records in {len(corpus.files)} files under {tmp / 'raw'}")
         results: dict[str, dict[str, Any]] = {}
@@ -118,11 +123,6 @@ def main() -> None:
                          "peak_rss_mb": max(float(r["peak_rss_mb"]) for r in results.values()),
                          "shard_mb": args.shard_mb, "mode": "whole-steps" if args.whole_steps else "tasks",
                          "steps": results})
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

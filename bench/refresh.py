@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import mib, print_json_line, print_machine_load, run_child, write_instruction_corpus
+from bench._common import mib, print_json_line, print_machine_load, run_child, scratch_dir, write_instruction_corpus
 from bench.phase1 import STEPS
 
 SOURCE = "bench"
@@ -144,9 +142,8 @@ def main() -> None:
     # record of: equality with a full recompute is then checked up to the step before dsir.
     compared = [s for s, _ in STEPS if not (freeze and s in ("dsir", "select"))]
     load = print_machine_load()
-    tmp = Path(tempfile.mkdtemp(prefix="iip-refresh-"))
     shard_bytes = int(args.shard_mb * 2**20)
-    try:
+    with scratch_dir("iip-refresh-", args.keep) as tmp:
         from operators.datasets import versions as dv
 
         base = write_instruction_corpus(tmp / "raw" / "base", args.records, seed=args.seed, near_dup_rate=0.05)
@@ -212,11 +209,6 @@ def main() -> None:
                              "unchanged_cpu_s": unchanged.get(step, {}).get("cpu_seconds")}
                       for step in ["ingest", *(s for s, _ in STEPS)]},
         })
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,18 @@ def test_bench_report_small_run() -> None:
     assert run["records"] == 2000
     for key in ("report_seconds", "report_peak_rss_mb", "html_bytes", "json_bytes", "pages_bytes"):
         assert run[key] > 0, f"{key} = {run[key]}"
+
+
+def test_bench_refresh_small_run() -> None:
+    """`bench/refresh.py --records 2000` builds, runs a 1% night, a full recompute and an unchanged night: the
+    night reuses old shards, equals the recompute where the rules define it, and the unchanged night does no
+    step work."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "refresh.py"), "--records", "2000",
+                           "--shard-mb", "0.25"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    assert result["same_as_full"] is True and result["previous_selection_kept"] is True
+    assert result["unchanged_night_step_seconds"] == 0.0
+    assert 0 < result["incremental_cpu_ratio"] < 1
+    steps = result["steps"]
+    assert all(steps[s]["night_shards_reused"] >= 1 for s in ("filter", "exact_dedup", "near_dedup", "select"))
