@@ -136,6 +136,11 @@ def test_a_night_with_new_files_reuses_old_shards_and_equals_a_full_run(tmp_path
     reasons = {**_decisions(dirs["exact_dedup"])[1], **_decisions(dirs["near_dedup"])[1]}
     assert {r for i, r in reasons.items() if i.startswith("b")} == {"exact_duplicate", "near_duplicate"}
     assert [i for i in reasons if i.startswith("a") and "dup" not in i] == ["a1-0"]  # lost to b1-better
+    # The run's report says how many shards each step reused (their seconds are the earlier run's).
+    from operators.report import write_report
+
+    html = storage.read_bytes(write_report(str(inc))["html"]).decode()
+    assert "<td>6 (4 reused)</td>" in html and "<td>6 (3 reused)</td>" in html
     # DSIR refits on the grown corpus: new models, so every shard is rescored (not reused).
     assert not any(m.reused_from for m in _shard_manifests(dirs["dsir"]))
     assert [m.reused_from is not None for m in _shard_manifests(dirs["dsir"], "counts")] == changed

@@ -97,13 +97,20 @@ def sample_card(s: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _shards(s: dict[str, Any]) -> str:
+    """'15', or '15 (14 reused)' when an incremental run reused committed shards (their seconds are the
+    original run's: the figures describe the output, not tonight's work)."""
+    reused = int(s.get("counters", {}).get("shards_reused", 0))
+    return f"{s['shards']} ({reused} reused)" if reused else str(s["shards"])
+
+
 def step_section(s: dict[str, Any]) -> str:
     """A step's numbers, its drops by reason (chart + table) and readable samples of each reason."""
     out = [f"<section id='{anchor(s['dir'])}'><h3>{e(s['dir'])} <span class='meta'>({e(s['step'])}, "
            f"config {e(s['config_hash'])})</span></h3>",
            table(("records in", "kept", "dropped", "keep rate", "shards", "seconds", "records/s", "peak MiB"),
                  [(s["records_in"], s["records_kept"], s["records_dropped"],
-                   f"{s['keep_rate']:.2%}" if s["keep_rate"] is not None else "–", s["shards"], s["seconds"],
+                   f"{s['keep_rate']:.2%}" if s["keep_rate"] is not None else "–", _shards(s), s["seconds"],
                    s["records_per_s"] or "–", s["peak_rss_mb"])])]
     if s["dropped_by_reason"]:
         out.append(figure(charts.drops_of_step(s)))
