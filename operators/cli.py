@@ -11,6 +11,7 @@
     python -m operators datasets publish <name> --input STEP_DIR --run RUN_ROOT [--keep K]  # a new version
     python -m operators datasets list [<name>] | show <name> [vN] | diff <name> [vA vB]
     python -m operators datasets pin|unpin <name> vN | retain <name> --keep K     (--root DATA_ROOT)
+    python -m operators sources list [<dataset>] | show <name>          (the source registry; --root)
     python -m operators train --stage stage1|stage2|one_stage --config TWO_STAGE_JSON --output TRAIN_DIR
     python -m operators train --config TRAIN_JOB_JSON --output RUN_DIR      # one run (bench, tests)
     python -m operators evaluate --stage base|stage1|stage2|one_stage --config TWO_STAGE_JSON --output TRAIN_DIR
@@ -137,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--keep", type=int, default=None)
     dp.add_argument("--run-context", default=None, help="publish: JSON {dag_id, run_id, logical_date}")
     dp.add_argument("--xcom-file", default=None)
+    sp_ = sub.add_parser("sources", help="the source registry: list [dataset], show <name>")
+    sp_.add_argument("action", choices=("list", "show"))
+    sp_.add_argument("name", nargs="?", default=None, help="list: a dataset to filter by; show: a source name")
+    sp_.add_argument("--root", default=None, help="data root (default: IIP_DATA_ROOT or ./.data)")
     for cmd in ("train", "evaluate"):
         tp = sub.add_parser(cmd)
         tp.add_argument("--config", required=True, help="inline JSON or a path/URI to a JSON file")
@@ -246,6 +251,25 @@ def _datasets_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sources_command(args: argparse.Namespace) -> int:
+    """`sources list [dataset] | show <name>`: the source registry (operators.datasets.sources), as JSON."""
+    from operators.datasets.sources import Registry, describe, load
+    from operators.orchestration.settings import data_root
+
+    registry, _ = load(args.root or data_root())
+    if args.action == "list":
+        shown = registry.of_dataset(args.name) if args.name else registry.sources
+        out = describe(Registry(version=registry.version, sources=shown))
+        if out:
+            print(out, flush=True)
+        return 0
+    entry = registry.get(args.name or "")
+    if entry is None:
+        raise ConfigError(f"no source named {args.name!r} in the registry (version {registry.version})")
+    print(json.dumps(entry.model_dump(), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -276,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             _emit({"out_dir": summary["out_dir"], "counts": summary["counts"]}, args.xcom_file)
             return 0
+        if args.command == "sources":
+            return _sources_command(args)
         if args.command == "datasets":
             from operators.datasets.versions import PublishConflict, PublishError
 
