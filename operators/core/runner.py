@@ -324,7 +324,9 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     stats = merge(m.stats for m in shard_manifests)
     stats.check_ledger()
     stats.counters.update(_stage_counters(step_name, step_dir))
-    stats.counters["shards_reused"] = float(sum(m.reused_from is not None for m in shard_manifests))
+    reused = sum(m.reused_from is not None for m in shard_manifests)
+    if reused:  # only incremental runs carry it: a full run's stats stay as they were
+        stats.counters["shards_reused"] = float(reused)
     listed = {f.path for f in files}
     for uri, rel in _part_files(step_dir, ("", "dropped")):  # garbage: parts of stale or lost attempts
         if rel not in listed:
