@@ -240,6 +240,8 @@ def airflow_env(home: Path, db_url: str, api_port: int, data_root: str) -> dict[
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
         "IIP_DATA_ROOT": data_root,
         "IIP_EXECUTION_MODE": "local",
+        # The consumers schedule on their datasets' assets: an asset event starts conversational_synthesis.
+        "IIP_ASSET_SCHEDULES": "1",
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -289,16 +291,40 @@ def wait_healthy(af: Airflow, timeout: float = 90) -> None:
     raise AssertionError(f"Airflow not healthy after {timeout}s: {last}\n{af.diagnostics()}")
 
 
-def wait_for_dag(api: Api, af: Airflow, timeout: float = 90) -> None:
+def wait_for_dag(api: Api, af: Airflow, timeout: float = 90, dag_id: str = DAG_ID) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         af.check_alive()
-        dags = api.call("GET", "/dags", params={"dag_id_pattern": DAG_ID})["dags"]
-        if any(d["dag_id"] == DAG_ID for d in dags):
+        dags = api.call("GET", "/dags", params={"dag_id_pattern": dag_id})["dags"]
+        if any(d["dag_id"] == dag_id for d in dags):
             return
         time.sleep(1)
     errors = api.call("GET", "/importErrors")
-    raise AssertionError(f"{DAG_ID} not parsed after {timeout}s; import errors: {errors}\n{af.diagnostics()}")
+    raise AssertionError(f"{dag_id} not parsed after {timeout}s; import errors: {errors}\n{af.diagnostics()}")
+
+
+def check_asset_event_starts_synthesis(api: Api, af: Airflow, timeout: float = 90) -> dict[str, Any]:
+    """A new version of `foundational` (an event on its asset, as publish emits) makes the scheduler create a
+    conversational_synthesis run; returns that run. The run is then failed and the DAG paused again, so the
+    test does not spend minutes labeling with the CPU model."""
+    dag = "conversational_synthesis"
+    wait_for_dag(api, af, dag_id=dag)
+    api.call("PATCH", f"/dags/{dag}", json={"is_paused": False})
+    assets = api.call("GET", "/assets", params={"uri_pattern": "iip://datasets/foundational"})["assets"]
+    asset = next(a for a in assets if a["uri"] == "iip://datasets/foundational")
+    extra = {"name": "foundational", "version": 1, "step_dir": "s3://nowhere/select"}
+    api.call("POST", "/assets/events", json={"asset_id": asset["id"], "extra": extra})
+    deadline = time.monotonic() + timeout
+    runs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not runs:
+        af.check_alive()
+        runs = api.call("GET", f"/dags/{dag}/dagRuns")["dag_runs"]
+        time.sleep(1)
+    api.call("PATCH", f"/dags/{dag}", json={"is_paused": True})
+    for r in runs:
+        api.call("PATCH", f"/dags/{dag}/dagRuns/{r['dag_run_id']}", json={"state": "failed"})
+    assert runs, f"no {dag} run {timeout}s after an event on iip://datasets/foundational\n{af.diagnostics()}"
+    return runs[0]
 
 
 def _s3_client() -> Any:
@@ -398,3 +424,8 @@ def test_ingest_source_runs_under_the_scheduler(airflow: Airflow, s3_bucket: str
     all_logs = [p for p in (af.home / "logs").rglob("*") if p.is_file()]
     for p in [*all_logs, *(af.log_path(n) for n in af.procs)]:
         assert FAKE_SECRET not in p.read_text(errors="replace"), f"the S3 secret leaked into {p}"
+
+    # The same Airflow (one start for both checks): a dataset version starts the synthesis DAG.
+    run = check_asset_event_starts_synthesis(api, af)
+    assert run["run_type"] == "asset_triggered", run
+    af.mark("asset-triggered run")
