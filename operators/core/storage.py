@@ -8,9 +8,11 @@ standard AWS environment variables, which in Kubernetes are injected from Secret
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import pyarrow.fs as pafs
 from operators.core import faults
 
 ALLOWED_SCHEMES = ("file", "s3")
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -69,24 +72,49 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+# Retries against a flaky object store, measured through a fault-injecting proxy (bench/flaky_storage.py,
+# tests/reliability/test_flaky_storage.py; figures in the README's Reliability section). Both S3 clients
+# retry each request themselves: pyarrow's AWS C++ SDK (data files, listings, plain writes, deletes) and
+# boto3 (conditional commits, pointer reads). Their defaults are 3 attempts; at 3, a 10% error rate fails
+# about one request in a thousand, and a step makes thousands, so both get 5.
+# pyarrow's default AwsStandardS3RetryStrategy also draws each retry from the SDK's retry quota (500
+# tokens, 5 a retry) and pyarrow's wrapper never refunds it: measured, a filesystem object stops retrying
+# for good after its 100th retry, and since ours is cached for the process, a long task on a flaky store
+# would fail every later blip at once. AwsDefaultS3RetryStrategy has no quota (backoff 25 ms x 2^n).
+S3_MAX_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 20.0
+# botocore retries a request whose response fails, but not a failure while reading the body it returned
+# (a reset or a short body): ours does, this many times in all.
+BODY_READ_ATTEMPTS = 3
+
+
 @dataclass(frozen=True)
 class S3Settings:
-    """Connection settings for the S3 API, read from the environment (never logged)."""
+    """Connection settings for the S3 API, read from the environment (never logged).
+
+    `IIP_S3_MAX_ATTEMPTS` and `IIP_S3_READ_TIMEOUT_S` override the retry budget and boto3's read timeout
+    (a test of a dead endpoint uses them to fail fast; production keeps the defaults above)."""
 
     endpoint_url: str | None
     region: str
+    max_attempts: int = S3_MAX_ATTEMPTS
+    read_timeout_s: float = S3_READ_TIMEOUT_S
 
     @staticmethod
     def from_env() -> S3Settings:
         return S3Settings(
             endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None,
             region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+            max_attempts=int(os.environ.get("IIP_S3_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS),
+            read_timeout_s=float(os.environ.get("IIP_S3_READ_TIMEOUT_S") or S3_READ_TIMEOUT_S),
         )
 
 
 @lru_cache(maxsize=8)
 def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {"region": settings.region}
+    kwargs: dict[str, Any] = {"region": settings.region,
+                              "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=settings.max_attempts)}
     if settings.endpoint_url:
         ep = urlparse(settings.endpoint_url)
         kwargs["endpoint_override"] = ep.netloc or ep.path
@@ -98,8 +126,73 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
 @lru_cache(maxsize=8)
 def _s3_client(settings: S3Settings) -> Any:
     import boto3  # boto3 is only needed for conditional writes, which pyarrow's S3 layer cannot express
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region)
+    config = Config(retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
+                    connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=settings.read_timeout_s)
+    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
+
+
+def is_remote_failure(exc: BaseException) -> bool:
+    """True when `exc` is the object store failing (a network or service error that pyarrow's S3 layer
+    raised once its retries were spent), not the content of a file being bad.
+
+    A reader that quarantines unreadable files must re-raise these: else a flaky network passes for a
+    corrupt file, and the step commits a partial result as if it were complete."""
+    return isinstance(exc, OSError) and "AWS Error" in str(exc)
+
+
+def _s3_get(client: Any, bucket: str, key: str, uri: str) -> tuple[bytes, str, dict[str, str]] | None:
+    """A small object's bytes, ETag and user metadata, or None if absent; a failed body read is retried."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+        try:
+            r = client.get_object(Bucket=bucket, Key=key)
+            return bytes(r["Body"].read()), str(r["ETag"]), dict(r.get("Metadata") or {})
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+                return None
+            raise StorageError(f"cannot read {uri}: {e}") from e
+        except BotoCoreError as e:  # the connection broke mid-body, or botocore's own retries were spent
+            if attempt == BODY_READ_ATTEMPTS:
+                raise StorageError(f"cannot read {uri} after {attempt} attempts: {e}") from e
+            log.warning("reading %s failed (%s: %s); reading it again", uri, type(e).__name__, e)
+    raise AssertionError("unreachable")
+
+
+# The user-metadata key of the unique token a conditional S3 write carries (see `_s3_conditional_put`).
+WRITER_META = "iip-writer"
+
+
+def _s3_conditional_put(uri: str, path: str, data: bytes, **condition: str) -> bool:
+    """PUT `data` at `path` under `condition` (IfNoneMatch or IfMatch); False when the condition fails.
+
+    botocore retries a PUT whose response was lost (a reset, a 500 sent after the server applied it); the
+    retry then meets this very write and gets 412, which alone would read as a lost race: the caller
+    would delete the files its own committed manifest lists. So every write carries a unique token in
+    its metadata, and a 412 is a loss only if the object there holds another token."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = path.partition("/")
+    client = _s3_client(S3Settings.from_env())
+    token = uuid.uuid4().hex
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={WRITER_META: token}, **condition)
+        return True
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412):
+            there = _s3_get(client, bucket, key, uri)
+            ours = there is not None and there[2].get(WRITER_META) == token
+            if ours:
+                log.warning("conditional write of %s: a retried PUT met its own earlier attempt; committed", uri)
+            return ours
+        raise StorageError(f"conditional write of {uri} failed: {code or e}") from e
+    except BotoCoreError as e:  # botocore's retries were spent (timeouts, resets): the outcome is unknown
+        raise StorageError(f"conditional write of {uri} failed after {S3Settings.from_env().max_attempts} "
+                           f"attempts: {e}") from e
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -120,11 +213,19 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     """Read a whole (small) file: manifests, stats, configs."""
     fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return bytes(f.read())
-    except (FileNotFoundError, OSError) as e:
-        raise StorageError(f"cannot read {uri}: {e}") from e
+    for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+        try:
+            with fs.open_input_stream(path) as f:
+                return bytes(f.read())
+        except (FileNotFoundError, OSError) as e:
+            # pyarrow reads an object into a buffer of the object's size: a 5xx whose error body is longer
+            # (an object under ~300 bytes) overflows it and fails as INTERNAL_FAILURE "Failed to flush
+            # response stream", which the SDK never retries (measured). Small files are cheap to read again.
+            if not is_remote_failure(e) or attempt == BODY_READ_ATTEMPTS:
+                raise StorageError(f"cannot read {uri}: {e}") from e
+            log.warning("reading %s failed (%s); reading it again", uri, e)
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def open_input(uri: str) -> Any:
@@ -190,19 +291,10 @@ def commit_if_absent(uri: str, data: bytes) -> bool:
             return False
         finally:
             os.unlink(tmp)
-    from botocore.exceptions import ClientError
-
-    bucket, _, key = path.partition("/")
-    try:
-        _s3_client(S3Settings.from_env()).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        faults.point("commit.after")
-        return True
-    except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-            return False
-        raise StorageError(f"commit of {uri} failed: {code or e}") from e
+    if not _s3_conditional_put(uri, path, data, IfNoneMatch="*"):
+        return False
+    faults.point("commit.after")
+    return True
 
 
 def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
@@ -219,16 +311,9 @@ def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
         except FileNotFoundError:
             return None, None
         return data, sha256_hex(data)
-    from botocore.exceptions import ClientError
-
     bucket, _, key = path.partition("/")
-    try:
-        r = _s3_client(S3Settings.from_env()).get_object(Bucket=bucket, Key=key)
-    except ClientError as e:
-        if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
-            return None, None
-        raise StorageError(f"cannot read {uri}: {e}") from e
-    return bytes(r["Body"].read()), str(r["ETag"])
+    got = _s3_get(_s3_client(S3Settings.from_env()), bucket, key, uri)
+    return (None, None) if got is None else (got[0], got[1])
 
 
 def compare_and_swap(uri: str, expected: str | None, data: bytes) -> bool:
@@ -253,18 +338,7 @@ def compare_and_swap(uri: str, expected: str | None, data: bytes) -> bool:
                 return False
             os.replace(_local_temp(path, data), path)
             return True
-    from botocore.exceptions import ClientError
-
-    bucket, _, key = path.partition("/")
-    try:
-        _s3_client(S3Settings.from_env()).put_object(Bucket=bucket, Key=key, Body=data, IfMatch=expected)
-        return True
-    except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412):
-            return False
-        raise StorageError(f"compare-and-swap of {uri} failed: {code or e}") from e
+    return _s3_conditional_put(uri, path, data, IfMatch=expected)
 
 
 def delete(uri: str) -> None:

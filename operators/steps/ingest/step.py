@@ -141,6 +141,8 @@ class IngestStep(Step[IngestConfig]):
         except ContainerError as e:
             yield container_error_row(e.reason, f"{uri}: {e.detail}", -1)
         except (OSError, EOFError, pa.ArrowException) as e:  # a truncated or corrupt compressed stream or Parquet
+            if storage.is_remote_failure(e):  # the store failing is not the file being bad: fail, never quarantine
+                raise storage.StorageError(f"cannot read {uri}: {e}") from e
             truncated = codec is not None and ("truncat" in str(e).lower() or isinstance(e, EOFError))
             yield container_error_row(TRUNCATED_STREAM if truncated else CORRUPT_CONTAINER,
                                       f"{uri}: {type(e).__name__}: {e}", -1)
