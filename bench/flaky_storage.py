@@ -1,6 +1,6 @@
 """Reliability: Phase 1 steps on s3:// through a fault-injecting proxy, compared with a clean run.
 
-    python bench/flaky_storage.py [--records 3000] [--rounds 3] [--seed 11]
+    python bench/flaky_storage.py [--records 600] [--rounds 2] [--rate 0.1] [--seed 11] [--no-dead-ends]
 
 A moto S3 server runs on loopback with the proxy of `tests/reliability/fault_proxy.py` in front of it;
 every S3 request of the platform goes through the proxy. The pipeline (ingest from raw JSONL on S3, then
@@ -10,7 +10,8 @@ truncated bodies, slow responses, stalls longer than the clients' timeouts, all 
 seeded schedule. Every faulted run must either finish with output identical to the reference (record ids
 per shard from the manifests, and the stats) or fail with an error within a bounded time, and never leave
 a manifest that lists a missing file. Runs where faults never stop (every GET fails, a dead endpoint)
-must fail, clearly and in bounded time, and commit no step manifest.
+must fail, clearly and in bounded time, and commit no step manifest; endless stalls on each client's
+requests measure the longest time each takes to give up.
 
 The proxy logs each request's client (boto3 or pyarrow's AWS C++ SDK) and the SDK's attempt number, so
 the figures say whose retries did the work. Prints LAST one JSON line with the figures; the default test
@@ -81,6 +82,15 @@ def hopeless() -> dict[str, tuple[list[Rule], str | None]]:
         "every raw GET truncated": ([Rule("truncate", frozenset({"GET"}), every=1, path="/raw/")], None),
         "every request 503": ([Rule("503", ALL, every=1)], "filter"),
         "every write 500": ([Rule("500", WRITES, every=1)], "exact_dedup"),
+    }
+
+
+def dead_ends() -> dict[str, tuple[list[Rule], str | None]]:
+    """Stalls that never end, on each client's requests (bench only: they measure each client's longest
+    time to give up, up to minutes): pyarrow's reads, and boto3's conditional commits (PUT)."""
+    return {
+        "every GET stalls": ([Rule("slow", frozenset({"GET"}), every=1, delay=STALL_S)], "filter"),
+        "every commit stalls": ([Rule("slow", frozenset({"PUT"}), every=1, delay=25.0)], "filter"),
     }
 
 
@@ -274,6 +284,13 @@ def faulted_run(proxy: FaultProxy, name: str, rules: list[Rule], seed: int, src:
     return Outcome(name, done, identical, error, seconds, injected, retries, ours.count, budget, problems)
 
 
+def describe_outcome(o: Outcome) -> str:
+    """One line for a run: scenario, time, faults, retries by layer, verdict."""
+    verdict = "identical" if o.identical else "DIFFERS" if o.finished else f"FAILED: {o.error}"
+    return (f"{o.scenario:22} {o.seconds:6.1f}s injected={sum(o.injected.values()):4d} "
+            f"retries={o.retries_by_client} ours={o.ours} {verdict[:160]}")
+
+
 def hopeless_run(proxy: FaultProxy, name: str, rules: list[Rule], start: str | None, seed: int, src: str,
                  root: str, clean: dict[str, Any], limit_s: float, common: dict[str, Any] | None = None) -> Outcome:
     """Run the steps before `start` clean, then the rest under `rules`: the run must fail, and the step it
@@ -290,7 +307,8 @@ def hopeless_run(proxy: FaultProxy, name: str, rules: list[Rule], start: str | N
     return o
 
 
-def run(records: int, rounds: int, seed: int, rate: float, work: Path, limit_s: float = 120.0) -> dict[str, Any]:
+def run(records: int, rounds: int, seed: int, rate: float, work: Path, limit_s: float = 300.0,
+        dead: bool = True) -> dict[str, Any]:
     """The whole experiment; figures, with `problems` empty when every run was identical or failed clearly."""
     corpus = work / "corpus"
     write_instruction_corpus(corpus, records, n_files=4, seed=seed, malformed_rate=0.02, near_dup_rate=0.05)
@@ -307,9 +325,11 @@ def run(records: int, rounds: int, seed: int, rate: float, work: Path, limit_s: 
             for name, rules in scenarios(rate).items():
                 outcomes.append(faulted_run(proxy, name, rules, seed * 1000 + rnd, src,
                                             f"{bucket}/{name}-{rnd}", clean, limit_s))
-        for name, (rules, start) in hopeless().items():
+                print(describe_outcome(outcomes[-1]), flush=True)
+        for name, (rules, start) in {**hopeless(), **(dead_ends() if dead else {})}.items():
             outcomes.append(hopeless_run(proxy, name, rules, start, seed, src, f"{bucket}/hopeless-{len(outcomes)}",
                                          clean, limit_s))
+            print(describe_outcome(outcomes[-1]), flush=True)
     survivable = [o for o in outcomes if not o.scenario.startswith("every")]
     hopeless_runs = [o for o in outcomes if o.scenario.startswith("every")]
     injected: Counter[str] = Counter()
@@ -341,17 +361,14 @@ def run(records: int, rounds: int, seed: int, rate: float, work: Path, limit_s: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=3000)
-    ap.add_argument("--rounds", type=int, default=3, help="seeded rounds of every survivable scenario")
+    ap.add_argument("--records", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=2, help="seeded rounds of every survivable scenario")
     ap.add_argument("--rate", type=float, default=0.1, help="share of the requests a fault hits")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--no-dead-ends", action="store_true", help="skip the endless stalls (minutes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flaky-") as d:
-        result = run(args.records, args.rounds, args.seed, args.rate, Path(d))
-    for o in result["outcomes"]:
-        verdict = "identical" if o["identical"] else "DIFFERS" if o["finished"] else f"FAILED: {o['error']}"
-        print(f"{o['scenario']:18} {o['seconds']:6.1f}s injected={sum(o['injected'].values()):4d} "
-              f"retries={o['retries_by_client']} ours={o['ours']} {verdict[:160]}")
+        result = run(args.records, args.rounds, args.seed, args.rate, Path(d), dead=not args.no_dead_ends)
     for p in result["problems"]:
         print("PROBLEM:", p)
     print_json_line({k: v for k, v in result.items() if k != "outcomes"})

@@ -221,7 +221,8 @@ def read_bytes(uri: str) -> bytes:
             # pyarrow reads an object into a buffer of the object's size: a 5xx whose error body is longer
             # (an object under ~300 bytes) overflows it and fails as INTERNAL_FAILURE "Failed to flush
             # response stream", which the SDK never retries (measured). Small files are cheap to read again.
-            if not is_remote_failure(e) or attempt == BODY_READ_ATTEMPTS:
+            # Not timeouts: the SDK retried those already, and again would multiply its ~20 s per read.
+            if not (is_remote_failure(e) and "INTERNAL_FAILURE" in str(e)) or attempt == BODY_READ_ATTEMPTS:
                 raise StorageError(f"cannot read {uri}: {e}") from e
             log.warning("reading %s failed (%s); reading it again", uri, e)
             time.sleep(0.05 * 2**attempt)
