@@ -141,7 +141,11 @@ class KeyedLLMServer:
                 elif self.path.endswith("/chat/completions"):
                     fmt = body.get("response_format") or {}
                     schema = (fmt.get("json_schema") or {}).get("schema")
-                    text = json.dumps(schema_instance(schema)) if schema else "A short placeholder answer."
+                    # Distinct per prompt: steps that drop duplicates or degenerate evolutions keep them.
+                    last = str((body.get("messages") or [{}])[-1].get("content", ""))
+                    text = json.dumps(schema_instance(schema)) if schema else (
+                        f"Placeholder {zlib.crc32(last.encode()):08x}: an answer of several plain words, "
+                        "enough for the length checks of the synthesis steps to keep it.")
                     self._reply(200, {"choices": [{"message": {"role": "assistant", "content": text},
                                                    "finish_reason": "stop"}],
                                       "usage": {"prompt_tokens": 9, "completion_tokens": 5}})
@@ -153,7 +157,9 @@ class KeyedLLMServer:
                     self._reply(200, {"tokens": [zlib.crc32(w.encode()) % 30000 for w in words]})
                 elif self.path.endswith("/completions"):
                     ids = body.get("prompt", [])
-                    plp = [None] + [{str(t): {"logprob": -1.0}} for t in ids[1:]]
+                    # Later tokens are likelier (more context): an answer after its instruction scores a
+                    # lower loss than alone, so IFD < 1, as with a real model.
+                    plp = [None] + [{str(t): {"logprob": -2.0 / (1 + 0.05 * i)}} for i, t in enumerate(ids[1:], 1)]
                     self._reply(200, {"choices": [{"text": "x", "prompt_logprobs": plp}]})
                 else:
                     self._reply(404, {"error": {"message": "not found"}})
@@ -266,7 +272,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             r.airflow("conversational_synthesis", "dags", "test", "conversational_synthesis", "-c", json.dumps(
                 {"foundational": "t1", "run_name": "syn", "pool_budgets": {"math": 2, "code": 2, "general": 2},
                  "models": dict.fromkeys(MODEL_ROLES, openai), "candidates": {"served": openai},
-                 "max_new_tokens": 16}))
+                 "max_new_tokens": 16, "weak_threshold": 10, "min_turns": 2, "max_turns": 2}))
         else:
             # The synthesis DAG's two kinds of LLM call, as its tasks run them (the same CLI): generation with
             # structured output (label) and loss scoring (seed_score), over the foundational selection.
