@@ -35,7 +35,7 @@ from operators.core.step import (
 )
 from operators.dedup.minhash import components_from_links
 
-C = TypeVar("C", bound=StepConfig)
+N = TypeVar("N", bound="NoChurnConfig")
 
 KEY_SHIFT = np.int64(32)
 ROW_MASK = np.int64(0xFFFFFFFF)
@@ -174,7 +174,7 @@ def drop_lists(drops: pa.Table, summary: dict[str, Any]) -> StageOutput:
                        summary={**summary, "cluster_sizes": cluster_sizes(drops["kept_id"])})
 
 
-class DropListStep(Step[C]):
+class DropListStep(Step[N]):
     """A step whose reduce stage `resolve` lists (shard, row, kept_id) to drop with reason `drop_reason`.
 
     Rows are numbered per shard in read order, which is deterministic, so the map stage and the
@@ -184,7 +184,7 @@ class DropListStep(Step[C]):
     drop_reason: ClassVar[str]
     detail_prefix: ClassVar[str]  # "duplicate of" -> detail "duplicate of <kept id>"
 
-    def __init__(self, config: C) -> None:
+    def __init__(self, config: N) -> None:
         super().__init__(config)
         self._row = 0
         self._drops: dict[int, str] = {}
@@ -197,6 +197,10 @@ class DropListStep(Step[C]):
         keys = record_keys(shard, self._row, n)
         self._row += n
         return keys
+
+    def protected(self, rows: pa.Table) -> npt.NDArray[np.bool_]:
+        """Which linked rows the no-churn rule keeps (`resolve_links`'s `protected`): see `NoChurnConfig`."""
+        return published_mask(self.config.published, self.name, rows["id"])
 
     def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
         # The transform reads only the shard's drop list: an unchanged list means an unchanged output.

@@ -40,7 +40,6 @@ from operators.steps.dedup.droplist import (
     NoChurnConfig,
     drop_lists,
     links_table,
-    published_mask,
     resolve_links,
     shuffle_rows,
 )
@@ -165,9 +164,6 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
             reward = rows["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
             return survivor_rank(reward, rows["answer_len"].to_numpy(), rows["id"])
 
-        def protected(rows: pa.Table) -> npt.NDArray[np.bool_]:
-            return published_mask(self.config.published, self.name, rows["id"])
-
         drops, records, _ = resolve_links(artifacts, links_stage="groups", rows_stage="keys",
-                                          columns=["reward", "answer_len"], priority=rank, protected=protected)
+                                          columns=["reward", "answer_len"], priority=rank, protected=self.protected)
         return drop_lists(drops, {"records": records, "duplicates": drops.num_rows})

@@ -63,7 +63,6 @@ from operators.steps.dedup.droplist import (
     DropListStep,
     NoChurnConfig,
     drop_lists,
-    published_mask,
     resolve_links,
     shuffle_rows,
 )
@@ -246,7 +245,7 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         drops, records, clusters = resolve_links(
             artifacts, links_stage="pairs", rows_stage="signatures", columns=["priority"],
             priority=lambda r: r["priority"].to_numpy(),
-            protected=lambda rows: published_mask(self.config.published, self.name, rows["id"]))
+            protected=self.protected)
         return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
 
 

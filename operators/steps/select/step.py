@@ -173,30 +173,27 @@ class SelectStep(Step[SelectConfig]):
         if not parts:
             return StageOutput(summary={"selected": 0})
         c = pa.concat_tables(parts).combine_chunks()
-        keys = {str(k): v for k, v in artifacts.shard_keys("candidates").items()}
+        # Only `freeze` compares the candidates' keys with the last selection's (reading every shard manifest).
+        keys = {str(k): v for k, v in artifacts.shard_keys("candidates").items()} if self.config.freeze else {}
         frozen = self._frozen(artifacts, keys)
-        shard = c["shard"].to_numpy()
-        is_frozen = np.isin(shard, np.array(sorted(frozen), dtype=shard.dtype))
-        domain = np.asarray(c["domain"].to_pylist(), dtype=object)
-        source = np.asarray(c["source"].to_pylist(), dtype=object)
-        old = _frozen_decisions(c.filter(pa.array(is_frozen)), frozen)
+        is_frozen = np.isin(c["shard"].to_numpy(), np.array(sorted(frozen), dtype=np.int32))
+        kept, rest = c.filter(pa.array(is_frozen)), c.filter(pa.array(~is_frozen))
+        old = _frozen_decisions(kept, frozen)
+        kept_domain = np.asarray(kept["domain"].to_pylist(), dtype=object)
+        kept_source = np.asarray(kept["source"].to_pylist(), dtype=object)
         budgets: dict[str, float] = {}
-        for d in sorted(set(domain.tolist())):
+        for d in sorted(set(c["domain"].to_pylist())):
             b = self.config.budgets.get(d, 1.0)
-            kept_before = int((old["selected"] & (domain[is_frozen] == d)).sum())
-            budgets[d] = b if b <= 1 else max(0.0, b - kept_before)
-        caps = {src: max(0, cap - int((old["passed_cap"] & (source[is_frozen] == src)).sum()))
+            budgets[d] = b if b <= 1 else max(0.0, b - int((old["selected"] & (kept_domain == d)).sum()))
+        caps = {src: max(0, cap - int((old["passed_cap"] & (kept_source == src)).sum()))
                 for src, cap in self.config.source_caps.items()}
-        new = decide(c.filter(pa.array(~is_frozen)), budgets, caps, self.config.replay_fraction)
-        decision = pa.table({
-            "shard": pa.concat_arrays([c["shard"].filter(pa.array(is_frozen)).combine_chunks(),
-                                       c["shard"].filter(pa.array(~is_frozen)).combine_chunks()]),
-            "row": pa.concat_arrays([c["row"].filter(pa.array(is_frozen)).combine_chunks(),
-                                     c["row"].filter(pa.array(~is_frozen)).combine_chunks()]),
-            **{col: pa.array(np.concatenate([old[col], new[col]])) for col in ("passed_cap", "selected", "replay")}})
-        domains = np.concatenate([domain[is_frozen], domain[~is_frozen]])
-        flags = {col: decision[col].to_numpy(zero_copy_only=False) for col in ("passed_cap", "selected", "replay")}
-        pool = {d: int((flags["passed_cap"] & (domains == d)).sum()) for d in sorted(set(domain.tolist()))}
+        new = decide(rest, budgets, caps, self.config.replay_fraction)
+        ordered = pa.concat_tables([kept, rest])  # the kept decisions first, then the new ones, row for row
+        flags = {col: np.concatenate([old[col], new[col]]) for col in ("passed_cap", "selected", "replay")}
+        decision = pa.table({"shard": ordered["shard"], "row": ordered["row"],
+                             **{col: pa.array(v) for col, v in flags.items()}})
+        domains = np.asarray(ordered["domain"].to_pylist(), dtype=object)
+        pool = {d: int((flags["passed_cap"] & (domains == d)).sum()) for d in budgets}
         chosen = {d: int((flags["selected"] & (domains == d)).sum()) for d in pool}
         summary: dict[str, Any] = {"selected": int(flags["selected"].sum()), "replay": int(flags["replay"].sum()),
                                    "pool": pool, "chosen": chosen}
