@@ -42,6 +42,22 @@ def require_or_skip(what: str, reason: str) -> NoReturn:
                 pytrace=False)
 
 
+def three_domain_conversations(n: int, tag: str = "") -> list[str]:
+    """`n` ShareGPT JSON lines cycling math, code and general questions, each question unique by its number
+    (and by `tag`, when given, so that two corpora share no record unless a test copies one)."""
+    mark = f" ({tag})" if tag else ""
+    lines = []
+    for i in range(n):
+        q = [f"Solve the equation {i}x + 3 = {i + 7}{mark}. How many solutions are there?",
+             f"Write a Python function number {i} that reverses a list{mark}.",
+             f"Tell me an interesting fact about the city number {i}{mark}."][i % 3]
+        a = ["x = 4/3, exactly one solution since the equation is linear.",
+             "```python\ndef rev(xs):\n    return xs[::-1]\n```",
+             "It has a very old library with many rare maps and manuscripts."][i % 3]
+        lines.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    return lines
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,20 +15,11 @@ import pytest
 
 from operators.datasets import sources as reg
 from operators.datasets import versions as dv
-from tests.conftest import airflow, dag_info, migrated_airflow, run_cli
+from tests.conftest import airflow, dag_info, migrated_airflow, run_cli, three_domain_conversations
 
 
 def _lines(prefix: str, n: int) -> str:
-    rows = []
-    for i in range(n):
-        q = [f"Solve {i}x + 3 = {i + 7} for the corpus {prefix}. How many solutions are there?",
-             f"Write a Python function number {i} that reverses a list for corpus {prefix}.",
-             f"Tell me an interesting fact about the city {prefix} number {i}."][i % 3]
-        a = ["x = 4/3, exactly one solution since the equation is linear.",
-             "```python\ndef rev(xs):\n    return xs[::-1]\n```",
-             "It has a very old library with many rare maps and manuscripts."][i % 3]
-        rows.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
-    return "\n".join(rows) + "\n"
+    return "\n".join(three_domain_conversations(n, prefix)) + "\n"
 
 
 @pytest.fixture(scope="module")

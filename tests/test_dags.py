@@ -103,19 +103,11 @@ def test_airflow_loads_the_reports_plugin(airflow_home: dict[str, str]) -> None:
 
 
 def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli, three_domain_conversations
 
     raw = tmp_path / "raw"
     raw.mkdir()
-    lines = []
-    for i in range(60):
-        q = [f"Solve the equation {i}x + 3 = {i + 7}. How many solutions are there?",
-             f"Write a Python function number {i} that reverses a list.",
-             f"Tell me an interesting fact about the city number {i}."][i % 3]
-        a = ["x = 4/3, exactly one solution since the equation is linear.",
-             "```python\ndef rev(xs):\n    return xs[::-1]\n```",
-             "It has a very old library with many rare maps and manuscripts."][i % 3]
-        lines.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    lines = three_domain_conversations(60)
     lines += lines[:10]  # exact duplicates
     lines.append(json.dumps({"conversations": [{"from": "human", "value": "Why?"},
                                                {"from": "gpt", "value": "I'm sorry, but I can't help with that."}]}))

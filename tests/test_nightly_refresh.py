@@ -20,7 +20,7 @@ from operators.orchestration.refresh import (
     plan_night,
     selection_inputs,
 )
-from tests.conftest import ROOT, airflow, dag_info, migrated_airflow, run_cli
+from tests.conftest import ROOT, airflow, dag_info, migrated_airflow, run_cli, three_domain_conversations
 
 
 def _plan(*shards: list[str]) -> Plan:
@@ -38,16 +38,7 @@ def test_diff_is_exactly_the_files_no_plan_read() -> None:
 
 
 def _conversations(prefix: str, n: int) -> str:
-    lines = []
-    for i in range(n):
-        q, a = [(f"Solve the equation {i}x + 3 = {i + 7} ({prefix}). How many solutions are there?",
-                 "x = 4/3, exactly one solution since the equation is linear."),
-                (f"Write a Python function number {i} that reverses a list ({prefix}).",
-                 "```python\ndef rev(xs):\n    return xs[::-1]\n```"),
-                (f"Tell me an interesting fact about the city {prefix} number {i}.",
-                 "It has a very old library with many rare maps and manuscripts.")][i % 3]
-        lines.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
-    return "\n".join(lines) + "\n"
+    return "\n".join(three_domain_conversations(n, prefix)) + "\n"
 
 
 def _first_night(raw: Path, root: Path) -> str:

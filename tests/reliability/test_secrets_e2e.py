@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, airflow, airflow_env, free_port, run_cli, wait_for_port
+from tests.conftest import ROOT, airflow, airflow_env, free_port, run_cli, three_domain_conversations, wait_for_port
 from tests.reliability.secret_scan import Scanner
 
 KEY_ENV = "VLLM_API_KEY"
@@ -204,15 +204,7 @@ class Run:
 
 def corpus() -> bytes:
     """Three domains, ten exact duplicates and a refusal (as tests/test_dags.py's foundational run)."""
-    lines = []
-    for i in range(45):
-        q = [f"Solve the equation {i}x + 3 = {i + 7}. How many solutions are there?",
-             f"Write a Python function number {i} that reverses a list.",
-             f"Tell me an interesting fact about the city number {i}."][i % 3]
-        a = ["x = 4/3, exactly one solution since the equation is linear.",
-             "```python\ndef rev(xs):\n    return xs[::-1]\n```",
-             "It has a very old library with many rare maps and manuscripts."][i % 3]
-        lines.append(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    lines = three_domain_conversations(45)
     lines += lines[:10]
     lines.append(json.dumps({"conversations": [{"from": "human", "value": "Why?"},
                                                {"from": "gpt", "value": "I'm sorry, but I can't help with that."}]}))
