@@ -18,7 +18,9 @@ Rules match request kinds (GET, PUT, HEAD, LIST, MULTIPART, DELETE, POST), optio
 with a probability (seeded) or on every n-th matching request, up to an optional limit. The proxy counts
 what it injected, per fault and kind, and logs every request with the client that sent it (`User-Agent`:
 boto3, or the AWS C++ SDK that pyarrow uses) and the SDK's `amz-sdk-request: attempt=N; max=M` header: a
-retry shows as an attempt > 1, and its layer by the client that sent it. Standard library only.
+retry shows as an attempt > 1, and its layer by the client that sent it. It also counts the requests the
+upstream server holds at once (`max_in_flight`), exactly, where sampling a server's gauge can miss a
+short batch. Standard library only.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ class FaultProxy:
         self.schedule = schedule or Schedule()
         self.injected: Counter[tuple[str, str]] = Counter()  # (fault, kind) -> count
         self.log: list[Logged] = []
+        self.in_flight = 0  # requests forwarded upstream and not yet answered
+        self.max_in_flight = 0  # the most the upstream server held at once, as counted at its door
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True  # a stalled response must not hold up shutdown
@@ -275,6 +279,9 @@ class FaultProxy:
 
             def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                 try:
                     conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                     for k, v in self.headers.items():
@@ -288,6 +295,8 @@ class FaultProxy:
                     return resp.status, resp.reason, resp.getheaders(), payload
                 finally:
                     conn.close()
+                    with proxy._lock:
+                        proxy.in_flight -= 1
 
             def _head(self, status: int, reason: str, headers: list[tuple[str, str]], payload: bytes) -> bytes:
                 lines = [f"HTTP/1.1 {status} {reason}"]
