@@ -289,43 +289,16 @@ def _stats(step_dir: Path) -> dict[str, Any]:
 
 
 def problems(step: str, clean: Path, hurt: Path) -> list[str]:
-    """Differences of the faulted step output from the clean one, and files a reader could trip on."""
-    import hashlib
-
-    from operators.core.manifest import MANIFEST_NAME, read_manifest
-    from operators.core.step import Step
+    """Differences of the faulted step output from the clean one, and files a reader could trip on
+    (`operators.core.verify`: listed files and checksums, part files outside every manifest, a folder reader)."""
+    from operators.core.verify import verify_step
 
     out: list[str] = []
     if _shard_ids(clean) != _shard_ids(hurt):
         out.append(f"{step}: record ids per shard differ")
     if _stats(clean) != _stats(hurt):
         out.append(f"{step}: stats differ: {_stats(clean)} vs {_stats(hurt)}")
-    m = read_manifest(f"file://{hurt}/{MANIFEST_NAME}")
-    if m is None:
-        return [*out, f"{step}: no step manifest"]
-    for f in m.files:
-        p = hurt / f.path
-        if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != f.sha256:
-            out.append(f"{step}: listed file {f.path} missing or not its checksum")
-    # Every part file must belong to a committed manifest (the step's, a shard's or a stage's).
-    listed = {str(hurt / f.path) for f in m.files}
-    for mf in hurt.rglob("*.json"):
-        if mf.name == MANIFEST_NAME or mf.parent.name == "_shards":
-            sm = read_manifest(f"file://{mf}")
-            base = mf.parent if mf.name == MANIFEST_NAME else mf.parent.parent
-            listed |= {str(base / f.path) for f in (sm.files if sm else [])}
-    orphans = [str(p.relative_to(hurt)) for p in hurt.rglob("part-*") if ".tmp-" not in p.name and str(p) not in listed]
-    if orphans:
-        out.append(f"{step}: part files outside every manifest: {orphans[:5]}")
-    # What a downstream step reads: exactly the manifest's data files.
-    from operators.core.registry import step_class
-
-    reader: Step[Any] = step_class("filter")(step_class("filter").config_model())
-    seen = sorted(u for u, _ in reader.resolve_inputs([f"file://{hurt}"]))
-    expect = sorted(f"file://{hurt}/{f.path}" for f in m.data_files())
-    if seen != expect:
-        out.append(f"{step}: a reader sees {len(seen)} files, the manifest lists {len(expect)}")
-    return out
+    return out + [f"{step}: {p}" for p in verify_step(f"file://{hurt}").problems]
 
 
 def run(records: int, per_step: int, seed: int, work: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@
     python -m operators export --input STEP_DIR --output DIR [--formats parquet,hf,sharegpt]
     python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
     python -m operators steps                    # registered steps and their config JSON schemas
+    python -m operators verify STEP_DIR ... [--no-checksums]  # files, checksums, stray parts; exit 1 if unsound
     python -m operators datasets publish <name> --input STEP_DIR --run RUN_ROOT [--keep K]  # a new version
     python -m operators datasets list [<name>] | show <name> [vN] | diff <name> [vA vB]
     python -m operators datasets pin|unpin <name> vN | retain <name> --keep K     (--root DATA_ROOT)
@@ -126,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--index", default=None, help="data root under which _reports/<dag>/<run>.json is written")
     rp.add_argument("--xcom-file", default=None)
     sub.add_parser("steps")
+    verp = sub.add_parser("verify", help="check committed step folders: listed files, checksums, stray parts")
+    verp.add_argument("step_dirs", nargs="+", help="committed step directory URIs")
+    verp.add_argument("--no-checksums", action="store_true", help="check sizes only (no full read)")
     dp = sub.add_parser("datasets", help="dataset versions: publish, list, show, diff, pin, unpin, retain")
     dp.add_argument("action", choices=("publish", "list", "show", "diff", "pin", "unpin", "retain"))
     dp.add_argument("name", nargs="?", default=None)
@@ -302,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sources":
             return _sources_command(args)
+        if args.command == "verify":
+            from operators.core.verify import verify_step
+
+            checks = [verify_step(d, checksums=not args.no_checksums) for d in args.step_dirs]
+            for c in checks:
+                print(json.dumps(c.as_dict()), flush=True)
+            return 0 if all(not c.problems for c in checks) else 1
         if args.command == "datasets":
             from operators.datasets.versions import PublishConflict, PublishError
 

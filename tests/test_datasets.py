@@ -152,6 +152,61 @@ def test_two_racing_publishers_cannot_both_win(where: str, runs: dict[str, str],
     assert dv.versions(root, "race") == [1, 2, 3, 4]
 
 
+def test_publishing_latest_output_again_makes_no_version(runs: dict[str, str], tmp_path: Path) -> None:
+    """A second publish of the step output LATEST already holds (a night with nothing new) is a skip, not a copy."""
+    root = str(tmp_path)
+    cfg = dv.PublishConfig(name="found")
+    first = dv.publish(root, cfg, runs["a"], runs["runA"])
+    again = dv.publish(root, cfg, runs["a"], runs["runA"])
+    assert first["version"] == again["version"] == 1 and "skipped" not in first
+    assert again["skipped"] is True and "v0001 unchanged" in again["reason"]
+    assert dv.versions(root, "found") == [1] and not (tmp_path / "datasets/found/_claims/v0002").exists()
+    # A different output, then the first again: each is new relative to LATEST, so each is a version.
+    assert [dv.publish(root, cfg, runs[d], runs["run" + d.upper()])["version"] for d in "ba"] == [2, 3]
+    r = run_cli("datasets", "publish", "found", "--input", runs["a"], "--run", runs["runA"], "--root", root)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["skipped"] is True, r.stderr
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_racing_publishers_of_one_output_publish_one_version(where: str, runs: dict[str, str], tmp_path: Path,
+                                                              request: pytest.FixtureRequest,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of one pipeline publish the same committed step at once: both drafts are built, both try to move
+    LATEST at the same moment (a barrier), one wins, and the loser adopts the winner's version and removes its
+    own draft. Different outputs racing still end with one winner and one PublishConflict (the test above)."""
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    barrier = threading.Barrier(2, timeout=60)
+    real_move = dv.move_latest
+
+    def move_together(draft: dv.Draft) -> dict[str, Any]:
+        barrier.wait()
+        return real_move(draft)
+
+    monkeypatch.setattr(dv, "move_latest", move_together)
+    results: list[Any] = [None, None]
+
+    def publisher(k: int) -> None:
+        try:
+            results[k] = dv.publish(root, dv.PublishConfig(name="same"), runs["a"], runs["runA"])
+        except Exception as e:  # reported below
+            results[k] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, dict) for r in results), results
+    assert sorted(bool(r.get("skipped")) for r in results) == [False, True], results
+    winner = next(r["version"] for r in results if not r.get("skipped"))
+    assert {r["version"] for r in results} == {winner} and dv.read_latest(root, "same")[0] == winner
+    assert dv.versions(root, "same") == [winner]  # the loser's complete draft is gone, its number stays claimed
+    assert sorted(dv._claimed(dv.dataset_root(root, "same"))) == [1, 2]
+    loser = 3 - winner
+    assert storage.list_files(storage.join(dv.dataset_root(root, "same"), dv.vname(loser))) == []
+
+
 def test_compare_and_swap_primitive(tmp_path: Path, s3_bucket: str) -> None:
     for base in (str(tmp_path), s3_bucket):
         uri = storage.join(storage.validate_uri(base), "p", "LATEST")

@@ -51,20 +51,26 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_publish_task_records_asset_event_with_version(home: dict[str, str], tmp_path: Path) -> None:
-    (tmp_path / "raw").mkdir()
-    rows = [r for r in pool(35) if r["label"]]  # labelled records: the validation suite requires labels
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "raw" / "p.parquet")
     run = Path(home["IIP_DATA_ROOT"]) / "runs" / "p1"  # the report indexes runs under the data root
-    run_all(build_step("select", {"budgets": {}}), [str(tmp_path / "raw")], storage.validate_uri(str(run / "select")))
-    for _ in range(2):
+    select = storage.validate_uri(str(run / "select"))
+    # Publish, publish the same output again (a skip: no version, no event), then a changed output.
+    logs = []
+    for raw, n in (("raw", 35), ("raw", 35), ("raw2", 30)):
+        if not (tmp_path / raw).exists():
+            (tmp_path / raw).mkdir()
+            rows = [r for r in pool(n) if r["label"]]  # labelled records: the validation suite requires labels
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / raw / "p.parquet")
+            run_all(build_step("select", {"budgets": {}}), [str(tmp_path / raw)], select)
         r = airflow(home, "dags", "test", "publish_only", "-c", json.dumps({"run": str(run)}))
         assert r.returncode == 0, "\n".join(x for x in (r.stdout + r.stderr).splitlines() if "rror" in x)[-5000:]
+        logs.append(r.stdout + r.stderr)
+    assert ["tiny v0001 unchanged: LATEST already is this output" in log for log in logs] == [False, True, False]
     out = subprocess.run([sys.executable, "-c", EVENTS], env=home, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     events = json.loads(out.stdout.strip().splitlines()[-1])
     assert [e["uri"] for e in events] == ["iip://datasets/tiny"] * 2
     assert sorted(e["extra"]["version"] for e in events) == [1, 2]
-    assert {e["extra"]["step_dir"] for e in events} == {storage.validate_uri(str(run / "select"))}
+    assert {e["extra"]["step_dir"] for e in events} == {select}
     data = Path(home["IIP_DATA_ROOT"]) / "datasets" / "tiny"
     assert json.loads((data / "LATEST").read_text())["version"] == 2
     # keep_versions=1: the second publish removed v1; the run's report task ran after publish (a teardown, last).

@@ -125,6 +125,10 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     print(f"nightly dags test, night without new files: {time.perf_counter() - t0:.1f}s")
     assert not Path(night_dir("tiny", "2026-01-03", str(data))).exists()
     assert _committed_state(data) == before
+    from operators.datasets.versions import read_latest, versions
+
+    assert versions(str(data), "foundational") == [1]  # and its publish skipped: LATEST already is this output
+    assert "unchanged: LATEST already is this output" in r.stdout + r.stderr
 
     # A night with one new file: the old shard of every step is reused by its content key (no churn: the
     # repeats of c's records lose to the published run's copies; freeze: the models and decisions stay), only
@@ -137,9 +141,8 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
         assert [m is not None and m.reused_from is not None for m in shards] == [True, False], step
     exact = json.loads((data / "runs" / "n1" / "exact_dedup" / "stats.json").read_text())
     assert exact["dropped_by_reason"] == {"exact_duplicate": 3 + 2}
-    from operators.datasets.versions import read_latest
-
-    assert read_latest(str(data), "foundational")[0] == 3  # every successful night publishes: 01-02, 01-03, 01-04
+    # 01-02 published v1; 01-03 changed nothing, so its publish skipped (no version, no asset event); 01-04: v2.
+    assert read_latest(str(data), "foundational")[0] == 2
 
 
 PHASE1 = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")

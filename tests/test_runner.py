@@ -161,9 +161,10 @@ def test_merge_is_additive_and_checks_step() -> None:
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_two_writers_of_one_shard_exactly_one_commits(where: str, tmp_path: Path, request: pytest.FixtureRequest,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two attempts of one shard race for real: both are held at barriers until both have cleaned up, and again
-    until both have written their parts and reached the commit, then commit at once. Exactly one commit
-    succeeds; the loser deletes its own parts and adopts the winner's manifest."""
+    """Two attempts of one shard race for real: both are held at barriers until both have found the shard
+    uncommitted and are about to write, and again until both have written their parts and reached the commit,
+    then commit at once. Exactly one commit succeeds; the loser deletes its own parts and adopts the winner's
+    manifest, and the winner's sweep leaves exactly its own parts."""
     import threading
 
     src = write_inputs(tmp_path, files=1, rows=5000)
@@ -178,14 +179,13 @@ def test_two_writers_of_one_shard_exactly_one_commits(where: str, tmp_path: Path
 
     # Synchronization points around the real functions (which still do all the work): the race is certain,
     # not left to thread scheduling.
-    cleaned, committing = threading.Barrier(2, timeout=120), threading.Barrier(2, timeout=120)
-    real_cleanup, real_commit = runner_mod._cleanup_uncommitted, storage.commit_if_absent
+    started, committing = threading.Barrier(2, timeout=120), threading.Barrier(2, timeout=120)
+    real_open, real_commit = runner_mod._run_open_shard, storage.commit_if_absent
     won: list[bool] = []
 
-    def cleanup_then_wait(*args: Any, **kw: Any) -> int:
-        removed = real_cleanup(*args, **kw)
-        cleaned.wait()  # neither writer's cleanup can delete the other's parts
-        return removed
+    def wait_then_write(*args: Any, **kw: Any) -> Any:
+        started.wait()  # both attempts have checked the shard: neither found it committed
+        return real_open(*args, **kw)
 
     def commit_together(uri: str, data: bytes) -> bool:
         committing.wait()  # both attempts have written every part and now commit at the same moment
@@ -193,7 +193,7 @@ def test_two_writers_of_one_shard_exactly_one_commits(where: str, tmp_path: Path
         won.append(ok)
         return ok
 
-    monkeypatch.setattr(runner_mod, "_cleanup_uncommitted", cleanup_then_wait)
+    monkeypatch.setattr(runner_mod, "_run_open_shard", wait_then_write)
     monkeypatch.setattr(storage, "commit_if_absent", commit_together)
     results: list[Any] = [None, None]
     errors: list[BaseException] = []

@@ -144,21 +144,48 @@ def _part_files(folder: str, subdirs: tuple[str, ...] = ("",)) -> list[tuple[str
     return out
 
 
-def _cleanup_uncommitted(folder: str, shard: int, subdirs: tuple[str, ...] = ("", "dropped"),
-                         shuffled: bool = False) -> int:
-    """Delete part files of `shard` in `folder` (left by a crashed attempt: nothing commits them yet).
+def _sweep(folder: str, committed: Manifest, shard: int | None = None, subdirs: tuple[str, ...] = ("", "dropped"),
+           shuffled: bool = False) -> int:
+    """Delete part files in `folder` (of `shard`, or of every shard) that `committed` does not list: parts of
+    crashed attempts, of an attempt that lost the commit race, of a stale output.
 
-    With `shuffled`, also those in the partition subfolders a shuffling map stage writes."""
+    Runs only after the manifest is committed, never before an attempt starts: a sweep before writing could
+    delete the files of a concurrent attempt that commits in between, leaving a committed manifest whose files
+    are gone. After the commit, any other attempt of this shard loses its commit and adopts this manifest
+    (and one whose files were swept before its commit notices, see `_commit_written`).
+    With `shuffled`, also the partition subfolders a shuffling map stage writes."""
     removed = 0
-    prefix = f"part-{shard:05d}-"
+    prefix = "part-" if shard is None else f"part-{shard:05d}-"
     if shuffled:
         parents = {uri[len(folder) + 1:].rpartition("/")[0] for uri in storage.list_files(folder)}
         subdirs = subdirs + tuple(sorted(p for p in parents if p.startswith("p") and p[1:].isdigit()))
+    listed = {f.path for f in committed.files}
     for uri, rel in _part_files(folder, subdirs):
-        if rel.rpartition("/")[2].startswith(prefix):
+        if rel.rpartition("/")[2].startswith(prefix) and rel not in listed:
             storage.delete(uri)
             removed += 1
     return removed
+
+
+def _commit_written(uri: str, manifest: Manifest, folder: str, what: str, sweep: dict[str, Any]) -> Manifest:
+    """Commit a manifest of files this attempt wrote, then sweep the folder's leftovers (`sweep`: `_sweep`'s
+    keyword arguments). If some of those files vanished before the commit (a concurrent attempt committed
+    and swept them), adopt that attempt's committed manifest: never commit a manifest whose files are gone."""
+    lost = [f.path for f in manifest.files if not storage.exists(storage.join(folder, f.path))]
+    if lost:
+        winner = read_manifest(uri)
+        if winner is None or winner.config_hash != manifest.config_hash:
+            raise StepFailed(f"{what}: {len(lost)} file(s) of attempt {manifest.attempt} vanished before commit "
+                             "and no other attempt committed; retry it")
+        for f in manifest.files:
+            storage.delete(storage.join(folder, f.path))
+        log.info("%s: another attempt committed first (%s) and swept ours; using it", what, winner.attempt)
+        return winner
+    committed = _commit(uri, manifest, folder, what)
+    removed = _sweep(folder, committed, **sweep)
+    if removed:
+        log.info("%s: removed %d file(s) of other, uncommitted attempts", what, removed)
+    return committed
 
 
 def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> Manifest:
@@ -182,11 +209,6 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
         return reused
     if existing is not None:
         storage.delete(m_uri)
-    removed = _cleanup_uncommitted(step_dir, shard_index)
-    if removed:
-        log.info("step %s shard %d: removed %d file(s) of an earlier uncommitted attempt",
-                 step.name, shard_index, removed)
-
     step.begin_shard(shard_index)
     step.bind(artifacts, shard_index)
     attempt = uuid.uuid4().hex[:8]
@@ -247,11 +269,8 @@ def _run_open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int
                           f"counted but {written_dropped} written to dropped/")
     manifest = Manifest(step=step.name, config_hash=plan.config_hash, shard=shard_index, attempt=attempt,
                         files=files, stats=stats, shard_key=key)
-    lost = [f.path for f in files if not storage.exists(storage.join(step_dir, f.path))]
-    if lost:  # a concurrent attempt's cleanup removed our files: never commit a manifest that lies
-        raise StepFailed(f"step {step.name} shard {shard_index}: {len(lost)} file(s) of attempt {attempt} "
-                         f"vanished before commit (a concurrent attempt?); retry the shard")
-    committed = _commit(m_uri, manifest, step_dir, f"step {step.name} shard {shard_index}")
+    committed = _commit_written(m_uri, manifest, step_dir, f"step {step.name} shard {shard_index}",
+                                {"shard": shard_index})
     if committed is not manifest:
         return committed
     log.info("step %s shard %d: read %d, kept %d, dropped %d %s in %.1fs (%.0f records/s), peak %.0f MiB",
@@ -287,6 +306,11 @@ def _stage_counters(step_name: str, step_dir: str) -> dict[str, float]:
                 out.update({f"{st.name}.{key}.{k}": float(v) for k, v in value.items()
                             if isinstance(v, int | float) and not isinstance(v, bool)})
     return out
+
+
+# A local write renames its temp file within seconds; one this old was left by a killed writer. Young ones may
+# belong to a straggling concurrent attempt, so they stay (no reader lists them either way).
+TEMP_MAX_AGE_S = 900.0
 
 
 def _file_ok(step_dir: str, f: FileEntry) -> bool:
@@ -331,6 +355,9 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     for uri, rel in _part_files(step_dir, ("", "dropped")):  # garbage: parts of stale or lost attempts
         if rel not in listed:
             storage.delete(uri)
+    swept = storage.sweep_temp_files(step_dir, TEMP_MAX_AGE_S)
+    if swept:
+        log.info("step %s: removed %d temp file(s) that killed writers left", step_name, swept)
     storage.write_bytes(storage.join(step_dir, STATS_NAME), stats.model_dump_json(indent=2).encode())
     manifest = Manifest(step=step_name, config_hash=plan.config_hash, files=files, stats=stats)
     if current is not None:
@@ -513,8 +540,8 @@ def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, ki
     """Checks before a per-shard stage task: (stage dir, manifest URI, the committed manifest if done, the
     shard's content key for this stage).
 
-    A map stage's output committed under another plan is reused when its content key matches. When not
-    done, files an earlier uncommitted attempt of this shard left are removed first."""
+    A map stage's output committed under another plan is reused when its content key matches. Files that
+    earlier uncommitted attempts left are swept after this attempt commits (`_commit_written`)."""
     _stage(step, stage, kind)
     _bind_plan(step, step_dir, plan)
     if not 0 <= shard_index < len(plan.shards):
@@ -535,9 +562,6 @@ def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, ki
         return sdir, m_uri, reused, key
     if existing is not None:
         storage.delete(m_uri)
-    # Map and partition tasks may both write shuffle partitions (near_dedup's candidates does): a killed
-    # attempt's parts there are orphans too (found by bench/crash_anywhere.py, exhaustive variant).
-    _cleanup_uncommitted(sdir, shard_index, ("",), shuffled=kind in ("map", "partition"))
     return sdir, m_uri, None, key
 
 
@@ -552,7 +576,10 @@ def _commit_stage_shard(step: Step[Any], plan: Plan, stage: str, shard_index: in
                         files=files, stats=stats, shard_key=key)
     log.info("step %s stage %s shard %d: %d in -> %d rows in %.1fs, peak %.0f MiB", step.name, stage,
              shard_index, stats.records_in, stats.records_kept, stats.seconds, stats.peak_rss_mb)
-    return _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage} shard {shard_index}")
+    # Map and partition tasks may both write shuffle partitions (near_dedup's candidates does): a killed
+    # attempt's parts there are orphans too (found by bench/crash_anywhere.py, exhaustive variant).
+    return _commit_written(m_uri, manifest, sdir, f"step {step.name} stage {stage} shard {shard_index}",
+                           {"shard": shard_index, "subdirs": ("",), "shuffled": True})
 
 
 class _StageWriter:
@@ -641,10 +668,6 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
         storage.write_bytes(prev_uri, existing.to_bytes())  # before the delete: a crash between keeps it
         storage.delete(m_uri)
     previous = read_manifest(prev_uri)
-    held = {f.path for f in previous.files} if previous is not None else set()
-    for uri, rel in _part_files(sdir, ("",)):
-        if rel not in held:  # parts of an attempt that never committed
-            storage.delete(uri)
     t0 = time.perf_counter()
     out = step.reduce_stage(stage, StorageArtifacts(step_dir), len(plan.shards))
     attempt = uuid.uuid4().hex[:8]
@@ -660,12 +683,9 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
                         stats=stats, summary=out.summary)
     log.info("step %s stage %s: %d rows over %d partition(s) in %.1fs", step.name, stage,
              stats.records_kept, len(out.partitions), stats.seconds)
-    committed = _commit(m_uri, manifest, sdir, f"step {step.name} stage {stage}")
-    if previous is not None:  # the new output is committed: the previous one's files are garbage now
-        listed = {f.path for f in committed.files}
-        for f in previous.files:
-            if f.path not in listed:
-                storage.delete(storage.join(sdir, f.path))
+    # The new output is committed: the previous one's files and any other attempt's are garbage now.
+    committed = _commit_written(m_uri, manifest, sdir, f"step {step.name} stage {stage}", {"subdirs": ("",)})
+    if previous is not None:
         storage.delete(prev_uri)
     return committed
 

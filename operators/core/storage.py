@@ -351,8 +351,10 @@ def delete(uri: str) -> None:
         pass
 
 
-def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """List files under a directory/prefix URI (sorted URIs). A missing directory lists as empty."""
+def list_files(uri: str, recursive: bool = True, include_temp: bool = False) -> list[str]:
+    """List files under a directory/prefix URI (sorted URIs). A missing directory lists as empty.
+
+    Temp files of local writes (`*.tmp-xxxxxxxx`) are left out unless `include_temp` (verify, sweeps)."""
     uri = validate_uri(uri)
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
@@ -366,13 +368,36 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
         # folder must not list for ever. A symlinked file is listed; ingest refuses it with a reason.
         walked = os.walk(path, followlinks=False) if recursive else [next(os.walk(path), (path, [], []))]
         return sorted(prefix + p for d, _, names in walked for name in names
-                      if os.path.isfile(p := os.path.join(d, name)) and not _TEMP_NAME.search(name))
+                      if os.path.isfile(p := os.path.join(d, name)) and (include_temp or not _TEMP_NAME.search(name)))
     sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     # A temp file of a local write is never a file to read: a process killed between writing it and its
     # rename (or after a commit's link) leaves it behind, and a manifest's copy read as a second manifest
     # double-counts (found by tests/reliability: a partition task killed after its commit).
     return sorted(prefix + i.path for i in fs.get_file_info(sel)
-                  if i.type == pafs.FileType.File and not _TEMP_NAME.search(i.path))
+                  if i.type == pafs.FileType.File and (include_temp or not _TEMP_NAME.search(i.path)))
+
+
+def is_temp(uri: str) -> bool:
+    """A local write's temp file (a write in flight, or one whose writer was killed)."""
+    return _TEMP_NAME.search(uri) is not None
+
+
+def sweep_temp_files(folder: str, older_than_s: float) -> int:
+    """Delete temp files under a local `folder` older than `older_than_s` seconds (their writers are dead: a
+    write renames its temp file within seconds); returns how many. Object stores have none (no temp files)."""
+    if not validate_uri(folder).startswith("file://"):
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for uri in list_files(folder, include_temp=True):
+        path = uri.removeprefix("file://")
+        try:
+            if is_temp(uri) and os.path.getmtime(path) < cutoff:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            pass  # another sweeper, or the writer renamed it just now
+    return removed
 
 
 def sha256_hex(data: bytes | pa.Buffer) -> str:

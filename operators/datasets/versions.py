@@ -11,6 +11,11 @@
 Publishing is two commits: the version folder is written and its manifest committed (`build_version`), then
 `LATEST` moves from the value read at the start to the new version (`move_latest`). A publisher whose pointer
 moved under it loses (PublishConflict) and leaves a complete, unpointed version that retention removes later.
+
+A version records the checksum of the committed step manifest it was made from. Publishing a step whose
+manifest LATEST already holds makes no version (a night with nothing new, or a second run that adopted the
+first's commits), and a publisher that loses the pointer race to the very same output adopts that version
+and removes its own draft: two runs of one pipeline racing publish one version, not two.
 """
 
 from __future__ import annotations
@@ -175,12 +180,8 @@ def retain(root: str, name: str, keep: int) -> list[int]:
     protected = pinned(root, name) | ({latest} if latest is not None else set())
     all_versions = versions(root, name)
     doomed = [v for v in all_versions[:-keep] if v not in protected]
-    base = dataset_root(root, name)
     for v in doomed:
-        vdir = storage.join(base, vname(v))
-        storage.delete(storage.join(vdir, VERSION_MANIFEST))  # first: the version vanishes at once for readers
-        for uri in storage.list_files(vdir):
-            storage.delete(uri)
+        discard(Draft(root, name, v, None, {}))
     return doomed
 
 
@@ -290,6 +291,33 @@ class Draft:
     manifest: dict[str, Any]
 
 
+def step_checksum(step_dir: str) -> str:
+    """sha256 of a committed step's manifest: the same value exactly when it is the same committed output."""
+    return hashlib.sha256(storage.read_bytes(step_manifest_uri(step_dir))).hexdigest()
+
+
+def latest_manifest(root: str, name: str) -> dict[str, Any] | None:
+    """The manifest of LATEST's version, or None before the first publish."""
+    version, _ = read_latest(root, name)
+    if version is None:
+        return None
+    m: dict[str, Any] = json.loads(storage.read_bytes(storage.join(dataset_root(root, name), vname(version),
+                                                                   VERSION_MANIFEST)))
+    return m
+
+
+def _same_output(manifest: dict[str, Any] | None, step_dir: str, checksum: str) -> bool:
+    return manifest is not None and manifest.get("step_dir") == step_dir and manifest.get("step_sha256") == checksum
+
+
+def discard(draft: Draft) -> None:
+    """Remove a committed but unpointed version (its number stays claimed, never reused)."""
+    vdir = storage.join(dataset_root(draft.root, draft.name), vname(draft.version))
+    storage.delete(storage.join(vdir, VERSION_MANIFEST))  # first: the version vanishes at once for readers
+    for uri in storage.list_files(vdir):
+        storage.delete(uri)
+
+
 def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[str, Any] | None = None,
                   licenses: dict[str, str] | None = None) -> Draft:
     """Write and commit a new version folder from a committed step (the pointer is not moved here)."""
@@ -319,6 +347,7 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
     manifest: dict[str, Any] = {
         "name": name, "version": version, "path": vname(version), "uri": vdir, "hf": storage.join(vdir, "hf"),
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"), "step_dir": step_dir,
+        "step_sha256": step_checksum(step_dir),
         "run_root": run_root, "run": run or {}, "report": storage.join(run_root, "report.html"),
         "counts": {"splits": summary["counts"], "by_source_domain": by_source_domain, "split_bytes": split_bytes},
         "id_buckets": buckets, "lineage": lineage, "dedup_survivors": survivors,
@@ -345,11 +374,38 @@ def move_latest(draft: Draft) -> dict[str, Any]:
 
 def publish(root: str, cfg: PublishConfig, step_dir: str, run_root: str,
             run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Publish a committed step as the next version of `cfg.name`, move LATEST, then apply retention."""
+    """Publish a committed step as the next version of `cfg.name`, move LATEST, then apply retention.
+
+    When LATEST already is this step output (same step dir, same manifest checksum) nothing is published: the
+    result says `skipped` (the publish task skips, so no asset event announces a version that is not new).
+    Losing the pointer race to a publisher of the same output adopts its version the same way."""
+    step_dir = storage.validate_uri(step_dir)
+    if read_manifest(step_manifest_uri(step_dir)) is None:
+        raise PublishError(f"no committed step at {step_dir}")
+    checksum = step_checksum(step_dir)
+    current = latest_manifest(root, cfg.name)
+    if _same_output(current, step_dir, checksum):
+        assert current is not None
+        return _unchanged(current, "LATEST already is this output")
     draft = build_version(root, cfg.name, step_dir, run_root, run, cfg.licenses)
-    move_latest(draft)
+    try:
+        move_latest(draft)
+    except PublishConflict:
+        winner = latest_manifest(root, cfg.name)
+        if not _same_output(winner, step_dir, checksum):
+            raise
+        assert winner is not None
+        discard(draft)
+        return _unchanged(winner, f"another publisher of this output won the race ({vname(draft.version)} dropped)")
     deleted = retain(root, cfg.name, cfg.keep) if cfg.keep else []
-    m = draft.manifest
-    return {"name": cfg.name, "version": draft.version, "uri": m["uri"], "hf": m["hf"], "step_dir": m["step_dir"],
-            "sources": [src["uri"] for src in m["lineage"]["sources"]],
-            "counts": m["counts"]["splits"], "deleted": deleted}
+    return {**_summary(draft.manifest), "deleted": deleted}
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {"name": m["name"], "version": m["version"], "uri": m["uri"], "hf": m["hf"], "step_dir": m["step_dir"],
+            "sources": [src["uri"] for src in m["lineage"]["sources"]], "counts": m["counts"]["splits"]}
+
+
+def _unchanged(latest: dict[str, Any], why: str) -> dict[str, Any]:
+    return {**_summary(latest), "skipped": True, "unchanged": True,
+            "reason": f"{latest['name']} {vname(latest['version'])} unchanged: {why}", "deleted": []}

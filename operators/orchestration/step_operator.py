@@ -155,6 +155,12 @@ class StepOperator(BaseOperator):
             raise ValueError(f"unknown execution mode {mode!r}: use 'local' or 'kubernetes'")
         else:
             result = self._execute_local(context)
+        if isinstance(result, dict) and result.get("skipped") is True:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            # e.g. the one-stage ablation when the run's mode is two_stage (downstream tasks skip too), or a
+            # publish whose step output already is LATEST (a skipped publish emits no asset event).
+            raise AirflowSkipException(str(result.get("reason", "nothing to do")))
         if self.action == "publish":
             self._record_asset_events(context, result)
         return result
@@ -210,11 +216,6 @@ class StepOperator(BaseOperator):
             raise StepFailedError(f"{self.step} {self.action} exited with code {rc} ({kind}); see the log above")
         if self.action == "plan" and last_json is not None:
             return last_json["shards"]
-        if isinstance(last_json, dict) and last_json.get("skipped") is True:
-            from airflow.sdk.exceptions import AirflowSkipException
-
-            # e.g. the one-stage ablation when the run's mode is two_stage: downstream tasks skip too.
-            raise AirflowSkipException(str(last_json.get("reason", "nothing to do")))
         return last_json
 
     def pod_kwargs(self, context: Any) -> dict[str, Any]:
