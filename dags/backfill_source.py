@@ -17,8 +17,8 @@ from airflow.sdk import Param, dag, task
 
 from operators.orchestration.backfill import contribution, dataset_inputs, register_source, source_caps
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain, step_group
+from operators.orchestration.params import incremental_configs, incremental_params, selection_params, source_params
 from operators.orchestration.settings import data_root, safe_name
-from operators.steps.ingest.formats import SourceFormat
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.dataset) }}"
 SOURCE = "{{ data_root }}/sources/{{ safe_name(params.source_name) }}"
@@ -36,25 +36,13 @@ SOURCE = "{{ data_root }}/sources/{{ safe_name(params.source_name) }}"
     user_defined_macros={"data_root": data_root(), "safe_name": safe_name},
     tags=["iip", "phase-1", "backfill"],
     params={
-        "source_uri": Param("", type="string", minLength=1,
-                            description="File, folder or prefix of the new raw corpus (file://... or s3://...)."),
-        "source_name": Param("new_corpus", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
-                             description="Name recorded in the registry and in each record's `source`."),
-        "format": Param("auto", enum=[f.value for f in SourceFormat],
-                        description="Input format; auto detects it per file."),
+        **source_params("new_corpus", "Name recorded in the registry and in each record's `source`."),
         "cap": Param(None, type=["null", "integer"], minimum=1,
                      description="Most records of this source the selection keeps; blank = no cap."),
         "dataset": Param("foundational", enum=["foundational"],
                          description="The dataset the corpus joins (its asset gets the new version)."),
-        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
-                         description="Per domain: a count (>= 1) or a fraction of the domain."),
-        "no_churn": Param(True, type="boolean",
-                          description="Records the latest version's run kept through dedup keep their place."),
-        "freeze_selection": Param(True, type="boolean",
-                                  description="Keep DSIR's models and the earlier selection; add from new records."),
-        "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
-        "keep_versions": Param(10, type="integer", minimum=1,
-                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
+        **selection_params(),
+        **incremental_params(),
     },
 )
 def backfill_source() -> None:
@@ -84,15 +72,8 @@ def backfill_source() -> None:
                                 "target_shard_bytes": shard_bytes})
     gathered, capped = inputs(), caps()
     register() >> ingest >> [gathered, capped]
-    published = "{{ (data_root ~ '/datasets/' ~ params.dataset) if params.no_churn else None }}"
-    freeze = "{{ params.freeze_selection }}"
-    configs: dict[str, dict[str, Any]] = {
-        "exact_dedup": {"published": published},
-        "near_dedup": {"published": published},
-        "dsir": {"freeze": freeze},
-        "select": {"budgets": "{{ params.budgets }}", "source_caps": "{{ ti.xcom_pull(task_ids='caps') }}",
-                   "dsir_dir": f"{RUN}/dsir", "freeze": freeze},
-    }
+    configs = incremental_configs(RUN, "params.dataset")
+    configs["select"]["source_caps"] = "{{ ti.xcom_pull(task_ids='caps') }}"
     last = step_chain(FOUNDATIONAL_STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}",
                       run=RUN, common={"target_shard_bytes": shard_bytes}, after=[gathered, capped])
     first, report = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")

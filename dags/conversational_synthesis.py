@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk import Param, dag
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
+from operators.orchestration.params import keep_versions_param
 from operators.orchestration.settings import data_root, run_dir, safe_name
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -67,8 +68,7 @@ def llm(role: str) -> str:
         "min_turns": Param(2, type="integer", minimum=1, maximum=8),
         "max_turns": Param(3, type="integer", minimum=1, maximum=8),
         "probes_per_ability": Param(1, type="integer", minimum=1),
-        "keep_versions": Param(10, type="integer", minimum=1,
-                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
+        **keep_versions_param(),
     },
 )
 def conversational_synthesis() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk import Param, dag
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
+from operators.orchestration.params import selection_params
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -52,13 +53,9 @@ STEPS = FOUNDATIONAL_STEPS
                               description="Per domain: a list of {name, uri, format} target sets; empty = "
                               "built-in (code: HumanEval; math: templated word problems). Production: "
                               "GSM8K + MATH for math, HumanEval + MBPP for code."),
-        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
-                         description="Per domain: a count (>= 1) or a fraction of the domain."),
         "source_caps": Param({}, type="object", description="Most records per source."),
         "replay_fraction": Param(0.16, type="number", minimum=0, maximum=1),
-        "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
-        "keep_versions": Param(10, type="integer", minimum=1,
-                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
+        **selection_params(),
     },
 )
 def foundational_selection() -> None:

@@ -10,8 +10,8 @@ from datetime import datetime
 from airflow.sdk import Param, dag
 
 from operators.orchestration.dag_builder import report_task, step_group
+from operators.orchestration.params import source_params
 from operators.orchestration.settings import data_root, safe_name
-from operators.steps.ingest.formats import SourceFormat
 
 OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.source_name)) }}"
 
@@ -28,12 +28,7 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
     user_defined_macros={"data_root": data_root(), "safe_name": safe_name},
     tags=["iip", "phase-1", "ingest"],
     params={
-        "source_uri": Param("", type="string", minLength=1,
-                            description="File, folder or prefix of the raw corpus (file://... or s3://...)."),
-        "source_name": Param("demo", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
-                             description="Name recorded in each record's `source`."),
-        "format": Param("auto", enum=[f.value for f in SourceFormat],
-                        description="Input format; auto detects it per file."),
+        **source_params("demo", "Name recorded in each record's `source`."),
         "output_uri": Param(None, type=["null", "string"],
                             description="Where to write; blank = <data root>/sources/<source_name>."),
         "split_conversations": Param("rejoin", enum=["rejoin", "trim", "quarantine"],

@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk import Param, dag, task
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
+from operators.orchestration.params import incremental_configs, incremental_params, selection_params
 from operators.orchestration.refresh import plan_night, selection_inputs
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
@@ -47,17 +48,8 @@ STEPS = FOUNDATIONAL_STEPS
                          description="Sources to refresh: {name, uri of the raw folder or prefix}."),
         "run_name": Param("nightly", type="string", minLength=1,
                           description="Folder under <data root>/runs; one stable name lets unchanged steps skip."),
-        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
-                         description="Per domain: a count (>= 1) or a fraction of the domain."),
-        "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
-        "keep_versions": Param(10, type="integer", minimum=1,
-                               description="Dataset versions retention keeps (LATEST and pinned ones always stay)."),
-        "no_churn": Param(True, type="boolean",
-                          description="Records the latest version's run kept through dedup are never dropped for "
-                          "duplicates that arrive later. Off: every night re-decides every duplicate cluster."),
-        "freeze_selection": Param(True, type="boolean",
-                                  description="Keep DSIR's models and every earlier selection decision; a night "
-                                  "only adds from its new records. Off: refit and reselect over everything."),
+        **selection_params(),
+        **incremental_params(),
     },
 )
 def nightly_refresh() -> None:
@@ -77,14 +69,7 @@ def nightly_refresh() -> None:
     new >> ingest >> sources
 
     shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
-    published = "{{ (data_root ~ '/datasets/foundational') if params.no_churn else None }}"
-    freeze = "{{ params.freeze_selection }}"
-    configs: dict[str, dict[str, Any]] = {
-        "exact_dedup": {"published": published},
-        "near_dedup": {"published": published},
-        "dsir": {"freeze": freeze},
-        "select": {"budgets": "{{ params.budgets }}", "dsir_dir": f"{RUN}/dsir", "freeze": freeze},
-    }
+    configs = incremental_configs(RUN)
     last = step_chain(STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}", run=RUN,
                       common={"target_shard_bytes": shard_bytes}, after=sources)
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")

@@ -1,0 +1,66 @@
+"""Params that several DAGs' forms share, defined once so that their defaults, checks and help text agree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import Param
+
+from operators.steps.ingest.formats import SourceFormat
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # one safe path segment (sources, datasets, runs)
+
+
+def source_params(default_name: str, name_help: str) -> dict[str, Param]:
+    """`source_uri`, `source_name` and `format`: a raw corpus to ingest."""
+    return {
+        "source_uri": Param("", type="string", minLength=1,
+                            description="File, folder or prefix of the raw corpus (file://... or s3://...)."),
+        "source_name": Param(default_name, type="string", pattern=NAME_PATTERN, description=name_help),
+        "format": Param("auto", enum=[f.value for f in SourceFormat],
+                        description="Input format; auto detects it per file."),
+    }
+
+
+def selection_params(shard_mb: float = 256) -> dict[str, Param]:
+    """`budgets`, `target_shard_mb` and `keep_versions`: a Phase 1 selection that publishes a version."""
+    return {
+        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
+                         description="Per domain: a count (>= 1) or a fraction of the domain."),
+        "target_shard_mb": Param(shard_mb, type="number", exclusiveMinimum=0,
+                                 description="Inputs are grouped into parallel shards of about this size."),
+        **keep_versions_param(),
+    }
+
+
+def keep_versions_param() -> dict[str, Param]:
+    """`keep_versions`: how many dataset versions retention keeps."""
+    return {"keep_versions": Param(10, type="integer", minimum=1,
+                                   description="Dataset versions retention keeps (LATEST and pinned ones always "
+                                   "stay).")}
+
+
+def incremental_params() -> dict[str, Param]:
+    """`no_churn` and `freeze_selection`: how a refresh treats what earlier versions published."""
+    return {
+        "no_churn": Param(True, type="boolean",
+                          description="Records the latest version's run kept through dedup are never dropped for "
+                          "duplicates that arrive later. Off: every run re-decides every duplicate cluster."),
+        "freeze_selection": Param(True, type="boolean",
+                                  description="Keep DSIR's models and every earlier selection decision; a run only "
+                                  "adds from its new records. Off: refit and reselect over everything."),
+    }
+
+
+def incremental_configs(run: str, dataset: str = "'foundational'") -> dict[str, dict[str, Any]]:
+    """Step configs (templated) of a refresh over `run`: dedup protects what the dataset published (no_churn),
+    dsir and select keep their models and decisions (freeze_selection). `dataset` is a Jinja expression (a
+    quoted name, or `params.dataset`)."""
+    published = "{{ (data_root ~ '/datasets/' ~ " + dataset + ") if params.no_churn else None }}"
+    freeze = "{{ params.freeze_selection }}"
+    return {
+        "exact_dedup": {"published": published},
+        "near_dedup": {"published": published},
+        "dsir": {"freeze": freeze},
+        "select": {"budgets": "{{ params.budgets }}", "dsir_dir": f"{run}/dsir", "freeze": freeze},
+    }
