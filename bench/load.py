@@ -101,7 +101,10 @@ def run(records: int, shards: int, parallelism: int, work: Path) -> dict[str, An
     print(f"corpus: {records:,} records in {corpus_s:.1f}s", flush=True)
     ingest_dir = data / "sources" / "load" / "ingest"
     t0 = time.perf_counter()
-    config = json.dumps({"source_name": "load", "target_shard_bytes": 64 << 20})
+    # Parts of about N / (shards + 2) rows: each becomes one shard of every later step (see target_shard_mb).
+    aim = shards + 2
+    config = json.dumps({"source_name": "load", "target_shard_bytes": 64 << 20,
+                         "max_part_rows": -(-records // aim)})
     r = run_cli("run", "ingest", "--config", config, "--input", str(raw), "--output", str(ingest_dir),
                 timeout=6 * 3600)
     if r.returncode != 0:
@@ -109,8 +112,9 @@ def run(records: int, shards: int, parallelism: int, work: Path) -> dict[str, An
     ingest_s = time.perf_counter() - t0
     ingested = json.loads((ingest_dir / "stats.json").read_text())
     data_bytes = sum(p.stat().st_size for p in ingest_dir.glob("part-*.parquet"))
-    # Later steps read a little less (filter and dedup drop), so aim a bit above the wanted shard count.
-    shard_mb = data_bytes / (shards * 1.25) / 2**20
+    # A shard of about one ingest part: each part is planned as its own shard by every step (a step writes one
+    # file per shard and part), and later steps keep that count as they read a little less each.
+    shard_mb = data_bytes / aim / 2**20
     print(f"ingest: {ingested['records_kept']:,} kept in {ingest_s:.1f}s, {data_bytes / 2**20:.0f} MiB "
           f"-> target_shard_mb {shard_mb:.3f}", flush=True)
 

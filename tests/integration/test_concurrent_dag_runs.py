@@ -8,6 +8,8 @@
 2. Two `nightly_refresh` nights triggered together (the DAG allows one active run): the second waits in the
    queue until the first has finished, then finds no new file, ingests nothing, re-commits nothing and
    publishes nothing.
+3. Airflow's date backfill of `nightly_refresh` over two nights, run by the scheduler in date order: the first
+   ingests the file that arrived and publishes a version, the second finds nothing new.
 
 Needs PostgreSQL, like tests/integration/test_airflow_scheduler.py.
 """
@@ -130,4 +132,28 @@ def test_two_runs_of_a_dag_and_two_nights_at_once(airflow: Airflow, tmp_path: Pa
     assert len(dv.versions(root, "foundational")) == 2 and dv.versions(root, "foundational")[0] == 1
     assert dv.read_latest(root, "foundational")[0] == dv.versions(root, "foundational")[-1]
     _step_chain_checks(data / "runs" / "nightly")
+
+    # Airflow's own backfill over two dates (what `airflow backfill create` sends), run by the scheduler: a file
+    # arrived, so the first backfilled night ingests it and publishes; the second finds nothing new.
+    _raw(tmp_path / "raw-n", "late", 15)
+    latest = dv.read_latest(root, "foundational")[0]
+    api.call("POST", "/backfills", json={"dag_id": nightly, "from_date": "2026-01-04T00:00:00Z",
+                                         "to_date": "2026-01-05T00:00:00Z", "max_active_runs": 1,
+                                         "dag_run_conf": nconf, "reprocess_behavior": "none"})
+    backfilled = sorted(r["dag_run_id"] for r in api.call("GET", f"/dags/{nightly}/dagRuns")["dag_runs"]
+                        if r["run_type"] == "backfill")
+    assert len(backfilled) == 2, backfilled
+    done = wait_for_runs(api, af, nightly, backfilled, 2 * RUN_TIMEOUT_S)
+    af.mark("two backfilled nights")
+    bstates = {r: _states(api, nightly, r) for r in backfilled}
+    assert [done[r]["state"] for r in backfilled] == ["success", "success"], (done, bstates)
+    assert [done[r]["logical_date"][:10] for r in backfilled] == ["2026-01-04", "2026-01-05"]
+    assert parse_time(done[backfilled[1]]["start_date"]) >= parse_time(done[backfilled[0]]["end_date"])  # type: ignore[operator]
+    assert [bstates[r]["ingest"] for r in backfilled] == [["success"], ["skipped"]], bstates
+    assert [bstates[r]["publish"] for r in backfilled] == [["success"], ["skipped"]], bstates
+    assert (data / "sources" / "night" / "2026-01-04" / "ingest" / "_MANIFEST.json").exists()
+    new = dv.read_latest(root, "foundational")[0]
+    assert new is not None and latest is not None and new > latest
+    stats = _step_chain_checks(data / "runs" / "nightly")
+    assert stats[0]["records_in"] == 45 + 15  # both nights' files
     af.mark("checked")
