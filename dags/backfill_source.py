@@ -76,10 +76,9 @@ def backfill_source() -> None:
     configs["select"]["source_caps"] = "{{ ti.xcom_pull(task_ids='caps') }}"
     last = step_chain(FOUNDATIONAL_STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}",
                       run=RUN, common={"target_shard_bytes": shard_bytes}, after=[gathered, capped])
-    first, report = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     added = contributed.override(templates_dict={"run": RUN})()
-    last >> [first, added]
-    added >> report
+    last >> added >> first  # before publish: the version keeps what its corpus contributed
 
 
 backfill_source()

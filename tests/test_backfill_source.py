@@ -70,6 +70,10 @@ def test_a_second_corpus_lands_in_a_new_version_deduplicated_against_the_first(h
     # Version 2 holds both corpora: every record of A that version 1 held (nothing taken back), and what B
     # added, as the contribution report says.
     v1, v2 = version_counts
+    # Each version keeps its own backfill's contribution (the run folder's is overwritten by the next backfill).
+    kept = [json.loads((data / "datasets" / "foundational" / dv.vname(v) / "contribution.json").read_text())
+            for v in (1, 2)]
+    assert [c["source"] for c in kept] == ["corpusA", "corpusB"] and kept[1] == added
     assert set(v1) == {"corpusA"} and v2["corpusA"] == v1["corpusA"] > 0
     assert v2 == added["selected_by_source"] and v2["corpusB"] == added["steps"]["select"]["kept"] > 0
 

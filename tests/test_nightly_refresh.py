@@ -79,6 +79,11 @@ def test_plan_night_finds_only_new_files_and_ignores_failed_nights(tmp_path: Pat
         selection_inputs([{"name": "other", "uri": str(raw)}], root)
 
 
+def test_a_night_without_sources_fails_saying_so(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no sources"):
+        plan_night([], "2026-01-02", storage.validate_uri(str(tmp_path)))
+
+
 @pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return migrated_airflow(tmp_path_factory)[0]

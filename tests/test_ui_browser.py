@@ -79,8 +79,12 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
     port = _free_block()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
     env.update({"AIRFLOW_HOME": str(home), "IIP_DATA_ROOT": str(data), "AIRFLOW_PORT": str(port)})
+    # As from a terminal: SIGINT at its default. A test run started in the background (`cmd &` in a script, as a
+    # CI runner may) inherits SIGINT ignored, and bash cannot trap a signal ignored on entry, so Ctrl-C would
+    # never reach the script's trap (the cause of this test's failures under a backgrounded `.ci/run`).
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "airflow.sh")], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     password = ""
     assert proc.stdout is not None

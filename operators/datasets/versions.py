@@ -341,7 +341,7 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
         if storage.exists(stats):
             storage.write_bytes(storage.join(vdir, "stats", f"{key.replace('/', '__')}.json"),
                                 storage.read_bytes(stats))
-    for f in ("report.json", "report.html"):
+    for f in ("report.json", "report.html", "contribution.json"):  # contribution: a backfill's, when present
         if storage.exists(storage.join(run_root, f)):
             storage.write_bytes(storage.join(vdir, f), storage.read_bytes(storage.join(run_root, f)))
     manifest: dict[str, Any] = {

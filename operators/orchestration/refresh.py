@@ -64,6 +64,11 @@ def plan_night(sources: list[dict[str, str]], night: str, root: str | None = Non
     Sources without new files are left out (their ingest task is not created)."""
     from operators.core.registry import step_class  # the step's own suffix list, not a copy of it
 
+    if not sources:
+        # e.g. the @daily run the scheduler starts when the DAG is unpaused with the form's defaults
+        raise ValueError("nightly_refresh has no sources: give them in the trigger form, or as the `sources` "
+                         "Param's default for scheduled nights")
+
     suffixes = step_class("ingest").input_suffixes
     out = []
     for src in sources:
