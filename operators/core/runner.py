@@ -144,10 +144,11 @@ def _part_files(folder: str, subdirs: tuple[str, ...] = ("",)) -> list[tuple[str
     return out
 
 
-def _sweep(folder: str, committed: Manifest, shard: int | None = None, subdirs: tuple[str, ...] = ("", "dropped"),
+def _sweep(folder: str, keep: set[str], shard: int | None = None, subdirs: tuple[str, ...] = ("", "dropped"),
            shuffled: bool = False) -> int:
-    """Delete part files in `folder` (of `shard`, or of every shard) that `committed` does not list: parts of
-    crashed attempts, of an attempt that lost the commit race, of a stale output.
+    """Delete part files in `folder` (of `shard`, or of every shard) whose paths are not in `keep` (what the
+    committed manifests list): parts of crashed attempts, of an attempt that lost the commit race, of a stale
+    output.
 
     Runs only after the manifest is committed, never before an attempt starts: a sweep before writing could
     delete the files of a concurrent attempt that commits in between, leaving a committed manifest whose files
@@ -159,9 +160,8 @@ def _sweep(folder: str, committed: Manifest, shard: int | None = None, subdirs: 
     if shuffled:
         parents = {uri[len(folder) + 1:].rpartition("/")[0] for uri in storage.list_files(folder)}
         subdirs = subdirs + tuple(sorted(p for p in parents if p.startswith("p") and p[1:].isdigit()))
-    listed = {f.path for f in committed.files}
     for uri, rel in _part_files(folder, subdirs):
-        if rel.rpartition("/")[2].startswith(prefix) and rel not in listed:
+        if rel.rpartition("/")[2].startswith(prefix) and rel not in keep:
             storage.delete(uri)
             removed += 1
     return removed
@@ -182,7 +182,7 @@ def _commit_written(uri: str, manifest: Manifest, folder: str, what: str, sweep:
         log.info("%s: another attempt committed first (%s) and swept ours; using it", what, winner.attempt)
         return winner
     committed = _commit(uri, manifest, folder, what)
-    removed = _sweep(folder, committed, **sweep)
+    removed = _sweep(folder, {f.path for f in committed.files}, **sweep)
     if removed:
         log.info("%s: removed %d file(s) of other, uncommitted attempts", what, removed)
     return committed
@@ -351,10 +351,7 @@ def reduce_step(step_name: str, step_dir: str) -> Manifest:
     reused = sum(m.reused_from is not None for m in shard_manifests)
     if reused:  # only incremental runs carry it: a full run's stats stay as they were
         stats.counters["shards_reused"] = float(reused)
-    listed = {f.path for f in files}
-    for uri, rel in _part_files(step_dir, ("", "dropped")):  # garbage: parts of stale or lost attempts
-        if rel not in listed:
-            storage.delete(uri)
+    _sweep(step_dir, {f.path for f in files})  # garbage: parts of stale or lost attempts
     swept = storage.sweep_temp_files(step_dir, TEMP_MAX_AGE_S)
     if swept:
         log.info("step %s: removed %d temp file(s) that killed writers left", step_name, swept)

@@ -41,9 +41,8 @@ class StepCheck:
 
 def _sha256(uri: str) -> str:
     h = hashlib.sha256()
-    with storage.open_input(uri) as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
+    for chunk in storage.iter_chunks(uri):
+        h.update(chunk)
     return h.hexdigest()
 
 

@@ -181,7 +181,7 @@ def retain(root: str, name: str, keep: int) -> list[int]:
     all_versions = versions(root, name)
     doomed = [v for v in all_versions[:-keep] if v not in protected]
     for v in doomed:
-        discard(Draft(root, name, v, None, {}))
+        discard(root, name, v)
     return doomed
 
 
@@ -310,9 +310,9 @@ def _same_output(manifest: dict[str, Any] | None, step_dir: str, checksum: str) 
     return manifest is not None and manifest.get("step_dir") == step_dir and manifest.get("step_sha256") == checksum
 
 
-def discard(draft: Draft) -> None:
-    """Remove a committed but unpointed version (its number stays claimed, never reused)."""
-    vdir = storage.join(dataset_root(draft.root, draft.name), vname(draft.version))
+def discard(root: str, name: str, version: int) -> None:
+    """Remove a committed version that LATEST does not point at (its number stays claimed, never reused)."""
+    vdir = storage.join(dataset_root(root, name), vname(version))
     storage.delete(storage.join(vdir, VERSION_MANIFEST))  # first: the version vanishes at once for readers
     for uri in storage.list_files(vdir):
         storage.delete(uri)
@@ -395,7 +395,7 @@ def publish(root: str, cfg: PublishConfig, step_dir: str, run_root: str,
         if not _same_output(winner, step_dir, checksum):
             raise
         assert winner is not None
-        discard(draft)
+        discard(draft.root, draft.name, draft.version)
         return _unchanged(winner, f"another publisher of this output won the race ({vname(draft.version)} dropped)")
     deleted = retain(root, cfg.name, cfg.keep) if cfg.keep else []
     return {**_summary(draft.manifest), "deleted": deleted}
