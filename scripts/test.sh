@@ -32,4 +32,4 @@ need browser "installing Debian's chromium + chromium-driver (the UI browser tes
     bash scripts/get-chromium.sh
 echo "== ruff"; $BIN/ruff check operators dags plugins tests bench scripts
 echo "== mypy"; $BIN/mypy operators dags plugins
-echo "== pytest"; $BIN/python -m pytest -q -rs -p no:cacheprovider "$@"
+echo "== pytest"; $BIN/python -m pytest -q -rs -p no:cacheprovider --durations=30 "$@"

@@ -198,7 +198,9 @@ def test_partition_tasks_cover_every_partition_once_and_resume(tmp_path: Path) -
     for shards, parts in [(4, 10), (4, 3), (1, 5), (7, 7)]:
         assigned = [p for k in range(shards) for p in slot_partitions(k, shards, parts)]
         assert sorted(assigned) == list(range(parts))
-    assert shuffle_partitions(None, 3) == 64 and shuffle_partitions(None, 500) == 500
+    # At least 64; else the next power of two of the shard count, so a few new shards keep the partitions.
+    assert shuffle_partitions(None, 3) == 64 and shuffle_partitions(None, 500) == 512
+    assert shuffle_partitions(None, 65) == shuffle_partitions(None, 128) == 128
     assert shuffle_partitions(7, 500) == 7
 
     shards = _random_corpus(3, shards=3)

@@ -12,7 +12,9 @@ at those windows. Nothing happens unless the environment says so:
 Points (see the callers): `part.written` (a part file is uploaded, no manifest lists it yet),
 `write.temp` (a local write's temp file is durable, not yet renamed into place), `commit.before`
 (a manifest is about to be committed), `commit.after` (the manifest is committed, the writer has not
-returned). The cost when unset is one environment lookup per part or commit.
+returned), `stage.done` (a stage committed, the next not started), `llm.cache.flushed` (LLM results are
+paid for and cached, no output commits them yet). The cost when unset is one environment lookup per
+part or commit.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -44,7 +44,7 @@ from operators.core.step import (
     shuffle_dir,
     slot_partitions,
 )
-from operators.core.writer import PartWriter
+from operators.core.writer import PartWriter, part_shard
 
 log = logging.getLogger("operators.runner")
 
@@ -501,10 +501,11 @@ class StorageArtifacts:
         tables = [self._read(stage, f.path) for f in (m.files if m else []) if f.path.startswith(prefix)]
         return pa.concat_tables(tables) if tables else None
 
-    def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
+    def shuffled(self, stage: str, partition: int, shards: Collection[int] | None = None) -> Iterator[pa.Table]:
         prefix = shuffle_dir(partition) + "/"
         for f in self._files(stage):
-            if f.path.startswith(prefix):
+            # Shuffled parts are `pNNNNN/part-<shard>-...`, written by their shard's task.
+            if f.path.startswith(prefix) and (shards is None or part_shard(f.path) in shards):
                 yield self._read(stage, f.path)
 
     def summary(self, stage: str) -> dict[str, Any]:

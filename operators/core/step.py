@@ -8,7 +8,7 @@ Airflow or storage, so it can be tested on in-memory batches and run anywhere.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeAlias, TypeVar
 
@@ -188,11 +188,14 @@ def slot_partitions(slot: int, num_shards: int, partitions: int) -> list[int]:
 
 
 def shuffle_partitions(configured: int | None, num_shards: int, floor: int = 64) -> int:
-    """How many partitions a shuffle uses: the configured number, else one per shard but at least `floor`.
+    """How many partitions a shuffle uses: the configured number, else about one per shard (the next power of
+    two), but at least `floor`.
 
     One per shard keeps a partition task's memory at about one shard's worth of rows as the corpus grows;
-    the floor keeps small runs from putting everything into one partition."""
-    return configured if configured is not None else max(floor, num_shards)
+    the floor keeps small runs from putting everything into one partition. Powers of two keep the count, and
+    with it every partition's contents and index (`partition_index`), unchanged while a night's few new
+    shards are added; it changes only when the corpus doubles."""
+    return configured if configured is not None else max(floor, 1 << max(0, num_shards - 1).bit_length())
 
 
 def shuffle_dir(partition: int) -> str:
@@ -210,6 +213,8 @@ def partition_by_shard(table: pa.Table) -> dict[int, pa.Table]:
 class Artifacts(Protocol):
     """Read access to committed stage outputs (implemented by the runner over storage)."""
 
+    step_dir: str  # the step's output folder (URI): where a step keeps state across plans (dedup indexes)
+
     def iter_tables(self, stage: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Every map-stage output part of `stage` (the shards' own rows, not shuffled ones), one at a time;
         only `columns` when given (a reduce that needs ids need not read signatures)."""
@@ -223,8 +228,9 @@ class Artifacts(Protocol):
         """The reduce-stage summary of `stage`."""
         ...
 
-    def shuffled(self, stage: str, partition: int) -> Iterator[pa.Table]:
-        """The rows every shard of map stage `stage` shuffled to `partition`, one part file at a time."""
+    def shuffled(self, stage: str, partition: int, shards: Collection[int] | None = None) -> Iterator[pa.Table]:
+        """The rows every shard (or only `shards`) of map stage `stage` shuffled to `partition`, one part file
+        at a time."""
         ...
 
     def shard_rows(self, stage: str, shard: int) -> Iterator[pa.Table]:

@@ -89,7 +89,7 @@ class PartWriter:
             return
         self._writer.close()
         buf = self._sink.getvalue()
-        name = f"part-{self.shard:05d}-{len(self.files):05d}-{self.attempt}.parquet"
+        name = part_name(self.shard, len(self.files), self.attempt)
         rel = f"{self.subdir}/{name}" if self.subdir else name
         storage.write_bytes(storage.join(self.step_dir, rel), buf)  # no copy: a Buffer is bytes-like
         faults.point("part.written")  # uploaded, but no manifest lists it: crash tests kill here
@@ -103,3 +103,13 @@ class PartWriter:
         self._flush_row_group()
         self._finish_part()
         return self.files
+
+
+def part_name(shard: int, seq: int, attempt: str) -> str:
+    """`part-SSSSS-NNNNN-<attempt>.parquet`: the shard that wrote it, its sequence number, the attempt."""
+    return f"part-{shard:05d}-{seq:05d}-{attempt}.parquet"
+
+
+def part_shard(path: str) -> int:
+    """The shard that wrote part file `path` (any folder): the inverse of `part_name`."""
+    return int(path.rsplit("/", 1)[-1][5:10])

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators.core import storage
+from operators.core import faults, storage
 from operators.llm.base import Generation, LossScore
 
 log = logging.getLogger(__name__)
@@ -133,3 +133,4 @@ class ResultCache:
         self._seq += 1
         self.stats.segments_written += 1
         self._pending.clear()
+        faults.point("llm.cache.flushed")  # paid for and cached, not yet in any committed output

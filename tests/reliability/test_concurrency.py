@@ -74,20 +74,17 @@ def _both(a: list[Task], b: list[Task]) -> list[int]:
 def test_two_runs_of_every_phase1_step_on_one_output_commit_once(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     write_instruction_corpus(corpus, 240, n_files=4, seed=11, malformed_rate=0.02, near_dup_rate=0.05)
-    _preload()
+    _preload(PIPELINE)
     solo, both = tmp_path / "solo", tmp_path / "both"
-    prev_solo, prev_both = str(corpus), str(corpus)
     shards_raced = 0
-    for step, cfg in PIPELINE:
-        solo_out, both_out = str(solo / step), str(both / step)
-        assert _both([plan_task(step, cfg, [prev_solo], solo_out)], []) == [0, 0]
-        assert _both(step_tasks(step, cfg, [prev_solo], solo_out), []) == [0, 0]
+    for node in PIPELINE:
+        assert _both([plan_task(node, solo, corpus)], []) == [0, 0]
+        assert _both(step_tasks(node, solo), []) == [0, 0]
         # The racing pair plans at once too (the plan is written twice, the same content).
-        plan = plan_task(step, cfg, [prev_both], both_out)
-        assert _both([plan], [plan]) == [0, 0], step
-        tasks = step_tasks(step, cfg, [prev_both], both_out)
-        assert _both(tasks, _reversed_within_stages(tasks)) == [0, 0], step
+        plan = plan_task(node, both, corpus)
+        assert _both([plan], [plan]) == [0, 0], node.name
+        tasks = step_tasks(node, both)
+        assert _both(tasks, _reversed_within_stages(tasks)) == [0, 0], node.name
         shards_raced += sum(1 for t in tasks if t.name.startswith("run:"))
-        assert problems(step, solo / step, both / step) == []
-        prev_solo, prev_both = solo_out, both_out
+        assert problems(node.name, solo / node.name, both / node.name) == []
     assert shards_raced >= 2 * len(PIPELINE)  # every step had several shards for the two to fight over

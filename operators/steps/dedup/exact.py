@@ -36,6 +36,7 @@ from operators.core.step import (
 )
 from operators.dedup.unionfind import choose_keepers, connected_components
 from operators.steps.dedup.droplist import (
+    LINKS_SCHEMA,
     DropListStep,
     NoChurnConfig,
     drop_lists,
@@ -43,6 +44,7 @@ from operators.steps.dedup.droplist import (
     resolve_links,
     shuffle_rows,
 )
+from operators.steps.dedup.partition_index import PartitionIndex
 from operators.text.normalize import normalize_text
 
 Scope = Literal["conversation", "first_human"]
@@ -82,17 +84,75 @@ def answer_lengths(conversations: list[list[dict[str, str]]]) -> list[int]:
     return [sum(len(t["value"]) for t in conv if t["from"] == "gpt") for conv in conversations]
 
 
-def equal_hash_links(keys: npt.NDArray[np.int64], scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
-                     h2: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+HASH_ROWS = pa.schema([("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint64()), ("h2", pa.uint64())])
+HEAD_ORDER = ["h1", "h2", "scope"]  # how index heads are sorted: by hash first, so a probe is a binary search
+
+
+Keys = npt.NDArray[np.int64]
+
+
+def group_links(keys: Keys, scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
+                h2: npt.NDArray[np.uint64]) -> tuple[Keys, Keys, Keys]:
     """Links (key, first key of its group) for rows whose (scope, hash) another row shares: a star per group,
-    linear in rows. A key repeated within a group (a re-emitted shard) adds no link."""
-    order = np.lexsort((keys, h2, h1, scope))
+    linear in rows; and the row of each group's first key (its head), in `HEAD_ORDER`. A key repeated within
+    a group (a re-emitted shard) adds no link."""
+    order = np.lexsort((keys, scope, h2, h1))
     k, sc, a, b = keys[order], scope[order], h1[order], h2[order]
     first = np.ones(k.size, dtype=bool)
     first[1:] = (sc[1:] != sc[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1])
     head = k[np.maximum.accumulate(np.where(first, np.arange(k.size), 0))] if k.size else k
     linked = ~first & (k != head)
-    return k[linked], head[linked]
+    return k[linked], head[linked], order[first]
+
+
+def equal_hash_links(keys: npt.NDArray[np.int64], scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
+                     h2: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Links (key, first key of its group) for rows whose (scope, hash) another row shares (`group_links`)."""
+    src, dst, _ = group_links(keys, scope, h1, h2)
+    return src, dst
+
+
+def probe_heads(segments: list[pa.Table], rows: pa.Table) -> npt.NDArray[np.int64]:
+    """For each of `rows` (`HASH_ROWS`), the head key of the group with its (scope, hash) among the index
+    `segments` (each sorted by `HEAD_ORDER`; a group is in at most one), or -1. Binary search: the cost grows
+    with `rows` (times log of the index), not with the index. Pure."""
+    found = np.full(rows.num_rows, -1, dtype=np.int64)
+    sc, a, b = (rows[c].to_numpy() for c in ("scope", "h1", "h2"))
+    for seg in segments:
+        if seg.num_rows == 0 or rows.num_rows == 0:
+            continue
+        s_sc, s_a, s_b, s_k = (seg[c].to_numpy() for c in ("scope", "h1", "h2", "key"))
+        lo, hi = np.searchsorted(s_a, a, "left"), np.searchsorted(s_a, a, "right")
+        for i in np.flatnonzero(hi > lo):  # rows whose h1 the index holds: duplicates of old records only
+            hit = lo[i] + np.flatnonzero((s_b[lo[i]:hi[i]] == b[i]) & (s_sc[lo[i]:hi[i]] == sc[i]))
+            if hit.size:
+                found[i] = s_k[hit[0]]
+    return found
+
+
+def link_new_rows(segments: list[pa.Table], rows: pa.Table) -> tuple[pa.Table, npt.NDArray[np.int64],
+                                                                     npt.NDArray[np.int64]]:
+    """Link `rows` against the index `segments` and each other: (heads of the groups new to the index, in
+    `HEAD_ORDER`; link sources; link targets). A row whose group the index holds links to that group's head;
+    the others link within their own groups (`group_links`). With an empty index, that is `group_links` over
+    all rows. New rows come from shards appended after the index's, so their keys are larger than every head:
+    the links are the ones linking all rows at once would make. Pure."""
+    keys = rows["key"].to_numpy()
+    head = probe_heads(segments, rows)
+    hit = head >= 0
+    old_src, old_dst = keys[hit], head[hit]
+    fresh = rows.filter(pa.array(~hit)) if hit.any() else rows
+    src, dst, heads = group_links(fresh["key"].to_numpy(), fresh["scope"].to_numpy(), fresh["h1"].to_numpy(),
+                                  fresh["h2"].to_numpy())
+    keep = old_src != old_dst  # a key already in the index (a re-emitted shard) links to nothing new
+    return (fresh.take(pa.array(heads)).select(HASH_ROWS.names), np.concatenate([old_src[keep], src]),
+            np.concatenate([old_dst[keep], dst]))
+
+
+def sorted_links(tables: list[pa.Table]) -> pa.Table:
+    """Links as one table sorted by (key, linked_key): equal link sets give equal files."""
+    t = concat_or_empty(tables, LINKS_SCHEMA)
+    return t.sort_by([("key", "ascending"), ("linked_key", "ascending")])
 
 
 def survivor_rank(reward: npt.NDArray[np.float64], answer_len: npt.NDArray[np.int64], ids: pa.Array) -> npt.NDArray[
@@ -153,11 +213,19 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
         return {SHARD_ROWS: own, **shuffle_rows(rows, part)}
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
-        t = concat_or_empty(artifacts.shuffled("keys", partition), pa.schema(
-            [("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint64()), ("h2", pa.uint64())]))
-        src, dst = equal_hash_links(t["key"].to_numpy(), t["scope"].to_numpy(), t["h1"].to_numpy(),
-                                    t["h2"].to_numpy())
-        return PartitionResult(links_table(src, dst), t.num_rows, {"links": float(src.size)})
+        """Link the partition's hash rows. With an index of an earlier run (`partition_index`), only the rows of
+        shards it does not cover are read and linked, against its group heads and each other."""
+        covered = {k: v for k, v in artifacts.shard_keys("keys").items() if k < self.num_shards}
+        index = PartitionIndex(artifacts.step_dir, stage, partition, covered)
+        rows = concat_or_empty(artifacts.shuffled("keys", partition, index.new_shards), HASH_ROWS)
+        heads, src, dst = link_new_rows(index.base_heads, rows.select(HASH_ROWS.names))
+        new_links = links_table(src, dst)
+        index.commit(heads, new_links, rows.num_rows, HEAD_ORDER)
+        links = sorted_links([t for t in (index.base_links, new_links) if t is not None])
+        # Counts over every covered row, so a run on an index reports what one without it would.
+        return PartitionResult(links, index.base_rows + rows.num_rows,
+                               {"links": float(links.num_rows), "index_rows_reused": float(index.base_rows),
+                                "index_rows_linked": float(rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         def rank(rows: pa.Table) -> npt.NDArray[np.int64]:

@@ -1,0 +1,170 @@
+"""exact_dedup's partition index: a night links only its new hash rows, against the index's group heads and each
+other, and the result equals linking everything at once (operators/steps/dedup/partition_index.py)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.cli import build_step
+from operators.core import storage
+from operators.core.manifest import SHARDS_DIR, read_manifest, stage_dir
+from operators.core.runner import StorageArtifacts, read_step_table, run_all
+from operators.core.step import concat_or_empty
+from operators.schema import CANONICAL_SCHEMA
+from operators.steps.dedup import partition_index
+from operators.steps.dedup.droplist import LINKS_SCHEMA
+from operators.steps.dedup.exact import HASH_ROWS, link_new_rows
+from operators.steps.dedup.partition_index import INDEX_DIR, Generation, best_base
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
+         "xi", "pi", "rho", "sigma", "tau", "phi", "chi"]
+
+
+def _rows(rng: random.Random, prefix: str, n: int, copies: list[dict]) -> list[dict]:
+    out = [{"id": f"{prefix}-{i}", "conversations": [
+        {"from": "human", "value": f"{prefix} {i} " + " ".join(rng.choice(WORDS) for _ in range(12))},
+        {"from": "gpt", "value": " ".join(rng.choice(WORDS) for _ in range(30))}],
+        "label": None, "langdetect": "en", "source": prefix, "reward": rng.random(), "origin": None}
+        for i in range(n)]
+    # Exact copies of earlier records (whole conversation), and copies of their prompt only.
+    for j, c in enumerate(copies):
+        out.append({**c, "id": f"{prefix}-copy{j}", "reward": 0.0})
+        out.append({**c, "id": f"{prefix}-prompt{j}", "reward": 0.0, "conversations": [
+            c["conversations"][0], {"from": "gpt", "value": f"another answer {j}"}]})
+    return out
+
+
+def _night(folder: Path, name: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), folder / f"{name}.parquet")
+
+
+def _run(out: Path, folder: Path) -> str:
+    # One shard per file, and new files sort after old ones (appended shards: larger record keys).
+    run_all(build_step("exact_dedup", {"target_shard_bytes": 1, "partitions": 8}), [str(folder)], str(out))
+    return str(out)
+
+
+def _links(step_dir: str) -> list[tuple[int, int]]:
+    t = concat_or_empty(StorageArtifacts(step_dir).iter_tables("groups"), LINKS_SCHEMA)
+    return sorted(zip(t["key"].to_pylist(), t["linked_key"].to_pylist(), strict=True))
+
+
+def _decisions(step_dir: str) -> tuple[list[str], dict[str, str]]:
+    dropped = read_step_table(step_dir, "dropped")
+    return (sorted(read_step_table(step_dir)["id"].to_pylist()),
+            dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)))
+
+
+def _counters(step_dir: str) -> dict[str, float]:
+    """The partition stage's counters, summed over its slot tasks."""
+    total: dict[str, float] = {}
+    for uri in storage.list_files(storage.join(stage_dir(step_dir, "groups"), SHARDS_DIR)):
+        m = read_manifest(uri)
+        assert m is not None
+        for k, v in m.stats.counters.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def test_nights_link_only_new_rows_and_equal_linking_everything(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    first = _rows(rng, "a", 60, [])
+    src = tmp_path / "src"
+    _night(src, "n1-a", first)
+    _night(src, "n1-b", _rows(rng, "b", 60, first[:5]))
+    inc = tmp_path / "inc"
+    _run(inc / "exact", src)
+    assert _counters(str(inc / "exact"))["index_rows_reused"] == 0
+    for night in (2, 3):
+        # Each night: fresh records, copies of old ones, and copies among its own records.
+        fresh = _rows(rng, f"c{night}", 40, first[10 * night:10 * night + 4])
+        fresh += [{**r, "id": r["id"] + "-twin", "reward": 0.0} for r in fresh[:3]]
+        _night(src, f"n{night}", fresh)
+        got = _run(inc / "exact", src)
+        full = _run(tmp_path / f"full{night}" / "exact", src)
+        assert _links(got) == _links(full)
+        assert _decisions(got) == _decisions(full)
+        c, f = _counters(got), _counters(full)
+        # Only the new night's hash rows were read and linked (2 scopes per record); the rest came from the index.
+        assert c["index_rows_linked"] == 2 * len(fresh)
+        assert c["index_rows_reused"] == f["index_rows_linked"] - 2 * len(fresh) > 0
+        assert c["links"] == f["links"]
+        details = _decisions(got)[1]
+        assert any(d.startswith("duplicate of a-") for i, d in details.items() if i.startswith(f"c{night}-copy"))
+        # Duplicates within the night itself.
+        assert sum(i.startswith(f"c{night}-") and i.endswith("-twin") for i in details) == 3
+    # The index keeps at most two generations per partition; every listed segment exists.
+    gens = list((inc / "exact" / INDEX_DIR / "groups").glob("p*/gen-*.json"))
+    assert gens and max(len(list(p.glob("gen-*.json"))) for p in (inc / "exact" / INDEX_DIR / "groups").iterdir()) <= 2
+    for g in gens:
+        gen = Generation.parse(g.name, g.read_bytes())
+        assert all((g.parent / f).is_file() for f in (*gen.heads, *gen.links))
+
+
+def test_a_damaged_index_falls_back_to_linking_everything(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    first = _rows(rng, "a", 50, [])
+    src = tmp_path / "src"
+    _night(src, "n1", first)
+    _run(tmp_path / "inc" / "exact", src)
+    for seg in (tmp_path / "inc" / "exact" / INDEX_DIR).rglob("heads-*.parquet"):
+        seg.write_bytes(b"not parquet")  # a torn or foreign file
+    _night(src, "n2", _rows(rng, "b", 30, first[:4]))
+    got = _run(tmp_path / "inc" / "exact", src)
+    full = _run(tmp_path / "full" / "exact", src)
+    assert _links(got) == _links(full) and _decisions(got) == _decisions(full)
+    assert _counters(got)["index_rows_reused"] == 0  # nothing trusted from the damaged index
+
+
+def test_segments_are_compacted_and_a_changed_shard_invalidates_the_base(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partition_index, "MAX_SEGMENTS", 2)
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    first = _rows(rng, "a", 30, [])
+    _night(src, "n1", first)
+    for night in range(2, 6):
+        _night(src, f"n{night}", _rows(rng, f"n{night}", 20, first[2 * night:2 * night + 2]))
+        _run(tmp_path / "inc" / "exact", src)
+    full = _run(tmp_path / "full" / "exact", src)
+    assert _links(str(tmp_path / "inc" / "exact")) == _links(full) != []
+    for p in (tmp_path / "inc" / "exact" / INDEX_DIR / "groups").iterdir():
+        newest = max((Generation.parse(g.name, g.read_bytes()) for g in p.glob("gen-*.json")),
+                     key=lambda g: len(g.covered))
+        assert len(newest.heads) <= 2 and len(newest.covered) == 5
+    # A base is usable only while every shard it covers keeps its content key.
+    gens = [Generation("gen-a.json", {0: "k0", 1: "k1"}, 10), Generation("gen-b.json", {0: "k0"}, 5)]
+    assert best_base(gens, {0: "k0", 1: "k1", 2: "k2"}) is gens[0]
+    assert best_base(gens, {0: "k0", 1: "CHANGED", 2: "k2"}) is gens[1]
+    assert best_base(gens, {0: "other"}) is None
+
+
+def test_link_new_rows_matches_linking_all_rows_at_once() -> None:
+    """The pure core, on random hash rows with many collisions: links from an index plus new rows equal the
+    links of all rows at once, whatever the split between old and new keys."""
+    from operators.steps.dedup.exact import group_links
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    keys = np.arange(n, dtype=np.int64) * 7 + 3
+    scope = rng.integers(0, 2, n).astype(np.int8)
+    h1 = rng.integers(0, 400, n).astype(np.uint64)
+    h2 = (h1 * np.uint64(3)) % np.uint64(5)
+    rows = pa.table({"key": keys, "scope": scope, "h1": h1, "h2": h2}, schema=HASH_ROWS)
+    src_all, dst_all, _ = group_links(keys, scope, h1, h2)
+    want = sorted(zip(src_all.tolist(), dst_all.tolist(), strict=True))
+    for cut in (0, 1, 1500, n):
+        heads, s1, d1 = link_new_rows([], rows.slice(0, cut))
+        heads2, s2, d2 = link_new_rows([heads.slice(0, heads.num_rows // 2), heads.slice(heads.num_rows // 2)],
+                                       rows.slice(cut))
+        got = sorted(zip([*s1.tolist(), *s2.tolist()], [*d1.tolist(), *d2.tolist()], strict=True))
+        assert got == want, cut
+        groups = {(int(a), int(b), int(c)) for a, b, c in zip(h1, h2, scope, strict=True)}
+        assert heads.num_rows + heads2.num_rows == len(groups)
