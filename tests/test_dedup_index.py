@@ -3,6 +3,7 @@ other, and the result equals linking everything at once (operators/steps/dedup/p
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -168,3 +169,75 @@ def test_link_new_rows_matches_linking_all_rows_at_once() -> None:
         assert got == want, cut
         groups = {(int(a), int(b), int(c)) for a, b, c in zip(h1, h2, scope, strict=True)}
         assert heads.num_rows + heads2.num_rows == len(groups)
+
+
+def test_near_centres_and_new_rows_link_like_all_rows_at_once() -> None:
+    """near_dedup's pure core: a night's band rows linked against the index's bucket centres (and each other)
+    give exactly the links of all band rows at once, with a verifier that rejects some pairs (so members try
+    several centres), however the rows split between nights."""
+    from operators.dedup.minhash import candidate_pairs
+    from operators.steps.dedup.near import BAND_ROWS, BUCKET_ORDER, CENTRES, bucket_rows
+
+    rng = np.random.default_rng(4)
+    n = 4000
+    rows = pa.table({"key": np.arange(n, dtype=np.int64) * 3 + 1, "band": rng.integers(0, 4, n).astype(np.int32),
+                     "band_hash": rng.integers(0, 300, n).astype(np.uint64)}, schema=BAND_ROWS)
+
+    def verify(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ((a * 31 + b * 17) % 5) != 0  # a deterministic verdict per pair: about 1 in 5 rejected
+
+    want = candidate_pairs(rows, verify=verify, max_rounds=CENTRES).to_pylist()
+    for cuts in ([0, n], [0, 1000, n], [0, 2000, 2001, 3500, n]):
+        segments: list[pa.Table] = []
+        got: list[dict] = []
+        for lo, hi in itertools.pairwise(cuts):
+            both, centres, old_keys = bucket_rows(segments, rows.slice(lo, hi - lo))
+            links = candidate_pairs(both, verify=verify, max_rounds=CENTRES)
+            got += links.filter(pa.array(~np.isin(links["key"].to_numpy(), old_keys))).to_pylist()
+            assert centres.to_pylist() == centres.sort_by([(c, "ascending") for c in BUCKET_ORDER]).to_pylist()
+            segments.append(centres)
+        assert sorted(got, key=lambda r: (r["key"], r["linked_key"])) == want, cuts
+        # The index keeps at most CENTRES keys per bucket.
+        index = pa.concat_tables(segments)
+        sizes = index.group_by(["band", "band_hash"]).aggregate([("key", "count")])["key_count"].to_numpy()
+        assert sizes.max() <= CENTRES
+
+
+def test_near_dedup_nights_link_only_new_band_rows_and_gather_only_needed_signatures(tmp_path: Path) -> None:
+    rng = random.Random(8)
+    first = _rows(rng, "a", 50, [])
+    src = tmp_path / "src"
+    _night(src, "n1-a", first)
+    _night(src, "n1-b", _rows(rng, "b", 50, []))
+    _night(src, "n1-c", _rows(rng, "c", 50, []))
+
+    def near(out: Path) -> str:
+        run_all(build_step("near_dedup", {"target_shard_bytes": 1, "band_partitions": 8}), [str(src)], str(out))
+        return str(out)
+
+    near(tmp_path / "inc" / "near")
+    fresh = _rows(rng, "d", 30, [])
+    # Near copies of two records of the first file only (one word changed in the answer).
+    for j, r in enumerate(first[:2]):
+        turns = [dict(t) for t in r["conversations"]]
+        turns[1]["value"] = turns[1]["value"].replace(turns[1]["value"].split()[3], "changed", 1)
+        fresh.append({**r, "id": f"d-near{j}", "reward": 0.0, "conversations": turns})
+    _night(src, "n2", fresh)
+    got, full = near(tmp_path / "inc" / "near"), near(tmp_path / "full" / "near")
+    assert _decisions(got) == _decisions(full)
+    assert {i for i, d in _decisions(got)[1].items() if d.startswith("near duplicate of a-")} == {"d-near0", "d-near1"}
+
+    def stage_manifests(step_dir: str, stage: str) -> list:
+        return [read_manifest(u) for u in storage.list_files(storage.join(stage_dir(step_dir, stage), SHARDS_DIR))]
+
+    links = {s: concat_or_empty(StorageArtifacts(d).iter_tables("pairs"), LINKS_SCHEMA).sort_by("key").to_pylist()
+             for s, d in (("got", got), ("full", full))}
+    assert links["got"] == links["full"] != []
+    pairs = {k: sum(m.stats.counters[k] for m in stage_manifests(got, "pairs")) for k in
+             ("index_rows_linked", "index_rows_reused")}
+    full_rows = sum(m.stats.counters["index_rows_linked"] for m in stage_manifests(full, "pairs"))
+    assert 0 < pairs["index_rows_linked"] < full_rows / 3 and pairs["index_rows_reused"] > 0
+    assert pairs["index_rows_linked"] + pairs["index_rows_reused"] == full_rows
+    # Only shards holding a candidate read their signatures: the new shard and file a's (the copies' originals).
+    gather = {m.shard: m.stats.records_in for m in stage_manifests(got, "gather")}
+    assert gather[0] > 0 and gather[3] > 0 and gather[1] == gather[2] == 0, gather

@@ -658,11 +658,15 @@ def candidate_pairs(rows: pa.Table, verify: Verifier | None = None, max_rounds: 
 
     Rows may come from any number of shards. Each ``(band, band_hash)`` bucket links its members to
     its smallest key (a star: ``size - 1`` links, not ``size^2/2``). With ``verify`` (e.g.
-    ``jaccard_verifier``), a link is kept only if ``verify`` accepts it, and a member whose link
-    fails tries the bucket's next smallest keys, up to ``max_rounds`` keys in all: a centre that is
-    a false positive cannot cut its bucket's true duplicates apart, and a member just below the
-    threshold against the centre still finds a closer duplicate. Cost stays linear in bucket size
-    (at most ``max_rounds`` checks per member).
+    ``jaccard_verifier``), a link is kept only if ``verify`` accepts it, and every member also tries
+    the bucket's next smallest keys below it, up to ``max_rounds`` keys in all, keeping each link that
+    verifies: a centre that is a false positive cannot cut its bucket's true duplicates apart, and a
+    member just below the threshold against the centre still finds a closer duplicate. Cost stays
+    linear in bucket size (at most ``max_rounds`` checks per member).
+    A member's links depend only on the keys below it, so rows with larger keys added later (a
+    night's appended shards) never change the links among the earlier ones: linking the new rows
+    against each bucket's ``max_rounds`` smallest earlier keys (``operators/steps/dedup/near.py``'s
+    index) gives the same links as linking everything again.
     Links are distinct, with ``key > linked_key``.
     """
     keys = np.asarray(rows.column("key").to_numpy(), dtype=np.int64)
@@ -704,19 +708,12 @@ def candidate_pairs(rows: pa.Table, verify: Verifier | None = None, max_rounds: 
     start = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
     bucket_start = np.repeat(start, np.diff(np.append(start, keys.size)))
     position = np.arange(keys.size) - bucket_start
-    bucket_size = np.bincount(group)[group]
-    pending = position > 0  # members not yet linked in this bucket
-
     src_parts: list[I64Array] = []
     dst_parts: list[I64Array] = []
     for centre_rank in range(max(1, max_rounds) if verify is not None else 1):
-        # Every pending member tries the bucket's next smallest key (not itself), including keys
-        # that already linked elsewhere: one of them may be its closest duplicate.
-        trying = np.flatnonzero(pending & (position != centre_rank) & (bucket_size > centre_rank))
+        trying = np.flatnonzero(position > centre_rank)  # every member tries this centre if it lies below it
         if trying.size == 0:
-            if not (pending & (bucket_size > centre_rank + 1)).any():
-                break  # nobody left who could try a later centre
-            continue
+            break
         centre_row = bucket_start[trying] + centre_rank
         member, centre = keys[trying], keys[centre_row]
         src, dst = np.maximum(member, centre), np.minimum(member, centre)
@@ -727,8 +724,6 @@ def candidate_pairs(rows: pa.Table, verify: Verifier | None = None, max_rounds: 
             ok = np.asarray(verify(us, ud), dtype=bool)[inverse]
         src_parts.append(src[ok])
         dst_parts.append(dst[ok])
-        pending[trying[ok]] = False
-        pending[centre_row[ok]] = False  # a centre that gained a link needs to try no further
     if not src_parts:
         return empty
     src_all, dst_all, _ = _unique_pairs(np.concatenate(src_parts), np.concatenate(dst_parts))

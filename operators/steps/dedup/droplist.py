@@ -66,6 +66,12 @@ def links_table(src: Keys, dst: Keys) -> pa.Table:
     return pa.table({"key": pa.array(src, pa.int64()), "linked_key": pa.array(dst, pa.int64())})
 
 
+def sorted_links(tables: list[pa.Table]) -> pa.Table:
+    """Links as one table sorted by (key, linked_key): equal link sets give equal files."""
+    t = concat_or_empty(tables, LINKS_SCHEMA)
+    return t.sort_by([("key", "ascending"), ("linked_key", "ascending")])
+
+
 def linked_rows(artifacts: Artifacts, stage: str, linked: Keys, columns: list[str]) -> tuple[int, pa.Table]:
     """One pass over map stage `stage`'s own rows: (records seen, the `columns` of the `linked` keys by key).
 

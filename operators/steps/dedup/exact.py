@@ -36,13 +36,13 @@ from operators.core.step import (
 )
 from operators.dedup.unionfind import choose_keepers, connected_components
 from operators.steps.dedup.droplist import (
-    LINKS_SCHEMA,
     DropListStep,
     NoChurnConfig,
     drop_lists,
     links_table,
     resolve_links,
     shuffle_rows,
+    sorted_links,
 )
 from operators.steps.dedup.partition_index import PartitionIndex
 from operators.text.normalize import normalize_text
@@ -147,12 +147,6 @@ def link_new_rows(segments: list[pa.Table], rows: pa.Table) -> tuple[pa.Table, n
     keep = old_src != old_dst  # a key already in the index (a re-emitted shard) links to nothing new
     return (fresh.take(pa.array(heads)).select(HASH_ROWS.names), np.concatenate([old_src[keep], src]),
             np.concatenate([old_dst[keep], dst]))
-
-
-def sorted_links(tables: list[pa.Table]) -> pa.Table:
-    """Links as one table sorted by (key, linked_key): equal link sets give equal files."""
-    t = concat_or_empty(tables, LINKS_SCHEMA)
-    return t.sort_by([("key", "ascending"), ("linked_key", "ascending")])
 
 
 def survivor_rank(reward: npt.NDArray[np.float64], answer_len: npt.NDArray[np.int64], ids: pa.Array) -> npt.NDArray[

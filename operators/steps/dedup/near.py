@@ -24,6 +24,12 @@ candidate, so I/O grows with the corpus, not with corpus x tasks.
 The decisions equal the in-memory `duplicate_components` on the whole set: every bucket is
 processed whole, candidate links per bucket are independent of other buckets, and keys order records
 the way the whole-set row numbers do.
+
+Nights: each band partition keeps an index (`partition_index`) of its buckets' `CENTRES` smallest keys and
+the links found so far. A night's `candidates` and `pairs` read only the band rows of shards the index does
+not cover, with the index's centres of the buckets they touch; only those keys' signatures are gathered
+(a shard with none reads nothing). A member's links depend only on the keys below it (`candidate_pairs`)
+and new shards' keys are larger than old ones, so the links equal linking every band row again.
 """
 
 from __future__ import annotations
@@ -65,9 +71,14 @@ from operators.steps.dedup.droplist import (
     drop_lists,
     resolve_links,
     shuffle_rows,
+    sorted_links,
 )
+from operators.steps.dedup.partition_index import PartitionIndex
 
 REASON = "near_duplicate"
+BAND_ROWS = pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())])
+BUCKET_ORDER = ["band_hash", "band", "key"]  # how index centres are sorted: by hash, so a probe is a binary search
+CENTRES = 4  # `candidate_pairs`' max_rounds: a member tries at most this many smallest keys of its bucket
 
 
 class NearDedupConfig(NoChurnConfig):
@@ -116,6 +127,42 @@ def bucket_members(rows: pa.Table) -> npt.NDArray[np.int64]:
     distinct[1:] = new_bucket[1:] | (keys[1:] != keys[:-1])
     size = np.bincount(bucket[distinct], minlength=int(bucket[-1]) + 1)
     return np.unique(keys[size[bucket] >= 2])
+
+
+def probe_centres(segments: list[pa.Table], rows: pa.Table) -> pa.Table:
+    """The index rows (`BAND_ROWS`) of the buckets `rows` fall into: their kept smallest keys, from every
+    segment (each sorted by `BUCKET_ORDER`), each row once. Binary search: the cost grows with `rows`. Pure."""
+    a, b = rows["band_hash"].to_numpy(), rows["band"].to_numpy()
+    found: list[pa.Table] = []
+    for seg in segments:
+        if seg.num_rows == 0 or rows.num_rows == 0:
+            continue
+        s_a, s_b = seg["band_hash"].to_numpy(), seg["band"].to_numpy()
+        lo, hi = np.searchsorted(s_a, a, "left"), np.searchsorted(s_a, a, "right")
+        hits = [lo[i] + np.flatnonzero(s_b[lo[i]:hi[i]] == b[i]) for i in np.flatnonzero(hi > lo)]
+        if hits:
+            found.append(seg.take(pa.array(np.unique(np.concatenate(hits)))).select(BAND_ROWS.names))
+    return concat_or_empty(found, BAND_ROWS)
+
+
+def bucket_rows(segments: list[pa.Table], rows: pa.Table) -> tuple[pa.Table, pa.Table, npt.NDArray[np.int64]]:
+    """What a night links, from its new band `rows` and the index `segments`: (the new rows with the index's
+    centres of the buckets they touch; the new rows that become centres, in `BUCKET_ORDER`; the old keys).
+    A row is a centre while fewer than `CENTRES` smaller keys share its bucket. Pure."""
+    old = probe_centres(segments, rows)
+    both = pa.concat_tables([old, rows.select(BAND_ROWS.names)])
+    key, band, bhash = (both[c].to_numpy() for c in ("key", "band", "band_hash"))
+    order = np.lexsort((key, band, bhash))
+    k, bd, bh = key[order], band[order], bhash[order]
+    first = np.ones(k.size, dtype=bool)
+    first[1:] = (bd[1:] != bd[:-1]) | (bh[1:] != bh[:-1])
+    distinct = first.copy()
+    distinct[1:] |= k[1:] != k[:-1]  # a re-emitted key is one member
+    rank = np.cumsum(distinct) - 1
+    if k.size:
+        rank -= np.maximum.accumulate(np.where(first, rank, 0))
+    new_centre = distinct & (rank < CENTRES) & (order >= old.num_rows)
+    return both, both.take(pa.array(order[new_centre])), old["key"].to_numpy()
 
 
 class KeyedColumns:
@@ -187,6 +234,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     def map_input(self, stage: str, artifacts: Artifacts, shard: ShardSpec) -> Iterator[pa.RecordBatch]:
         if stage == "signatures":
             return self.read(shard)
+        if self._cand_keys.size == 0:  # no partition needs a signature of this shard (most shards on a night)
+            return iter(())
         return (b for t in artifacts.shard_rows("signatures", shard.index) for b in t.to_batches())
 
     def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
@@ -218,15 +267,23 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         return concat_or_empty(artifacts.shuffled("signatures", k),
                                pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())]))
 
+    def _index(self, artifacts: Artifacts, partition: int) -> PartitionIndex:
+        """The partition's index (shared by `candidates`, which only reads it, and `pairs`, which commits)."""
+        covered = {k: v for k, v in artifacts.shard_keys("signatures").items() if k < self.num_shards}
+        return PartitionIndex(artifacts.step_dir, "pairs", partition, covered)
+
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         verify = self.config.minhash.verify
         if stage == "candidates" and not verify:  # no signature is needed: nothing to find or gather
             return PartitionResult(route_candidates(np.zeros(0, dtype=np.int64), partition), 0,
                                    {"candidate_keys": 0.0})
-        rows = self._band_rows(artifacts, partition)
+        index = self._index(artifacts, partition)
+        new_rows = concat_or_empty(artifacts.shuffled("signatures", partition, index.new_shards), BAND_ROWS)
+        rows, centres, old_keys = bucket_rows(index.base_heads, new_rows)
+        rows_in = index.base_rows + new_rows.num_rows
         if stage == "candidates":
             members = bucket_members(rows)
-            return PartitionResult(route_candidates(members, partition), rows.num_rows,
+            return PartitionResult(route_candidates(members, partition), rows_in,
                                    {"candidate_keys": float(members.size)})
         verifier = None
         gathered = 0
@@ -236,9 +293,15 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
             keyed = KeyedColumns(sigs["key"].to_numpy(), signature_matrix(sigs) if gathered else
                                  np.zeros((0, 1), dtype=np.uint32))
             verifier = jaccard_verifier(keyed, self.config.minhash.threshold)
-        links = candidate_pairs(rows, verify=verifier).cast(LINKS_SCHEMA)
-        return PartitionResult(links, rows.num_rows, {"signatures_gathered": float(gathered),
-                                                      "links": float(links.num_rows)})
+        links = candidate_pairs(rows, verify=verifier, max_rounds=CENTRES).cast(LINKS_SCHEMA)
+        # Links between two old keys are the index's already (a member links only to keys below it).
+        new_links = links.filter(pa.array(~np.isin(links["key"].to_numpy(), old_keys)))
+        index.commit(centres, new_links, new_rows.num_rows, BUCKET_ORDER)
+        all_links = sorted_links([t for t in (index.base_links, new_links) if t is not None])
+        return PartitionResult(all_links, rows_in, {"signatures_gathered": float(gathered),
+                                                    "links": float(all_links.num_rows),
+                                                    "index_rows_reused": float(index.base_rows),
+                                                    "index_rows_linked": float(new_rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the links only; the survivor of each (highest reward, then smallest key)."""
