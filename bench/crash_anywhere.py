@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,12 @@ def plan_task(node: Node, root: Path, corpus: Path) -> Task:
                                     *[a for i in inputs for a in ("--input", i)]])
 
 
+def dag_tasks(node: Node, root: Path, corpus: Path) -> Iterator[Task]:
+    """The node's tasks in DAG order: its plan, then (once the caller has run the plan) the rest."""
+    yield plan_task(node, root, corpus)
+    yield from step_tasks(node, root)
+
+
 def _traced(task: Task, trace_dir: Path, env: dict[str, str]) -> Counter[str]:
     trace = trace_dir / f"{task.step}.{task.name.replace(':', '_')}.trace"
     trace.unlink(missing_ok=True)
@@ -218,9 +225,7 @@ def baseline(nodes: list[Node], corpus: Path, root: Path, trace_dir: Path, env: 
     """Run the graph uninterrupted under `root`; the fault points each task passes, with hit counts."""
     hits: dict[tuple[str, str], Counter[str]] = {}
     for node in nodes:
-        t = plan_task(node, root, corpus)
-        hits[(node.name, t.name)] = _traced(t, trace_dir, env)
-        for t in step_tasks(node, root):
+        for t in dag_tasks(node, root, corpus):
             hits[(node.name, t.name)] = _traced(t, trace_dir, env)
     return hits
 
@@ -340,10 +345,7 @@ def faulted(nodes: list[Node], corpus: Path, root: Path, kills: dict[tuple[str, 
             env: dict[str, str], figures: Figures, clean: Path) -> None:
     """Run the graph under `root`, killing the chosen tasks at the chosen windows and retrying them."""
     for node in nodes:
-        plan = plan_task(node, root, corpus)
-        _killed_then_retried(plan, root / node.name, kills.get((node.name, plan.name), []), env, figures,
-                             clean / node.name)
-        for task in step_tasks(node, root):
+        for task in dag_tasks(node, root, corpus):
             _killed_then_retried(task, root / node.name, kills.get((node.name, task.name), []), env, figures,
                                  clean / node.name)
 
@@ -367,17 +369,21 @@ def _shard_ids(step_dir: Path) -> dict[int, list[str]]:
     return out
 
 
+def _step_stats(step_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((step_dir / "stats.json").read_text()))
+
+
 def _stats(step_dir: Path) -> dict[str, Any]:
-    return _comparable(json.loads((step_dir / "stats.json").read_text()))
+    return _comparable(_step_stats(step_dir))
 
 
 def _rows_kept(step_dir: Path) -> int:
-    return int(json.loads((step_dir / "stats.json").read_text())["records_kept"])
+    return int(_step_stats(step_dir)["records_kept"])
 
 
 def _cache_hits(step_dir: Path) -> int:
     """LLM results the step's committed shards took from the cache instead of paying for them."""
-    counters = json.loads((step_dir / "stats.json").read_text()).get("counters", {})
+    counters = _step_stats(step_dir).get("counters", {})
     return int(sum(v for k, v in counters.items() if k.endswith("cache_hits")))
 
 

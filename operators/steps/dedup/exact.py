@@ -37,14 +37,14 @@ from operators.core.step import (
 from operators.dedup.unionfind import choose_keepers, connected_components
 from operators.steps.dedup.droplist import (
     DropListStep,
+    Keys,
     NoChurnConfig,
     drop_lists,
     links_table,
     resolve_links,
     shuffle_rows,
-    sorted_links,
 )
-from operators.steps.dedup.partition_index import PartitionIndex
+from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
 from operators.text.normalize import normalize_text
 
 Scope = Literal["conversation", "first_human"]
@@ -88,9 +88,6 @@ HASH_ROWS = pa.schema([("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint
 HEAD_ORDER = ["h1", "h2", "scope"]  # how index heads are sorted: by hash first, so a probe is a binary search
 
 
-Keys = npt.NDArray[np.int64]
-
-
 def group_links(keys: Keys, scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
                 h2: npt.NDArray[np.uint64]) -> tuple[Keys, Keys, Keys]:
     """Links (key, first key of its group) for rows whose (scope, hash) another row shares: a star per group,
@@ -114,19 +111,10 @@ def equal_hash_links(keys: npt.NDArray[np.int64], scope: npt.NDArray[np.int8], h
 
 def probe_heads(segments: list[pa.Table], rows: pa.Table) -> npt.NDArray[np.int64]:
     """For each of `rows` (`HASH_ROWS`), the head key of the group with its (scope, hash) among the index
-    `segments` (each sorted by `HEAD_ORDER`; a group is in at most one), or -1. Binary search: the cost grows
-    with `rows` (times log of the index), not with the index. Pure."""
+    `segments` (each sorted by `HEAD_ORDER`; a group is in at most one), or -1 (`equal_rows`). Pure."""
     found = np.full(rows.num_rows, -1, dtype=np.int64)
-    sc, a, b = (rows[c].to_numpy() for c in ("scope", "h1", "h2"))
-    for seg in segments:
-        if seg.num_rows == 0 or rows.num_rows == 0:
-            continue
-        s_sc, s_a, s_b, s_k = (seg[c].to_numpy() for c in ("scope", "h1", "h2", "key"))
-        lo, hi = np.searchsorted(s_a, a, "left"), np.searchsorted(s_a, a, "right")
-        for i in np.flatnonzero(hi > lo):  # rows whose h1 the index holds: duplicates of old records only
-            hit = lo[i] + np.flatnonzero((s_b[lo[i]:hi[i]] == b[i]) & (s_sc[lo[i]:hi[i]] == sc[i]))
-            if hit.size:
-                found[i] = s_k[hit[0]]
+    for seg, at, query in equal_rows(segments, rows, "h1", ["h2", "scope"]):
+        found[query] = seg["key"].to_numpy()[at]
     return found
 
 
@@ -209,17 +197,15 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         """Link the partition's hash rows. With an index of an earlier run (`partition_index`), only the rows of
         shards it does not cover are read and linked, against its group heads and each other."""
-        covered = {k: v for k, v in artifacts.shard_keys("keys").items() if k < self.num_shards}
-        index = PartitionIndex(artifacts.step_dir, stage, partition, covered)
+        index = PartitionIndex.open(artifacts, "keys", stage, partition, self.num_shards)
         rows = concat_or_empty(artifacts.shuffled("keys", partition, index.new_shards), HASH_ROWS)
         heads, src, dst = link_new_rows(index.base_heads, rows.select(HASH_ROWS.names))
         new_links = links_table(src, dst)
         index.commit(heads, new_links, rows.num_rows, HEAD_ORDER)
-        links = sorted_links([t for t in (index.base_links, new_links) if t is not None])
+        links = index.all_links(new_links)
         # Counts over every covered row, so a run on an index reports what one without it would.
         return PartitionResult(links, index.base_rows + rows.num_rows,
-                               {"links": float(links.num_rows), "index_rows_reused": float(index.base_rows),
-                                "index_rows_linked": float(rows.num_rows)})
+                               {"links": float(links.num_rows), **index.counters(rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         def rank(rows: pa.Table) -> npt.NDArray[np.int64]:

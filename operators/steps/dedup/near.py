@@ -71,9 +71,8 @@ from operators.steps.dedup.droplist import (
     drop_lists,
     resolve_links,
     shuffle_rows,
-    sorted_links,
 )
-from operators.steps.dedup.partition_index import PartitionIndex
+from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
 
 REASON = "near_duplicate"
 BAND_ROWS = pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())])
@@ -131,18 +130,9 @@ def bucket_members(rows: pa.Table) -> npt.NDArray[np.int64]:
 
 def probe_centres(segments: list[pa.Table], rows: pa.Table) -> pa.Table:
     """The index rows (`BAND_ROWS`) of the buckets `rows` fall into: their kept smallest keys, from every
-    segment (each sorted by `BUCKET_ORDER`), each row once. Binary search: the cost grows with `rows`. Pure."""
-    a, b = rows["band_hash"].to_numpy(), rows["band"].to_numpy()
-    found: list[pa.Table] = []
-    for seg in segments:
-        if seg.num_rows == 0 or rows.num_rows == 0:
-            continue
-        s_a, s_b = seg["band_hash"].to_numpy(), seg["band"].to_numpy()
-        lo, hi = np.searchsorted(s_a, a, "left"), np.searchsorted(s_a, a, "right")
-        hits = [lo[i] + np.flatnonzero(s_b[lo[i]:hi[i]] == b[i]) for i in np.flatnonzero(hi > lo)]
-        if hits:
-            found.append(seg.take(pa.array(np.unique(np.concatenate(hits)))).select(BAND_ROWS.names))
-    return concat_or_empty(found, BAND_ROWS)
+    segment (each sorted by `BUCKET_ORDER`), each row once (`equal_rows`). Pure."""
+    return concat_or_empty([seg.take(pa.array(np.unique(at))).select(BAND_ROWS.names)
+                            for seg, at, _ in equal_rows(segments, rows, "band_hash", ["band"])], BAND_ROWS)
 
 
 def bucket_rows(segments: list[pa.Table], rows: pa.Table) -> tuple[pa.Table, pa.Table, npt.NDArray[np.int64]]:
@@ -263,21 +253,14 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         shuffled = shuffle_band_rows(band_rows(keys, band_hashes(sig, *p.lsh())), self.stage_partitions("pairs"))
         return {SHARD_ROWS: own, **shuffled}
 
-    def _band_rows(self, artifacts: Artifacts, k: int) -> pa.Table:
-        return concat_or_empty(artifacts.shuffled("signatures", k),
-                               pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())]))
-
-    def _index(self, artifacts: Artifacts, partition: int) -> PartitionIndex:
-        """The partition's index (shared by `candidates`, which only reads it, and `pairs`, which commits)."""
-        covered = {k: v for k, v in artifacts.shard_keys("signatures").items() if k < self.num_shards}
-        return PartitionIndex(artifacts.step_dir, "pairs", partition, covered)
-
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         verify = self.config.minhash.verify
         if stage == "candidates" and not verify:  # no signature is needed: nothing to find or gather
             return PartitionResult(route_candidates(np.zeros(0, dtype=np.int64), partition), 0,
                                    {"candidate_keys": 0.0})
-        index = self._index(artifacts, partition)
+        # `candidates` only reads the index; `pairs` links against it and commits.
+        index = PartitionIndex.open(artifacts, "signatures", "pairs", partition, self.num_shards,
+                                    with_links=stage == "pairs")
         new_rows = concat_or_empty(artifacts.shuffled("signatures", partition, index.new_shards), BAND_ROWS)
         rows, centres, old_keys = bucket_rows(index.base_heads, new_rows)
         rows_in = index.base_rows + new_rows.num_rows
@@ -297,11 +280,10 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         # Links between two old keys are the index's already (a member links only to keys below it).
         new_links = links.filter(pa.array(~np.isin(links["key"].to_numpy(), old_keys)))
         index.commit(centres, new_links, new_rows.num_rows, BUCKET_ORDER)
-        all_links = sorted_links([t for t in (index.base_links, new_links) if t is not None])
+        all_links = index.all_links(new_links)
         return PartitionResult(all_links, rows_in, {"signatures_gathered": float(gathered),
                                                     "links": float(all_links.num_rows),
-                                                    "index_rows_reused": float(index.base_rows),
-                                                    "index_rows_linked": float(new_rows.num_rows)})
+                                                    **index.counters(new_rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the links only; the survivor of each (highest reward, then smallest key)."""

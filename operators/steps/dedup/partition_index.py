@@ -29,13 +29,18 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.core import storage
+from operators.core.step import Artifacts
+from operators.steps.dedup.droplist import sorted_links
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +83,47 @@ def best_base(generations: list[Generation], covered: dict[int, str]) -> Generat
     return max(usable, key=lambda g: (len(g.covered), g.rows, g.name), default=None)
 
 
+def equal_rows(segments: list[pa.Table], rows: pa.Table, on: str, also: list[str]
+               ) -> Iterator[tuple[pa.Table, npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """For each index segment (sorted by `on` first): (the segment, its rows, the rows of `rows`) of the pairs
+    equal in `on` and in every column of `also`. Binary search on `on`: the cost grows with `rows` (times log
+    of the index), not with the index; only rows whose `on` the index holds are compared further. Pure."""
+    if rows.num_rows == 0:
+        return
+    q_on, q_also = rows[on].to_numpy(), [rows[c].to_numpy() for c in also]
+    for seg in segments:
+        if seg.num_rows == 0:
+            continue
+        s_on, s_also = seg[on].to_numpy(), [seg[c].to_numpy() for c in also]
+        lo, hi = np.searchsorted(s_on, q_on, "left"), np.searchsorted(s_on, q_on, "right")
+        at: list[npt.NDArray[np.int64]] = []
+        query: list[npt.NDArray[np.int64]] = []
+        for i in np.flatnonzero(hi > lo):
+            same = np.ones(hi[i] - lo[i], dtype=bool)
+            for s_col, q_col in zip(s_also, q_also, strict=True):
+                same &= s_col[lo[i]:hi[i]] == q_col[i]
+            hit = lo[i] + np.flatnonzero(same)
+            at.append(hit)
+            query.append(np.full(hit.size, i, dtype=np.int64))
+        if at:
+            yield seg, np.concatenate(at), np.concatenate(query)
+
+
 class PartitionIndex:
     """The index of one partition of one stage: load a base, then commit what this run adds to it."""
 
-    def __init__(self, step_dir: str, stage: str, partition: int, covered: dict[int, str | None]) -> None:
+    @classmethod
+    def open(cls, artifacts: Artifacts, map_stage: str, stage: str, partition: int, num_shards: int,
+             with_links: bool = True) -> PartitionIndex:
+        """The index of partition stage `stage` over the rows map stage `map_stage` shuffled to `partition`,
+        for the plan's `num_shards` shards (`with_links` False: a reader that needs only the heads)."""
+        covered = {k: v for k, v in artifacts.shard_keys(map_stage).items() if k < num_shards}
+        return cls(artifacts.step_dir, stage, partition, covered, with_links)
+
+    def __init__(self, step_dir: str, stage: str, partition: int, covered: dict[int, str | None],
+                 with_links: bool = True) -> None:
         self.folder = storage.join(step_dir, INDEX_DIR, stage, f"p{partition:05d}")
+        self.with_links = with_links
         # A map output without a content key cannot be recognised later: such runs neither use nor keep an index.
         self.covered: dict[int, str] | None = (
             None if any(v is None for v in covered.values()) else {k: str(v) for k, v in covered.items()})
@@ -103,6 +144,14 @@ class PartitionIndex:
     def base_rows(self) -> int:
         return self.base.rows if self.base is not None else 0
 
+    def all_links(self, new_links: pa.Table) -> pa.Table:
+        """The base's links and `new_links`, sorted (`sorted_links`): the partition's output."""
+        return sorted_links([t for t in (self.base_links, new_links) if t is not None])
+
+    def counters(self, new_rows: int) -> dict[str, float]:
+        """How many rows the base covered and how many this run read and linked (a stage's counters)."""
+        return {"index_rows_reused": float(self.base_rows), "index_rows_linked": float(new_rows)}
+
     def _generations(self) -> list[Generation]:
         out = []
         for uri in storage.list_files(self.folder, recursive=False):
@@ -121,7 +170,8 @@ class PartitionIndex:
             return
         try:
             heads = [self._read(f) for f in base.heads]
-            links = pa.concat_tables([self._read(f) for f in base.links]) if base.links else None
+            links = pa.concat_tables([self._read(f) for f in base.links]) if base.links and self.with_links \
+                else None
         except (OSError, pa.ArrowException) as e:  # a sweep raced us, or a torn file: link everything instead
             log.warning("index %s: generation %s unreadable (%s); linking every row", self.folder, base.name, e)
             return
