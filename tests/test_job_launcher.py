@@ -114,7 +114,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Replay]:
 def _objects(try_number: int = 1) -> list[dict[str, Any]]:
     """What the launcher must create for task stage1 of run manual__1 (rendered independently here)."""
     from operators.orchestration.pod_spec import PodProfile, pod_labels
-    from operators.orchestration.step_operator import step_arguments
+    from operators.orchestration.step_command import step_arguments
 
     spec = spec_from_profile(PodProfile.model_validate(PROFILE))
     args = step_arguments("train", "finetune", output="s3://b/ft", config=CONFIG, stage="stage1")

@@ -9,7 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from operators.llm.base import LLMConfig, SamplingConfig, make_backend, request_key
+from operators.llm.backends import make_backend
+from operators.llm.base import LLMConfig, SamplingConfig, request_key
 from operators.llm.cache import ResultCache
 from operators.llm.client import LLMClient, OutputInvalid, close_truncated, extract_json
 from operators.llm.prompts import PromptError, PromptTask, load_prompt

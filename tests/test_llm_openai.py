@@ -28,8 +28,9 @@ import httpx
 import numpy as np
 import pytest
 
+from operators.llm.backends import make_backend
 from operators.llm.backends.openai_compat import OpenAICompatBackend
-from operators.llm.base import LLMConfig, LLMError, SamplingConfig, TransientLLMError, make_backend
+from operators.llm.base import LLMConfig, LLMError, SamplingConfig, TransientLLMError
 from tests.conftest import require_or_skip
 from tests.llm_drivers.reference import (
     LOSS_ABS,

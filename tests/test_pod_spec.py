@@ -13,7 +13,8 @@ from kubernetes.client import ApiClient
 from pydantic import ValidationError
 
 from operators.orchestration.pod_spec import PodProfile, SecretEnv, load_profiles
-from operators.orchestration.step_operator import StepOperator, redact, secret_values, step_arguments
+from operators.orchestration.step_command import redact, secret_values, step_arguments
+from operators.orchestration.step_operator import StepOperator
 from tests.conftest import FAKE_SECRET
 
 K8S_VERSION = "1.37.0"

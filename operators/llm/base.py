@@ -121,18 +121,3 @@ def request_key(model_id: str, sampling: SamplingConfig, prompt_version: str, me
     blob = json.dumps({"m": model_id, "s": sampling.model_dump(mode="json"), "v": prompt_version,
                        "p": messages, "j": json_schema}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def make_backend(cfg: LLMConfig) -> Backend:
-    """Instantiate the configured backend (imports its heavy dependencies only now)."""
-    if cfg.backend == "transformers":
-        from operators.llm.backends.transformers_cpu import TransformersBackend
-
-        return TransformersBackend(cfg)
-    if cfg.backend == "vllm":
-        from operators.llm.backends.vllm_engine import VLLMBackend
-
-        return VLLMBackend(cfg)
-    from operators.llm.backends.openai_compat import OpenAICompatBackend
-
-    return OpenAICompatBackend(cfg)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jsonschema
 
+from operators.llm.backends import make_backend
 from operators.llm.base import (
     Backend,
     Generation,
@@ -28,7 +29,6 @@ from operators.llm.base import (
     LossScore,
     Message,
     SamplingConfig,
-    make_backend,
     request_key,
 )
 from operators.llm.cache import ResultCache

@@ -310,7 +310,7 @@ def finish(launcher: JobLauncher, job: str, service: str, st: JobState) -> Any:
     try:
         for p in st.pods:
             log.info("final: %s", p.describe())
-        from operators.orchestration.step_operator import redact, secret_values
+        from operators.orchestration.step_command import redact, secret_values
 
         text = launcher.rank0_log(job)
         secrets = secret_values()
@@ -339,7 +339,7 @@ def launch(op: Any, context: Any) -> Any:
     wait here. Either way the Job, its pods and its Service are deleted when it is done or fails.
     """
     from operators.orchestration.pod_spec import load_profiles, pod_labels
-    from operators.orchestration.step_operator import step_arguments
+    from operators.orchestration.step_command import step_arguments
     from operators.train.cluster import check_world_size, render_indexed_job, spec_from_profile
     from operators.train.config import TwoStageConfig
 

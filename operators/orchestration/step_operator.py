@@ -16,70 +16,10 @@ from typing import Any, Literal
 
 from airflow.sdk import BaseOperator
 
-from operators.orchestration.pod_spec import SECRETISH, load_profiles, pod_labels, pod_operator_kwargs
+from operators.orchestration.pod_spec import load_profiles, pod_labels, pod_operator_kwargs
+from operators.orchestration.step_command import Action, redact, secret_values, step_arguments
 
-Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export", "publish", "train", "evaluate"]
 XCOM_FILE = "/airflow/xcom/return.json"
-
-
-def step_arguments(
-    action: Action,
-    step: str,
-    *,
-    output: str,
-    config: dict[str, Any] | None = None,
-    inputs: Sequence[str] = (),
-    shard: int | None = None,
-    stage: str | None = None,
-    xcom_file: str | None = None,
-    run_context: dict[str, str] | None = None,
-    index: str | None = None,
-) -> list[str]:
-    """The CLI arguments after `python -m operators` for one step action."""
-    xcom = ["--xcom-file", xcom_file] if xcom_file else []
-    if action == "report":
-        ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
-        return [action, "--output", output, *ctx, *(["--index", index] if index else []), *xcom]
-    if action == "validate":
-        return [action, "--output", output, *xcom]
-    if action == "export":
-        return ["export", "--input", inputs[0], "--output", output, *xcom]
-    if action == "publish":  # `step` names the dataset; `output` is the run root (lineage, stats, report)
-        ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
-        return ["datasets", "publish", step, "--input", inputs[0], "--run", output,
-                "--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":")), *ctx,
-                *(["--root", index] if index else []), *xcom]
-    if action in ("train", "evaluate"):  # fine-tuning: `stage` names the training stage (stage1, stage2, ...)
-        staged = ["--stage", stage] if stage else []
-        return [action, *staged, "--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":")),
-                "--output", output, *xcom]
-    args = [action, step, "--output", output]
-    if action != "reduce":
-        args += ["--config", json.dumps(config or {}, sort_keys=True, separators=(",", ":"))]
-        for uri in inputs:
-            args += ["--input", uri]
-    if action == "stage":
-        if not stage:
-            raise ValueError("action 'stage' needs a stage name")
-        args += ["--stage", stage]
-    if action in ("run", "stage") and shard is not None:
-        args += ["--shard", str(int(shard))]
-    if xcom_file:
-        args += ["--xcom-file", xcom_file]
-    return args
-
-
-def secret_values(env: dict[str, str] | None = None) -> list[str]:
-    """Values of secret-looking environment variables, to be masked wherever output is echoed."""
-    env = dict(os.environ) if env is None else env
-    return [v for k, v in env.items() if SECRETISH.search(k) and len(v) >= 4]
-
-
-def redact(text: str, secrets: Sequence[str]) -> str:
-    """Replace every secret value in `text` with ***."""
-    for s in secrets:
-        text = text.replace(s, "***")
-    return text
 
 
 class StepFailedError(RuntimeError):

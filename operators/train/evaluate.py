@@ -295,7 +295,8 @@ def chat_probe(runner: ModelRunner, cfg: EvalConfig) -> dict[str, Any] | None:
     """Judge-scored answers to MT-Bench-style questions (first turns); None without a judge or questions."""
     if cfg.judge is None or cfg.chat_questions is None:
         return None
-    from operators.llm.base import SamplingConfig, make_backend
+    from operators.llm.backends import make_backend
+    from operators.llm.base import SamplingConfig
 
     recs = load_records(cfg.chat_questions)
     questions = [str(r["turns"][0]) for r in recs]
