@@ -31,7 +31,7 @@ demo: venv
 airflow: venv
 	AIRFLOW_PORT=$(or $(AIRFLOW_PORT),8080) bash scripts/airflow.sh
 
-test: venv
+test:
 	bash scripts/test.sh
 
 lint: venv

@@ -40,9 +40,9 @@ def test_bench_ingest_small_run() -> None:
 
 
 def test_bench_phase1_small_run() -> None:
-    """`bench/phase1.py --records 1500` runs every Phase 1 step as its DAG tasks over several shards and reports
+    """`bench/phase1.py --records 700` runs every Phase 1 step as its DAG tasks over several shards and reports
     per-step figures with the task that peaked."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "phase1.py"), "--records", "1500",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "phase1.py"), "--records", "700",
                            "--shard-mb", "0.25"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_bench_phase1_small_run() -> None:
     assert set(steps) == set(names)
     for a, b in itertools.pairwise(names):  # each step reads what the previous one kept
         assert steps[b]["records_in"] == steps[a]["records_kept"]
-    assert steps["ingest"]["records_in"] == 1500
+    assert steps["ingest"]["records_in"] == 700
     assert steps["near_dedup"]["shards"] >= 2
     assert steps["near_dedup"]["peak_task"] in ("plan", "signatures", "candidates", "gather", "pairs", "resolve",
                                                 "run", "reduce")
