@@ -130,22 +130,25 @@ def _browser() -> Any:
 
 
 def type_into(d: Any, field: Any, text: str) -> None:
-    """Replace a form field's text with `text`, as a user types it, and wait until the field holds exactly that.
+    """Replace a form field's text with `text`, typed a key at a time as a user does, and wait until the field
+    holds exactly that.
 
-    Under a loaded CPU the form's re-render can swallow a keystroke (a run once got `raw/i.jsonl` for
-    `raw/ui.jsonl`); the retype keeps the test about the form, not about timing."""
+    The form re-renders on every key: a whole string sent at once lost the same key at each try (`raw/i.jsonl`
+    for `raw/ui.jsonl` under a long xdist temp path), so each key waits for the one before to land."""
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    for _ in range(5):
+    for _ in range(3):
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys(Keys.DELETE)
-        field.send_keys(text)
-        try:
-            WebDriverWait(d, 3).until(lambda _: field.get_attribute("value") == text)
+        for i, ch in enumerate(text, 1):
+            field.send_keys(ch)
+            try:
+                WebDriverWait(d, 2).until(lambda _, n=i: len(field.get_attribute("value") or "") >= n)
+            except Exception:  # a dropped key: start over
+                break
+        if field.get_attribute("value") == text:
             return
-        except Exception:  # a dropped key: retype
-            continue
     raise AssertionError(f"the form field never held {text!r}; it holds {field.get_attribute('value')!r}")
 
 
