@@ -64,6 +64,9 @@ status=0
 $BIN/python -m pytest -q -rs -p no:cacheprovider --durations=30 \
     -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@" || status=$?
 echo "== mypy"
-if wait "${PIDS[mypy]}"; then cat "$LOGS/mypy.log"; else cat "$LOGS/mypy.log"; echo "FAILED: mypy" >&2; status=1; fi
+mypy_ok=0
+wait "${PIDS[mypy]}" || mypy_ok=$?
+cat "$LOGS/mypy.log"
+if [[ $mypy_ok != 0 ]]; then echo "FAILED: mypy" >&2; status=1; fi
 echo "== done in $(elapsed)"
 exit "$status"
