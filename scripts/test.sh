@@ -64,9 +64,9 @@ status=0
 $BIN/python -m pytest -q -rs -p no:cacheprovider --durations=30 \
     -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@" || status=$?
 echo "== mypy"
-mypy_ok=0
-wait "${PIDS[mypy]}" || mypy_ok=$?
+mypy_rc=0
+wait "${PIDS[mypy]}" || mypy_rc=$?
 cat "$LOGS/mypy.log"
-if [[ $mypy_ok != 0 ]]; then echo "FAILED: mypy" >&2; status=1; fi
+if [[ $mypy_rc != 0 ]]; then echo "FAILED: mypy" >&2; status=1; fi
 echo "== done in $(elapsed)"
 exit "$status"
