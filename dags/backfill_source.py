@@ -13,11 +13,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 
 from operators.orchestration.backfill import contribution, dataset_inputs, register_source, source_caps
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain, step_group
-from operators.orchestration.params import incremental_configs, incremental_params, selection_params, source_params
+from operators.orchestration.params import (
+    incremental_configs,
+    incremental_params,
+    param,
+    selection_params,
+    source_params,
+)
 from operators.orchestration.settings import data_root, safe_name
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.dataset) }}"
@@ -37,9 +43,9 @@ SOURCE = "{{ data_root }}/sources/{{ safe_name(params.source_name) }}"
     tags=["iip", "phase-1", "backfill"],
     params={
         **source_params("new_corpus", "Name recorded in the registry and in each record's `source`."),
-        "cap": Param(None, type=["null", "integer"], minimum=1,
+        "cap": param(None, type=["null", "integer"], minimum=1,
                      description="Most records of this source the selection keeps; blank = no cap."),
-        "dataset": Param("foundational", enum=["foundational"],
+        "dataset": param("foundational", enum=["foundational"],
                          description="The dataset the corpus joins (its asset gets the new version)."),
         **selection_params(),
         **incremental_params(),

@@ -16,10 +16,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
-from operators.orchestration.params import keep_versions_param
+from operators.orchestration.params import keep_versions_param, param
 from operators.orchestration.settings import data_root, run_dir, safe_name
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -45,29 +45,29 @@ def llm(role: str) -> str:
                          "asset_extra": asset_extra},
     tags=["iip", "phase-2", "llm"],
     params={
-        "foundational": Param("demo", type="string", description="A foundational_selection run name (its "
+        "foundational": param("demo", type="string", description="A foundational_selection run name (its "
                               "`select` output is the seed pool), or the URI of any canonical step dir."),
-        "run_name": Param(None, type=["null", "string"],
+        "run_name": param(None, type=["null", "string"],
                           description="Folder under <data root>/runs; blank = the run id."),
-        "pool_budgets": Param({"math": 4, "code": 4, "general": 4}, type="object",
+        "pool_budgets": param({"math": 4, "code": 4, "general": 4}, type="object",
                               description="Records per domain taken from the foundational set into the seed "
                               "pool ({} = all of it, as in production)."),
-        "models": Param({}, type="object", description="LLM config per role (" + ", ".join(MODEL_ROLES) + "), e.g. "
+        "models": param({}, type="object", description="LLM config per role (" + ", ".join(MODEL_ROLES) + "), e.g. "
                         '{"responder": {"backend": "openai", "model": "Qwen2-72B", "base_url": "http://vllm:8000/v1",'
                         ' "api_key_env": "VLLM_API_KEY"}}; a missing role uses the packaged CPU model.'),
-        "candidates": Param({"smollm2": {}}, type="object",
+        "candidates": param({"smollm2": {}}, type="object",
                             description="Models under diagnosis: name -> LLM config."),
-        "llm_profile": Param("cpu", enum=["cpu", "vllm"], description="Pod profile of LLM steps (vllm: GPU pods)."),
-        "max_new_tokens": Param(48, type="integer", minimum=1, description="Cap on every generation."),
-        "seed_budget": Param(4, type="integer", minimum=0),
-        "supplement_budget": Param(2, type="integer", minimum=0,
+        "llm_profile": param("cpu", enum=["cpu", "vllm"], description="Pod profile of LLM steps (vllm: GPU pods)."),
+        "max_new_tokens": param(48, type="integer", minimum=1, description="Cap on every generation."),
+        "seed_budget": param(4, type="integer", minimum=0),
+        "supplement_budget": param(2, type="integer", minimum=0,
                                    description="Extra seeds for the weak abilities in round 2 (0: no round 2)."),
-        "weak_threshold": Param(6.0, type="number", minimum=1, maximum=10),
-        "max_ifd": Param(1.0, type=["number", "null"], description="Seeds need IFD below this (null: no limit)."),
-        "evolution_rounds": Param(2, type="integer", minimum=1, maximum=10),
-        "min_turns": Param(2, type="integer", minimum=1, maximum=8),
-        "max_turns": Param(3, type="integer", minimum=1, maximum=8),
-        "probes_per_ability": Param(1, type="integer", minimum=1),
+        "weak_threshold": param(6.0, type="number", minimum=1, maximum=10),
+        "max_ifd": param(1.0, type=["number", "null"], description="Seeds need IFD below this (null: no limit)."),
+        "evolution_rounds": param(2, type="integer", minimum=1, maximum=10),
+        "min_turns": param(2, type="integer", minimum=1, maximum=8),
+        "max_turns": param(3, type="integer", minimum=1, maximum=8),
+        "probes_per_ability": param(1, type="integer", minimum=1),
         **keep_versions_param(),
     },
 )

@@ -12,10 +12,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
-from operators.orchestration.params import selection_params
+from operators.orchestration.params import param, selection_params
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -34,27 +34,27 @@ STEPS = FOUNDATIONAL_STEPS
     user_defined_macros={"data_root": data_root(), "safe_name": safe_name, "source_dirs": source_dirs},
     tags=["iip", "phase-1"],
     params={
-        "sources": Param(["demo"], type="array", items={"type": "string"}, minItems=1,
+        "sources": param(["demo"], type="array", items={"type": "string"}, minItems=1,
                          description="Ingested source names (see ingest_source) or step-dir URIs."),
-        "run_name": Param(None, type=["null", "string"],
+        "run_name": param(None, type=["null", "string"],
                           description="Folder under <data root>/runs; blank = the run id."),
-        "languages": Param(["en", "zh"], type="array", items={"type": "string"}),
-        "min_turns": Param(2, type="integer", minimum=1),
-        "max_repetition_ratio": Param(0.35, type="number", minimum=0, maximum=1),
-        "dedup_scopes": Param(["conversation", "first_human"], type="array",
+        "languages": param(["en", "zh"], type="array", items={"type": "string"}),
+        "min_turns": param(2, type="integer", minimum=1),
+        "max_repetition_ratio": param(0.35, type="number", minimum=0, maximum=1),
+        "dedup_scopes": param(["conversation", "first_human"], type="array",
                               items={"enum": ["conversation", "first_human"]}),
-        "benchmarks": Param([{"name": "humaneval", "uri": "humaneval://", "format": "humaneval"}], type="array",
+        "benchmarks": param([{"name": "humaneval", "uri": "humaneval://", "format": "humaneval"}], type="array",
                             items={"type": "object"},
                             description="Evaluation sets to decontaminate against: {name, uri, format}."),
-        "near_dup_threshold": Param(0.7, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
+        "near_dup_threshold": param(0.7, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
                                     description="MinHash Jaccard above which records are near-duplicates."),
-        "decontam_ngram": Param(13, type="integer", minimum=3),
-        "dsir_targets": Param({}, type="object",
+        "decontam_ngram": param(13, type="integer", minimum=3),
+        "dsir_targets": param({}, type="object",
                               description="Per domain: a list of {name, uri, format} target sets; empty = "
                               "built-in (code: HumanEval; math: templated word problems). Production: "
                               "GSM8K + MATH for math, HumanEval + MBPP for code."),
-        "source_caps": Param({}, type="object", description="Most records per source."),
-        "replay_fraction": Param(0.16, type="number", minimum=0, maximum=1),
+        "source_caps": param({}, type="object", description="Most records per source."),
+        "replay_fraction": param(0.16, type="number", minimum=0, maximum=1),
         **selection_params(),
     },
 )

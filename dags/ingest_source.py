@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import report_task, step_group
-from operators.orchestration.params import source_params
+from operators.orchestration.params import param, source_params
 from operators.orchestration.settings import data_root, safe_name
 
 OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.source_name)) }}"
@@ -29,14 +29,14 @@ OUTPUT = "{{ params.output_uri or (data_root ~ '/sources/' ~ safe_name(params.so
     tags=["iip", "phase-1", "ingest"],
     params={
         **source_params("demo", "Name recorded in each record's `source`."),
-        "output_uri": Param(None, type=["null", "string"],
+        "output_uri": param(None, type=["null", "string"],
                             description="Where to write; blank = <data root>/sources/<source_name>."),
-        "split_conversations": Param("rejoin", enum=["rejoin", "trim", "quarantine"],
+        "split_conversations": param("rejoin", enum=["rejoin", "trim", "quarantine"],
                                      description="ShareGPT-style parts <id>_<n> of one conversation: rejoin them "
                                      "(in one file), trim a leading answer, or quarantine them."),
-        "max_record_bytes": Param(1 << 20, type="integer", minimum=256,
+        "max_record_bytes": param(1 << 20, type="integer", minimum=256,
                                   description="Records above this size are quarantined as oversize."),
-        "target_shard_mb": Param(1024, type="number", exclusiveMinimum=0,
+        "target_shard_mb": param(1024, type="number", exclusiveMinimum=0,
                                  description="Input files are grouped into parallel shards of about this size."),
     },
 )

@@ -16,10 +16,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
-from operators.orchestration.params import incremental_configs, incremental_params, selection_params
+from operators.orchestration.params import incremental_configs, incremental_params, param, selection_params
 from operators.orchestration.refresh import plan_night, selection_inputs
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
@@ -40,13 +40,13 @@ STEPS = FOUNDATIONAL_STEPS
     user_defined_macros={"data_root": data_root(), "safe_name": safe_name},
     tags=["iip", "phase-1", "nightly"],
     params={
-        "sources": Param([], type="array",
+        "sources": param([], type="array",
                          items={"type": "object", "required": ["name", "uri"],
                                 "properties": {"name": {"type": "string",
                                                         "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"},
                                                "uri": {"type": "string", "minLength": 1}}},
                          description="Sources to refresh: {name, uri of the raw folder or prefix}."),
-        "run_name": Param("nightly", type="string", minLength=1,
+        "run_name": param("nightly", type="string", minLength=1,
                           description="Folder under <data root>/runs; one stable name lets unchanged steps skip."),
         **selection_params(),
         **incremental_params(),

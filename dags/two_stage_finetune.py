@@ -17,9 +17,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, report_task, step_group
+from operators.orchestration.params import param
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
 from operators.train.config import train_root
@@ -59,39 +60,39 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
                          "asset_extra": asset_extra},
     tags=["iip", "training"],
     params={
-        "foundational": Param("", type="string", minLength=REQUIRED,
+        "foundational": param("", type="string", minLength=REQUIRED,
                               description="Committed foundational set (e.g. <run>/select of foundational_selection)."),
-        "conversational": Param("", type="string", minLength=REQUIRED,
+        "conversational": param("", type="string", minLength=REQUIRED,
                                 description="Committed conversational set (Phase 2 output, or any step dir)."),
-        "run_name": Param(None, type=["null", "string"],
+        "run_name": param(None, type=["null", "string"],
                           description="Folder under <data root>/runs; blank = the run id."),
-        "model": Param("smollm2-135m-instruct", type="string", description="Base model: packaged name or folder."),
-        "mode": Param("two_stage", enum=["two_stage", "one_stage", "both"],
+        "model": param("smollm2-135m-instruct", type="string", description="Base model: packaged name or folder."),
+        "mode": param("two_stage", enum=["two_stage", "one_stage", "both"],
                       description="two_stage (paper), one_stage (ablation: mix once) or both, for the comparison."),
-        "replay_fraction": Param(None, type=["null", "number"], minimum=0, maximum=1,
+        "replay_fraction": param(None, type=["null", "number"], minimum=0, maximum=1,
                                  description="Share of the foundational set replayed in stage 2; blank = the "
                                  "select step's replay flag (paper ~16%)."),
-        "epochs": Param(3.0, type="number", exclusiveMinimum=0),
-        "max_steps": Param(-1, type="integer", minimum=-1, description="-1: run the epochs."),
-        "learning_rate": Param(5e-6, type="number", exclusiveMinimum=0),
-        "warmup_steps": Param(40, type="integer", minimum=0),
-        "global_batch_size": Param(528, type="integer", minimum=1,
+        "epochs": param(3.0, type="number", exclusiveMinimum=0),
+        "max_steps": param(-1, type="integer", minimum=-1, description="-1: run the epochs."),
+        "learning_rate": param(5e-6, type="number", exclusiveMinimum=0),
+        "warmup_steps": param(40, type="integer", minimum=0),
+        "global_batch_size": param(528, type="integer", minimum=1,
                                    description="= per-device batch x accumulation x world size (checked)."),
-        "per_device_batch_size": Param(1, type="integer", minimum=1),
-        "world_size": Param(1, type="integer", minimum=1, description="Training processes: nodes x GPUs per node "
+        "per_device_batch_size": param(1, type="integer", minimum=1),
+        "world_size": param(1, type="integer", minimum=1, description="Training processes: nodes x GPUs per node "
                             "of the training profile (checked before a Job is created)."),
-        "train_profile": Param("train", type="string", minLength=1, description="Pod profile of the training "
+        "train_profile": param("train", type="string", minLength=1, description="Pod profile of the training "
                                "stages in kubernetes mode (IIP_POD_PROFILES); nodes > 1 runs an indexed Job."),
-        "max_seq_len": Param(4096, type="integer", minimum=16),
-        "bf16": Param(True, type="boolean"),
-        "gradient_checkpointing": Param(True, type="boolean"),
-        "train_layers": Param(None, type=["null", "integer"], minimum=1,
+        "max_seq_len": param(4096, type="integer", minimum=16),
+        "bf16": param(True, type="boolean"),
+        "gradient_checkpointing": param(True, type="boolean"),
+        "train_layers": param(None, type=["null", "integer"], minimum=1,
                               description="Train only the last N blocks (CPU smoke runs); blank = all."),
-        "save_steps": Param(200, type="integer", minimum=1),
-        "heldout_fraction": Param(0.02, type="number", minimum=0, maximum=0.5),
-        "evaluation": Param({}, type="object", description="EvalConfig overrides: benchmarks, limits, judge."),
-        "evaluate_base": Param(True, type="boolean"),
-        "target_shard_mb": Param(256, type="number", exclusiveMinimum=0),
+        "save_steps": param(200, type="integer", minimum=1),
+        "heldout_fraction": param(0.02, type="number", minimum=0, maximum=0.5),
+        "evaluation": param({}, type="object", description="EvalConfig overrides: benchmarks, limits, judge."),
+        "evaluate_base": param(True, type="boolean"),
+        "target_shard_mb": param(256, type="number", exclusiveMinimum=0),
     },
 )
 def two_stage_finetune() -> None:

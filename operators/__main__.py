@@ -1,7 +1,9 @@
 """Entry point for `python -m operators`."""
 
-import sys
+from operators.core.startup import exit_process, skip_pandas_probe
 
-from operators.cli import main
+skip_pandas_probe()
 
-sys.exit(main())
+from operators.cli import main  # noqa: E402  (after the probe: importing a step may build Arrow arrays)
+
+exit_process(main())

@@ -10,14 +10,26 @@ from operators.steps.ingest.formats import SourceFormat
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # one safe path segment (sources, datasets, runs)
 
+# Airflow checks each Param's schema against its metaschema on every resolve, and resolves every Param of a
+# DAG several times per task when it serializes the DAG (the DAG processor does that on every parse). Against
+# draft 2020-12, jsonschema's default, that check costs 1.1 ms; against draft 7 it costs 0.1 ms, and the
+# keywords these forms use (type, enum, pattern, minimum, items...) mean the same in both. Serializing the
+# six DAGs took 4.5 CPU s with the default and 1.5 s with draft 7.
+SCHEMA_DRAFT = "http://json-schema.org/draft-07/schema#"
+
+
+def param(default: Any, description: str | None = None, **schema: Any) -> Param:
+    """An Airflow `Param` whose JSON schema names draft 7 (cheap to check; see SCHEMA_DRAFT)."""
+    return Param(default, description=description, **{"$schema": SCHEMA_DRAFT, **schema})
+
 
 def source_params(default_name: str, name_help: str) -> dict[str, Param]:
     """`source_uri`, `source_name` and `format`: a raw corpus to ingest."""
     return {
-        "source_uri": Param("", type="string", minLength=1,
+        "source_uri": param("", type="string", minLength=1,
                             description="File, folder or prefix of the raw corpus (file://... or s3://...)."),
-        "source_name": Param(default_name, type="string", pattern=NAME_PATTERN, description=name_help),
-        "format": Param("auto", enum=[f.value for f in SourceFormat],
+        "source_name": param(default_name, type="string", pattern=NAME_PATTERN, description=name_help),
+        "format": param("auto", enum=[f.value for f in SourceFormat],
                         description="Input format; auto detects it per file."),
     }
 
@@ -25,9 +37,9 @@ def source_params(default_name: str, name_help: str) -> dict[str, Param]:
 def selection_params(shard_mb: float = 256) -> dict[str, Param]:
     """`budgets`, `target_shard_mb` and `keep_versions`: a Phase 1 selection that publishes a version."""
     return {
-        "budgets": Param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
+        "budgets": param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
                          description="Per domain: a count (>= 1) or a fraction of the domain."),
-        "target_shard_mb": Param(shard_mb, type="number", exclusiveMinimum=0,
+        "target_shard_mb": param(shard_mb, type="number", exclusiveMinimum=0,
                                  description="Inputs are grouped into parallel shards of about this size."),
         **keep_versions_param(),
     }
@@ -35,7 +47,7 @@ def selection_params(shard_mb: float = 256) -> dict[str, Param]:
 
 def keep_versions_param() -> dict[str, Param]:
     """`keep_versions`: how many dataset versions retention keeps."""
-    return {"keep_versions": Param(10, type="integer", minimum=1,
+    return {"keep_versions": param(10, type="integer", minimum=1,
                                    description="Dataset versions retention keeps (LATEST and pinned ones always "
                                    "stay).")}
 
@@ -43,10 +55,10 @@ def keep_versions_param() -> dict[str, Param]:
 def incremental_params() -> dict[str, Param]:
     """`no_churn` and `freeze_selection`: how a refresh treats what earlier versions published."""
     return {
-        "no_churn": Param(True, type="boolean",
+        "no_churn": param(True, type="boolean",
                           description="Records the latest version's run kept through dedup are never dropped for "
                           "duplicates that arrive later. Off: every run re-decides every duplicate cluster."),
-        "freeze_selection": Param(True, type="boolean",
+        "freeze_selection": param(True, type="boolean",
                                   description="Keep DSIR's models and every earlier selection decision; a run only "
                                   "adds from its new records. Off: refit and reselect over everything."),
     }

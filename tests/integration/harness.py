@@ -206,7 +206,7 @@ def airflow_env(home: Path, db_url: str, api_port: int, data_root: str, *, paral
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
         "IIP_DATA_ROOT": data_root,
         "IIP_EXECUTION_MODE": "local",
         "PYTHONUNBUFFERED": "1",
