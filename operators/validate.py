@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from operators.core import storage
+from operators.core.arrays import count_repeats
 from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.schema import CANONICAL_SCHEMA
 
@@ -97,7 +98,7 @@ def validate_step(step_dir: str) -> dict[str, Any]:
                                  "unexpected": r["result"].get("partial_unexpected_list", [])[:5],
                                  "unexpected_count": r["result"].get("unexpected_count")})
     ids = np.concatenate(seen) if seen else np.empty(0, np.uint64)
-    dup = int(len(ids) - len(np.unique(ids)))
+    dup = count_repeats(ids)
     if dup:
         failures.append({"expectation": "ids unique across all parts", "part": "*", "unexpected_count": dup})
     expectations = [

@@ -15,7 +15,7 @@ import pytest
 
 from operators.datasets import sources as reg
 from operators.datasets import versions as dv
-from tests.conftest import airflow, dag_info, migrated_airflow, run_cli, three_domain_conversations
+from tests.conftest import dag_info, dags_test, migrated_airflow, run_cli, three_domain_conversations
 
 
 def _lines(prefix: str, n: int) -> str:
@@ -45,7 +45,7 @@ def test_a_second_corpus_lands_in_a_new_version_deduplicated_against_the_first(h
     version_counts = []
     for name, path in (("corpusA", a), ("corpusB", b)):
         conf = {"source_uri": str(path), "source_name": name, "budgets": budgets}
-        r = airflow(home, "dags", "test", "backfill_source", "-c", json.dumps(conf))
+        r = dags_test(home, "backfill_source", "-c", json.dumps(conf))
         assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
         by_source: dict[str, int] = {}
         for c in dv.show(str(data), "foundational")["counts"]["by_source_domain"]:

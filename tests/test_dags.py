@@ -11,7 +11,7 @@ import pytest
 
 from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.core.runner import read_step_table
-from tests.conftest import FAKE_SECRET, ROOT, airflow, dag_info, migrated_airflow
+from tests.conftest import FAKE_SECRET, ROOT, airflow, dag_info, dags_test, migrated_airflow
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_pat
     env = {**airflow_home, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
     # A shard target of ~1 KB puts each file in its own shard: three mapped ingest tasks.
     conf = {"source_uri": str(raw), "source_name": "cats", "output_uri": str(out), "target_shard_mb": 0.001}
-    r = airflow(env, "dags", "test", "ingest_source", "-c", json.dumps(conf))
+    r = dags_test(env, "ingest_source", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     step_dir = f"file://{out}/ingest"
     m = read_manifest(step_manifest_uri(step_dir))
@@ -81,7 +81,7 @@ def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_pat
     assert report["steps"][0]["records_kept"] == 60
     assert FAKE_SECRET not in r.stdout + r.stderr
     # A second run finds every manifest committed and skips the work.
-    r2 = airflow(env, "dags", "test", "ingest_source", "-c", json.dumps(conf))
+    r2 = dags_test(env, "ingest_source", "-c", json.dumps(conf))
     assert r2.returncode == 0
     assert "already committed" in r2.stdout + r2.stderr
     m2 = read_manifest(step_manifest_uri(step_dir))
@@ -90,7 +90,7 @@ def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_pat
 
 def test_bad_params_fail_before_any_work(airflow_home: dict[str, str], tmp_path: Path) -> None:
     conf = {"source_uri": str(tmp_path), "source_name": "bad name!", "output_uri": str(tmp_path / "out")}
-    r = airflow(airflow_home, "dags", "test", "ingest_source", "-c", json.dumps(conf))
+    r = dags_test(airflow_home, "ingest_source", "-c", json.dumps(conf))
     assert r.returncode != 0
     assert "source_name" in r.stdout + r.stderr
     assert not (tmp_path / "out").exists()
@@ -121,7 +121,7 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     assert r.returncode == 0, r.stderr[-2000:]
     conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
             "target_shard_mb": 0.001}
-    r = airflow(airflow_home, "dags", "test", "foundational_selection", "-c", json.dumps(conf))
+    r = dags_test(airflow_home, "foundational_selection", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = data_root / "runs" / "t1"
     stats = {s: json.loads((run / s / "stats.json").read_text())

@@ -15,7 +15,7 @@ import pytest
 from operators.cli import build_step
 from operators.core import storage
 from operators.core.runner import run_all
-from tests.conftest import ROOT, airflow, dag_info, migrated_airflow
+from tests.conftest import ROOT, dag_info, dags_test, migrated_airflow
 from tests.test_exports_consumers import SCHEMA, pool
 
 # A DAG that is exactly the publishing tail of the real DAGs (validate -> export -> publish -> report).
@@ -61,7 +61,7 @@ def test_publish_task_records_asset_event_with_version(home: dict[str, str], tmp
             rows = [r for r in pool(n) if r["label"]]  # labelled records: the validation suite requires labels
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / raw / "p.parquet")
             run_all(build_step("select", {"budgets": {}}), [str(tmp_path / raw)], select)
-        r = airflow(home, "dags", "test", "publish_only", "-c", json.dumps({"run": str(run)}))
+        r = dags_test(home, "publish_only", "-c", json.dumps({"run": str(run)}))
         assert r.returncode == 0, "\n".join(x for x in (r.stdout + r.stderr).splitlines() if "rror" in x)[-5000:]
         logs.append(r.stdout + r.stderr)
     assert ["tiny v0001 unchanged: LATEST already is this output" in log for log in logs] == [False, True, False]

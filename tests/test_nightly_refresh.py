@@ -20,7 +20,7 @@ from operators.orchestration.refresh import (
     plan_night,
     selection_inputs,
 )
-from tests.conftest import ROOT, airflow, dag_info, migrated_airflow, run_cli, three_domain_conversations
+from tests.conftest import ROOT, airflow, dag_info, dags_test, migrated_airflow, run_cli, three_domain_conversations
 
 
 def _plan(*shards: list[str]) -> Plan:
@@ -93,6 +93,7 @@ def test_nightly_refresh_dag_parses(airflow_home: dict[str, str]) -> None:
     info = dag_info(airflow_home, "nightly_refresh")
     assert info["errors"] == {}
     assert info["schedule"] == "@daily" and info["catchup"] is False
+    assert info["max_active_runs"] == 1  # a second night waits queued until the first has finished
     assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.reduce", "validate", "export",
             "report"} <= set(info["tasks"])
     assert {"sources", "run_name", "budgets"} <= set(info["params"])
@@ -107,7 +108,7 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     conf = {"sources": [{"name": "tiny", "uri": str(raw)}], "run_name": "n1",
             "budgets": {"math": 1.0, "code": 1.0, "general": 1.0}}
     t0 = time.perf_counter()
-    r = airflow(airflow_home, "dags", "test", "nightly_refresh", "2026-01-02", "-c", json.dumps(conf))
+    r = dags_test(airflow_home, "nightly_refresh", "2026-01-02", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     tonight = night_dir("tiny", "2026-01-02", storage.validate_uri(str(data)))
     m = read_manifest(step_manifest_uri(tonight))
@@ -125,7 +126,7 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     before = _committed_state(data)
     assert len(before) > 40 and any("/_stages/" in k for k in before)
     t0 = time.perf_counter()
-    r = airflow(airflow_home, "dags", "test", "nightly_refresh", "2026-01-03", "-c", json.dumps(conf))
+    r = dags_test(airflow_home, "nightly_refresh", "2026-01-03", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     print(f"nightly dags test, night without new files: {time.perf_counter() - t0:.1f}s")
     assert not Path(night_dir("tiny", "2026-01-03", str(data))).exists()
@@ -139,7 +140,7 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     # repeats of c's records lose to the published run's copies; freeze: the models and decisions stay), only
     # the new shard does work, and the night publishes the next version.
     (raw / "d.jsonl").write_text(_conversations("d", 6) + _conversations("c", 2))
-    r = airflow(airflow_home, "dags", "test", "nightly_refresh", "2026-01-04", "-c", json.dumps(conf))
+    r = dags_test(airflow_home, "nightly_refresh", "2026-01-04", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     for step in PHASE1:
         shards = [read_manifest(str(f)) for f in sorted((data / "runs" / "n1" / step / "_shards").glob("*.json"))]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import airflow, migrated_airflow
+from tests.conftest import dags_test, migrated_airflow
 
 
 def _finished_state(log: str) -> str:
@@ -22,7 +22,7 @@ def _finished_state(log: str) -> str:
 def test_a_failed_run_still_gets_its_report_and_stays_failed(tmp_path_factory: pytest.TempPathFactory) -> None:
     env, data = migrated_airflow(tmp_path_factory)
     missing = data.parent / "no-such-corpus.jsonl"  # the plan task fails: no input
-    r = airflow(env, "dags", "test", "ingest_source", "-c",
+    r = dags_test(env, "ingest_source", "-c",
                 json.dumps({"source_uri": str(missing), "source_name": "broken"}), timeout=600)
     assert _finished_state(r.stdout + r.stderr) == "failed"
     (entry_file,) = (data / "_reports" / "ingest_source").glob("*.json")

@@ -19,7 +19,7 @@ import transformers  # noqa: F401  (the `llm` extra, installed by `make test`: m
 from operators.core.registry import step_class
 from operators.core.runner import read_step_table, run_all
 from operators.schema import CANONICAL_SCHEMA
-from tests.conftest import ROOT, airflow, migrated_airflow
+from tests.conftest import ROOT, dags_test, migrated_airflow
 
 QA = [("math", "What is 15% of 80?", "15% of 80 is 12."),
       ("math", "Solve for x: 2x + 6 = 14.", "2x = 8, so x = 4."),
@@ -59,7 +59,7 @@ def test_conversational_synthesis_dag_runs_end_to_end(env: dict[str, str]) -> No
     conf = {"foundational": "found", "run_name": "synth", "pool_budgets": {"math": 0.5, "code": 0.5, "general": 0.5},
             "seed_budget": 1, "supplement_budget": 1, "weak_threshold": 10, "max_ifd": None,
             "evolution_rounds": 1, "max_new_tokens": 20, "min_turns": 2, "max_turns": 2, "probes_per_ability": 1}
-    r = airflow(env, "dags", "test", "conversational_synthesis", "-c", json.dumps(conf), timeout=1500)
+    r = dags_test(env, "conversational_synthesis", "-c", json.dumps(conf), timeout=1500)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run_root = Path(env["IIP_DATA_ROOT"]) / "runs" / "synth"
     steps = ["pool", "label", "label_vocab", "seed_score", "seed_select_r1", "evolve_r1", "respond_r1",

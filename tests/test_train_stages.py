@@ -18,7 +18,7 @@ from operators.train.evaluate import (
     load_records,
     parse_rating,
 )
-from tests.conftest import SHARED_DATA, airflow, migrated_airflow
+from tests.conftest import SHARED_DATA, dags_test, migrated_airflow
 from tests.test_train_prep import SERIAL_ENV, one_torch_thread, write_set
 
 STAGE = {"max_steps": 2, "global_batch_size": 1, "learning_rate": 5e-4, "warmup_steps": 0, "max_seq_len": 128,
@@ -43,7 +43,7 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
             {"name": "humaneval", "uri": "humaneval://", "format": "humaneval", "limit": 1},
             {"name": "arithmetic_mc", "uri": "builtin://arithmetic_mc", "format": "mmlu", "limit": 1}]},
     }
-    r = airflow(airflow_home, "dags", "test", "two_stage_finetune", "-c", json.dumps(conf), timeout=900)
+    r = dags_test(airflow_home, "two_stage_finetune", "-c", json.dumps(conf), timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     ft = Path(airflow_home["IIP_DATA_ROOT"]) / "runs" / "ft1" / "finetune"
     report = json.loads((ft / "eval_report.json").read_text())

@@ -59,17 +59,33 @@ class UI:
     def __init__(self, proc: subprocess.Popen[str], base: str, password: str, data: Path, lines: list[str]):
         self.proc, self.base, self.password, self.data, self.lines = proc, base, password, data, lines
 
+    _token = ""
+
     def token(self) -> str:
-        req = urllib.request.Request(f"{self.base}/auth/token", method="POST",
-                                     data=json.dumps({"username": "admin", "password": self.password}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return str(json.load(r)["access_token"])
+        """An API token, fetched once (it outlives the test)."""
+        if not self._token:
+            req = urllib.request.Request(f"{self.base}/auth/token", method="POST",
+                                         data=json.dumps({"username": "admin", "password": self.password}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            self._token = str(self._read(req)["access_token"])
+        return self._token
 
     def api(self, path: str) -> Any:
-        req = urllib.request.Request(f"{self.base}/api/v2{path}", headers={"Authorization": f"Bearer {self.token()}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.load(r)
+        return self._read(urllib.request.Request(f"{self.base}/api/v2{path}",
+                                                 headers={"Authorization": f"Bearer {self.token()}"}))
+
+    @staticmethod
+    def _read(req: urllib.request.Request) -> Any:
+        # The server shares two cores with a busy second test worker and its own scheduler: a reply can take
+        # tens of seconds. Three tries of 60 s each before the test gives up on it.
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return json.load(r)
+            except TimeoutError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core import storage
+from operators.core.arrays import unique_sorted
 from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.export import export_step
 
@@ -114,7 +115,7 @@ def published_id_hashes(dataset_uri: str, step: str | None = None) -> tuple[int 
     for uri in uris + ([survivors] if step and storage.exists(survivors) else []):
         with storage.open_input(uri) as fh:
             parts.append(pq.read_table(fh, columns=["h"])["h"].to_numpy())
-    return version, np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+    return version, unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
 def _numbered(folder: str) -> list[int]:
@@ -260,7 +261,7 @@ def _write_survivors(run_root: str, vdir: str) -> dict[str, int]:
         for f in m.data_files():
             with storage.open_input(storage.join(run_root, step, f.path)) as fh:
                 parts.append(id_hash(pq.read_table(fh, columns=["id"])["id"].to_pylist()).to_numpy())
-        h = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+        h = unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({"h": pa.array(h, pa.uint64())}), sink, compression="zstd")
         storage.write_bytes(storage.join(vdir, "dedup_index", f"{step}.parquet"), sink.getvalue())

@@ -53,6 +53,8 @@ import pyarrow.compute as pc
 import regex
 import xxhash
 
+from operators.core.arrays import count_repeats, run_starts
+
 NUM_BUCKETS = 10_000
 """Buckets of the hashed feature space, as in the paper and the reference implementation."""
 
@@ -305,10 +307,7 @@ def hashed_ngram_counts(
     key_dtype = np.uint32 if n * num_buckets < 2**32 else np.int64
     flat = np.sort(np.concatenate(keys).astype(key_dtype, copy=False)) if keys else np.zeros(0, key_dtype)
     if len(flat):
-        first = np.empty(len(flat), dtype=bool)
-        first[0] = True
-        np.not_equal(flat[1:], flat[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
+        starts = np.flatnonzero(run_starts(flat))
         unique_keys = flat[starts].astype(np.int64)
         counts32 = np.diff(np.append(starts, len(flat))).astype(np.int32)
     else:
@@ -525,7 +524,7 @@ def merge_top_k(candidates: Iterable[Candidates | tuple[npt.ArrayLike, npt.Array
                 raise TypeError("candidate lists mix integer and string record ids")
             keys = np.concatenate([best.keys, keys])
             ids = np.concatenate([best.ids, ids])
-        if len(np.unique(ids)) != len(ids):
+        if count_repeats(ids):
             raise ValueError("duplicate record ids across candidate lists: the merge would not be exact")
         chosen = top_k(keys, k, ids)
         best = Candidates(keys[chosen], ids[chosen])

@@ -49,7 +49,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, airflow, airflow_env, free_port, run_cli, three_domain_conversations, wait_for_port
+from tests.conftest import (
+    ROOT,
+    airflow,
+    airflow_env,
+    dags_test,
+    free_port,
+    run_cli,
+    three_domain_conversations,
+    wait_for_port,
+)
 from tests.reliability.secret_scan import Scanner
 
 KEY_ENV = "VLLM_API_KEY"
@@ -195,6 +204,11 @@ class Run:
         t = time.monotonic()
         self._done(name, t, airflow(self.env, *args, timeout=900))
 
+    def dags_test(self, dag_id: str, conf: dict[str, Any]) -> None:
+        """`airflow dags test` of one DAG in the run's environment; keep its output for the scan."""
+        t = time.monotonic()
+        self._done(dag_id, t, dags_test(self.env, dag_id, "-c", json.dumps(conf), timeout=900))
+
     def _done(self, name: str, started: float, r: subprocess.CompletedProcess[str]) -> None:
         self.seconds[name] = round(time.monotonic() - started, 1)
         self.outputs[name] = r.stdout + r.stderr
@@ -251,20 +265,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         s3.put_object(Bucket=bucket, Key="raw/tiny/a.jsonl", Body=corpus())
         r = Run(planted, env, base / "airflow", scratch, bucket, s3, recording, llm)
         r.airflow("db migrate", "db", "migrate")
-        r.airflow("ingest_source", "dags", "test", "ingest_source", "-c", json.dumps(
-            {"source_uri": f"s3://{bucket}/raw/tiny/", "source_name": "tiny", "target_shard_mb": 1}))
-        r.airflow("foundational_selection", "dags", "test", "foundational_selection", "-c", json.dumps(
-            {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 5, "code": 0.5, "general": 1.0},
-             "target_shard_mb": 1}))
+        r.dags_test("ingest_source", {"source_uri": f"s3://{bucket}/raw/tiny/", "source_name": "tiny",
+                                      "target_shard_mb": 1})
+        r.dags_test("foundational_selection", {"sources": ["tiny"], "run_name": "t1",
+                                               "budgets": {"math": 5, "code": 0.5, "general": 1.0},
+                                               "target_shard_mb": 1})
         openai = {"backend": "openai", "model": "served-model", "base_url": llm.base_url, "api_key_env": KEY_ENV,
                   "max_retries": 0}
         if FULL:
             # Every role of the synthesis DAG on the keyed server: label, scoring, evolution, responses,
             # diagnosis, round 2, validate, export, publish, report (~50 more tasks, ~100 s).
-            r.airflow("conversational_synthesis", "dags", "test", "conversational_synthesis", "-c", json.dumps(
-                {"foundational": "t1", "run_name": "syn", "pool_budgets": {"math": 2, "code": 2, "general": 2},
-                 "models": dict.fromkeys(MODEL_ROLES, openai), "candidates": {"served": openai},
-                 "max_new_tokens": 16, "weak_threshold": 10, "min_turns": 2, "max_turns": 2}))
+            r.dags_test("conversational_synthesis", {
+                "foundational": "t1", "run_name": "syn", "pool_budgets": {"math": 2, "code": 2, "general": 2},
+                "models": dict.fromkeys(MODEL_ROLES, openai), "candidates": {"served": openai},
+                "max_new_tokens": 16, "weak_threshold": 10, "min_turns": 2, "max_turns": 2})
         else:
             # The synthesis DAG's two kinds of LLM call, as its tasks run them (the same CLI): generation with
             # structured output (label) and loss scoring (seed_score), over the foundational selection.

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from operators.core.arrays import unique_sorted
 from operators.core.step import (
     Artifacts,
     BatchResult,
@@ -125,7 +126,7 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
     (published records) survive first and are never dropped, even when one component holds several.
     Returns (drops as ``shard, row, kept_id``, records seen, components)."""
     links = concat_or_empty(artifacts.iter_tables(links_stage), LINKS_SCHEMA)
-    linked = np.unique(np.concatenate([links.column("key").to_numpy(), links.column("linked_key").to_numpy()]))
+    linked = unique_sorted(np.concatenate([links.column("key").to_numpy(), links.column("linked_key").to_numpy()]))
     records, rows = linked_rows(artifacts, rows_stage, linked, ["id", *columns])
     empty = pa.table({"shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
                       "kept_id": pa.array([], pa.string())})

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from operators.core.arrays import unique_sorted
 from operators.core.step import (
     SHARD_ROWS,
     Artifacts,
@@ -125,13 +126,13 @@ def bucket_members(rows: pa.Table) -> npt.NDArray[np.int64]:
     distinct = np.ones(keys.size, dtype=bool)
     distinct[1:] = new_bucket[1:] | (keys[1:] != keys[:-1])
     size = np.bincount(bucket[distinct], minlength=int(bucket[-1]) + 1)
-    return np.unique(keys[size[bucket] >= 2])
+    return unique_sorted(keys[size[bucket] >= 2])
 
 
 def probe_centres(segments: list[pa.Table], rows: pa.Table) -> pa.Table:
     """The index rows (`BAND_ROWS`) of the buckets `rows` fall into: their kept smallest keys, from every
     segment (each sorted by `BUCKET_ORDER`), each row once (`equal_rows`). Pure."""
-    return concat_or_empty([seg.take(pa.array(np.unique(at))).select(BAND_ROWS.names)
+    return concat_or_empty([seg.take(pa.array(unique_sorted(at))).select(BAND_ROWS.names)
                             for seg, at, _ in equal_rows(segments, rows, "band_hash", ["band"])], BAND_ROWS)
 
 

@@ -1,0 +1,37 @@
+"""Array primitives the steps share, where numpy's general-purpose answer is slow at corpus scale.
+
+numpy 2's `np.unique` (without `return_inverse`/`return_index`) deduplicates through a hash table: 7.6 s for
+2M random uint64 keys on this machine, where a sort and a neighbour comparison take 0.1 s. Record ids, key
+hashes and link endpoints are exactly such keys, and validate, publish and the dedup resolves take the
+distinct values of millions of them.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+ScalarT = TypeVar("ScalarT", bound=np.generic)
+
+
+def run_starts(sorted_values: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
+    """For an ascending array: True where a run of equal values begins (the first element always)."""
+    first = np.empty(len(sorted_values), dtype=bool)
+    if len(sorted_values):
+        first[0] = True
+        np.not_equal(sorted_values[1:], sorted_values[:-1], out=first[1:])
+    return first
+
+
+def unique_sorted(values: npt.NDArray[ScalarT]) -> npt.NDArray[ScalarT]:
+    """The distinct values, ascending: `np.unique(values)` by a sort and a mask (see the module docstring)."""
+    s = np.sort(values.ravel())
+    return s[run_starts(s)]
+
+
+def count_repeats(values: npt.NDArray[np.generic]) -> int:
+    """How many elements repeat an earlier one (`len(values) - len(np.unique(values))`)."""
+    s = np.sort(values.ravel())
+    return int(len(s) - np.count_nonzero(run_starts(s)))
