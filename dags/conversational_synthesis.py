@@ -19,7 +19,7 @@ from typing import Any
 from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
-from operators.orchestration.params import keep_versions_param, param
+from operators.orchestration.params import keep_versions_param, param, task_timeout_param
 from operators.orchestration.settings import data_root, run_dir, safe_name
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -69,6 +69,7 @@ def llm(role: str) -> str:
         "max_turns": param(3, type="integer", minimum=1, maximum=8),
         "probes_per_ability": param(1, type="integer", minimum=1),
         **keep_versions_param(),
+        **task_timeout_param(),
     },
 )
 def conversational_synthesis() -> None:

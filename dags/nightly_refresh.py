@@ -64,7 +64,7 @@ def nightly_refresh() -> None:
         return selection_inputs(context["params"]["sources"])
 
     new = find_new()
-    ingest = StepOperator.partial(task_id="ingest", step="ingest", action="run").expand_kwargs(new)
+    ingest = StepOperator.mapped(task_id="ingest", step="ingest", action="run").expand_kwargs(new)
     sources = inputs()
     new >> ingest >> sources
 

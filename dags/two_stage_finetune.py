@@ -20,7 +20,7 @@ from typing import Any
 from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, report_task, step_group
-from operators.orchestration.params import param
+from operators.orchestration.params import param, task_timeout_param
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
 from operators.train.config import train_root
@@ -60,6 +60,7 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
                          "asset_extra": asset_extra},
     tags=["iip", "training"],
     params={
+        **task_timeout_param(),
         "foundational": param("", type="string", minLength=REQUIRED,
                               description="Committed foundational set (e.g. <run>/select of foundational_selection)."),
         "conversational": param("", type="string", minLength=REQUIRED,

@@ -6,6 +6,8 @@ at those windows. Nothing happens unless the environment says so:
 
 - `IIP_FAULT=<name>:<n>`: the process exits at once with status 137 (what `kill -9` leaves), without
   running `finally` blocks, atexit handlers or flushing buffers, the n-th time it reaches point `name`.
+- `IIP_FAULT=<name>:<n>:hang`: the process stops there instead, sleeping until something kills it (a stuck
+  task: what a task's time limit is for).
 - `IIP_FAULT_TRACE=<path>`: every point reached is appended to `path`, one name a line (the tests use it
   to learn which windows a task passes through, then pick kills among them).
 
@@ -20,6 +22,7 @@ part or commit.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 FAULT_ENV = "IIP_FAULT"
@@ -38,9 +41,12 @@ def point(name: str) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    target, _, count = spec.rpartition(":")
+    target, count, action = [*spec.split(":"), ""][:3]
     if target != name:
         return
     _hits[name] += 1
     if _hits[name] == int(count):
+        if action == "hang":
+            while True:
+                time.sleep(3600)
         os._exit(KILLED_STATUS)  # no cleanup of any kind: the closest a process gets to kill -9 on itself

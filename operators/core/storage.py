@@ -33,6 +33,10 @@ class StorageError(RuntimeError):
     """A storage URI is invalid or an operation on it failed."""
 
 
+class StorageUnavailable(StorageError):
+    """The store did not answer through every retry: an outage that a later attempt of the task may outlast."""
+
+
 def validate_uri(uri: str) -> str:
     """Return `uri` normalized, or raise StorageError naming what is wrong with it.
 
@@ -156,7 +160,7 @@ def _s3_get(client: Any, bucket: str, key: str, uri: str) -> tuple[bytes, str, d
             raise StorageError(f"cannot read {uri}: {e}") from e
         except BotoCoreError as e:  # the connection broke mid-body, or botocore's own retries were spent
             if attempt == BODY_READ_ATTEMPTS:
-                raise StorageError(f"cannot read {uri} after {attempt} attempts: {e}") from e
+                raise StorageUnavailable(f"cannot read {uri} after {attempt} attempts: {e}") from e
             log.warning("reading %s failed (%s: %s); reading it again", uri, type(e).__name__, e)
     raise AssertionError("unreachable")
 
@@ -191,7 +195,7 @@ def _s3_conditional_put(uri: str, path: str, data: bytes, **condition: str) -> b
             return ours
         raise StorageError(f"conditional write of {uri} failed: {code or e}") from e
     except BotoCoreError as e:  # botocore's retries were spent (timeouts, resets): the outcome is unknown
-        raise StorageError(f"conditional write of {uri} failed after {S3Settings.from_env().max_attempts} "
+        raise StorageUnavailable(f"conditional write of {uri} failed after {S3Settings.from_env().max_attempts} "
                            f"attempts: {e}") from e
 
 

@@ -38,13 +38,13 @@ def step_group(
         prev: Any = plan
         for st in stages:
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
-                task: Any = StepOperator.partial(task_id=st.name, action="stage", stage=st.name,
+                task: Any = StepOperator.mapped(task_id=st.name, action="stage", stage=st.name,
                                                  **common).expand(shard=plan.output)
             else:
                 task = StepOperator(task_id=st.name, action="stage", stage=st.name, **common)
             prev >> task
             prev = task
-        run = StepOperator.partial(task_id="run", action="run", **common).expand(shard=plan.output)
+        run = StepOperator.mapped(task_id="run", action="run", **common).expand(shard=plan.output)
         prev >> run
         reduce = StepOperator(task_id="reduce", action="reduce", step=step, output_uri=output_uri,
                               profile=profile)

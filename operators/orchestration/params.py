@@ -31,6 +31,7 @@ def source_params(default_name: str, name_help: str) -> dict[str, Param]:
         "source_name": param(default_name, type="string", pattern=NAME_PATTERN, description=name_help),
         "format": param("auto", enum=[f.value for f in SourceFormat],
                         description="Input format; auto detects it per file."),
+        **task_timeout_param(),
     }
 
 
@@ -42,7 +43,17 @@ def selection_params(shard_mb: float = 256) -> dict[str, Param]:
         "target_shard_mb": param(shard_mb, type="number", exclusiveMinimum=0,
                                  description="Inputs are grouped into parallel shards of about this size."),
         **keep_versions_param(),
+        **task_timeout_param(),
     }
+
+
+def task_timeout_param() -> dict[str, Param]:
+    """`task_timeout_minutes`: each step task's time limit (a stuck task is stopped and retried)."""
+    return {"task_timeout_minutes": param(0, type="number", minimum=0,
+                                          description="Time limit of each step task, in minutes. 0: derived from "
+                                          "the task's shard (10 min + 6 s per MiB; LLM steps 300 s per MiB; "
+                                          "whole-step tasks 1 h; training none). A task past it is stopped and "
+                                          "retried.")}
 
 
 def keep_versions_param() -> dict[str, Param]:

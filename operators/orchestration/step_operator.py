@@ -9,28 +9,39 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from operators.orchestration.pod_spec import load_profiles, pod_labels, pod_operator_kwargs
+from operators.orchestration.settings import step_timeout_s, task_retry_policy
 from operators.orchestration.step_command import Action, redact, secret_values, step_arguments
 
 XCOM_FILE = "/airflow/xcom/return.json"
+# The DAG's `task_timeout_minutes` Param when it has one (0: derived from the shard; see settings.step_timeout_s).
+TIMEOUT_PARAM = "{{ params.task_timeout_minutes | default(0) }}"
+INVALID_EXIT = 2  # the CLI's status for an invalid config or input: a retry cannot fix it
 
 
 class StepFailedError(RuntimeError):
     """The step process exited with an error."""
 
 
+class InvalidStepRequest(AirflowFailException, ValueError):
+    """The task's config, Params or input are invalid: it fails at once, without retries (none could fix it)."""
+
+
 class StepOperator(BaseOperator):
     """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
 
     # `profile` is templated so a DAG can put LLM steps on GPU pods by a Param (e.g. cpu | vllm).
-    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile")
+    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes")
     ui_color = "#d6eaff"
 
     def __init__(
@@ -45,8 +56,11 @@ class StepOperator(BaseOperator):
         stage: str | None = None,
         profile: str = "cpu",
         mode: Literal["local", "kubernetes"] | None = None,
+        timeout_minutes: float | str = TIMEOUT_PARAM,
         **kwargs: Any,
     ) -> None:
+        for key, value in task_retry_policy().items():
+            kwargs.setdefault(key, value)
         super().__init__(**kwargs)
         self.step = step
         self.action = action
@@ -57,6 +71,48 @@ class StepOperator(BaseOperator):
         self.stage = stage
         self.profile = profile
         self.mode = mode
+        self.timeout_minutes = timeout_minutes
+
+    @classmethod
+    def mapped(cls, **kwargs: Any) -> Any:
+        """`StepOperator.partial(**kwargs)` with the platform's retry policy (a mapped task's retries come from
+        its partial arguments, not from `__init__`)."""
+        return cls.partial(**{**task_retry_policy(), **kwargs})
+
+    def timeout_s(self) -> float | None:
+        """This task's time limit in seconds (None: none): the `timeout_minutes` Param, else derived from the
+        size of the shard the task works on (see `settings.step_timeout_s`)."""
+        value = self.timeout_minutes
+        if isinstance(value, str) and "{{" in value:  # not rendered: a task used outside a DAG run
+            value = 0
+        try:
+            minutes = float(value or 0)
+        except (TypeError, ValueError):
+            raise ValueError(f"task_timeout_minutes must be a number, got {value!r}") from None
+        return step_timeout_s(self.action, shard_bytes=self._shard_bytes(), llm=self._is_llm_step(),
+                              minutes=minutes)
+
+    def _shard_bytes(self) -> int | None:
+        """About how many bytes the shard this task works on holds, or None for an unsharded task: the step's
+        `target_shard_bytes` (one big file can make a larger shard: the limit's fixed allowance covers that)."""
+        if self.action not in ("run", "stage") or self.shard is None:
+            return None
+        value = dict(self.config).get("target_shard_bytes")
+        if isinstance(value, str) and "{{" in value:  # not rendered: a task used outside a DAG run
+            value = None
+        if value is None:
+            from operators.core.registry import STEPS, step_class
+
+            field = step_class(self.step).config_model.model_fields.get("target_shard_bytes") \
+                if self.step in STEPS else None
+            value = field.default if field is not None else None
+        return int(value) if value is not None else None
+
+    def _is_llm_step(self) -> bool:
+        from operators.core.registry import STEPS, step_class
+        from operators.steps.synth.base import LLMStep
+
+        return self.step in STEPS and issubclass(step_class(self.step), LLMStep)
 
     def _inputs(self) -> list[str]:
         # Templated inputs may render to one string, a list, or a JSON list string from a Params field.
@@ -66,6 +122,14 @@ class StepOperator(BaseOperator):
         return [str(x) for x in self.inputs]
 
     def execute(self, context: Any) -> Any:
+        try:
+            return self._execute(context)
+        except InvalidStepRequest:
+            raise
+        except (ValueError, TypeError) as e:  # an invalid config, Param or input: no retry can fix it
+            raise InvalidStepRequest(str(e)) from e
+
+    def _execute(self, context: Any) -> Any:
         # A Params field left empty renders to None: it means "the step's default", so drop it.
         self.config = {k: v for k, v in dict(self.config).items() if v is not None}
         mode = self.mode or os.environ.get("IIP_EXECUTION_MODE", "local")
@@ -136,24 +200,51 @@ class StepOperator(BaseOperator):
         secrets = secret_values()
         self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
                       self.shard, redact(self.output_uri, secrets))
+        limit = self.timeout_s()
+        # Its own process group: a timeout stops the step and everything it started (an LLM engine, a pool).
         proc = subprocess.Popen(
             [sys.executable, "-m", "operators", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1,
+            text=True, bufsize=1, start_new_session=True,
         )
+        timed_out = threading.Event()
+
+        def time_out() -> None:
+            timed_out.set()
+            _kill_group(proc)
+
+        timer = threading.Timer(limit, time_out) if limit is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         last_json: Any = None
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            self.log.info("%s", redact(line, secrets))
-            if line.startswith("{"):
-                try:
-                    last_json = json.loads(line)
-                except ValueError:
-                    pass
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                self.log.info("%s", redact(line, secrets))
+                if line.startswith("{"):
+                    try:
+                        last_json = json.loads(line)
+                    except ValueError:
+                        pass
+            rc = proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if proc.poll() is None:  # this task is being stopped (Airflow's own timeout, a kill): stop the step
+                _kill_group(proc)
+        if timed_out.is_set():
+            from airflow.sdk.exceptions import AirflowTaskTimeout
+
+            raise AirflowTaskTimeout(f"{self.step} {self.action} (shard {self.shard}) ran past its limit of "
+                                     f"{limit:.0f} s and was stopped; set the DAG's task_timeout_minutes Param "
+                                     "to change the limit")
+        if rc == INVALID_EXIT:
+            raise InvalidStepRequest(f"{self.step} {self.action} exited with code {rc} (invalid config or "
+                                       "input: not retried); see the log above")
         if rc != 0:
-            kind = "invalid config or input" if rc == 2 else "step failed"
-            raise StepFailedError(f"{self.step} {self.action} exited with code {rc} ({kind}); see the log above")
+            raise StepFailedError(f"{self.step} {self.action} exited with code {rc} (step failed); see the log "
+                                  "above")
         if self.action == "plan" and last_json is not None:
             return last_json["shards"]
         return last_json
@@ -174,6 +265,9 @@ class StepOperator(BaseOperator):
             labels["iip/map-index"] = str(ti.map_index)
         kwargs = pod_operator_kwargs(task_id=f"{self.task_id}-pod", arguments=args,
                                      profile=profiles[self.profile], labels=labels, xcom=xcom)
+        limit = self.timeout_s()
+        if limit is not None:  # Kubernetes stops the pod at the limit; the task fails and is retried
+            kwargs["active_deadline_seconds"] = int(limit)
         if self.action == "train" and profiles[self.profile].gpus > 1:
             # One process per GPU under torchrun, a shared checkpoint volume, /dev/shm and NCCL settings.
             from operators.train.cluster import single_node_pod_kwargs, spec_from_profile
@@ -216,3 +310,11 @@ class StepOperator(BaseOperator):
         if self.action == "plan" and isinstance(result, dict):
             return result["shards"]
         return result
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the step process and its process group (it leads one: `start_new_session`)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
