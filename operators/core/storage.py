@@ -196,7 +196,7 @@ def _s3_conditional_put(uri: str, path: str, data: bytes, **condition: str) -> b
         raise StorageError(f"conditional write of {uri} failed: {code or e}") from e
     except BotoCoreError as e:  # botocore's retries were spent (timeouts, resets): the outcome is unknown
         raise StorageUnavailable(f"conditional write of {uri} failed after {S3Settings.from_env().max_attempts} "
-                           f"attempts: {e}") from e
+                                 f"attempts: {e}") from e
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

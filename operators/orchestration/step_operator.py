@@ -82,9 +82,7 @@ class StepOperator(BaseOperator):
     def timeout_s(self) -> float | None:
         """This task's time limit in seconds (None: none): the `timeout_minutes` Param, else derived from the
         size of the shard the task works on (see `settings.step_timeout_s`)."""
-        value = self.timeout_minutes
-        if isinstance(value, str) and "{{" in value:  # not rendered: a task used outside a DAG run
-            value = 0
+        value = _rendered(self.timeout_minutes)
         try:
             minutes = float(value or 0)
         except (TypeError, ValueError):
@@ -97,9 +95,7 @@ class StepOperator(BaseOperator):
         `target_shard_bytes` (one big file can make a larger shard: the limit's fixed allowance covers that)."""
         if self.action not in ("run", "stage") or self.shard is None:
             return None
-        value = dict(self.config).get("target_shard_bytes")
-        if isinstance(value, str) and "{{" in value:  # not rendered: a task used outside a DAG run
-            value = None
+        value = _rendered(dict(self.config).get("target_shard_bytes"))
         if value is None:
             from operators.core.registry import STEPS, step_class
 
@@ -241,7 +237,7 @@ class StepOperator(BaseOperator):
                                      "to change the limit")
         if rc == INVALID_EXIT:
             raise InvalidStepRequest(f"{self.step} {self.action} exited with code {rc} (invalid config or "
-                                       "input: not retried); see the log above")
+                                     "input: not retried); see the log above")
         if rc != 0:
             raise StepFailedError(f"{self.step} {self.action} exited with code {rc} (step failed); see the log "
                                   "above")
@@ -310,6 +306,11 @@ class StepOperator(BaseOperator):
         if self.action == "plan" and isinstance(result, dict):
             return result["shards"]
         return result
+
+
+def _rendered(value: Any) -> Any:
+    """`value`, or None while it is still a Jinja template (a task used outside a DAG run, e.g. rendering pods)."""
+    return None if isinstance(value, str) and "{{" in value else value
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
