@@ -350,18 +350,21 @@ class FaultServer:
                     server.peak = max(server.peak, server.in_flight)
                     server.auth.append(self.headers.get("Authorization"))
                     action = server.plan.pop(0) if server.plan else None
+                # The request stops counting as in flight before its reply is written: once the client has read
+                # a reply it may send the next request before this thread runs again, and counting that overlap
+                # would blame the client for the server's scheduling.
                 try:
                     time.sleep(server.delay_s)
-                    if action is not None:
-                        action(self)
-                    else:
-                        content = body["messages"][-1]["content"]
-                        reply(self, 200, {"choices": [{"message": {"role": "assistant", "content": content},
-                                                       "finish_reason": "stop"}],
-                                          "usage": {"prompt_tokens": len(content), "completion_tokens": 1}})
                 finally:
                     with server.lock:
                         server.in_flight -= 1
+                if action is not None:
+                    action(self)
+                else:
+                    content = body["messages"][-1]["content"]
+                    reply(self, 200, {"choices": [{"message": {"role": "assistant", "content": content},
+                                                   "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": len(content), "completion_tokens": 1}})
 
             def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
                 pass
