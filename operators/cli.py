@@ -49,6 +49,7 @@ from operators.core.runner import (
     run_partition_stage,
     run_reduce_stage,
     run_shard,
+    shards_to_run,
 )
 from operators.core.stats import LedgerError
 from operators.core.step import Step
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.input:
                 raise ConfigError("plan needs at least one --input")
             plan = make_plan(step, args.input, args.output)
-            _emit({"shards": [s.index for s in plan.shards], "config_hash": plan.config_hash}, args.xcom_file)
+            _emit({"shards": [s.index for s in plan.shards], "to_run": shards_to_run(plan, args.output),
+                   "config_hash": plan.config_hash}, args.xcom_file)
             return 0
         if args.command == "stage":
             plan = load_plan(args.output)

@@ -14,6 +14,8 @@ RAW=$IIP_DATA_ROOT/raw/demo
 mkdir -p "$AIRFLOW_HOME"
 
 echo "== Airflow metadata DB (SQLite) at $AIRFLOW_HOME"
+# The editable install leaves the repository uncompiled; each step process would compile it again.
+$BIN/python -m compileall -q -j 0 "$ROOT/operators" "$ROOT/dags" "$ROOT/plugins" >/dev/null
 $BIN/airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/migrate.log"; exit 1; }
 
 echo "== demo corpus -> $RAW"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -131,6 +132,12 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     print(f"nightly dags test, night without new files: {time.perf_counter() - t0:.1f}s")
     assert not Path(night_dir("tiny", "2026-01-03", str(data))).exists()
     assert _committed_state(data) == before
+    # It cost each step its plan and reduce: the plans found the steps committed, so the stage and shard tasks
+    # mapped over nothing and never started; validation reused the report of this very commit.
+    log = r.stdout + r.stderr
+    assert [s for s in PHASE1 if f"step {s}: already committed under this plan" in log] == list(PHASE1)
+    assert not re.search(r"shard \d+: already committed|stage \w+: already committed", log)
+    assert "already validated for this commit" in log
     from operators.datasets.versions import read_latest, versions
 
     assert versions(str(data), "foundational") == [1]  # and its publish skipped: LATEST already is this output

@@ -16,7 +16,15 @@ from pydantic import Field
 from operators.core import runner as runner_mod
 from operators.core import storage
 from operators.core.manifest import read_manifest, shard_manifest_uri, step_manifest_uri
-from operators.core.runner import StepFailed, make_plan, read_step_table, reduce_step, run_all, run_shard
+from operators.core.runner import (
+    StepFailed,
+    make_plan,
+    read_step_table,
+    reduce_step,
+    run_all,
+    run_shard,
+    shards_to_run,
+)
 from operators.core.stats import LedgerError, StepStats, merge
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
 
@@ -94,6 +102,27 @@ def test_rerun_same_config_is_skipped_and_changed_config_recomputes(tmp_path: Pa
     # Files of the stale output are gone; only the new manifest's files remain.
     on_disk = {u[len(out) + 1:] for u in storage.list_files(out) if u.rsplit("/", 1)[1].startswith("part-")}
     assert on_disk == {f.path for f in changed.files}
+
+
+def test_a_plan_over_a_committed_step_leaves_no_shard_to_run(tmp_path: Path) -> None:
+    """The plan's to-run list, which the DAG maps shard and stage tasks over: every shard until the step is
+    committed under this plan; none once it is; every shard again for new input files or a new config."""
+    src = write_inputs(tmp_path, files=2, rows=100)
+    out = storage.validate_uri(str(tmp_path / "out"))
+
+    def to_run(modulus: int) -> list[int]:
+        step = KeepMultiples(ModConfig(modulus=modulus, target_shard_bytes=1))
+        return shards_to_run(make_plan(step, [src], out), out)
+
+    assert to_run(2) == [0, 1]  # planned, nothing committed
+    run_shard(KeepMultiples(ModConfig(modulus=2, target_shard_bytes=1)), out, runner_mod.load_plan(out), 0)
+    assert to_run(2) == [0, 1]  # one shard committed, the step not yet
+    run_all(KeepMultiples(ModConfig(modulus=2, target_shard_bytes=1)), [src], out)
+    assert to_run(2) == []
+    assert to_run(3) == [0, 1]  # another config
+    run_all(KeepMultiples(ModConfig(modulus=2, target_shard_bytes=1)), [src], out)
+    pq.write_table(pa.table({"x": [7]}), Path(src) / "f9.parquet")
+    assert to_run(2) == [0, 1, 2]  # a new input file
 
 
 def test_ledger_violation_fails_loudly_and_commits_nothing(tmp_path: Path) -> None:

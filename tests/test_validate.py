@@ -45,6 +45,25 @@ def test_a_clean_step_validates(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "select" / "validation.json").read_text())
     assert report["success"] is True and report["records"] == 3 and report["failures"] == []
+    assert "already validated" not in r.stderr
+
+
+def test_a_commit_is_validated_once_and_a_new_commit_again(tmp_path: Path) -> None:
+    """Validating the same commit again reuses its report (a quiet night); a new commit of the step is validated
+    afresh, even where an earlier report passed."""
+    out = committed(tmp_path, [[rec("a", GOOD)]])
+    first = run_cli("validate", "--output", out)
+    assert first.returncode == 0 and "already validated" not in first.stderr, first.stderr[-3000:]
+    report = (tmp_path / "select" / "validation.json").read_bytes()
+    again = run_cli("validate", "--output", out)
+    assert again.returncode == 0 and "already validated for this commit" in again.stderr, again.stderr[-3000:]
+    assert (tmp_path / "select" / "validation.json").read_bytes() == report
+    # A new commit of the same folder (another config): its records are validated, and the report follows it.
+    m = run_all(build_step("select", {"target_shard_bytes": 2, "replay_fraction": 0}), [str(tmp_path / "in")], out)
+    assert m.stats.records_kept == 1
+    third = run_cli("validate", "--output", out)
+    assert third.returncode == 0 and "already validated" not in third.stderr, third.stderr[-3000:]
+    assert json.loads((tmp_path / "select" / "validation.json").read_text())["commit"] != json.loads(report)["commit"]
 
 
 def test_a_failing_step_fails_the_cli_naming_every_failed_expectation(tmp_path: Path) -> None:
@@ -72,3 +91,8 @@ def test_a_failing_step_fails_the_cli_naming_every_failed_expectation(tmp_path: 
     for (expectation, column), what in named.items():
         assert any(expectation in f and column in f for f in failures), f"{what}: {expectation} {column} not named"
     assert len(failures) == 5, failures  # nothing else failed: the good records pass every expectation
+    # The same commit again: the earlier report answers, and it still fails the task, with the same message.
+    again = run_cli("validate", "--output", out)
+    assert again.returncode == 1 and "already validated for this commit" in again.stderr
+    assert next(line for line in again.stderr.splitlines() if "validation failed" in line).endswith(
+        message.split("validation failed:", 1)[1])

@@ -96,6 +96,22 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
     return plan
 
 
+def shards_to_run(plan: Plan, step_dir: str) -> list[int]:
+    """The shard indices whose tasks have work to do under `plan`: none when the step is already committed under
+    this plan's config hash (same code, config and input files), else every shard.
+
+    A DAG maps its stage and shard tasks over this list, so a step that is up to date (a night with nothing new,
+    a cleared run re-run, the second of two racing runs) costs its plan and reduce tasks, not one task per shard
+    and stage, each a process or a pod start that would only find its commit and exit. The test is the one the
+    reduce makes before skipping."""
+    current = read_manifest(step_manifest_uri(storage.validate_uri(step_dir)))
+    if current is not None and current.config_hash == plan.config_hash:
+        log.info("step %s: already committed under this plan (config hash %s): up to date, its %d shard task(s) "
+                 "and stage tasks skip", plan.step, plan.config_hash, len(plan.shards))
+        return []
+    return [s.index for s in plan.shards]
+
+
 def _previous_plan(step_dir: str) -> Plan | None:
     """The plan an earlier run left in `step_dir`, or None (none, or unreadable: then plan afresh)."""
     uri = plan_uri(step_dir)

@@ -2,7 +2,8 @@
 
     plan -> [stage tasks: map and partition stages mapped over shards, reduce stages once] -> run[shard] -> reduce
 
-Every task is a StepOperator running the same CLI; the shard list is the plan task's XCom.
+Every task is a StepOperator running the same CLI; the shard list is the plan task's XCom, empty when the step
+is already committed under the plan (then only the plan and the reduce run).
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def step_group(
             prev = task
         run = StepOperator.mapped(task_id="run", action="run", **common).expand(shard=plan.output)
         prev >> run
+        # `none_failed`: when the plan found the step already committed, its stage and shard tasks map over no
+        # shards and skip; the reduce still runs (it finds the commit), so what follows the group runs as usual.
         reduce = StepOperator(task_id="reduce", action="reduce", step=step, output_uri=output_uri,
-                              profile=profile)
+                              profile=profile, trigger_rule="none_failed")
         run >> reduce
     return group
 

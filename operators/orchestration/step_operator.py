@@ -241,9 +241,7 @@ class StepOperator(BaseOperator):
         if rc != 0:
             raise StepFailedError(f"{self.step} {self.action} exited with code {rc} (step failed); see the log "
                                   "above")
-        if self.action == "plan" and last_json is not None:
-            return last_json["shards"]
-        return last_json
+        return self._xcom(last_json)
 
     def pod_kwargs(self, context: Any) -> dict[str, Any]:
         """KubernetesPodOperator arguments for this task (pure given the context; used by tests too)."""
@@ -283,10 +281,7 @@ class StepOperator(BaseOperator):
             from operators.orchestration.job_launcher import launch
 
             return launch(self, context)
-        result = self.build_pod_operator(context).execute(context)
-        if self.action == "plan" and isinstance(result, dict):
-            return result["shards"]
-        return result
+        return self._xcom(self.build_pod_operator(context).execute(context))
 
     def train_job_complete(self, context: Any, event: dict[str, Any]) -> Any:
         """Resume a deferred multi-node training task after its Job finished (see job_launcher)."""
@@ -302,9 +297,14 @@ class StepOperator(BaseOperator):
 
     def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
         """Resume a deferred pod task: a deferrable KubernetesPodOperator hands back here after its trigger."""
-        result = self.build_pod_operator(context).trigger_reentry(context, event)
+        return self._xcom(self.build_pod_operator(context).trigger_reentry(context, event))
+
+    def _xcom(self, result: Any) -> Any:
+        """What the task returns: a plan, the shard indices its stage and shard tasks map over (none when the step
+        is already committed under this plan: they skip, and the reduce finds the commit; an older step image that
+        does not say falls back to every shard); anything else as is."""
         if self.action == "plan" and isinstance(result, dict):
-            return result["shards"]
+            return result.get("to_run", result["shards"])
         return result
 
 
