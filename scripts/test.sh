@@ -17,13 +17,6 @@ LOGS=.test-logs
 mkdir -p "$LOGS"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 WORKERS=${IIP_TEST_WORKERS:-2}
-# The lane: fast (make test, CI: everything but the long scenarios), long (make test-long), all.
-case "${IIP_TEST_LANE:-fast}" in
-    fast) LANE=(-m "not long") ;;
-    long) LANE=(-m long) ;;
-    all) LANE=() ;;
-    *) echo "IIP_TEST_LANE must be fast, long or all" >&2; exit 2 ;;
-esac
 IIP_ALLOW_SKIPS=${IIP_ALLOW_SKIPS:-}
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
@@ -73,7 +66,7 @@ need_wait browser "installing Debian's chromium + chromium-driver (the UI browse
 echo "== pytest ($WORKERS workers, $(elapsed) after start)"
 status=0
 $BIN/python -m pytest -q -rs -p no:cacheprovider --durations=30 \
-    -n "$WORKERS" --dist loadfile --no-loadscope-reorder ${LANE[@]+"${LANE[@]}"} "$@" || status=$?
+    -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@" || status=$?
 echo "== mypy"
 mypy_rc=0
 wait "${PIDS[mypy]}" || mypy_rc=$?

@@ -18,8 +18,8 @@ from operators.datasets import versions as dv
 from tests.integration.harness import Airflow, Api, parse_time, pytest_database, running_airflow, unpause, wait_for_runs
 from tests.integration.test_concurrent_dag_runs import BUDGETS, RUN_TIMEOUT_S, _raw, _states, _step_chain_checks
 
-# About 90 scheduled tasks (a full night and a night that skips), beside a busy second worker.
-pytestmark = [pytest.mark.integration, pytest.mark.long, pytest.mark.timeout(1200)]
+# About 60 scheduled tasks (a full night, and a night whose steps are up to date), beside a busy second worker.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture()

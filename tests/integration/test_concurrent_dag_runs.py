@@ -37,7 +37,7 @@ from tests.integration.harness import (
 )
 
 # About 70 scheduled tasks of a second or two of CPU each, beside a busy second worker.
-pytestmark = [pytest.mark.integration, pytest.mark.long, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 RUN_TIMEOUT_S = 900.0
 BUDGETS = {"math": 1.0, "code": 1.0, "general": 1.0}

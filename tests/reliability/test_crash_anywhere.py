@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from bench.crash_anywhere import GRAPHS, PHASE2, PIPELINE, run
 from operators.core.registry import STEPS
 
@@ -35,7 +33,6 @@ def test_kills_at_seeded_windows_of_every_phase1_step_change_nothing(tmp_path: P
     assert set(result["kills_by_task_kind"]) == {"plan", "map", "partition", "stage", "run", "reduce"}
 
 
-@pytest.mark.long  # 4 to 12 minutes on a shared core; the LLM cache window stays in make test (test_synth_dag)
 def test_kills_at_seeded_windows_of_every_phase2_step_and_train_prep_change_nothing(tmp_path: Path) -> None:
     """Phase 2 on the packaged CPU model: LLM tasks killed mid-write, mid-commit and right after a cache
     flush; each retry must reproduce the uninterrupted output exactly."""
