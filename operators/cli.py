@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"step": args.step, "output": args.output, "shard": args.shard,
                **m.stats.model_dump(mode="json")}, args.xcom_file)
         return 0
+    except storage.StorageFull as e:  # retryable: an operator frees space, the task's retry completes the step
+        log.error("%s", e)
+        return 1
     except storage.StorageUnavailable as e:  # an outage, not a bad input: the task's retry may get through
         log.error("storage unavailable: %s", e)
         return 1

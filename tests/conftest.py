@@ -34,7 +34,7 @@ def require_or_skip(what: str, reason: str) -> NoReturn:
 
     `make test` installs every prerequisite (helm, the vLLM environment, PostgreSQL, the shared data), so
     under it a missing one is a broken setup, never a pass. `reason` names what is missing and how to get
-    it. Known names: helm, vllm, postgres, shared-data.
+    it. Known names: helm, vllm, postgres, shared-data, browser, tmpfs (the disk-full tests mount one: root).
     """
     if what in allowed_skips():
         pytest.skip(f"{reason} (skip allowed by {ALLOW_SKIPS_ENV}={os.environ[ALLOW_SKIPS_ENV]})")

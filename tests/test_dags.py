@@ -55,6 +55,21 @@ def test_dependency_rules() -> None:
                 assert top in {"airflow", "__future__", "datetime", "typing", "json", "os"}, f"{path} imports {m}"
 
 
+def test_a_step_group_commits_through_its_reduce_even_when_its_shard_tasks_skip() -> None:
+    """The reduce runs when the plan found the step up to date (its stage and shard tasks mapped over nothing
+    and skipped: the nightly test's quiet night runs that), fails with them, and skips with a skipped plan."""
+    from airflow.sdk import DAG
+
+    from operators.orchestration.dag_builder import step_group
+
+    with DAG("group_shape", schedule=None) as dag:
+        step_group("exact_dedup", config={}, inputs=["/in"], output_uri="/out")
+    reduce = dag.get_task("exact_dedup.reduce")
+    assert reduce.trigger_rule == "none_failed_min_one_success"
+    assert reduce.upstream_task_ids == {"exact_dedup.plan", "exact_dedup.run"}
+    assert dag.get_task("exact_dedup.plan").trigger_rule == "all_success"
+
+
 def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()

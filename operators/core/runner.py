@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -230,9 +231,29 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     attempt = uuid.uuid4().hex[:8]
     step.open_shard(step_dir, shard_index, attempt)
     try:
-        return _run_open_shard(step, step_dir, plan, shard_index, attempt, m_uri, key)
+        with _parts_freed_when_full(step_dir, attempt, f"step {step.name} shard {shard_index}"):
+            return _run_open_shard(step, step_dir, plan, shard_index, attempt, m_uri, key)
     finally:
         step.close_shard()
+
+
+@contextmanager
+def _parts_freed_when_full(folder: str, attempt: str, what: str) -> Iterator[None]:
+    """On a full disk, delete the part files this attempt wrote before failing.
+
+    They are uncommitted, and only this attempt writes files with its id, so nothing else can be using them;
+    left in place they would hold on to the space an operator frees for the retry. (An LLM step's cache
+    segments are not part files: they stay, and the retry takes its paid results from them.)"""
+    try:
+        yield
+    except storage.StorageFull:
+        suffix = f"-{attempt}.parquet"
+        mine = [u for u in storage.list_files(folder) if u.rpartition("/")[2].startswith("part-")
+                and u.endswith(suffix)]
+        for uri in mine:
+            storage.delete(uri)
+        log.warning("%s: the disk is full; removed this attempt's %d uncommitted part file(s)", what, len(mine))
+        raise
 
 
 def _run_open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int, attempt: str,
@@ -632,10 +653,12 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
     out = _StageWriter(step, sdir, shard_index, attempt, stage)
     stats = StepStats(step=f"{step.name}:{stage}", bytes_in=spec.bytes)
     t0 = time.perf_counter()
-    for batch in step.map_input(stage, artifacts, spec):
-        stats.records_in += batch.num_rows
-        out.write(step.map_stage(stage, batch, shard_index))
-    return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0, key)
+    with _parts_freed_when_full(sdir, attempt, f"step {step.name} stage {stage} shard {shard_index}"):
+        for batch in step.map_input(stage, artifacts, spec):
+            stats.records_in += batch.num_rows
+            out.write(step.map_stage(stage, batch, shard_index))
+        files = out.close()
+    return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, files, stats, t0, key)
 
 
 def run_partition_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, slot: int) -> Manifest:
@@ -652,13 +675,15 @@ def run_partition_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, 
     artifacts = StorageArtifacts(step_dir)
     t0 = time.perf_counter()
     partitions = _slot_partitions(step, stage, slot)
-    for k in partitions:
-        result = step.partition_stage(stage, artifacts, k)
-        stats.records_in += result.rows_in
-        out.write(result.rows)
-        counters.update(result.counters)
+    with _parts_freed_when_full(sdir, attempt, f"step {step.name} stage {stage} task {slot}"):
+        for k in partitions:
+            result = step.partition_stage(stage, artifacts, k)
+            stats.records_in += result.rows_in
+            out.write(result.rows)
+            counters.update(result.counters)
+        files = out.close()
     stats.counters = {"partitions": float(len(partitions)), **dict(sorted(counters.items()))}
-    return _commit_stage_shard(step, plan, stage, slot, sdir, m_uri, attempt, out.close(), stats, t0)
+    return _commit_stage_shard(step, plan, stage, slot, sdir, m_uri, attempt, files, stats, t0)
 
 
 def _slot_partitions(step: Step[Any], stage: str, slot: int) -> list[int]:
@@ -686,10 +711,11 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
     out = step.reduce_stage(stage, StorageArtifacts(step_dir), len(plan.shards))
     attempt = uuid.uuid4().hex[:8]
     files: list[FileEntry] = []
-    for shard, table in sorted(out.partitions.items()):
-        w = PartWriter(sdir, shard, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)
-        w.write(table)
-        files.extend(w.close())
+    with _parts_freed_when_full(sdir, attempt, f"step {step.name} stage {stage}"):
+        for shard, table in sorted(out.partitions.items()):
+            w = PartWriter(sdir, shard, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)
+            w.write(table)
+            files.extend(w.close())
     stats = StepStats(step=f"{step.name}:{stage}", records_kept=sum(f.rows for f in files),
                       records_in=sum(f.rows for f in files), bytes_out=sum(f.bytes for f in files),
                       seconds=round(time.perf_counter() - t0, 3), peak_rss_mb=peak_rss_mb())

@@ -7,6 +7,8 @@ standard AWS environment variables, which in Kubernetes are injected from Secret
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -35,6 +37,13 @@ class StorageError(RuntimeError):
 
 class StorageUnavailable(StorageError):
     """The store did not answer through every retry: an outage that a later attempt of the task may outlast."""
+
+
+class StorageFull(StorageUnavailable):
+    """The filesystem under a local write is full (or over quota): a retry succeeds once space is freed."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def validate_uri(uri: str) -> str:
@@ -255,10 +264,19 @@ def _local_temp(path: str, data: bytes | pa.Buffer) -> str:
     """Write `data` durably to a temp file beside `path` and return the temp file's path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        # The partial temp file would hold on to the space an operator frees for the retry.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StorageFull(f"no space left on device writing {path} ({len(memoryview(data))} bytes): free space "
+                          f"on that filesystem, then retry the task; nothing of this write was committed") from e
     return tmp
 
 

@@ -47,11 +47,12 @@ def step_group(
             prev = task
         run = StepOperator.mapped(task_id="run", action="run", **common).expand(shard=plan.output)
         prev >> run
-        # `none_failed`: when the plan found the step already committed, its stage and shard tasks map over no
-        # shards and skip; the reduce still runs (it finds the commit), so what follows the group runs as usual.
+        # When the plan found the step already committed, its stage and shard tasks map over no shards and
+        # skip; the reduce still runs (it finds the commit), so what follows the group runs as usual. It also
+        # waits on the plan directly, so a plan that was itself skipped skips the reduce too.
         reduce = StepOperator(task_id="reduce", action="reduce", step=step, output_uri=output_uri,
-                              profile=profile, trigger_rule="none_failed")
-        run >> reduce
+                              profile=profile, trigger_rule="none_failed_min_one_success")
+        [plan, run] >> reduce
     return group
 
 
