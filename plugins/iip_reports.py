@@ -135,7 +135,7 @@ def create_app() -> FastAPI:
                 f"<td>{html.escape(str(e.get('logical_date') or e.get('generated_at') or ''))}</td>"
                 f"<td>{html.escape(states.get((dag, run), 'unknown'))}</td>"
                 f"<td class='n'>{int(e.get('records_in') or 0):,}</td><td class='n'>{int(e.get('records_kept') or 0):,}"
-                f"</td><td>{html.escape(str(e.get('path', '')))}</td></tr>")
+                f"</td><td>{html.escape(str(e.get('folder') or e.get('path', '')))}</td></tr>")
         table = ("<table><tr><th>DAG</th><th>run</th><th>date</th><th>state</th><th>records in</th><th>kept</th>"
                  f"<th>folder</th></tr>{''.join(rows)}</table>") if rows else "<p>No run has written a report yet.</p>"
         return _page("Dataset reports", f"<h2>Dataset reports</h2><p class='muted'>data root "

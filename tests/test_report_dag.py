@@ -27,6 +27,6 @@ def test_a_failed_run_still_gets_its_report_and_stays_failed(tmp_path_factory: p
     assert _finished_state(r.stdout + r.stderr) == "failed"
     (entry_file,) = (data / "_reports" / "ingest_source").glob("*.json")
     entry = json.loads(entry_file.read_text())
-    assert entry["dag_id"] == "ingest_source" and entry["path"] == "sources/broken" and entry["steps"] == 0
+    assert entry["dag_id"] == "ingest_source" and entry["folder"] == "sources/broken" and entry["steps"] == 0
     page = Path(data / "sources" / "broken" / "report.html").read_text()
     assert "No step of this run has committed yet" in page and entry["run_id"] in page

@@ -342,14 +342,20 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
         if storage.exists(stats):
             storage.write_bytes(storage.join(vdir, "stats", f"{key.replace('/', '__')}.json"),
                                 storage.read_bytes(stats))
-    for f in ("report.json", "report.html", "contribution.json"):  # contribution: a backfill's, when present
-        if storage.exists(storage.join(run_root, f)):
-            storage.write_bytes(storage.join(vdir, f), storage.read_bytes(storage.join(run_root, f)))
+    contribution = storage.join(run_root, "contribution.json")  # a backfill's, when present
+    if storage.exists(contribution):
+        storage.write_bytes(storage.join(vdir, "contribution.json"), storage.read_bytes(contribution))
+    # The version's own report, rendered now from the committed steps: the run folder's report is written
+    # after publish and rewritten by any later run into the same folder, so a copy or a link to it would show
+    # another run's figures.
+    from operators.report import build_report, write_report_files
+
+    write_report_files(build_report(run_root, run), vdir)
     manifest: dict[str, Any] = {
         "name": name, "version": version, "path": vname(version), "uri": vdir, "hf": storage.join(vdir, "hf"),
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"), "step_dir": step_dir,
         "step_sha256": step_checksum(step_dir),
-        "run_root": run_root, "run": run or {}, "report": storage.join(run_root, "report.html"),
+        "run_root": run_root, "run": run or {}, "report": storage.join(vdir, "report.html"),
         "counts": {"splits": summary["counts"], "by_source_domain": by_source_domain, "split_bytes": split_bytes},
         "id_buckets": buckets, "lineage": lineage, "dedup_survivors": survivors,
     }

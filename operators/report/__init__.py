@@ -4,9 +4,10 @@
     figures.py   numbers -> SVG figures (pure), charts.py: one function per chart of the report
     render.py    dict + figures -> one self-contained HTML page (+ a page per step, + Markdown)
 
-`write_report` runs the three and writes the files beside the run; with a run context it also writes a small
-index entry `<index root>/_reports/<dag>/<run>.json`, which is how the Airflow plugin finds a run's report
-without listing a data root of millions of parts. The plugin only serves these files.
+`write_report` runs the three and writes the files beside the run; with a run context it also writes that run's
+own copy and a small index entry `<index root>/_reports/<dag>/<run>.json`, which is how the Airflow plugin finds
+a run's report without listing a data root of millions of parts. The plugin only serves these files. A published
+dataset version carries its own copy, rendered when it is published (operators/datasets/versions.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from operators.report.render import anchor, render_html, render_markdown, render
 
 PAGES_DIR = "_report"
 INDEX_DIR = "_reports"
+RUNS_DIR = "_runs"  # per Airflow run: the report as that run left it
 
 
 def index_uri(index_root: str, dag_id: str, run_id: str) -> str:
@@ -28,25 +30,43 @@ def index_uri(index_root: str, dag_id: str, run_id: str) -> str:
     return storage.join(storage.validate_uri(index_root), INDEX_DIR, safe_name(dag_id), safe_name(run_id) + ".json")
 
 
-def write_report(root: str, run: dict[str, Any] | None = None, index_root: str | None = None) -> dict[str, str]:
-    """Build the report of `root`, write report.json/.md/.html and the per-step pages; returns their URIs."""
-    report = build_report(root, run)
-    root = report["root"]
-    out = {"json": storage.join(root, "report.json"), "markdown": storage.join(root, "report.md"),
-           "html": storage.join(root, "report.html")}
+def run_report_dir(root: str, dag_id: str, run_id: str) -> str:
+    """Where the frozen copy of one Airflow run's report of `root` lives."""
+    return storage.join(root, RUNS_DIR, safe_name(dag_id), safe_name(run_id))
+
+
+def write_report_files(report: dict[str, Any], dest: str) -> dict[str, str]:
+    """Render a built report into `dest`: report.json/.md/.html and the per-step pages; returns their URIs."""
+    out = {"json": storage.join(dest, "report.json"), "markdown": storage.join(dest, "report.md"),
+           "html": storage.join(dest, "report.html")}
     storage.write_bytes(out["json"], json.dumps(report, indent=1, default=str).encode())
     storage.write_bytes(out["markdown"], render_markdown(report).encode())
     storage.write_bytes(out["html"], render_html(report).encode())
     for s in report["steps"]:
-        storage.write_bytes(storage.join(root, PAGES_DIR, anchor(s["dir"]) + ".html"),
+        storage.write_bytes(storage.join(dest, PAGES_DIR, anchor(s["dir"]) + ".html"),
                             render_step_page(report, s["dir"]).encode())
-    storage.write_bytes(storage.join(root, PAGES_DIR, "validation.html"), render_validation_page(report).encode())
+    storage.write_bytes(storage.join(dest, PAGES_DIR, "validation.html"), render_validation_page(report).encode())
+    return out
+
+
+def write_report(root: str, run: dict[str, Any] | None = None, index_root: str | None = None) -> dict[str, str]:
+    """Build the report of `root`, write report.json/.md/.html and the per-step pages; returns their URIs.
+
+    With a run context and an index root, the run's own copy is written too (under `_runs/<dag>/<run>`), and
+    the index entry points at it: a later run into the same folder rewrites the folder's report, and this
+    run's page must keep showing this run's figures."""
+    report = build_report(root, run)
+    root = report["root"]
+    out = write_report_files(report, root)
     if run and index_root and run.get("dag_id") and run.get("run_id"):
         index_root = storage.validate_uri(index_root)
         if not (root == index_root or root.startswith(index_root.rstrip("/") + "/")):
             raise ValueError(f"report root {root} is not under the index root {index_root}")
+        frozen = run_report_dir(root, str(run["dag_id"]), str(run["run_id"]))
+        write_report_files(report, frozen)
         steps = report["steps"]
-        entry = {**run, "path": root[len(index_root):].strip("/"), "generated_at": report["generated_at"],
+        entry = {**run, "path": frozen[len(index_root):].strip("/"), "folder": root[len(index_root):].strip("/"),
+                 "generated_at": report["generated_at"],
                  "steps": len(steps), "records_in": steps[0]["records_in"] if steps else 0,
                  "records_kept": steps[-1]["records_kept"] if steps else 0,
                  "pages": {s["dir"]: f"{PAGES_DIR}/{anchor(s['dir'])}.html" for s in steps}}
@@ -55,4 +75,5 @@ def write_report(root: str, run: dict[str, Any] | None = None, index_root: str |
     return out
 
 
-__all__ = ["INDEX_DIR", "PAGES_DIR", "build_report", "index_uri", "render_html", "write_report"]
+__all__ = ["INDEX_DIR", "PAGES_DIR", "RUNS_DIR", "build_report", "index_uri", "render_html", "run_report_dir",
+           "write_report", "write_report_files"]
