@@ -5,7 +5,8 @@ LocalExecutor), and the run must still end right with nothing lost.
     python bench/faults_above.py [--scenario scheduler-kill|worker-loss|db-restart|all] [--records 90]
 
 First an uninterrupted baseline run. Then, per scenario, a run of the same source and config into its own run
-folder, faulted once its `near_dedup` step has a task running (the middle of the mapped waves):
+folder, faulted once a shard or stage task (a mapped one) of `near_dedup` or a later step is running: the
+middle of the mapped waves:
 
 - scheduler-kill: SIGKILL the scheduler's process group (with LocalExecutor that is its workers and their
   running tasks too, as when the scheduler's pod is OOM-killed), then start a new scheduler;
@@ -60,7 +61,8 @@ from tests.integration.harness import (
 
 DAG = "foundational_selection"
 SCENARIOS = ("scheduler-kill", "worker-loss", "db-restart")
-FAULT_AT = "near_dedup."  # fault once a task of this group is running
+# Fault once a shard or stage task (a mapped one: the middle of the waves) of one of these groups is running.
+FAULT_GROUPS = tuple(f"{s}." for s in FOUNDATIONAL_STEPS[FOUNDATIONAL_STEPS.index("near_dedup"):])
 RUN_TIMEOUT_S = 1200.0
 VOLATILE = ("seconds", "peak_rss_mb")
 
@@ -80,10 +82,10 @@ def _conf(run_name: str) -> dict[str, Any]:
             "target_shard_mb": 1}
 
 
-def _running(api: Api, run_id: str, prefix: str) -> dict[str, Any] | None:
-    """A running task instance of `run_id` whose task id starts with `prefix`, or None."""
+def _running(api: Api, run_id: str) -> dict[str, Any] | None:
+    """A running mapped task instance of `run_id` in one of FAULT_GROUPS, or None."""
     for t in task_instances(api, DAG, run_id):
-        if t["state"] == "running" and t["task_id"].startswith(prefix):
+        if t["state"] == "running" and t["map_index"] >= 0 and t["task_id"].startswith(FAULT_GROUPS):
             return t
     return None
 
@@ -171,10 +173,12 @@ def fault(name: str, af: Airflow, api: Api, run_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     ti = None
     while ti is None and time.monotonic() < deadline:
-        ti = _running(api, run_id, FAULT_AT)
-        time.sleep(0.3)
+        ti = _running(api, run_id)
+        if ti is None and run_state(api, DAG, run_id)["state"] in FINISHED:
+            break
+        time.sleep(0.2)
     if ti is None:
-        raise SystemExit(f"{run_id}: no {FAULT_AT}* task ever ran")
+        raise SystemExit(f"{run_id}: no mapped task of {', '.join(FAULT_GROUPS)} was seen running")
     what: dict[str, Any] = {"task": f"{ti['task_id']}[{ti['map_index']}]"}
     if name == "scheduler-kill":
         os.killpg(af.procs["scheduler"].pid, signal.SIGKILL)

@@ -72,9 +72,13 @@ def fresh_database() -> Iterator[str]:
     name = f"iip_af_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
     try:
         yield f"postgresql+psycopg2://{PG_USER}:{PG_PASSWORD}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
+        # A connection of its own: the server may have restarted meanwhile (bench/faults_above.py does that).
+        admin = pg_connect(PG_ADMIN_DB)
+        admin.autocommit = True
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
