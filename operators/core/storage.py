@@ -270,14 +270,24 @@ def _local_temp(path: str, data: bytes | pa.Buffer) -> str:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        if e.errno not in _NO_SPACE:
+        if not is_no_space(e):
             raise
         # The partial temp file would hold on to the space an operator frees for the retry.
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise StorageFull(f"no space left on device writing {path} ({len(memoryview(data))} bytes): free space "
-                          f"on that filesystem, then retry the task; nothing of this write was committed") from e
+        raise no_space(path, len(memoryview(data))) from e
     return tmp
+
+
+def is_no_space(exc: OSError) -> bool:
+    """Whether `exc` says the filesystem (or the user's quota on it) is full."""
+    return exc.errno in _NO_SPACE
+
+
+def no_space(path: str, nbytes: int) -> StorageFull:
+    """The error for a write of `nbytes` to `path` that found no space: what happened and what to do."""
+    return StorageFull(f"no space left on device writing {path} ({nbytes} bytes): free space on that "
+                       "filesystem, then retry the task; nothing of this write was committed")
 
 
 def write_bytes(uri: str, data: bytes | pa.Buffer) -> None:

@@ -18,6 +18,7 @@ Only `operators.core.storage` touches storage: its conditional create is the one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,8 +104,16 @@ def upload(folder: Path, rels: Iterable[str], dest: str) -> dict[str, dict[str, 
         target = f"{root}/{rel}"
         if dest.startswith("file://"):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(folder / rel, "rb") as src, fs.open_output_stream(target) as out:
-            entries[rel] = _pipe(src, out)
+        try:
+            with open(folder / rel, "rb") as src, fs.open_output_stream(target) as out:
+                entries[rel] = _pipe(src, out)
+        except OSError as e:
+            if not storage.is_no_space(e):
+                raise
+            # No marker lists it, so no reader takes it; removed so that it does not hold the freed space.
+            with contextlib.suppress(OSError):
+                fs.delete_file(target)
+            raise storage.no_space(target, (folder / rel).stat().st_size) from e
     return entries
 
 

@@ -4,7 +4,7 @@ The filesystem is a tmpfs the test mounts (with a size) over a folder of its own
 touched; mounting needs root, which `make test` has. The step fails with a clear "no space left" error naming
 the path, commits nothing partial and leaves no part file of its attempt behind; every committed step still
 verifies; once space is freed, the retry completes, equal to a run that never lacked space. The same for an
-LLM step whose result cache cannot be written.
+LLM step whose result cache cannot be written, and for a training checkpoint's upload to the train folder.
 """
 
 from __future__ import annotations
@@ -127,3 +127,32 @@ def test_an_llm_step_whose_cache_cannot_be_written_fails_clearly_and_its_retry_c
     got, want = (read_step_table(storage.validate_uri(str(d))) for d in (out, clean))
     assert got.num_rows == want.num_rows == 2
     assert got.select(["id", "label"]).to_pylist() == want.select(["id", "label"]).to_pylist()
+
+
+def test_a_checkpoint_upload_that_fills_the_disk_fails_clearly_and_is_never_resumed_from(
+        small_disk: Path, tmp_path: Path) -> None:
+    """A rank uploads its checkpoint files to the train folder, then marks the checkpoint complete. On a full
+    disk the upload fails clearly, no marker is written, the partial file is removed, and resume does not take
+    that checkpoint (it is discarded as incomplete); with space, the same publish completes."""
+    from operators.train import remote
+
+    local = tmp_path / "scratch" / "checkpoint-2"  # what the Trainer saved on the rank's scratch disk
+    (local / "global_step2").mkdir(parents=True)
+    (local / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(256 << 10))
+    (local / "trainer_state.json").write_text('{"global_step": 2}')
+    ckpts = storage.validate_uri(str(small_disk / "ft" / "checkpoints"))
+    dest = storage.join(ckpts, "checkpoint-2")
+
+    filler = fill(small_disk, KEEP_FREE)
+    with pytest.raises(storage.StorageFull, match=r"no space left on device writing .*checkpoint-2") as full:
+        remote.publish(local, dest)
+    assert str(small_disk) in str(full.value)
+    assert remote.read_marker(dest) is None
+    assert list((small_disk / "ft").rglob("*.pt")) == []  # the partial upload is gone
+    assert remote.checkpoint_steps(ckpts) in ({}, {2: False})  # resume skips it ...
+    assert remote.discard_incomplete(ckpts) in ([], [2])  # ... and deletes what is left of it
+
+    filler.unlink()
+    files = remote.publish(local, dest)
+    assert remote.checkpoint_steps(ckpts) == {2: True}
+    assert remote.read_marker(dest)["files"] == files == remote.checksum(local, files)
