@@ -245,6 +245,7 @@ SLOW_FIRST = (
     "tests/test_synth_steps.py",
     "tests/test_bench_smoke.py",
     "tests/test_llm_layer.py",
+    "tests/reliability/test_disk_full.py",
     "tests/reliability/test_flaky_storage.py",
     "tests/integration/test_airflow_scheduler.py",
 )
