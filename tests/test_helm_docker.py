@@ -231,7 +231,8 @@ def test_rbac_is_namespaced_least_privilege(
             assert subject["name"] != "iip-step", "step pods must have no API rights"
     if scenario == "default":
         subjects = {(s["namespace"], s["name"]) for s in of_kind(docs, "RoleBinding")[0]["subjects"]}
-        assert {("airflow", "airflow-worker"), ("airflow", "airflow-triggerer")} <= subjects
+        assert {("airflow", "airflow-scheduler"), ("airflow", "airflow-triggerer")} <= subjects
+        assert ("airflow", "airflow-worker") not in subjects  # no executor worker launches pods
 
 
 def _env_entries(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -370,9 +371,10 @@ def test_platform_configmap_feeds_pod_spec(rendered: dict[str, tuple[str, list[d
     assert cm["IIP_DATA_ROOT"].startswith("s3://")
     assert cm["S3_ENDPOINT_URL"] == "https://minio.storage.svc:9000"
     profiles = {k: PodProfile.model_validate(v) for k, v in json.loads(cm["IIP_POD_PROFILES"]).items()}
-    assert set(profiles) == {"cpu", "vllm", "train"}
+    assert set(profiles) == {"cpu", "cpu-1", "vllm", "train"}
+    assert (profiles["cpu-1"].cpu, profiles["cpu-1"].memory) == ("1", "2Gi")
     for kind, profile in profiles.items():
-        assert profile.image == cm[f"IIP_IMAGE_{kind.upper()}"]
+        assert profile.image == cm[f"IIP_IMAGE_{kind.split('-')[0].upper()}"]
         assert profile.image.startswith("registry.example.com/iip/iip-")
         assert profile.namespace == NAMESPACE and profile.service_account == "iip-step"
         assert profile.env["S3_ENDPOINT_URL"] == cm["S3_ENDPOINT_URL"]
@@ -429,7 +431,12 @@ def _is_reference_key(leaf: str) -> bool:
 
 def test_airflow_values_point_at_our_image_without_secrets() -> None:
     values = yaml.safe_load(AIRFLOW_VALUES.read_text())
-    assert values["executor"] in ("KubernetesExecutor", "CeleryExecutor")
+    # One pod per task (the step's), never a worker pod that starts it: tasks run in the scheduler.
+    assert values["executor"] == "LocalExecutor"
+    # How many step pods run at once is one value, and a DAG run may use all of it (not Airflow's 32 / 16).
+    core = values["config"]["core"]
+    assert int(core["parallelism"]) == int(core["max_active_tasks_per_dag"]) == 64
+    assert "parallelism: &stepPods" in AIRFLOW_VALUES.read_text()  # max_active_tasks_per_dag follows it
     image = values["images"]["airflow"]
     assert image["repository"] == values["defaultAirflowRepository"]
     assert str(image["tag"]) not in ("", "latest") and str(values["defaultAirflowTag"]) != "latest"
@@ -442,10 +449,10 @@ def test_airflow_values_point_at_our_image_without_secrets() -> None:
     refs = {s["envName"]: s for s in values["secret"]}
     assert set(refs) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert values["postgresql"]["enabled"] is False, "the bundled DB ships a default password"
-    # The worker/triggerer accounts are the ones helm/iip binds its Role to.
+    # The accounts of the components that launch and resume step pods are the ones helm/iip binds its Role to.
     chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
     bound = {a["name"] for a in chart_values["launcher"]["airflowServiceAccounts"]}
-    assert {values["workers"]["serviceAccount"]["name"], values["triggerer"]["serviceAccount"]["name"]} <= bound
+    assert {values["scheduler"]["serviceAccount"]["name"], values["triggerer"]["serviceAccount"]["name"]} == bound
     for path, leaf in _walk(values):
         key = re.split(r"[.\[]", path)[-1]
         if SECRETISH.search(key) and not _is_reference_key(key) and leaf not in (None, ""):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -41,7 +42,7 @@ def secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST")
 
 
-@pytest.mark.parametrize("profile", ["cpu", "vllm", "train"])
+@pytest.mark.parametrize("profile", ["cpu", "cpu-1", "vllm", "train"])
 @pytest.mark.parametrize("action", ["plan", "run", "reduce", "report"])
 def test_rendered_pod_is_valid_restricted_and_secret_free(profile: str, action: str) -> None:
     pod = render(make_op(profile, action, shard=3 if action == "run" else None))
@@ -182,3 +183,28 @@ def test_step_pods_run_under_runtime_default_seccomp(profile: str) -> None:
     sidecar = render(make_op(profile, "plan", shard=None))["spec"]["containers"]
     assert len(sidecar) == 2 and all(c["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
                                      for c in sidecar)
+
+
+def test_a_dag_runs_per_shard_tasks_on_one_core_and_whole_step_tasks_on_the_cpu_profile() -> None:
+    """Phase 1's `run` and map/partition stage tasks get `cpu-1` pods (1 CPU, 2Gi: a 64-pod run is 64
+    cores); plan, reduce stages and reduce keep `cpu`; an LLM step's Param-chosen profile is kept for all."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from operators.core.registry import step_class
+
+    def profile(task: Any) -> str:  # a mapped task keeps its operator arguments apart
+        return str(task.partial_kwargs["profile"] if hasattr(task, "partial_kwargs") else task.profile)
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags["foundational_selection"]
+    for step in ("filter", "exact_dedup", "near_dedup", "select"):
+        per_shard = ["run", *[st.name for st in step_class(step).stages if st.kind in ("map", "partition")]]
+        whole = ["plan", "reduce", *[st.name for st in step_class(step).stages if st.kind == "reduce"]]
+        assert {t: profile(dag.get_task(f"{step}.{t}")) for t in per_shard} == dict.fromkeys(per_shard, "cpu-1")
+        assert {t: profile(dag.get_task(f"{step}.{t}")) for t in whole} == dict.fromkeys(whole, "cpu")
+    synth = bag.dags["conversational_synthesis"]
+    assert profile(synth.get_task("label.run")) == profile(synth.get_task("label.plan")) == "{{ params.llm_profile }}"
+    pod = render(make_op("cpu-1", "run", shard=0))
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}

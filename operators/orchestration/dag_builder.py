@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk import Asset, TaskGroup
 
 from operators.core.registry import step_class
+from operators.orchestration.pod_spec import shard_profile
 from operators.orchestration.step_operator import StepOperator
 
 # Phase 1 in the paper's order; `foundational_selection` and `nightly_refresh` both run exactly this chain.
@@ -30,22 +31,26 @@ def step_group(
     profile: str = "cpu",
     group_id: str | None = None,
 ) -> TaskGroup:
-    """A TaskGroup that plans, runs every stage and shard of `step`, and commits it."""
+    """A TaskGroup that plans, runs every stage and shard of `step`, and commits it.
+
+    In kubernetes mode its whole-step tasks run in `profile` pods, its per-shard tasks in
+    `shard_profile(profile)` pods (one core for the CPU steps)."""
     stages = step_class(step).stages
-    common: dict[str, Any] = {"step": step, "config": config, "inputs": inputs, "output_uri": output_uri,
-                              "profile": profile}
+    common: dict[str, Any] = {"step": step, "config": config, "inputs": inputs, "output_uri": output_uri}
+    # Per-shard tasks get the one-core pod of `shard_profile`; whole-step tasks keep `profile`.
+    whole, per_shard = {**common, "profile": profile}, {**common, "profile": shard_profile(profile)}
     with TaskGroup(group_id=group_id or step, tooltip=f"step {step}") as group:
-        plan = StepOperator(task_id="plan", action="plan", **common)
+        plan = StepOperator(task_id="plan", action="plan", **whole)
         prev: Any = plan
         for st in stages:
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
                 task: Any = StepOperator.mapped(task_id=st.name, action="stage", stage=st.name,
-                                                 **common).expand(shard=plan.output)
+                                                 **per_shard).expand(shard=plan.output)
             else:
-                task = StepOperator(task_id=st.name, action="stage", stage=st.name, **common)
+                task = StepOperator(task_id=st.name, action="stage", stage=st.name, **whole)
             prev >> task
             prev = task
-        run = StepOperator.mapped(task_id="run", action="run", **common).expand(shard=plan.output)
+        run = StepOperator.mapped(task_id="run", action="run", **per_shard).expand(shard=plan.output)
         prev >> run
         # When the plan found the step already committed, its stage and shard tasks map over no shards and
         # skip; the reduce still runs (it finds the commit), so what follows the group runs as usual. It also

@@ -90,8 +90,12 @@ DEFAULT_S3_SECRET = [
     SecretEnv(env="AWS_SECRET_ACCESS_KEY", secret="iip-s3", key="secret_key"),
 ]
 
+# `cpu-1` is for a shard's record-local work (a step's `run` and map/partition stage tasks): one core is what
+# such a task uses, so a 64-core budget runs 64 of them. `cpu` is for whole-step tasks (plan, reduce stages,
+# reduce, validate, export, publish, report), whose memory the shard does not bound.
 DEFAULT_PROFILES: dict[str, PodProfile] = {
     "cpu": PodProfile(image="iip-cpu:0.1.0", cpu="2", memory="8Gi", secret_env=DEFAULT_S3_SECRET),
+    "cpu-1": PodProfile(image="iip-cpu:0.1.0", cpu="1", memory="2Gi", secret_env=DEFAULT_S3_SECRET),
     "vllm": PodProfile(
         image="iip-vllm:0.1.0", cpu="8", memory="64Gi", gpus=1, secret_env=DEFAULT_S3_SECRET,
         node_selector={"nvidia.com/gpu.present": "true"},
@@ -103,6 +107,12 @@ DEFAULT_PROFILES: dict[str, PodProfile] = {
         tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists")], deferrable=True,
     ),
 }
+
+
+def shard_profile(profile: str) -> str:
+    """The profile of a step's per-shard tasks when its whole-step tasks run under `profile`: `cpu-1` for
+    `cpu`; any other profile (a GPU one, or a Param still to be rendered) is kept for every task."""
+    return "cpu-1" if profile == "cpu" else profile
 
 
 def load_profiles() -> dict[str, PodProfile]:

@@ -52,8 +52,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 RUN_TIMEOUT_S = 900.0
 DAG = "foundational_selection"
-CONF = {"sources": ["conc"], "run_name": "shared", "budgets": {"math": 1.0, "code": 1.0, "general": 1.0},
-        "target_shard_mb": 1}
+BUDGETS = {"math": 1.0, "code": 1.0, "general": 1.0}
+CONF = {"sources": ["conc"], "run_name": "shared", "budgets": BUDGETS, "target_shard_mb": 1}
 
 
 @dataclass
