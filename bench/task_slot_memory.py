@@ -4,18 +4,17 @@ the step (in kubernetes mode the step runs in its own pod; here, in local mode, 
     python bench/task_slot_memory.py [--records 300] [--parallelism 4]
 
 Runs `foundational_selection` through a real Airflow (api-server, scheduler, dag-processor, PostgreSQL,
-LocalExecutor) and samples, every 0.2 s, every process of the scheduler's process group: the scheduler itself,
-its executor workers and their task processes, and the step processes (`python -m operators`), which are
-counted apart. Proportional set size (PSS) is used, so pages the forked processes share are counted once.
-Prints the scheduler's own PSS, the executor's PSS at its peak with the number of tasks running then, and so
-the cost per running task; the last line is JSON. This sizes `scheduler.resources` in
+LocalExecutor) and samples, every 0.2 s, the scheduler, its executor workers, and below each busy worker its
+task process and what that started, except the step (`python -m operators`, which in kubernetes mode runs in
+its own pod). Proportional set size (PSS) is used, so pages the forked processes share are counted once.
+Prints the scheduler's own PSS and the most a running task cost (its worker plus its task process); the last
+line is JSON. This sizes `scheduler.resources` in
 helm/airflow-values.yaml (docs/kubernetes.md#a-64-pod-run).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading
@@ -51,43 +50,50 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def _group(pgid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process in process group `pgid`."""
-    out = []
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process."""
+    out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if os.getpgid(int(d.name)) != pgid:
-                continue
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue
-        out.append((int(d.name), cmd))
+        out[int(d.name)] = (_ppid(int(d.name)), cmd)
     return out
 
 
 class Sampler(threading.Thread):
-    """Samples the scheduler's process group until stopped."""
+    """Samples the scheduler, its executor workers and their task processes until stopped."""
 
     def __init__(self, af: Airflow) -> None:
         super().__init__(daemon=True)
-        self.pgid = af.procs["scheduler"].pid
+        self.scheduler = af.procs["scheduler"].pid
         self.stop = threading.Event()
         self.samples: list[dict[str, Any]] = []
 
     def run(self) -> None:
         while not self.stop.is_set():
-            procs = _group(self.pgid)
-            step = [p for p, cmd in procs if "-m operators" in cmd]
-            below_step = set()
-            for p in step:  # an LLM or dedup step may start helpers of its own: not the executor's either
-                below_step |= {q for q, _ in procs if _ppid(q) == p}
-            executor = [p for p, _ in procs if p != self.pgid and p not in step and p not in below_step]
-            tasks = [p for p in executor if _ppid(p) in executor]  # a task process is a child of a worker
-            self.samples.append({"t": time.monotonic(), "scheduler_kib": _pss_kib(self.pgid),
-                                 "executor_kib": sum(_pss_kib(p) for p in executor), "workers": len(executor)
-                                 - len(tasks), "running_tasks": len(tasks), "step_processes": len(step)})
+            procs = _processes()
+            children: dict[int, list[int]] = {}
+            for pid, (ppid, _) in procs.items():
+                children.setdefault(ppid, []).append(pid)
+            workers = [p for p in children.get(self.scheduler, []) if "LocalExecutor" in procs[p][1]]
+            busy = [p for p in workers if "<idle>" not in procs[p][1]]
+            # Below a busy worker: its task process and whatever that started, except the step (`python -m
+            # operators`, which in kubernetes mode runs in its pod) and what the step started.
+            below, todo = [], [c for w in busy for c in children.get(w, [])]
+            while todo:
+                p = todo.pop()
+                if "-m operators" in procs.get(p, (0, ""))[1]:
+                    continue
+                below.append(p)
+                todo += children.get(p, [])
+            self.samples.append({"t": time.monotonic(), "scheduler_kib": _pss_kib(self.scheduler),
+                                 "workers": len(workers), "running_tasks": len(busy),
+                                 "executor_kib": sum(_pss_kib(p) for p in workers + below),
+                                 "busy_slots_kib": sum(_pss_kib(p) for p in busy + below)})
             time.sleep(0.2)
 
 
@@ -128,22 +134,23 @@ def main() -> None:
                 state = run_state(api, DAG, run_id)["state"]
             sampler.stop.set()
             sampler.join()
-    # A slot is a worker process and, while busy, its task process: the cost per running task is read where
-    # every worker had a task, so that no idle worker is counted against the tasks.
-    busy = [s for s in sampler.samples if s["running_tasks"] and s["running_tasks"] >= s["workers"]]
+    # A busy slot is a worker process and its task process (with anything the task started but the step).
+    busy = [s for s in sampler.samples if s["running_tasks"]]
     if not busy:
-        raise SystemExit("no sample had every executor worker running a task")
-    peak = max(busy, key=lambda s: s["executor_kib"])
-    per_task = max(s["executor_kib"] / s["running_tasks"] for s in busy)
+        raise SystemExit("no running task was ever sampled")
+    peak = max(busy, key=lambda s: s["busy_slots_kib"])
+    per_task = max(s["busy_slots_kib"] / s["running_tasks"] for s in busy)
     result = {"run_state": state, "samples": len(sampler.samples),
               "scheduler_mib": round(max(s["scheduler_kib"] for s in sampler.samples) / 1024, 1),
-              "executor_peak_mib": round(peak["executor_kib"] / 1024, 1),
+              "executor_peak_mib": round(max(s["executor_kib"] for s in sampler.samples) / 1024, 1),
+              "busy_slots_peak_mib": round(peak["busy_slots_kib"] / 1024, 1),
               "running_tasks_at_peak": peak["running_tasks"], "workers_at_peak": peak["workers"],
               "mib_per_running_task": round(per_task / 1024, 1),
               "max_running_tasks": max(s["running_tasks"] for s in sampler.samples)}
-    print(f"run {state}; scheduler {result['scheduler_mib']} MiB PSS; executor (workers + task processes, no "
-          f"step) {result['executor_peak_mib']} MiB with {peak['running_tasks']} tasks running: "
-          f"{result['mib_per_running_task']} MiB per running task")
+    print(f"run {state}; scheduler {result['scheduler_mib']} MiB PSS; busy slots (worker + task process, no "
+          f"step) {result['busy_slots_peak_mib']} MiB with {peak['running_tasks']} tasks running; at most "
+          f"{result['mib_per_running_task']} MiB per running task; all executor processes at most "
+          f"{result['executor_peak_mib']} MiB")
     print_json_line(result)
 
 
