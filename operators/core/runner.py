@@ -239,7 +239,8 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
 
 @contextmanager
 def _parts_freed_when_full(folder: str, attempt: str, what: str) -> Iterator[None]:
-    """On a full disk, delete the part files this attempt wrote before failing.
+    """On a full disk, delete the part files this attempt wrote before failing. It covers the parts' writes and
+    their commit (a manifest that finds no space is not committed either); nothing is written after a commit.
 
     They are uncommitted, and only this attempt writes files with its id, so nothing else can be using them;
     left in place they would hold on to the space an operator frees for the retry. (An LLM step's cache
@@ -657,8 +658,8 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
         for batch in step.map_input(stage, artifacts, spec):
             stats.records_in += batch.num_rows
             out.write(step.map_stage(stage, batch, shard_index))
-        files = out.close()
-    return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, files, stats, t0, key)
+        return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0,
+                                   key)
 
 
 def run_partition_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, slot: int) -> Manifest:
@@ -681,9 +682,8 @@ def run_partition_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, 
             stats.records_in += result.rows_in
             out.write(result.rows)
             counters.update(result.counters)
-        files = out.close()
-    stats.counters = {"partitions": float(len(partitions)), **dict(sorted(counters.items()))}
-    return _commit_stage_shard(step, plan, stage, slot, sdir, m_uri, attempt, files, stats, t0)
+        stats.counters = {"partitions": float(len(partitions)), **dict(sorted(counters.items()))}
+        return _commit_stage_shard(step, plan, stage, slot, sdir, m_uri, attempt, out.close(), stats, t0)
 
 
 def _slot_partitions(step: Step[Any], stage: str, slot: int) -> list[int]:
@@ -716,15 +716,16 @@ def run_reduce_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str) -> 
             w = PartWriter(sdir, shard, attempt, "aux", step.config.max_part_rows, step.config.max_part_bytes)
             w.write(table)
             files.extend(w.close())
-    stats = StepStats(step=f"{step.name}:{stage}", records_kept=sum(f.rows for f in files),
-                      records_in=sum(f.rows for f in files), bytes_out=sum(f.bytes for f in files),
-                      seconds=round(time.perf_counter() - t0, 3), peak_rss_mb=peak_rss_mb())
-    manifest = Manifest(step=stats.step, config_hash=plan.config_hash, attempt=attempt, files=files,
-                        stats=stats, summary=out.summary)
-    log.info("step %s stage %s: %d rows over %d partition(s) in %.1fs", step.name, stage,
-             stats.records_kept, len(out.partitions), stats.seconds)
-    # The new output is committed: the previous one's files and any other attempt's are garbage now.
-    committed = _commit_written(m_uri, manifest, sdir, f"step {step.name} stage {stage}", {"subdirs": ("",)})
+        stats = StepStats(step=f"{step.name}:{stage}", records_kept=sum(f.rows for f in files),
+                          records_in=sum(f.rows for f in files), bytes_out=sum(f.bytes for f in files),
+                          seconds=round(time.perf_counter() - t0, 3), peak_rss_mb=peak_rss_mb())
+        manifest = Manifest(step=stats.step, config_hash=plan.config_hash, attempt=attempt, files=files,
+                            stats=stats, summary=out.summary)
+        log.info("step %s stage %s: %d rows over %d partition(s) in %.1fs", step.name, stage,
+                 stats.records_kept, len(out.partitions), stats.seconds)
+        # The new output is committed: the previous one's files and any other attempt's are garbage now.
+        committed = _commit_written(m_uri, manifest, sdir, f"step {step.name} stage {stage}",
+                                    {"subdirs": ("",)})
     if previous is not None:
         storage.delete(prev_uri)
     return committed
