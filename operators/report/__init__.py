@@ -35,18 +35,26 @@ def run_report_dir(root: str, dag_id: str, run_id: str) -> str:
     return storage.join(root, RUNS_DIR, safe_name(dag_id), safe_name(run_id))
 
 
+def render_report_files(report: dict[str, Any]) -> dict[str, bytes]:
+    """A built report rendered: report.json/.md/.html and the per-step pages, by path within a report folder."""
+    files = {"report.json": json.dumps(report, indent=1, default=str).encode(),
+             "report.md": render_markdown(report).encode(), "report.html": render_html(report).encode()}
+    for s in report["steps"]:
+        files[f"{PAGES_DIR}/{anchor(s['dir'])}.html"] = render_step_page(report, s["dir"]).encode()
+    files[f"{PAGES_DIR}/validation.html"] = render_validation_page(report).encode()
+    return files
+
+
+def _write_files(files: dict[str, bytes], dest: str) -> dict[str, str]:
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(dest, rel), data)
+    return {"json": storage.join(dest, "report.json"), "markdown": storage.join(dest, "report.md"),
+            "html": storage.join(dest, "report.html")}
+
+
 def write_report_files(report: dict[str, Any], dest: str) -> dict[str, str]:
     """Render a built report into `dest`: report.json/.md/.html and the per-step pages; returns their URIs."""
-    out = {"json": storage.join(dest, "report.json"), "markdown": storage.join(dest, "report.md"),
-           "html": storage.join(dest, "report.html")}
-    storage.write_bytes(out["json"], json.dumps(report, indent=1, default=str).encode())
-    storage.write_bytes(out["markdown"], render_markdown(report).encode())
-    storage.write_bytes(out["html"], render_html(report).encode())
-    for s in report["steps"]:
-        storage.write_bytes(storage.join(dest, PAGES_DIR, anchor(s["dir"]) + ".html"),
-                            render_step_page(report, s["dir"]).encode())
-    storage.write_bytes(storage.join(dest, PAGES_DIR, "validation.html"), render_validation_page(report).encode())
-    return out
+    return _write_files(render_report_files(report), dest)
 
 
 def write_report(root: str, run: dict[str, Any] | None = None, index_root: str | None = None) -> dict[str, str]:
@@ -57,13 +65,14 @@ def write_report(root: str, run: dict[str, Any] | None = None, index_root: str |
     run's page must keep showing this run's figures."""
     report = build_report(root, run)
     root = report["root"]
-    out = write_report_files(report, root)
+    files = render_report_files(report)  # once, for the folder's copy and the run's
+    out = _write_files(files, root)
     if run and index_root and run.get("dag_id") and run.get("run_id"):
         index_root = storage.validate_uri(index_root)
         if not (root == index_root or root.startswith(index_root.rstrip("/") + "/")):
             raise ValueError(f"report root {root} is not under the index root {index_root}")
         frozen = run_report_dir(root, str(run["dag_id"]), str(run["run_id"]))
-        write_report_files(report, frozen)
+        _write_files(files, frozen)
         steps = report["steps"]
         entry = {**run, "path": frozen[len(index_root):].strip("/"), "folder": root[len(index_root):].strip("/"),
                  "generated_at": report["generated_at"],
@@ -75,5 +84,5 @@ def write_report(root: str, run: dict[str, Any] | None = None, index_root: str |
     return out
 
 
-__all__ = ["INDEX_DIR", "PAGES_DIR", "RUNS_DIR", "build_report", "index_uri", "render_html", "run_report_dir",
-           "write_report", "write_report_files"]
+__all__ = ["INDEX_DIR", "PAGES_DIR", "RUNS_DIR", "build_report", "index_uri", "render_html", "render_report_files",
+           "run_report_dir", "write_report", "write_report_files"]
