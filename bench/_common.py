@@ -161,6 +161,43 @@ def print_machine_load(when: str = "start") -> dict[str, Any]:
     return load
 
 
+# ----------------------------------------------------------------------------------------------------
+# Processes, for the benchmarks that fault or measure Airflow's own processes
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(d.name)] = (ppid, cmd)
+    return out
+
+
+def descendants(table: dict[int, tuple[int, str]], roots: set[int],
+                skip: Callable[[str], bool] = lambda cmd: False) -> set[int]:
+    """`roots` and every process below them in `table`, less any whose command line `skip` accepts (and what
+    is below it)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        p = todo.pop()
+        if p in out or skip(table.get(p, (0, ""))[1]):
+            continue
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
 def interleaved(repeats: int, measure: Sequence[tuple[str, Callable[[int], T]]]) -> dict[str, list[T]]:
     """Call every (name, measure) in order, `repeats` rounds (a, b, a, b, ...); each gets the round number.
 

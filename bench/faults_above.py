@@ -41,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import print_json_line, print_machine_load
+from bench._common import descendants, print_json_line, print_machine_load, process_table
 from operators.core import storage
 from operators.core.verify import verify_chain
 from operators.datasets import versions as dv
@@ -125,38 +125,11 @@ def _wait(api: Api, af: Airflow, run_id: str, restarts: dict[str, int], timeout:
     raise SystemExit(f"{run_id} did not finish in {timeout:.0f} s\n{af.diagnostics(DAG)}")
 
 
-def _descendants(pids: set[int]) -> set[int]:
-    """`pids` and every process below them."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), list(pids)
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
-
-
 def _task_processes(ti_id: str) -> set[int]:
     """The processes running task instance `ti_id`: its LocalExecutor worker (which names the workload it
     supervises in its title) and everything below it."""
-    found = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if ti_id in cmd:
-                found.add(int(d.name))
-    return _descendants(found)
+    table = process_table()
+    return descendants(table, {pid for pid, (_, cmd) in table.items() if ti_id in cmd})
 
 
 def _postgres(action: str) -> None:

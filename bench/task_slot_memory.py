@@ -25,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import print_json_line, print_machine_load
+from bench._common import descendants, print_json_line, print_machine_load, process_table
 from tests.conftest import run_cli, three_domain_conversations
 from tests.integration.harness import (
     Airflow,
@@ -50,20 +50,6 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every live process."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        out[int(d.name)] = (_ppid(int(d.name)), cmd)
-    return out
-
-
 class Sampler(threading.Thread):
     """Samples the scheduler, its executor workers and their task processes until stopped."""
 
@@ -75,33 +61,18 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            procs = _processes()
-            children: dict[int, list[int]] = {}
-            for pid, (ppid, _) in procs.items():
-                children.setdefault(ppid, []).append(pid)
-            workers = [p for p in children.get(self.scheduler, []) if "LocalExecutor" in procs[p][1]]
+            procs = process_table()
+            workers = [p for p, (ppid, cmd) in procs.items() if ppid == self.scheduler and "LocalExecutor" in cmd]
             busy = [p for p in workers if "<idle>" not in procs[p][1]]
             # Below a busy worker: its task process and whatever that started, except the step (`python -m
             # operators`, which in kubernetes mode runs in its pod) and what the step started.
-            below, todo = [], [c for w in busy for c in children.get(w, [])]
-            while todo:
-                p = todo.pop()
-                if "-m operators" in procs.get(p, (0, ""))[1]:
-                    continue
-                below.append(p)
-                todo += children.get(p, [])
+            below = descendants(procs, {p for p, (ppid, _) in procs.items() if ppid in busy},
+                                skip=lambda cmd: "-m operators" in cmd)
             self.samples.append({"t": time.monotonic(), "scheduler_kib": _pss_kib(self.scheduler),
                                  "workers": len(workers), "running_tasks": len(busy),
-                                 "executor_kib": sum(_pss_kib(p) for p in workers + below),
-                                 "busy_slots_kib": sum(_pss_kib(p) for p in busy + below)})
+                                 "executor_kib": sum(_pss_kib(p) for p in [*workers, *below]),
+                                 "busy_slots_kib": sum(_pss_kib(p) for p in [*busy, *below])})
             time.sleep(0.2)
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def main() -> None:
