@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
@@ -36,6 +33,7 @@ from operators.orchestration.job_launcher import (
 )
 from operators.orchestration.step_operator import StepOperator
 from operators.train.cluster import render_indexed_job, spec_from_profile
+from tests.k8s_replay import Replay
 
 NS = "iip"
 CONFIG = {"foundational": "s3://b/runs/r/train_prep_foundational",
@@ -43,52 +41,6 @@ CONFIG = {"foundational": "s3://b/runs/r/train_prep_foundational",
 PROFILE = {"image": "iip-train:0.1.0", "cpu": "16", "memory": "256Gi", "gpus": 8, "nodes": 2,
            "secret_env": [{"env": "AWS_SECRET_ACCESS_KEY", "secret": "iip-s3", "key": "secret_key"}]}
 SUMMARY = {"global_step": 12, "world_size": 16, "resumed_from": "checkpoint-8", "output": "s3://b/ft/stage1"}
-
-
-class Replay:
-    """A loopback HTTP server answering a scripted Kubernetes API conversation, in order."""
-
-    def __init__(self) -> None:
-        self.script: list[tuple[str, str, dict[str, str], int, Any]] = []
-        self.received: list[dict[str, Any]] = []
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-        replay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                url = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw.strip() else None
-                query = dict(parse_qsl(url.query))
-                with replay.lock:
-                    replay.received.append({"method": self.command, "path": url.path, "query": query, "body": body})
-                    want = replay.script.pop(0) if replay.script else None
-                if want is None or (want[0], want[1]) != (self.command, url.path) or \
-                        any(query.get(k) != v for k, v in want[2].items()):
-                    replay.errors.append(f"unexpected {self.command} {self.path}; script wanted {want}")
-                    status, payload = 599, {"kind": "Status", "message": "out of script"}
-                else:
-                    status, payload = want[3], want[4]
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def expect(self, method: str, path: str, status: int, body: Any, **query: str) -> None:
-        self.script.append((method, path, query, status, body))
 
 
 @pytest.fixture()

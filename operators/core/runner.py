@@ -658,6 +658,8 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
         for batch in step.map_input(stage, artifacts, spec):
             stats.records_in += batch.num_rows
             out.write(step.map_stage(stage, batch, shard_index))
+        if (tail := step.finish_map(stage, shard_index)) is not None:
+            out.write(tail)
         return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0,
                                    key)
 

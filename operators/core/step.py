@@ -347,6 +347,11 @@ class Step(ABC, Generic[C]):
         A dict shuffles: key `SHARD_ROWS` holds the shard's own rows, key k >= 0 the rows for partition k."""
         raise NotImplementedError(f"step {self.name} has no map stage {stage!r}")
 
+    def finish_map(self, stage: str, shard: int) -> StageRows | None:
+        """Rows map stage `stage` emits once it has seen every batch of `shard` (a per-shard aggregate, such as
+        a histogram, that per-batch rows would repeat once per batch); None: nothing more."""
+        return None
+
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Global decision of reduce stage `stage` over earlier stages' outputs."""
         raise NotImplementedError(f"step {self.name} has no reduce stage {stage!r}")

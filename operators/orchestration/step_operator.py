@@ -281,7 +281,16 @@ class StepOperator(BaseOperator):
             from operators.orchestration.job_launcher import launch
 
             return launch(self, context)
-        return self._xcom(self.build_pod_operator(context).execute(context))
+        try:
+            return self._xcom(self.build_pod_operator(context).execute(context))
+        except Exception as e:
+            gone = _pod_gone(e)
+            if gone is None:
+                raise
+            raise StepFailedError(
+                f"{self.step} {self.action}: its pod was deleted while the step ran (node loss, eviction or "
+                f"`kubectl delete pod`): {gone}; the try fails and is retried in a new pod, and the step's commit "
+                "protocol makes the retry safe") from e
 
     def train_job_complete(self, context: Any, event: dict[str, Any]) -> Any:
         """Resume a deferred multi-node training task after its Job finished (see job_launcher)."""
@@ -306,6 +315,19 @@ class StepOperator(BaseOperator):
         if self.action == "plan" and isinstance(result, dict):
             return result.get("to_run", result["shards"])
         return result
+
+
+def _pod_gone(exc: BaseException) -> str | None:
+    """The Kubernetes API's "not found" answer somewhere in `exc`'s chain (the provider wraps it in "Pod <name>
+    returned a failure."), or None when the failure was something else."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if getattr(cur, "status", None) == 404 and any(c.__name__ == "ApiException" for c in type(cur).__mro__):
+            return str(getattr(cur, "reason", "") or "Not Found") + ": " + str(getattr(cur, "body", "") or "")[:200]
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _rendered(value: Any) -> Any:

@@ -7,12 +7,14 @@ exactly, across all shards:
   2. per-domain budgets: the best `budget` records of each domain (absolute, or a fraction of the domain);
   3. the replay sample: `replay_fraction` (paper: 1.2M of 7.4M, ~16%) of the selected set, stratified by
      domain, marked `replay = true` for the second training stage.
-Stages: candidates (map; per-shard top lists, exact because a global top-k is a subset of the union of
-per-shard top-ks) -> decide (reduce) -> transform (keep or drop with `source_cap` / `over_budget`).
+`decide` below is the selection's definition over one table of every candidate; the step reaches the same
+answer without that table (histograms of key bins, then only the records the bins leave open: `cutoffs.py`
+and `SelectStep`), so no task holds one row per candidate.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, ClassVar
 
@@ -23,6 +25,7 @@ import xxhash
 from pydantic import Field, field_validator
 
 from operators.core.step import (
+    SHARD_ROWS,
     Artifacts,
     BatchResult,
     Stage,
@@ -33,6 +36,7 @@ from operators.core.step import (
     partition_by_shard,
     table_digest,
 )
+from operators.steps.select import cutoffs
 
 DOMAIN = "domain"
 DEFAULT_DOMAIN = "general"
@@ -58,9 +62,10 @@ def _dsir_fit(dsir_dir: str | None) -> dict[str, Any]:
 
 def decide(c: pa.Table, budgets: dict[str, float], caps: dict[str, int], replay_fraction: float
            ) -> dict[str, np.ndarray]:
-    """The selection over candidates `c` (domain, source, key, replay_key): per source at most its cap (best
-    keys first), then per domain the best keys within its budget (a fraction of the domain's records in `c`, or
-    a count; unlisted domains keep all), and a replay share of each domain's selection. Pure."""
+    """The selection's definition over candidates `c` (domain, source, key, replay_key), in candidate order:
+    per source at most its cap (best keys first), then per domain the best keys within its budget (a fraction
+    of the domain's records in `c`, or a count; unlisted domains keep all), and a replay share of each
+    domain's selection. Pure. The step's bounded stages decide the same (tests/test_select_bounded.py)."""
     n = c.num_rows
     key = c["key"].to_numpy()
     source = np.asarray(c["source"].to_pylist(), dtype=object)
@@ -85,22 +90,6 @@ def decide(c: pa.Table, budgets: dict[str, float], caps: dict[str, int], replay_
         m = round(replay_fraction * k)
         replay[idx[np.argsort(rkey[idx], kind="stable")[:m]]] = True
     return {"passed_cap": passed_cap, "selected": selected, "replay": replay}
-
-
-def _frozen_decisions(c: pa.Table, frozen: dict[int, pa.Table | None]) -> dict[str, np.ndarray]:
-    """The kept decisions for the candidate rows `c` (all of frozen shards), aligned with `c`'s rows."""
-    out = {col: np.zeros(c.num_rows, dtype=bool) for col in ("passed_cap", "selected", "replay")}
-    tables = [t for t in frozen.values() if t is not None]
-    if not c.num_rows or not tables:
-        return out
-    before = pa.concat_tables(tables)
-    index = {(s, r): i for i, (s, r) in enumerate(zip(before["shard"].to_pylist(), before["row"].to_pylist(),
-                                                       strict=True))}
-    at = np.array([index[(s, r)] for s, r in zip(c["shard"].to_pylist(), c["row"].to_pylist(), strict=True)],
-                  dtype=np.int64)
-    for col in out:
-        out[col] = before[col].to_numpy(zero_copy_only=False)[at]
-    return out
 
 
 class SelectConfig(StepConfig):
@@ -130,131 +119,429 @@ class SelectConfig(StepConfig):
         return v
 
 
+CANDIDATES = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("source", pa.string()),
+                        ("bin", pa.int64()), ("n", pa.int64())])
+BOUNDARY = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("domain", pa.string()),
+                      ("source", pa.string()), ("key", pa.float64()), ("rkey", pa.float64())])
+COUNTS = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("source", pa.string()),
+                    ("passed", pa.int64()), ("selected", pa.int64())])
+REPLAY_HIST = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("bin", pa.int64()), ("n", pa.int64())])
+REPLAY_ROWS = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("domain", pa.string()),
+                         ("rkey", pa.float64())])
+COUNTS_CHANNEL, REPLAY_CHANNEL = 0, 1  # the boundary stage's side tables (shuffle partitions as channels)
+NO_SOURCE = None  # the source of a record whose source has no cap: caps are the only reason to tell them apart
+
+
+def _lookup(values: pa.Array | pa.ChunkedArray, table: dict[str, int], default: int) -> np.ndarray:
+    """Per value, `table[value]`, or `default` for a value (or null) the table does not name."""
+    names = sorted(table)
+    lut = np.array([table[n] for n in names] + [default], dtype=np.int64)
+    idx = pc.index_in(values, value_set=pa.array(names, pa.string())).fill_null(-1)
+    return lut[idx.to_numpy(zero_copy_only=False)]
+
+
+def _group_sum(table: pa.Table, keys: list[str], value: str) -> pa.Table:
+    """Sum `value` per distinct `keys` (columns: keys, then value)."""
+    out = table.group_by(keys).aggregate([(value, "sum")])
+    return out.rename_columns([c.removesuffix("_sum") for c in out.column_names]).select([*keys, value])
+
+
+def _by_shard(tables: Any, shards: set[int]) -> pa.Table:
+    """Rows of `tables` whose shard is in `shards`."""
+    t = pa.concat_tables(list(tables)) if tables else None
+    if t is None or t.num_rows == 0:
+        return t
+    return t.filter(pc.is_in(t["shard"], value_set=pa.array(sorted(shards), pa.int32())))
+
+
 class SelectStep(Step[SelectConfig]):
-    """Exact global selection under budgets and caps, plus the replay flag."""
+    """Exact global selection under budgets and caps, plus the replay flag, in bounded memory per task.
+
+    candidates (map)   per shard: a histogram of key bins per (domain, capped source)
+    cutoffs (reduce)   each capped source's boundary bin and each domain's range of bins (`cutoffs.py`)
+    boundary (map)     per shard: the records those bins leave open, counts of the rest, and the replay-key
+                       histogram of the records surely selected
+    decide (reduce)    the exact decision over the open records; the replay boundary bin per domain; the rules
+                       each shard's transform applies to the rest
+    kl_counts (map)    hashed n-gram counts of the selected and of a random sample (the KL report), and the
+                       selected records in their domain's replay boundary bin
+    kl (reduce)        the KL reduction per domain, and which of those records are replayed
+    transform          keep the selected (flagged `replay` or not), drop the rest as `source_cap` / `over_budget`
+    """
 
     name: ClassVar[str] = "select"
+    version: ClassVar[int] = 2  # bounded stages; decisions unchanged
     config_model: ClassVar[type[StepConfig]] = SelectConfig
     stages: ClassVar[tuple[Stage, ...]] = (
-        Stage("candidates", "map"), Stage("decide", "reduce"), Stage("kl_counts", "map"), Stage("kl", "reduce"))
+        Stage("candidates", "map"), Stage("cutoffs", "reduce"), Stage("boundary", "map"), Stage("decide", "reduce"),
+        Stage("kl_counts", "map"), Stage("kl", "reduce"))
 
     def __init__(self, config: SelectConfig) -> None:
         super().__init__(config)
         self._row = 0
-        self._decision: dict[int, tuple[bool, bool, bool]] = {}
+        self._parts: list[pa.Table] = []
+        self._side: list[pa.Table] = []
+        self._rules: dict[str, dict[str, int]] = {}
+        self._exceptions: dict[int, tuple[bool, bool]] = {}
+        self._replayed: dict[int, bool] = {}
 
     def begin_shard(self, shard: int) -> None:
         self._row = 0
+        self._parts, self._side = [], []
 
+    # -- what every stage computes per record --------------------------------------------------------------
     def _keys(self, table: pa.Table) -> np.ndarray:
         if self.config.key_column in table.column_names:
             return table[self.config.key_column].to_numpy(zero_copy_only=False).astype(np.float64)
         return hash_unit(table["id"].to_pylist(), self.config.seed, "key")
 
-    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
-        if stage == "kl_counts":
-            return self._kl_counts(pa.Table.from_batches([batch]))
-        t = pa.Table.from_batches([batch])
-        n = t.num_rows
-        domains = t[DOMAIN] if DOMAIN in t.column_names else pa.array([DEFAULT_DOMAIN] * n, pa.string())
-        cand = pa.table({
-            "shard": pa.array(np.full(n, shard, np.int32)),
-            "row": pa.array(np.arange(self._row, self._row + n, dtype=np.int64)),
-            "domain": domains, "source": t["source"], "key": pa.array(self._keys(t)),
-            "replay_key": pa.array(hash_unit(t["id"].to_pylist(), self.config.seed, "replay")),
-        })
+    @staticmethod
+    def _domains(t: pa.Table) -> pa.Array | pa.ChunkedArray:
+        return t[DOMAIN] if DOMAIN in t.column_names else pa.array([DEFAULT_DOMAIN] * t.num_rows, pa.string())
+
+    def _capped_source(self, t: pa.Table) -> pa.Array | pa.ChunkedArray:
+        capped = pc.is_in(t["source"], value_set=pa.array(sorted(self.config.source_caps), pa.string()))
+        return pc.if_else(capped, t["source"], pa.scalar(NO_SOURCE, pa.string()))
+
+    def _next_rows(self, n: int) -> np.ndarray:
+        rows = np.arange(self._row, self._row + n, dtype=np.int64)
         self._row += n
-        return cand
+        return rows
 
-    def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
-        if stage == "kl":
-            return self._kl(artifacts)
-        parts = list(artifacts.iter_tables("candidates"))
-        if not parts:
-            return StageOutput(summary={"selected": 0})
-        c = pa.concat_tables(parts).combine_chunks()
-        # Only `freeze` compares the candidates' keys with the last selection's (reading every shard manifest).
-        keys = {str(k): v for k, v in artifacts.shard_keys("candidates").items()} if self.config.freeze else {}
-        frozen = self._frozen(artifacts, keys)
-        is_frozen = np.isin(c["shard"].to_numpy(), np.array(sorted(frozen), dtype=np.int32))
-        kept, rest = c.filter(pa.array(is_frozen)), c.filter(pa.array(~is_frozen))
-        old = _frozen_decisions(kept, frozen)
-        kept_domain = np.asarray(kept["domain"].to_pylist(), dtype=object)
-        kept_source = np.asarray(kept["source"].to_pylist(), dtype=object)
-        budgets: dict[str, float] = {}
-        for d in sorted(set(c["domain"].to_pylist())):
-            b = self.config.budgets.get(d, 1.0)
-            budgets[d] = b if b <= 1 else max(0.0, b - int((old["selected"] & (kept_domain == d)).sum()))
-        caps = {src: max(0, cap - int((old["passed_cap"] & (kept_source == src)).sum()))
-                for src, cap in self.config.source_caps.items()}
-        new = decide(rest, budgets, caps, self.config.replay_fraction)
-        ordered = pa.concat_tables([kept, rest])  # the kept decisions first, then the new ones, row for row
-        flags = {col: np.concatenate([old[col], new[col]]) for col in ("passed_cap", "selected", "replay")}
-        decision = pa.table({"shard": ordered["shard"], "row": ordered["row"],
-                             **{col: pa.array(v) for col, v in flags.items()}})
-        domains = np.asarray(ordered["domain"].to_pylist(), dtype=object)
-        pool = {d: int((flags["passed_cap"] & (domains == d)).sum()) for d in budgets}
-        chosen = {d: int((flags["selected"] & (domains == d)).sum()) for d in pool}
-        summary: dict[str, Any] = {"selected": int(flags["selected"].sum()), "replay": int(flags["replay"].sum()),
-                                   "pool": pool, "chosen": chosen}
-        if self.config.freeze:  # what the next run's freeze compares (keys name the input files' locations)
-            summary.update({"candidate_keys": keys, "frozen_shards": len(frozen)})
-        return StageOutput(partitions=partition_by_shard(decision), summary=summary)
+    def _flags(self, t: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(passed its source cap, selected) per record of `t`: the shard's exceptions, else its rules."""
+        kb = cutoffs.key_bins(self._keys(t))
+        cap = _lookup(t["source"], self._rules.get("cap", {}), cutoffs.UNCAPPED)
+        passed = (cap == cutoffs.UNCAPPED) | (kb > cap)
+        selected = passed & (kb > _lookup(self._domains(t), self._rules.get("hi", {}), cutoffs.KEY_TOP))
+        for i, r in enumerate(rows.tolist()):
+            if r in self._exceptions:
+                passed[i], selected[i] = self._exceptions[r]
+        return passed, selected
 
-    def _frozen(self, artifacts: Artifacts, keys: dict[str, str | None]) -> dict[int, pa.Table | None]:
-        """With `freeze`: the shards whose candidates have the key they had at the last committed selection,
-        with that selection's decisions for them (None: the shard had no candidates)."""
-        previous = artifacts.previous_summary("decide") if self.config.freeze else None
-        if not previous:
-            return {}
-        before = previous.get("candidate_keys", {})
-        return {int(s): artifacts.previous_partition("decide", int(s)) for s, k in keys.items()
-                if k is not None and before.get(s) == k}
-
-    # -- KL reduction: hashed-feature KL(target || selected) vs KL(target || random sample, same size) --
+    # -- map stages ----------------------------------------------------------------------------------------
     def prepare_stage(self, stage: str, artifacts: Artifacts, shard: int) -> None:
-        if stage == "kl_counts":
-            self.bind(artifacts, shard)
+        if stage == "boundary":
+            self._bins = artifacts.summary("cutoffs")["plan"]
+        elif stage == "kl_counts":
+            self.bind_decisions(artifacts, shard)
             summary = artifacts.summary("decide")
             self._sample_rate = {d: summary["chosen"][d] / max(summary["pool"][d], 1) for d in summary["pool"]}
             self._fit = _dsir_fit(self.config.dsir_dir)
 
-    def _kl_counts(self, t: pa.Table) -> pa.Table:
-        from operators.steps.dsir.step import prompt_texts
+    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> Any:
+        t = pa.Table.from_batches([batch])
+        if stage == "candidates":
+            self._parts.append(pa.table({"domain": self._domains(t), "source": self._capped_source(t),
+                                         "bin": cutoffs.key_bins(self._keys(t)),
+                                         "n": np.ones(t.num_rows, np.int64)}))
+            return {}
+        if stage == "boundary":
+            return self._boundary(t, shard)
+        return self._kl_counts(t, shard)
 
+    def finish_map(self, stage: str, shard: int) -> Any:
+        if stage == "candidates":
+            hist = (_group_sum(pa.concat_tables(self._parts), ["domain", "source", "bin"], "n") if self._parts
+                    else CANDIDATES.empty_table().drop_columns(["shard"]))
+            return hist.add_column(0, "shard", pa.array(np.full(hist.num_rows, shard, np.int32))).cast(CANDIDATES)
+        if stage == "boundary":
+            side: dict[int, pa.Table] = {}
+            if self._parts:
+                settled = pa.concat_tables(self._parts)
+                c = settled.group_by(["domain", "source"]).aggregate([("passed", "sum"), ("selected", "sum")])
+                c = c.rename_columns([x.removesuffix("_sum") for x in c.column_names])
+                side[COUNTS_CHANNEL] = c.add_column(0, "shard", pa.array(np.full(c.num_rows, shard, np.int32)))\
+                    .select(COUNTS.names).cast(COUNTS)
+            if self._side:
+                h = _group_sum(pa.concat_tables(self._side), ["domain", "bin"], "n")
+                side[REPLAY_CHANNEL] = h.add_column(0, "shard", pa.array(np.full(h.num_rows, shard, np.int32)))\
+                    .select(REPLAY_HIST.names).cast(REPLAY_HIST)
+            return side
+        return None
+
+    def _boundary(self, t: pa.Table, shard: int) -> dict[int, pa.Table]:
+        """The shard's records whose fate the cutoffs leave open; counts and replay-key bins of the rest."""
+        rows = self._next_rows(t.num_rows)
+        key = self._keys(t)
+        kb = cutoffs.key_bins(key)
+        domains = self._domains(t)
+        cap = _lookup(t["source"], self._bins["cap"], cutoffs.UNCAPPED)
+        lo = _lookup(domains, self._bins["lo"], cutoffs.KEY_TOP)
+        hi = _lookup(domains, self._bins["hi"], cutoffs.KEY_TOP)
+        open_cap = (cap != cutoffs.UNCAPPED) & (kb == cap)
+        passed = (cap == cutoffs.UNCAPPED) | (kb > cap)
+        is_open = open_cap | (passed & (kb >= lo) & (kb <= hi))
+        rkey = hash_unit(t["id"].to_pylist(), self.config.seed, "replay")
+        settled = ~is_open
+        selected = passed & (kb > hi)
+        self._parts.append(pa.table({"domain": domains.filter(pa.array(settled)),
+                                     "source": self._capped_source(t).filter(pa.array(settled)),
+                                     "passed": passed[settled].astype(np.int64),
+                                     "selected": selected[settled].astype(np.int64)}))
+        sure = settled & selected
+        self._side.append(pa.table({"domain": domains.filter(pa.array(sure)),
+                                    "bin": cutoffs.rkey_bins(rkey[sure]), "n": np.ones(int(sure.sum()), np.int64)}))
+        open_rows = pa.table({"shard": np.full(int(is_open.sum()), shard, np.int32), "row": rows[is_open],
+                              "domain": domains.filter(pa.array(is_open)),
+                              "source": t["source"].filter(pa.array(is_open)),
+                              "key": key[is_open], "rkey": rkey[is_open]}, schema=BOUNDARY)
+        return {SHARD_ROWS: open_rows}
+
+    def _kl_counts(self, t: pa.Table, shard: int) -> dict[int, pa.Table]:
+        """Hashed n-gram counts of the selected records and of a random sample of the same rate per domain; and
+        the selected records in their domain's replay boundary bin (the kl stage decides which are replayed)."""
         n = t.num_rows
-        rows = range(self._row, self._row + n)
-        self._row += n
-        fit = getattr(self, "_fit", None)
+        rows = self._next_rows(n)
+        _, selected = self._flags(t, rows)
+        domains = self._domains(t)
+        rkey = hash_unit(t["id"].to_pylist(), self.config.seed, "replay")
+        at_edge = selected & (cutoffs.rkey_bins(rkey) == _lookup(domains, self._rules.get("replay", {}), -1))
+        edge = pa.table({"shard": np.full(int(at_edge.sum()), shard, np.int32), "row": rows[at_edge],
+                         "domain": domains.filter(pa.array(at_edge)), "rkey": rkey[at_edge]}, schema=REPLAY_ROWS)
         empty = pa.table({"domain": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
                           "n": pa.array([], pa.int64()), "counts": pa.array([], pa.list_(pa.int64()))})
+        fit = getattr(self, "_fit", None)
         if not fit:
-            return empty
+            return {SHARD_ROWS: empty, REPLAY_CHANNEL: edge}
         from operators.dsir.core import hashed_ngram_counts
+        from operators.steps.dsir.step import prompt_texts
 
-        domains = np.asarray(t[DOMAIN].to_pylist() if DOMAIN in t.column_names else [DEFAULT_DOMAIN] * n, object)
-        selected = np.array([self._decision.get(r, (False, False, False))[1] for r in rows], dtype=bool)
+        dom = np.asarray(domains.to_pylist(), object)
         u = hash_unit(t["id"].to_pylist(), self.config.seed, "kl")
-        rate = np.array([self._sample_rate.get(d, 0.0) for d in domains])
+        rate = np.array([self._sample_rate.get(d, 0.0) for d in dom])
         texts = prompt_texts(t)
         out: dict[str, list[Any]] = {"domain": [], "kind": [], "n": [], "counts": []}
-        for d in sorted(set(domains.tolist()) & set(fit["target_counts"])):
+        for d in sorted(set(dom.tolist()) & set(fit["target_counts"])):
             for kind, mask in (("selected", selected), ("random", u < rate)):
-                idx = np.flatnonzero(mask & (domains == d))
+                idx = np.flatnonzero(mask & (dom == d))
                 feats = hashed_ngram_counts([texts[i] for i in idx], len(fit["target_counts"][d]),
                                             seed=int(fit["models"][d]["seed"]))
                 out["domain"].append(d)
                 out["kind"].append(kind)
                 out["n"].append(len(idx))
                 out["counts"].append(feats.total_counts().astype(np.int64).tolist())
-        return pa.table(out, schema=empty.schema)
+        return {SHARD_ROWS: pa.table(out, schema=empty.schema), REPLAY_CHANNEL: edge}
 
-    def _kl(self, artifacts: Artifacts) -> StageOutput:
+    # -- reduce stages -------------------------------------------------------------------------------------
+    def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
+        if stage == "cutoffs":
+            return self._cutoffs(artifacts, num_shards)
+        if stage == "decide":
+            return self._decide(artifacts, num_shards)
+        return self._kl(artifacts, num_shards)
+
+    def _last_decision(self, artifacts: Artifacts) -> dict[str, Any] | None:
+        """The last committed decide summary (while decide recomputes, the one it replaces), or None."""
+        previous = artifacts.previous_summary("decide")
+        if previous is not None:
+            return previous
+        try:
+            return artifacts.summary("decide")
+        except RuntimeError:  # never committed
+            return None
+
+    def _cutoffs(self, artifacts: Artifacts, num_shards: int) -> StageOutput:
+        cfg = self.config
+        # Only `freeze` compares the candidates' keys with the last selection's (reading every shard manifest).
+        keys = {str(k): v for k, v in artifacts.shard_keys("candidates").items()} if cfg.freeze else {}
+        last = self._last_decision(artifacts) if cfg.freeze else None
+        frozen: list[int] = []
+        if last and "shard_counts" in last:  # a selection made before the bounded stages cannot be frozen on
+            before = last.get("candidate_keys", {})
+            frozen = sorted(int(s) for s, k in keys.items() if k is not None and before.get(s) == k)
+        old = [last["shard_counts"][str(s)] for s in frozen] if last else []
+        rest = set(range(num_shards)) - set(frozen)
+        hists: dict[tuple[str, str | None], np.ndarray] = {}
+        for t in artifacts.iter_tables("candidates"):
+            t = _by_shard([t], rest)
+            if t is None or not t.num_rows:
+                continue
+            for (d, s), part in _split(t, ["domain", "source"]).items():
+                h = cutoffs.dense(part["bin"].to_numpy(), part["n"].to_numpy(), cutoffs.KEY_TOP)
+                hists[(d, s)] = hists[(d, s)] + h if (d, s) in hists else h
+        domains = sorted({d for d, _ in hists} | {d for c in old for d in c["passed"]})
+        budgets: dict[str, float] = {}
+        for d in domains:
+            b = cfg.budgets.get(d, 1.0)
+            budgets[d] = b if b <= 1 else max(0.0, b - sum(c["selected"].get(d, 0) for c in old))
+        caps = {src: max(0, cap - sum(c["source_passed"].get(src, 0) for c in old))
+                for src, cap in cfg.source_caps.items()}
+        zero = np.zeros(cutoffs.KEY_TOP, np.int64)
+        cap_bins: dict[str, int] = {}
+        for src, cap in caps.items():
+            b = cutoffs.cap_bin(sum((h for (_, s), h in hists.items() if s == src), zero), cap)
+            if b != cutoffs.UNCAPPED:
+                cap_bins[src] = b
+        lo: dict[str, int] = {}
+        hi: dict[str, int] = {}
+        bins = np.arange(cutoffs.KEY_TOP)
+        for d in domains:
+            sure, maybe = zero.copy(), zero.copy()
+            for (dd, s), h in hists.items():
+                if dd != d:
+                    continue
+                b = cap_bins.get(s, cutoffs.UNCAPPED) if s is not None else cutoffs.UNCAPPED
+                if b == cutoffs.UNCAPPED:
+                    sure += h
+                else:
+                    sure += np.where(bins > b, h, 0)
+                    if b < cutoffs.KEY_TOP:
+                        maybe[b] += h[b]
+            lo[d], hi[d] = cutoffs.domain_bounds(sure, maybe, budgets[d])
+        plan = {"cap": cap_bins, "lo": lo, "hi": hi, "budgets": budgets, "caps": caps, "frozen": frozen}
+        summary: dict[str, Any] = {"plan": plan, "open_bins": {d: max(0, hi[d] - lo[d] + 1) for d in domains}}
+        if cfg.freeze:  # what the next run's freeze compares (keys name the input files' locations)
+            summary["candidate_keys"] = keys
+        return StageOutput(summary=summary)
+
+    def _decide(self, artifacts: Artifacts, num_shards: int) -> StageOutput:
+        cfg = self.config
+        cut = artifacts.summary("cutoffs")
+        plan = cut["plan"]
+        frozen = set(plan["frozen"])
+        rest = set(range(num_shards)) - frozen
+        # The open records of every shard decided now, in candidate order (shard, row): ties go to the earlier.
+        r = _by_shard(list(artifacts.iter_tables("boundary")), rest)
+        r = BOUNDARY.empty_table() if r is None else r.sort_by([("shard", "ascending"), ("row", "ascending")])
+        settled = _by_shard(list(artifacts.shuffled("boundary", COUNTS_CHANNEL)), rest)
+        settled = COUNTS.empty_table() if settled is None else settled
+        rhist = _by_shard(list(artifacts.shuffled("boundary", REPLAY_CHANNEL)), rest)
+        rhist = REPLAY_HIST.empty_table() if rhist is None else rhist
+        key, rkey = r["key"].to_numpy(), r["rkey"].to_numpy()
+        kb, rb = cutoffs.key_bins(key), cutoffs.rkey_bins(rkey)
+        dom = r["domain"].to_numpy(zero_copy_only=False).astype(object)
+        src = r["source"].to_numpy(zero_copy_only=False).astype(object)
+        s_dom = settled["domain"].to_numpy(zero_copy_only=False).astype(object)
+        s_src = settled["source"].to_numpy(zero_copy_only=False).astype(object)
+        s_passed, s_selected = settled["passed"].to_numpy(), settled["selected"].to_numpy()
+        # 1. Caps: in each capped source's boundary bin, the best keys up to what its cap leaves.
+        cap = np.array([plan["cap"].get(s, cutoffs.UNCAPPED) for s in src], dtype=np.int64)
+        passed = (cap == cutoffs.UNCAPPED) | (kb > cap)
+        for s, b in plan["cap"].items():
+            at = np.flatnonzero((src == s) & (kb == b))
+            room = plan["caps"][s] - int(s_passed[s_src == s].sum()) - int((passed & (src == s)).sum())
+            passed[at[cutoffs.take_best(key[at], room)]] = True
+        # 2. Budgets: every passing record above the domain's range, then its best within the range.
+        selected = passed & (kb > np.array([plan["hi"].get(d, cutoffs.KEY_TOP) for d in dom], dtype=np.int64))
+        pool: dict[str, int] = {}
+        chosen: dict[str, int] = {}
+        replay_bin: dict[str, int] = {}
+        replay_need: dict[str, int] = {}
+        for d in sorted(plan["budgets"]):
+            mine = dom == d
+            pool[d] = int(s_passed[s_dom == d].sum()) + int((passed & mine).sum())
+            k = cutoffs.budget_take(plan["budgets"][d], pool[d])
+            lo, hi = plan["lo"][d], plan["hi"][d]
+            above = int(s_selected[s_dom == d].sum()) + int((selected & mine).sum())
+            within = np.flatnonzero(passed & mine & (kb >= lo) & (kb <= hi))
+            if not 0 <= k - above <= within.size:  # the bounds of cutoffs.domain_bounds failed: a bug, not data
+                raise RuntimeError(f"select: domain {d!r} needs {k - above} of {within.size} open records")
+            selected[within[cutoffs.take_best(key[within], k - above)]] = True
+            chosen[d] = k
+            # 3. Replay: the bin holding the domain's m-th lowest replay key among its selected records.
+            m = round(cfg.replay_fraction * k)
+            h = rhist.filter(pc.equal(rhist["domain"], d))
+            sel_bins = cutoffs.dense(h["bin"].to_numpy(), h["n"].to_numpy(), 1 << cutoffs.RKEY_BITS) + \
+                np.bincount(rb[selected & mine], minlength=1 << cutoffs.RKEY_BITS)
+            replay_bin[d] = cutoffs.bin_of_kth_lowest(sel_bins, m)
+            replay_need[d] = m - int(sel_bins[:max(replay_bin[d], 0)].sum())
+        rules = {"cap": plan["cap"], "hi": plan["hi"], "replay": replay_bin}
+        rule_id = xxhash.xxh3_64_hexdigest(json.dumps(rules, sort_keys=True).encode())
+        shard_counts = self._shard_counts(r, passed, selected, rb, replay_bin, settled, rhist, rest)
+        last = self._last_decision(artifacts) if frozen else None
+        rule_sets = {rule_id: rules}
+        shard_rules = {str(s): rule_id for s in rest}
+        partitions = {}
+        decision = pa.table({"shard": r["shard"], "row": r["row"], "passed_cap": passed, "selected": selected})
+        for s, t in partition_by_shard(decision).items():
+            partitions[s] = t
+        for s in sorted(frozen):
+            assert last is not None
+            old_rule = last["shard_rules"][str(s)]
+            rule_sets[old_rule] = last["rule_sets"][old_rule]
+            shard_rules[str(s)] = old_rule
+            shard_counts[str(s)] = last["shard_counts"][str(s)]
+            if (t := artifacts.previous_partition("decide", s)) is not None:
+                partitions[s] = t
+        for d in pool:  # the whole selection's figures: the frozen shards' decisions count too
+            pool[d] += sum(shard_counts[str(s)]["passed"].get(d, 0) for s in frozen)
+            chosen[d] += sum(shard_counts[str(s)]["selected"].get(d, 0) for s in frozen)
+        summary: dict[str, Any] = {
+            "selected": sum(chosen.values()), "pool": pool, "chosen": chosen, "open_records": r.num_rows,
+            "replay_need": replay_need, "rule_sets": rule_sets, "shard_rules": shard_rules,
+            "shard_counts": shard_counts}
+        if cfg.freeze:
+            summary.update({"candidate_keys": cut.get("candidate_keys", {}), "frozen_shards": len(frozen)})
+        return StageOutput(partitions=partitions, summary=summary)
+
+    @staticmethod
+    def _shard_counts(r: pa.Table, passed: np.ndarray, selected: np.ndarray, rb: np.ndarray,
+                      replay_bin: dict[str, int], settled: pa.Table, rhist: pa.Table,
+                      shards: set[int]) -> dict[str, dict[str, Any]]:
+        """Per shard decided now: records passed and selected per domain, passed per capped source, and selected
+        below their domain's replay boundary bin (what a later frozen run and the kl stage add up)."""
+        out: dict[str, dict[str, Any]] = {str(s): {"passed": {}, "selected": {}, "source_passed": {}, "replay": 0}
+                                          for s in shards}
+
+        def add(kind: str, shard: int, name: str | None, n: int) -> None:
+            if name is not None and n:
+                c = out[str(shard)][kind]
+                c[name] = c.get(name, 0) + int(n)
+
+        for s, d, src, p, sel in zip(settled["shard"].to_pylist(), settled["domain"].to_pylist(),
+                                     settled["source"].to_pylist(), settled["passed"].to_pylist(),
+                                     settled["selected"].to_pylist(), strict=True):
+            add("passed", s, d, p)
+            add("selected", s, d, sel)
+            add("source_passed", s, src, p)
+        for s, d, src, p, sel, b in zip(r["shard"].to_pylist(), r["domain"].to_pylist(), r["source"].to_pylist(),
+                                        passed.tolist(), selected.tolist(), rb.tolist(), strict=True):
+            add("passed", s, d, p)
+            add("selected", s, d, sel)
+            add("source_passed", s, src, p)
+            if sel and b < replay_bin[d]:
+                out[str(s)]["replay"] += 1
+        for s, d, b, n in zip(rhist["shard"].to_pylist(), rhist["domain"].to_pylist(), rhist["bin"].to_pylist(),
+                              rhist["n"].to_pylist(), strict=True):
+            if b < replay_bin[d]:
+                out[str(s)]["replay"] += int(n)
+        return out
+
+    def _kl(self, artifacts: Artifacts, num_shards: int) -> StageOutput:
+        decided = artifacts.summary("decide")
+        frozen = set(artifacts.summary("cutoffs")["plan"]["frozen"])
+        rest = set(range(num_shards)) - frozen
+        # Replay: in each domain's boundary bin, the lowest replay keys up to what the bins below left.
+        edge = _by_shard(list(artifacts.shuffled("kl_counts", REPLAY_CHANNEL)), rest)
+        edge = REPLAY_ROWS.empty_table() if edge is None else edge.sort_by([("shard", "ascending"),
+                                                                              ("row", "ascending")])
+        replay = np.zeros(edge.num_rows, dtype=bool)
+        dom = edge["domain"].to_numpy(zero_copy_only=False).astype(object)
+        rkey = edge["rkey"].to_numpy()
+        for d, need in decided["replay_need"].items():
+            at = np.flatnonzero(dom == d)
+            replay[at[cutoffs.take_best(rkey[at], need, ascending=True)]] = True
+        partitions = partition_by_shard(pa.table({"shard": edge["shard"], "row": edge["row"], "replay": replay}))
+        shard_replay = {str(s): int(decided["shard_counts"][str(s)]["replay"]) for s in rest}
+        for s, n in zip(edge["shard"].to_pylist(), replay.tolist(), strict=True):
+            shard_replay[str(s)] += int(n)
+        previous = artifacts.previous_summary("kl") or {}
+        for s in sorted(frozen):
+            shard_replay[str(s)] = int(previous.get("shard_replay", {}).get(str(s), 0))
+            if (t := artifacts.previous_partition("kl", s)) is not None:
+                partitions[s] = t
+        summary: dict[str, Any] = {"replay": sum(shard_replay.values()), "shard_replay": shard_replay,
+                                   **self._kl_summary(artifacts)}
+        return StageOutput(partitions=partitions, summary=summary)
+
+    def _kl_summary(self, artifacts: Artifacts) -> dict[str, Any]:
+        """KL(target || selected) and KL(target || random sample of the same size) per domain, and the gap."""
         from operators.dsir.core import hashed_kl
 
         fit = _dsir_fit(self.config.dsir_dir)
         if not fit:
-            return StageOutput(summary={})
+            return {}
         sums: dict[tuple[str, str], np.ndarray] = {}
         for t in artifacts.iter_tables("kl_counts"):
             for d, kind, c in zip(t["domain"].to_pylist(), t["kind"].to_pylist(), t["counts"].to_pylist(),
@@ -268,44 +555,63 @@ class SelectStep(Step[SelectConfig]):
                 summary["kl_selected"][d] = round(sel, 4)
                 summary["kl_random"][d] = round(rnd, 4)
                 summary["kl_reduction"][d] = round(rnd - sel, 4)
-        return StageOutput(summary=summary)
+        return summary
+
+    # -- the transform -------------------------------------------------------------------------------------
+    def bind_decisions(self, artifacts: Artifacts, shard: int) -> None:
+        """Load the shard's rules and the decisions made record by record (decide's open records)."""
+        decided = artifacts.summary("decide")
+        self._rules = decided["rule_sets"][decided["shard_rules"][str(shard)]]
+        t = artifacts.partition("decide", shard)
+        self._exceptions = {} if t is None else {
+            r: (p, s) for r, p, s in zip(t["row"].to_pylist(), t["passed_cap"].to_pylist(), t["selected"].to_pylist(),
+                                         strict=True)}
 
     def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
-        # The transform reads only the shard's decisions (selected, replay, capped per row).
-        return table_digest(artifacts.partition("decide", shard))
+        # The transform reads the shard's rules and its record-by-record decisions and replay flags.
+        decided = artifacts.summary("decide")
+        rules = decided["rule_sets"][decided["shard_rules"][str(shard)]]
+        return xxhash.xxh3_64_hexdigest((json.dumps(rules, sort_keys=True) + table_digest(
+            artifacts.partition("decide", shard)) + table_digest(artifacts.partition("kl", shard))).encode())
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
-        t = artifacts.partition("decide", shard)
-        self._decision = {} if t is None else {
-            r: (p, s, rp) for r, p, s, rp in zip(t["row"].to_pylist(), t["passed_cap"].to_pylist(),
-                                                 t["selected"].to_pylist(), t["replay"].to_pylist(), strict=True)}
+        self.bind_decisions(artifacts, shard)
+        t = artifacts.partition("kl", shard)
+        self._replayed = {} if t is None else dict(zip(t["row"].to_pylist(), t["replay"].to_pylist(), strict=True))
 
     def transform(self, batch: pa.RecordBatch) -> BatchResult:
         table = pa.Table.from_batches([batch])
+        rows = self._next_rows(table.num_rows)
+        passed, selected = self._flags(table, rows)
+        domains = self._domains(table)
+        rb = cutoffs.rkey_bins(hash_unit(table["id"].to_pylist(), self.config.seed, "replay"))
+        replay_bin = _lookup(domains, self._rules.get("replay", {}), -1)
+        replay = selected & (rb < replay_bin)
+        for i in np.flatnonzero(selected & (rb == replay_bin)).tolist():
+            replay[i] = self._replayed.get(int(rows[i]), False)
         sources = table["source"].to_pylist()
-        domains = table[DOMAIN].to_pylist() if DOMAIN in table.column_names else [DEFAULT_DOMAIN] * table.num_rows
-        keep: list[bool] = []
-        replay: list[bool] = []
+        domain_names = domains.to_pylist()
         reasons: list[str] = []
         details: list[str] = []
-        for i in range(table.num_rows):
-            row = self._row + i
-            passed, selected, rp = self._decision.get(row, (sources[i] not in self.config.source_caps, False, False))
-            keep.append(selected)
-            if selected:
-                replay.append(rp)
-            elif not passed:
+        for i in np.flatnonzero(~selected).tolist():
+            if not passed[i]:
                 reasons.append("source_cap")
                 details.append(f"source {sources[i]!r} capped at {self.config.source_caps[sources[i]]}")
             else:
                 reasons.append("over_budget")
-                details.append(f"domain {domains[i]!r} budget {self.config.budgets.get(domains[i], 1.0)}")
-        self._row += table.num_rows
-        mask = pa.array(keep, pa.bool_())
+                details.append(f"domain {domain_names[i]!r} budget {self.config.budgets.get(domain_names[i], 1.0)}")
+        mask = pa.array(selected, pa.bool_())
         kept = table.filter(mask)
         if "replay" in kept.column_names:
             kept = kept.drop_columns(["replay"])
-        kept = kept.append_column("replay", pa.array(replay, pa.bool_()))
-        counters: dict[str, Any] = {"replay": float(sum(replay))}
+        kept = kept.append_column("replay", pa.array(replay[selected], pa.bool_()))
         return BatchResult(kept=kept, dropped=dropped_table(table.filter(pc.invert(mask)), reasons, details),
-                           counters=counters)
+                           counters={"replay": float(replay[selected].sum())})
+
+
+def _split(t: pa.Table, cols: list[str]) -> dict[tuple[Any, ...], pa.Table]:
+    """`t`'s rows grouped by the values of `cols`."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, k in enumerate(zip(*(t[c].to_pylist() for c in cols), strict=True)):
+        groups.setdefault(k, []).append(i)
+    return {k: t.take(pa.array(v)) for k, v in groups.items()}
