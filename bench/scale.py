@@ -57,16 +57,8 @@ from bench._common import (
     scratch_dir,
     write_instruction_corpus,
 )
+from bench.phase1 import STEPS  # the same Phase 1 configs as the per-step benchmark
 
-STEPS: list[tuple[str, dict[str, Any]]] = [
-    ("filter", {"languages": []}),
-    ("exact_dedup", {}),
-    ("near_dedup", {}),
-    ("decontaminate", {}),
-    ("route", {}),
-    ("dsir", {}),
-    ("select", {"budgets": {"math": 0.5, "code": 0.5, "general": 0.3}}),
-]
 TAIL = ("validate", "export", "publish", "report")
 FLAT = 0.15  # a kind whose cost moves less than this while its driver doubles is "constant"
 
