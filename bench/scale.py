@@ -17,8 +17,9 @@
    partition, run) handles its shard's share of the step's input, a whole-step task (plan, reduce stages,
    the step's reduce, the tail) the whole input. Each kind's mean task seconds (the larger of wall and CPU: a
    pod has one core), slowest task seconds and largest peak RSS are fitted as `a + b * driver` through the two
-   sizes, `b >= 0`. A kind is "constant" when its cost moved less than 15% while its driver doubled; else it
-   grows "with its shard" (a per-shard task: bounded by the shard size) or "with the corpus" (unbounded).
+   sizes, `b >= 0`. A kind is "constant" when its cost moved less than 15% (or 0.5 s and 16 MiB) while its
+   driver doubled; else it grows "with its shard" (a per-shard task: bounded by the shard size) or "with the
+   corpus" (unbounded).
 3. **Project.** For N records on P pods: each step's input is N times the measured share that reached it;
    its shard count is that input over the records a `--shard-mb` shard holds (measured bytes per record of
    that step's input). Waves follow the DAG: a wave of T tasks runs in ceil(T / P) rounds, each task paying
@@ -237,8 +238,11 @@ def fit(small: dict[str, Any], large: dict[str, Any]) -> dict[tuple[str, str], G
         sa, sb = _line(s1["driver"], s1["seconds"], s2["driver"], s2["seconds"])
         ma, mb = _line(s1["driver"], s1["max_seconds"], s2["driver"], s2["max_seconds"])
         ra, rb = _line(s1["driver"], s1["rss_mb"], s2["driver"], s2["rss_mb"])
-        moved = max(abs(s2["seconds"] - s1["seconds"]) / max(s1["seconds"], 1e-9),
-                    abs(s2["rss_mb"] - s1["rss_mb"]) / max(s1["rss_mb"], 1e-9))
+        # Relative and absolute: half a second or 16 MiB of noise on a 0.4 s task is not growth.
+        moved = max(abs(s2["seconds"] - s1["seconds"]) / max(s1["seconds"], 1e-9)
+                    if abs(s2["seconds"] - s1["seconds"]) > 0.5 else 0.0,
+                    abs(s2["rss_mb"] - s1["rss_mb"]) / max(s1["rss_mb"], 1e-9)
+                    if abs(s2["rss_mb"] - s1["rss_mb"]) > 16 else 0.0)
         per_shard = bool(tasks2[0]["per_shard"])
         grows = "constant" if moved < FLAT else "with its shard" if per_shard else "with the corpus"
         model[key] = Growth(key[0], key[1], per_shard, sa, sb, ma, mb, ra, rb, grows, [s1, s2])

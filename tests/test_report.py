@@ -15,7 +15,8 @@ from operators.cli import build_step
 from operators.core.runner import read_step_table, run_all
 from operators.orchestration.settings import safe_name
 from operators.report import index_uri, write_report
-from operators.report.collect import clip, first_exchange
+from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.report.collect import clip, first_exchange, kept_profile
 from operators.report.figures import bar_chart, funnel_chart, heatmap, histogram, line_chart, stacked_bars
 from operators.report.render import render_html, sample_card
 from operators.steps.dedup.droplist import cluster_sizes
@@ -197,3 +198,17 @@ def test_markdown_lists_ability_scores_per_diagnosis_round() -> None:
 def test_render_survives_an_empty_run(tmp_path: Path) -> None:
     page = render_html({"root": str(tmp_path), "steps": [], "run": {}})
     assert "No step of this run has committed yet" in page
+
+
+def test_the_kept_profile_reads_a_bounded_sample(run_root: Path) -> None:
+    """A kept set larger than the sample is profiled from the sample (and says so); a smaller one exactly."""
+    step_dir = str(run_root / "decontaminate")
+    m = read_manifest(step_manifest_uri(step_dir))
+    assert m is not None and m.stats.records_kept > 5
+    whole = kept_profile(step_dir, m)
+    assert whole is not None and "sampled" not in whole and whole["records"] == m.stats.records_kept
+    part = kept_profile(step_dir, m, sample=5)
+    assert part is not None and part["sampled"] == 5 and part["records"] == m.stats.records_kept
+    assert sum(n for _, n in part["turns"]) == 5 and sum(part["languages"].values()) == 5
+    page = render_html({"root": "file:///r/run", "steps": [], "kept_profile": {**part, "dir": "decontaminate"}})
+    assert "profile of a sample of 5 spread over its parts" in page

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.core import storage
-from operators.core.manifest import MANIFEST_NAME, Manifest, read_manifest, stage_dir, step_manifest_uri
+from operators.core.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, stage_dir, step_manifest_uri
 
 REPORT_VERSION = 2
 SAMPLES_PER_REASON = 3
@@ -30,6 +31,10 @@ TEXT_CHARS = 420
 TOP_TAGS = 20
 LENGTH_EDGES = (0, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000)
 TURN_BINS = (2, 3, 4, 5, 6, 8, 10, 20)
+# A report reads bounded samples, never a whole corpus: the kept set's profile comes from at most this many
+# records, spread over its parts, and a duplicate's survivor is looked up in at most this many parts.
+PROFILE_SAMPLE = 200_000
+SURVIVOR_PARTS = 32
 SURVIVOR = re.compile(r"^(?:near )?duplicate of (\S+)")
 
 
@@ -183,7 +188,7 @@ def attach_survivors(step_dir: str, m: Manifest, samples: dict[str, list[dict[st
                 want.setdefault(hit.group(1), []).append(s)
     if not want:
         return
-    for f in m.data_files():
+    for f in m.data_files()[:SURVIVOR_PARTS]:  # a survivor in a later part is not shown: the page stays cheap
         if not want:
             break
         ids = _read(step_dir, f.path, ["id"]).column("id")
@@ -272,32 +277,59 @@ def _bucket(values: np.ndarray, edges: tuple[int, ...]) -> list[tuple[str, int]]
     return [(label, int(n)) for label, n in zip(labels, counts[: len(labels)], strict=True)]
 
 
-def kept_profile(step_dir: str, m: Manifest) -> dict[str, Any] | None:
-    """Language, turn-count and length distributions of a step's kept records (vectorized, part by part)."""
+def profile_parts(m: Manifest, sample: int) -> tuple[list[FileEntry], int]:
+    """The data parts a profile of at most about `sample` records reads (spread evenly over the set, so a
+    sample is not just its first shards), and the set's record count."""
+    parts = [f for f in m.files if f.kind == "data" and f.rows]
+    total = sum(f.rows for f in parts)
+    if total <= sample:
+        return parts, total
+    wanted = math.ceil(sample * len(parts) / total)  # parts of average size that hold the sample
+    return parts[::max(1, len(parts) // wanted)], total
+
+
+def kept_profile(step_dir: str, m: Manifest, sample: int = PROFILE_SAMPLE) -> dict[str, Any] | None:
+    """Language, turn-count and length distributions of a step's kept records (vectorized, part by part); from
+    a sample of about `sample` records spread over the parts when the set is larger (`sampled` says how many)."""
     langs: Counter[str] = Counter()
     turns: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
-    for t in iter_parts(step_dir, m, "data", ["langdetect", "conversations"]):
-        if "conversations" not in t.column_names:
-            return None
-        if "langdetect" in t.column_names:
-            langs.update(x or "unknown" for x in t.column("langdetect").to_pylist())
-        conv = t.column("conversations").combine_chunks()
-        turns.append(pc.list_value_length(conv).fill_null(0).to_numpy(zero_copy_only=False))
-        flat = pc.list_flatten(conv)
-        chars = pc.utf8_length(flat.field("value")).fill_null(0).to_numpy(zero_copy_only=False)
-        parents = pc.list_parent_indices(conv).to_numpy(zero_copy_only=False)
-        lengths.append(np.bincount(parents, weights=chars, minlength=len(conv)).astype(np.int64))
+    parts, total = profile_parts(m, sample)
+    seen = 0
+    for f in parts:
+        if seen >= sample:
+            break
+        with storage.open_input(storage.join(step_dir, f.path)) as fh:
+            pf = pq.ParquetFile(fh)
+            cols = [c for c in ("langdetect", "conversations") if c in pf.schema_arrow.names]
+            if "conversations" not in cols:
+                return None
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+                t = pa.Table.from_batches([batch]).slice(0, sample - seen)
+                seen += t.num_rows
+                if "langdetect" in t.column_names:
+                    langs.update(x or "unknown" for x in t.column("langdetect").to_pylist())
+                conv = t.column("conversations").combine_chunks()
+                turns.append(pc.list_value_length(conv).fill_null(0).to_numpy(zero_copy_only=False))
+                flat = pc.list_flatten(conv)
+                chars = pc.utf8_length(flat.field("value")).fill_null(0).to_numpy(zero_copy_only=False)
+                parents = pc.list_parent_indices(conv).to_numpy(zero_copy_only=False)
+                lengths.append(np.bincount(parents, weights=chars, minlength=len(conv)).astype(np.int64))
+                if seen >= sample:
+                    break
     if not turns:
         return None
     n_turns, n_chars = np.concatenate(turns), np.concatenate(lengths)
-    return {
-        "records": int(n_turns.size),
+    profile = {
+        "records": total,
         "languages": dict(langs.most_common(12)),
         "turns": _bucket(n_turns, TURN_BINS),
         "length_chars": _bucket(n_chars, LENGTH_EDGES),
         "median_chars": float(np.median(n_chars)) if n_chars.size else 0.0,
     }
+    if n_turns.size < total:
+        profile["sampled"] = int(n_turns.size)
+    return profile
 
 
 def _vocab_tags(step_dir: str) -> list[tuple[str, int]]:

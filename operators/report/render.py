@@ -172,8 +172,9 @@ def _selection(report: dict[str, Any]) -> str:
     for step_dir, bins in (sel.get("cluster_sizes") or {}).items():
         out.append(figure(charts.cluster_sizes(step_dir, bins)))
     if prof:
+        sampled = f"; profile of a sample of {fmt(prof['sampled'])} spread over its parts" if "sampled" in prof else ""
         out.append(f"<h3>The kept set ({e(prof['dir'])}: {fmt(prof['records'])} records, median "
-                   f"{fmt(prof['median_chars'])} characters)</h3><div class='grid'>")
+                   f"{fmt(prof['median_chars'])} characters{sampled})</h3><div class='grid'>")
         out += [f"<div>{figure(f)}</div>" for f in charts.kept_profile(prof)]
         out.append("</div>")
     return "".join(out)
