@@ -255,11 +255,12 @@ def fit(small: dict[str, Any], large: dict[str, Any]) -> dict[tuple[str, str], G
 
 def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records: int, pods: int,
             shard_mb: float | None, pod_start: float, sched_cost: float,
-            records_per_shard: dict[str, float] | None = None) -> dict[str, Any]:
+            records_per_shard: dict[str, float] | None = None, shard_multiple: int = 0) -> dict[str, Any]:
     """Projected Phase 1 over `records` on `pods` one-core pods, wave by wave in the DAG's order.
 
     A step's shard count is its input over the records one shard holds: `shard_mb` of the step's measured
-    bytes per record, or `records_per_shard[step]` when given (the check's measured-like setting)."""
+    bytes per record, or `records_per_shard[step]` when given (the check's measured-like setting); rounded up
+    to a multiple of `shard_multiple` when set (the step config's `shard_multiple`: smaller shards, full waves)."""
     waves: list[dict[str, Any]] = []
     max_rss = (0.0, "")
     max_sec = (0.0, "")
@@ -269,6 +270,8 @@ def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records
         per_shard = (records_per_shard[step] if records_per_shard
                      else (shard_mb or 256) * 2**20 / max(st["bytes_per_record"], 1e-9))
         shards = max(1, math.ceil(records_in / max(per_shard, 1.0)))
+        if shard_multiple > 1:
+            shards = math.ceil(shards / shard_multiple) * shard_multiple
         for (s, wave), g in model.items():
             if s != step:
                 continue
@@ -338,6 +341,8 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=float, default=256.0, help="target shard size of the projected run")
     ap.add_argument("--pod-start", type=float, default=10.0, help="seconds from a task's start to its process")
     ap.add_argument("--sched-cost", type=float, default=2.2, help="scheduler seconds per task (bench/load.py)")
+    ap.add_argument("--shard-multiple", type=int, default=0,
+                    help="round each step's shard count up to a multiple of this (the steps' `shard_multiple`)")
     ap.add_argument("--check", type=int, default=0, help="also run this many records and compare")
     ap.add_argument("--from-json", default=None, help="a saved measurement (--save) to project from")
     ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
@@ -367,7 +372,8 @@ def main() -> None:
             Path(args.save).write_text(json.dumps({"small": small, "large": large, "check": checked}))
     model = fit(small, large)
     print_model(model, (small["records"], large["records"]))
-    result = project(model, large, args.project, args.pods, args.shard_mb, args.pod_start, args.sched_cost)
+    result = project(model, large, args.project, args.pods, args.shard_mb, args.pod_start, args.sched_cost,
+                     shard_multiple=args.shard_multiple)
     print_projection(result, "projected")
     out = {k: v for k, v in result.items() if k != "waves"}
     out["measured"] = {"sizes": [small["records"], large["records"]], "shards": large["shards"],

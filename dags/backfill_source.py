@@ -18,10 +18,12 @@ from airflow.sdk import dag, task
 from operators.orchestration.backfill import contribution, dataset_inputs, register_source, source_caps
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain, step_group
 from operators.orchestration.params import (
+    SHARD_BYTES,
     incremental_configs,
     incremental_params,
     param,
     selection_params,
+    sharding_config,
     source_params,
 )
 from operators.orchestration.settings import data_root, safe_name
@@ -72,16 +74,15 @@ def backfill_source() -> None:
         """What the new corpus contributed: kept per step, duplicates of other sources, contamination."""
         return contribution(context["templates_dict"]["run"], context["params"]["source_name"])
 
-    shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
     ingest = step_group("ingest", inputs=["{{ params.source_uri }}"], output_uri=SOURCE + "/ingest",
                         config={"source_name": "{{ params.source_name }}", "format": "{{ params.format }}",
-                                "target_shard_bytes": shard_bytes})
+                                "target_shard_bytes": SHARD_BYTES})
     gathered, capped = inputs(), caps()
     register() >> ingest >> [gathered, capped]
     configs = incremental_configs(RUN, "params.dataset")
     configs["select"]["source_caps"] = "{{ ti.xcom_pull(task_ids='caps') }}"
     last = step_chain(FOUNDATIONAL_STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}",
-                      run=RUN, common={"target_shard_bytes": shard_bytes}, after=[gathered, capped])
+                      run=RUN, common=sharding_config(), after=[gathered, capped])
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     added = contributed.override(templates_dict={"run": RUN})()
     last >> added >> first  # before publish: the version keeps what its corpus contributed

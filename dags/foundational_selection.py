@@ -15,7 +15,7 @@ from typing import Any
 from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
-from operators.orchestration.params import param, selection_params
+from operators.orchestration.params import param, selection_params, sharding_config
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -59,7 +59,6 @@ STEPS = FOUNDATIONAL_STEPS
     },
 )
 def foundational_selection() -> None:
-    shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
     configs: dict[str, dict[str, Any]] = {
         "filter": {"languages": "{{ params.languages }}", "min_turns": "{{ params.min_turns }}",
                    "max_repetition_ratio": "{{ params.max_repetition_ratio }}"},
@@ -72,7 +71,7 @@ def foundational_selection() -> None:
                    "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
-                      common={"target_shard_bytes": shard_bytes})
+                      common=sharding_config())
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     last >> first
 

@@ -19,7 +19,13 @@ from typing import Any
 from airflow.sdk import dag, task
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
-from operators.orchestration.params import incremental_configs, incremental_params, param, selection_params
+from operators.orchestration.params import (
+    incremental_configs,
+    incremental_params,
+    param,
+    selection_params,
+    sharding_config,
+)
 from operators.orchestration.refresh import plan_night, selection_inputs
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
@@ -68,10 +74,9 @@ def nightly_refresh() -> None:
     sources = inputs()
     new >> ingest >> sources
 
-    shard_bytes = "{{ (params.target_shard_mb * 1048576) | int }}"
     configs = incremental_configs(RUN)
     last = step_chain(STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}", run=RUN,
-                      common={"target_shard_bytes": shard_bytes}, after=sources)
+                      common=sharding_config(), after=sources)
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     last >> first
 

@@ -51,3 +51,10 @@ def test_growth_is_fitted_per_kind_and_projected_wave_by_wave() -> None:
     # The shard count otherwise follows --shard-mb over the step's measured bytes per record.
     q = project(model, large, 10_000, pods=4, shard_mb=200_000 / 2**20, pod_start=0.0, sched_cost=0.0)
     assert {w["name"]: w["tasks"] for w in q["waves"]}["filter.run"] == 5
+
+    # With `shard_multiple`, 10 shards become 12 smaller ones: the same 3 rounds, each shorter.
+    r = project(model, large, 10_000, pods=4, shard_mb=None, pod_start=10.0, sched_cost=2.0,
+                records_per_shard={"filter": 1000.0}, shard_multiple=4)
+    run_wave = {w["name"]: w for w in r["waves"]}["filter.run"]
+    assert (run_wave["tasks"], run_wave["rounds"]) == (12, 3)
+    assert run_wave["task_seconds"] == pytest.approx(0.5 + 0.001 * 10_000 / 12, abs=0.01)

@@ -7,6 +7,7 @@ Airflow or storage, so it can be tested on in-memory batches and run anywhere.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class StepConfig(BaseModel):
     target_shard_bytes: int = Field(
         1 << 30, ge=1, description="Input files are grouped into shards of about this many bytes."
     )
+    shard_multiple: int = Field(
+        0, ge=0, description="Round the shard count up to a multiple of this (the pods a wave runs on), so that "
+        "no wave ends with a few tasks on an otherwise idle cluster: the files are then regrouped, in order, "
+        "into that many shards of about equal bytes (never more shards than files). 0: off.")
 
 
 C = TypeVar("C", bound=StepConfig)
@@ -94,6 +99,25 @@ def table_digest(table: pa.Table | None) -> str:
         else:
             h.update("\x00".join(map(str, col.to_pylist())).encode())
     return h.hexdigest()[:24]
+
+
+def balanced_groups(files: list[tuple[str, int]], n: int) -> list[ShardSpec]:
+    """`files`, in order, as `n` contiguous shards of about equal bytes (each holds at least one file;
+    `n <= len(files)`)."""
+    out: list[ShardSpec] = []
+    cur: list[str] = []
+    cur_bytes = 0
+    remaining = sum(size for _, size in files)
+    for i, (uri, size) in enumerate(files):
+        cur.append(uri)
+        cur_bytes += size
+        groups_left, files_left = n - len(out), len(files) - i - 1
+        if groups_left > 1 and (files_left == groups_left - 1 or cur_bytes >= remaining / groups_left):
+            out.append(ShardSpec(index=len(out), uris=cur, bytes=cur_bytes))
+            remaining -= cur_bytes
+            cur, cur_bytes = [], 0
+    out.append(ShardSpec(index=len(out), uris=cur, bytes=cur_bytes))
+    return out
 
 
 def extend_shards(previous: list[ShardSpec], files: list[tuple[str, int]],
@@ -326,6 +350,9 @@ class Step(ABC, Generic[C]):
             # A committed but empty upstream (e.g. nothing needed supplementing) still gets one, empty,
             # shard: the step commits an empty output and downstream steps run as usual.
             shards.append(ShardSpec(index=len(shards), uris=cur, bytes=cur_bytes))
+        m = self.config.shard_multiple
+        if m > 1 and len(shards) % m and len(files) > len(shards):
+            shards = balanced_groups(files, min(len(files), math.ceil(len(shards) / m) * m))
         return shards
 
     # -- reading (edge) ------------------------------------------------------------------------------

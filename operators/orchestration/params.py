@@ -36,15 +36,28 @@ def source_params(default_name: str, name_help: str) -> dict[str, Param]:
 
 
 def selection_params(shard_mb: float = 256) -> dict[str, Param]:
-    """`budgets`, `target_shard_mb` and `keep_versions`: a Phase 1 selection that publishes a version."""
+    """`budgets`, `target_shard_mb`, `shard_multiple` and `keep_versions`: a Phase 1 selection that publishes a
+    version."""
     return {
         "budgets": param({"math": 0.5, "code": 0.5, "general": 0.5}, type="object",
                          description="Per domain: a count (>= 1) or a fraction of the domain."),
         "target_shard_mb": param(shard_mb, type="number", exclusiveMinimum=0,
                                  description="Inputs are grouped into parallel shards of about this size."),
+        "shard_multiple": param(0, type="integer", minimum=0,
+                                description="Round every step's shard count up to a multiple of this: the pods "
+                                "one wave runs on (on Kubernetes, the chart's parallelism), so no wave ends "
+                                "with a few tasks. 0: off."),
         **keep_versions_param(),
         **task_timeout_param(),
     }
+
+
+SHARD_BYTES = "{{ (params.target_shard_mb * 1048576) | int }}"  # the `target_shard_mb` Param, templated
+
+
+def sharding_config() -> dict[str, str]:
+    """The step config fields every step of a selection DAG takes from `selection_params` (templated)."""
+    return {"target_shard_bytes": SHARD_BYTES, "shard_multiple": "{{ params.shard_multiple }}"}
 
 
 def task_timeout_param() -> dict[str, Param]:
