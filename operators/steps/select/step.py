@@ -469,7 +469,7 @@ class SelectStep(Step[SelectConfig]):
             chosen[d] += sum(shard_counts[str(s)]["selected"].get(d, 0) for s in frozen)
         summary: dict[str, Any] = {
             "selected": sum(chosen.values()), "pool": pool, "chosen": chosen, "open_records": r.num_rows,
-            "replay_need": replay_need, "rule_sets": rule_sets, "shard_rules": shard_rules,
+            "replay_plan": {"need": replay_need}, "rule_sets": rule_sets, "shard_rules": shard_rules,
             "shard_counts": shard_counts}
         if cfg.freeze:
             summary.update({"candidate_keys": cut.get("candidate_keys", {}), "frozen_shards": len(frozen)})
@@ -519,7 +519,7 @@ class SelectStep(Step[SelectConfig]):
         replay = np.zeros(edge.num_rows, dtype=bool)
         dom = edge["domain"].to_numpy(zero_copy_only=False).astype(object)
         rkey = edge["rkey"].to_numpy()
-        for d, need in decided["replay_need"].items():
+        for d, need in decided["replay_plan"]["need"].items():
             at = np.flatnonzero(dom == d)
             replay[at[cutoffs.take_best(rkey[at], need, ascending=True)]] = True
         partitions = partition_by_shard(pa.table({"shard": edge["shard"], "row": edge["row"], "replay": replay}))
@@ -528,10 +528,11 @@ class SelectStep(Step[SelectConfig]):
             shard_replay[str(s)] += int(n)
         previous = artifacts.previous_summary("kl") or {}
         for s in sorted(frozen):
-            shard_replay[str(s)] = int(previous.get("shard_replay", {}).get(str(s), 0))
+            shard_replay[str(s)] = int(previous.get("per_shard", {}).get("replay", {}).get(str(s), 0))
             if (t := artifacts.previous_partition("kl", s)) is not None:
                 partitions[s] = t
-        summary: dict[str, Any] = {"replay": sum(shard_replay.values()), "shard_replay": shard_replay,
+        # Per-shard figures one level down, where the step's counters (and the report) do not list them.
+        summary: dict[str, Any] = {"replay": sum(shard_replay.values()), "per_shard": {"replay": shard_replay},
                                    **self._kl_summary(artifacts)}
         return StageOutput(partitions=partitions, summary=summary)
 
