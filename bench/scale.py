@@ -1,7 +1,8 @@
 """Scale model of Phase 1: measure every task at two sizes, fit each task kind's growth, project N records on P pods.
 
     python bench/scale.py                       # measure 500k and 1M records, project 116M on 64 pods
-    python bench/scale.py --quick               # small sizes, under 4 minutes on 2 cores
+    python bench/scale.py --quick               # 20k and 40k records, 1.5 min: checks the machinery; its
+                                                # projection extrapolates 3000x and is not a figure
     python bench/scale.py --project 116000000 --pods 64 [--shard-mb 256] [--pod-start 10] [--sched-cost 2.2]
     python bench/scale.py --check 2000000       # also run 2M for real and compare it with its projection
     python bench/scale.py --from-json FILE      # re-project from a saved measurement (no new runs)
