@@ -1,0 +1,25 @@
+"""`normalize_text`'s ASCII fast path equals the general path character for character (exact dedup hashes it)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from operators.text.normalize import normalize_text, normalize_text_general
+
+ASCII = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=300)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(ASCII)
+def test_the_ascii_path_equals_the_general_path(text: str) -> None:
+    assert text.isascii()
+    assert normalize_text(text) == normalize_text_general(text)
+
+
+def test_every_ascii_character_and_the_general_path_for_the_rest() -> None:
+    every = "".join(chr(c) for c in range(128))
+    assert normalize_text(every) == normalize_text_general(every) == \
+        "0123456789 abcdefghijklmnopqrstuvwxyz _ abcdefghijklmnopqrstuvwxyz"
+    assert normalize_text("Hello,\u00a0 World!\x1f\tDon't") == "hello world don t"
+    assert normalize_text("Ｆｕｌｌ－ｗｉｄｔｈ ＡＢＣ") == "full width abc"  # NFKC, on the general path
