@@ -72,6 +72,7 @@ def chain(steps: list[tuple[str, dict[str, Any]]]) -> list[Node]:
 PIPELINE: list[Node] = chain([
     ("ingest", {"source_name": "crash", "target_shard_bytes": 200_000}),
     ("filter", {"languages": [], "target_shard_bytes": 60_000}),
+    ("pii", {"target_shard_bytes": 60_000}),
     ("exact_dedup", {"target_shard_bytes": 60_000}),
     ("near_dedup", {"target_shard_bytes": 60_000}),
     ("decontaminate", {"target_shard_bytes": 60_000}),

@@ -35,8 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import print_json_line, print_machine_load, scratch_dir, write_instruction_corpus
+from operators.core.registry import FOUNDATIONAL_STEPS as STEPS
 
-STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
 DAG = "foundational_selection"
 
 

@@ -38,6 +38,7 @@ from bench._common import (
 
 STEPS: list[tuple[str, dict[str, object]]] = [
     ("filter", {"languages": []}),
+    ("pii", {}),
     ("exact_dedup", {}),
     ("near_dedup", {}),
     ("decontaminate", {}),

@@ -5,7 +5,7 @@ pool (sample of the foundational set) -> label (two-level abilities) -> label_vo
 -> evolve (depth + breadth rounds, elimination) -> respond (answers + multi-turn extension)
 -> diagnose (candidates answer probes, a judge scores each ability)
 -> round 2: seed_select for the weak abilities -> evolve -> respond
--> conversational_set (canonical schema) -> validate -> export -> publish (dataset `conversational`) -> report
+-> conversational_set (canonical schema) -> pii -> validate -> export -> publish (dataset `conversational`) -> report
 With IIP_ASSET_SCHEDULES=1 (read at parse time) it runs on each new version of the `foundational` dataset.
 Every LLM step caches its results beside its output: a retried or re-run task pays no tokens twice.
 In kubernetes mode LLM steps run in the `vllm` pod profile (GPU); embedded mode runs the packaged CPU model.
@@ -19,7 +19,7 @@ from typing import Any
 from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
-from operators.orchestration.params import keep_versions_param, param, task_timeout_param
+from operators.orchestration.params import PII_CONFIG, keep_versions_param, param, pii_param, task_timeout_param
 from operators.orchestration.settings import data_root, run_dir, safe_name
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -68,6 +68,7 @@ def llm(role: str) -> str:
         "min_turns": param(2, type="integer", minimum=1, maximum=8),
         "max_turns": param(3, type="integer", minimum=1, maximum=8),
         "probes_per_ability": param(1, type="integer", minimum=1),
+        **pii_param(),
         **keep_versions_param(),
         **task_timeout_param(),
     },
@@ -99,6 +100,8 @@ def conversational_synthesis() -> None:
         ("evolve_r2", "evolve", evolve, [f"{RUN}/seed_select_r2"], LLM_PROFILE),
         ("respond_r2", "respond", respond, [f"{RUN}/evolve_r2"], LLM_PROFILE),
         ("conversational_set", "conversational_set", {}, [f"{RUN}/respond_r1", f"{RUN}/respond_r2"], "cpu"),
+        # The models write addresses, keys and numbers too (and copy them from their seeds): redact before publish.
+        ("pii", "pii", PII_CONFIG, [f"{RUN}/conversational_set"], "cpu"),
     ]
     groups: dict[str, Any] = {}
     for group_id, step, config, inputs, profile in plan:
@@ -108,10 +111,10 @@ def conversational_synthesis() -> None:
                  ("seed_score", "seed_select_r1"), ("seed_select_r1", "evolve_r1"), ("evolve_r1", "respond_r1"),
                  ("label_vocab", "diagnose_r1"), ("diagnose_r1", "seed_select_r2"),
                  ("seed_select_r1", "seed_select_r2"), ("seed_select_r2", "evolve_r2"), ("evolve_r2", "respond_r2"),
-                 ("respond_r1", "conversational_set"), ("respond_r2", "conversational_set")]:
+                 ("respond_r1", "conversational_set"), ("respond_r2", "conversational_set"),
+                 ("conversational_set", "pii")]:
         groups[a] >> groups[b]
-    first, _ = publish_tasks("conversational_set", f"{RUN}/conversational_set", RUN,
-                             dataset="conversational")
-    groups["conversational_set"] >> first
+    first, _ = publish_tasks("pii", f"{RUN}/pii", RUN, dataset="conversational")
+    groups["pii"] >> first
 
 conversational_synthesis()

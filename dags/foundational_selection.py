@@ -1,6 +1,6 @@
 """foundational_selection: Phase 1 of Infinity Instruct, from ingested sources to the foundational set.
 
-filter -> exact_dedup -> near_dedup (MinHash LSH) -> decontaminate -> route
+filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (MinHash LSH) -> decontaminate -> route
 -> dsir (importance weights toward each domain's target)
 -> select (budgets, caps, replay, KL reduction) -> validate -> export -> publish -> report
 publish makes the next version of the `foundational` dataset and emits an event on its asset.
@@ -15,7 +15,7 @@ from typing import Any
 from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
-from operators.orchestration.params import param, selection_params, sharding_config
+from operators.orchestration.params import PII_CONFIG, param, selection_params, sharding_config
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
@@ -62,6 +62,7 @@ def foundational_selection() -> None:
     configs: dict[str, dict[str, Any]] = {
         "filter": {"languages": "{{ params.languages }}", "min_turns": "{{ params.min_turns }}",
                    "max_repetition_ratio": "{{ params.max_repetition_ratio }}"},
+        "pii": PII_CONFIG,
         "exact_dedup": {"scopes": "{{ params.dedup_scopes }}"},
         "near_dedup": {"minhash": {"threshold": "{{ params.near_dup_threshold }}"}},
         "decontaminate": {"benchmarks": "{{ params.benchmarks }}", "ngram": "{{ params.decontam_ngram }}"},

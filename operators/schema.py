@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 LABEL_FIELDS = ("ability_en", "ability_zh", "cate_ability_en", "cate_ability_zh")
@@ -26,3 +28,13 @@ CANONICAL_SCHEMA = pa.schema([
     pa.field("reward", pa.float64()),
     pa.field("origin", ORIGIN_TYPE),
 ])
+
+
+def first_exchange(conversation: list[dict[str, Any]] | None) -> tuple[str, str]:
+    """(first human turn, the answer that follows it) of a canonical conversation; empty strings when absent."""
+    turns = conversation or []
+    for i, t in enumerate(turns):
+        if t.get("from") == "human":
+            nxt = turns[i + 1] if i + 1 < len(turns) else None
+            return t.get("value") or "", (nxt.get("value") or "") if nxt and nxt.get("from") == "gpt" else ""
+    return "", ""

@@ -40,7 +40,7 @@ print(f"report   : {out}/report.md  (also report.html, report.json)")
 PY
 echo "Airflow log of this run: $AIRFLOW_HOME/ingest_source.log"
 
-echo "== foundational_selection (filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export)"
+echo "== foundational_selection (filter -> pii -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export)"
 CONF='{"sources": ["sharegpt_demo"], "run_name": "demo", "budgets": {"math": 0.5, "code": 0.3, "general": 0.2}}'
 $BIN/airflow dags test foundational_selection -c "$CONF" >"$AIRFLOW_HOME/foundational_selection.log" 2>&1 \
   || { grep -E "ERROR|error|Traceback" "$AIRFLOW_HOME/foundational_selection.log" | tail -30; exit 1; }
@@ -48,7 +48,8 @@ RUN=$IIP_DATA_ROOT/runs/demo
 $BIN/python - "$RUN" <<'PY'
 import json, sys
 run = sys.argv[1]
-for step in ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select"):
+from operators.core.registry import FOUNDATIONAL_STEPS
+for step in FOUNDATIONAL_STEPS:
     s = json.load(open(f"{run}/{step}/stats.json"))
     print(f"{step:14s} in {s['records_in']:6d}  kept {s['records_kept']:6d}  dropped {s['dropped_by_reason']}")
 c = json.load(open(f"{run}/select/stats.json"))["counters"]

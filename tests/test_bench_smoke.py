@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+from operators.core.registry import FOUNDATIONAL_STEPS
 from tests.conftest import ROOT
 
 REQUIRED_KEYS = {"records", "records_per_s", "floor_records_per_s", "floor_ratio", "peak_rss_mb",
@@ -49,7 +50,7 @@ def test_bench_phase1_small_run() -> None:
     result = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
     assert {"records", "seconds", "records_per_s", "peak_rss_mb"} <= set(result)
     steps = result["steps"]
-    names = ["ingest", "filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select"]
+    names = ["ingest", *FOUNDATIONAL_STEPS]
     assert set(steps) == set(names)
     for a, b in itertools.pairwise(names):  # each step reads what the previous one kept
         assert steps[b]["records_in"] == steps[a]["records_kept"]

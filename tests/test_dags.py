@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.core.registry import FOUNDATIONAL_STEPS
 from operators.core.runner import read_step_table
 from tests.conftest import FAKE_SECRET, ROOT, airflow, dag_info, dags_test, migrated_airflow
 
@@ -140,7 +141,7 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = data_root / "runs" / "t1"
     stats = {s: json.loads((run / s / "stats.json").read_text())
-             for s in ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")}
+             for s in FOUNDATIONAL_STEPS}
     assert stats["filter"]["records_in"] == 71 and stats["filter"]["dropped_by_reason"] == {"refusal": 1}
     assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
     assert stats["exact_dedup"]["shards"] == 2 == stats["near_dedup"]["shards"]
@@ -150,8 +151,7 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
         assert len(tasks) == 2
         assert sum(json.loads(t.read_text())["stats"]["counters"]["partitions"] for t in tasks) == 64
     # Each step reads exactly what the previous one kept: nothing lost between steps.
-    order = ["filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select"]
-    for a, b in itertools.pairwise(order):
+    for a, b in itertools.pairwise(FOUNDATIONAL_STEPS):
         assert stats[b]["records_in"] == stats[a]["records_kept"]
     assert stats["select"]["records_kept"] == 10 + 10 + 20  # math 10 of 20, code half of 20, all general
     assert stats["select"]["counters"]["kl.kl_reduction.math"] > 0  # DSIR moved math toward its target
@@ -160,4 +160,4 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     export = json.loads((run / "export" / "_EXPORT.json").read_text())
     assert export["counts"]["train"] == 40 and export["counts"]["replay"] == round(0.16 * 10) * 2 + round(0.16 * 20)
     report = json.loads((run / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == order
+    assert [s["step"] for s in report["steps"]] == list(FOUNDATIONAL_STEPS)

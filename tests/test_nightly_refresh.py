@@ -11,6 +11,7 @@ import pytest
 
 from operators.core import storage
 from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.core.registry import FOUNDATIONAL_STEPS
 from operators.core.runner import make_plan
 from operators.core.step import Plan, ShardSpec
 from operators.orchestration.refresh import (
@@ -158,7 +159,7 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     assert read_latest(str(data), "foundational")[0] == 2
 
 
-PHASE1 = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
+PHASE1 = FOUNDATIONAL_STEPS
 
 
 def _committed_state(data: Path) -> dict[str, tuple[bytes, int] | bytes]:

@@ -63,7 +63,7 @@ def test_conversational_synthesis_dag_runs_end_to_end(env: dict[str, str]) -> No
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run_root = Path(env["IIP_DATA_ROOT"]) / "runs" / "synth"
     steps = ["pool", "label", "label_vocab", "seed_score", "seed_select_r1", "evolve_r1", "respond_r1",
-             "diagnose_r1", "seed_select_r2", "evolve_r2", "respond_r2", "conversational_set"]
+             "diagnose_r1", "seed_select_r2", "evolve_r2", "respond_r2", "conversational_set", "pii"]
     for step in steps:
         s = stats(run_root, step)
         assert s["records_in"] == s["records_kept"] + sum(s["dropped_by_reason"].values()), step
@@ -79,7 +79,9 @@ def test_conversational_synthesis_dag_runs_end_to_end(env: dict[str, str]) -> No
     final = stats(run_root, "conversational_set")
     assert final["records_in"] == stats(run_root, "respond_r1")["records_kept"] + \
         stats(run_root, "respond_r2")["records_kept"]
-    validation = json.loads((run_root / "conversational_set" / "validation.json").read_text())
+    # pii runs over the synthesized set before it is validated and published: nothing dropped by default.
+    assert stats(run_root, "pii")["records_kept"] == final["records_kept"]
+    validation = json.loads((run_root / "pii" / "validation.json").read_text())
     assert validation["success"] is True
     assert (run_root / "export").exists()
     report = (run_root / "report.md").read_text()

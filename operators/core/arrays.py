@@ -8,10 +8,11 @@ distinct values of millions of them.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 ScalarT = TypeVar("ScalarT", bound=np.generic)
 
@@ -35,3 +36,12 @@ def count_repeats(values: npt.NDArray[np.generic]) -> int:
     """How many elements repeat an earlier one (`len(values) - len(np.unique(values))`)."""
     s = np.sort(values.ravel())
     return int(len(s) - np.count_nonzero(run_starts(s)))
+
+
+def replace_column(table: pa.Table, name: str, values: pa.Array | list[Any], type_: pa.DataType | None = None
+                   ) -> pa.Table:
+    """Set column `name` (appending it, or replacing an existing one in place)."""
+    arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, type_)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, arr)
+    return table.append_column(name, arr)

@@ -11,6 +11,7 @@ from operators.core.step import Step, StepConfig
 STEPS: dict[str, str] = {
     "ingest": "operators.steps.ingest.step:IngestStep",
     "filter": "operators.steps.filters.step:FilterStep",
+    "pii": "operators.steps.pii.step:PiiStep",
     "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
     "near_dedup": "operators.steps.dedup.near:NearDedupStep",
     "decontaminate": "operators.steps.decontam.step:DecontamStep",
@@ -27,6 +28,11 @@ STEPS: dict[str, str] = {
     "conversational_set": "operators.steps.synth.finalize:ConversationalSetStep",
     "train_prep": "operators.train.data_prep:TrainPrepStep",
 }
+
+# Phase 1 in the paper's order, with `pii` right after the rule filters (so that dedup compares redacted text
+# and no later step or report sees a raw value); `foundational_selection`, `nightly_refresh` and
+# `backfill_source` all run exactly this chain.
+FOUNDATIONAL_STEPS = ("filter", "pii", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
 
 
 class UnknownStepError(KeyError):

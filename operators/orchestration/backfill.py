@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from operators.core import storage
 from operators.core.manifest import read_manifest, step_manifest_uri
+from operators.core.registry import FOUNDATIONAL_STEPS
 from operators.datasets.sources import SourceEntry, load, register
 from operators.orchestration.refresh import committed_ingests
 from operators.orchestration.settings import data_root
@@ -66,7 +67,7 @@ def contribution(run: str, source: str) -> dict[str, Any]:
     only the `source`, `reason`, `detail` and `id` columns, part by part."""
     steps: dict[str, Any] = {}
     dup_of: Counter[str] = Counter()
-    for step in ("filter", *DEDUP_STEPS, "decontaminate", "route", "dsir", "select"):
+    for step in FOUNDATIONAL_STEPS:
         step_dir = storage.join(run, step)
         m = read_manifest(step_manifest_uri(step_dir))
         if m is None:

@@ -14,12 +14,10 @@ from typing import Any
 
 from airflow.sdk import Asset, TaskGroup
 
+from operators.core.registry import FOUNDATIONAL_STEPS as FOUNDATIONAL_STEPS  # the DAGs' chain, re-exported
 from operators.core.registry import step_class
 from operators.orchestration.pod_spec import shard_profile
 from operators.orchestration.step_operator import StepOperator
-
-# Phase 1 in the paper's order; `foundational_selection` and `nightly_refresh` both run exactly this chain.
-FOUNDATIONAL_STEPS = ("filter", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
 
 
 def step_group(

@@ -47,9 +47,21 @@ def selection_params(shard_mb: float = 256) -> dict[str, Param]:
                                 description="Round every step's shard count up to a multiple of this: the pods "
                                 "one wave runs on (on Kubernetes, the chart's parallelism), so no wave ends "
                                 "with a few tasks. 0: off."),
+        **pii_param(),
         **keep_versions_param(),
         **task_timeout_param(),
     }
+
+
+def pii_param() -> dict[str, Param]:
+    """`pii_actions`: what the `pii` step does with each type of personal data."""
+    return {"pii_actions": param({}, type="object",
+                                 description="Per PII type (email, phone, ip_address, credit_card, iban, us_ssn, "
+                                 "secret): redact (typed placeholder), drop (the record), flag (keep, count) or "
+                                 "off. A type not named is redacted.")}
+
+
+PII_CONFIG = {"actions": "{{ params.pii_actions }}"}  # the `pii` step's config from `pii_param` (templated)
 
 
 SHARD_BYTES = "{{ (params.target_shard_mb * 1048576) | int }}"  # the `target_shard_mb` Param, templated
@@ -95,6 +107,7 @@ def incremental_configs(run: str, dataset: str = "'foundational'") -> dict[str, 
     published = "{{ (data_root ~ '/datasets/' ~ " + dataset + ") if params.no_churn else None }}"
     freeze = "{{ params.freeze_selection }}"
     return {
+        "pii": PII_CONFIG,
         "exact_dedup": {"published": published},
         "near_dedup": {"published": published},
         "dsir": {"freeze": freeze},

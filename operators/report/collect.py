@@ -22,8 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from operators import schema
 from operators.core import storage
 from operators.core.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, stage_dir, step_manifest_uri
+from operators.text.pii import redact_all
 
 REPORT_VERSION = 2
 SAMPLES_PER_REASON = 3
@@ -35,12 +37,14 @@ TURN_BINS = (2, 3, 4, 5, 6, 8, 10, 20)
 # records, spread over its parts, and a duplicate's survivor is looked up in at most this many parts.
 PROFILE_SAMPLE = 200_000
 SURVIVOR_PARTS = 32
+PII_SAMPLES = 5  # masked samples per PII type
 SURVIVOR = re.compile(r"^(?:near )?duplicate of (\S+)")
 
 
 def clip(text: str | None, limit: int = TEXT_CHARS) -> str:
-    """`text` cut at a word boundary before `limit` characters, with an ellipsis when cut."""
-    text = (text or "").strip()
+    """`text` with personal data and secrets redacted (a report shows no raw value, whatever the run's `pii`
+    settings were), cut at a word boundary before `limit` characters, with an ellipsis when cut."""
+    text = redact_all((text or "").strip())
     if len(text) <= limit:
         return text
     cut = text[:limit]
@@ -50,13 +54,7 @@ def clip(text: str | None, limit: int = TEXT_CHARS) -> str:
 
 def first_exchange(conversations: list[dict[str, Any]] | None) -> tuple[str, str]:
     """The first human turn and the answer after it (either may be empty), clipped for reading."""
-    human, answer = "", ""
-    for i, turn in enumerate(conversations or []):
-        if turn.get("from") == "human":
-            human = turn.get("value") or ""
-            nxt = (conversations or [])[i + 1:i + 2]
-            answer = (nxt[0].get("value") or "") if nxt and nxt[0].get("from") == "gpt" else ""
-            break
+    human, answer = schema.first_exchange(conversations)
     return clip(human), clip(answer)
 
 
@@ -224,7 +222,30 @@ def step_entry(root: str, step_dir: str, m: Manifest) -> dict[str, Any]:
         "counters": s.counters,
         "dropped_samples": samples,
         "kept_samples": kept_samples(step_dir, m),
+        **({"pii": pii_summary(step_dir, m)} if m.step == "pii" else {}),
     }
+
+
+def pii_summary(step_dir: str, m: Manifest, per_type: int = PII_SAMPLES, max_parts: int = SURVIVOR_PARTS
+                ) -> dict[str, Any]:
+    """Per PII type: how many values were found and what was done with them (from the step's counters), and a
+    few masked samples read from the `pii` column of at most `max_parts` parts, kept and dropped."""
+    c = m.stats.counters
+    types = sorted({k.split(".", 1)[1] for k in c if k.startswith("found.")})
+    counts = {t: {a: int(c.get(f"{a}.{t}", 0)) for a in ("found", "redacted", "dropped", "flagged")} for t in types}
+    samples: dict[str, list[str]] = {t: [] for t in types}
+    parts = [f for f in m.files if f.kind in ("data", "dropped") and f.rows][:max_parts]
+    for f in parts:
+        if all(len(v) >= per_type for v in samples.values()):
+            break
+        for found in _read(step_dir, f.path, ["pii"]).column("pii").to_pylist() if types else []:
+            for entry in found or []:
+                got = samples.setdefault(entry["type"], [])
+                label = entry["masked"] + (f" ({entry['subtype']})" if entry.get("subtype") else "")
+                if len(got) < per_type and label not in got:
+                    got.append(label)
+    return {"types": counts, "samples": samples, "records_redacted": int(c.get("records_redacted", 0)),
+            "records_flagged": int(c.get("records_flagged", 0))}
 
 
 # --- derived sections (pure over step entries and small reads) -------------------------------------------------

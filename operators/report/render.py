@@ -104,6 +104,17 @@ def _shards(s: dict[str, Any]) -> str:
     return f"{s['shards']} ({reused} reused)" if reused else str(s["shards"])
 
 
+def _pii(p: dict[str, Any]) -> str:
+    """Personal data found per type, what was done with it, and masked samples (never a value)."""
+    if not p["types"]:
+        return "<p>No personal data or secrets found.</p>"
+    rows = [(t, c["found"], c["redacted"], c["dropped"], c["flagged"], ", ".join(p["samples"].get(t, [])))
+            for t, c in p["types"].items()]
+    return (f"<h4>Personal data and secrets: {fmt(p['records_redacted'])} records redacted, "
+            f"{fmt(p['records_flagged'])} flagged</h4>"
+            + table(("type", "found", "redacted", "dropped (records' values)", "flagged", "masked samples"), rows))
+
+
 def step_section(s: dict[str, Any]) -> str:
     """A step's numbers, its drops by reason (chart + table) and readable samples of each reason."""
     out = [f"<section id='{anchor(s['dir'])}'><h3>{e(s['dir'])} <span class='meta'>({e(s['step'])}, "
@@ -112,6 +123,8 @@ def step_section(s: dict[str, Any]) -> str:
                  [(s["records_in"], s["records_kept"], s["records_dropped"],
                    f"{s['keep_rate']:.2%}" if s["keep_rate"] is not None else "–", _shards(s), s["seconds"],
                    s["records_per_s"] or "–", s["peak_rss_mb"])])]
+    if s.get("pii"):
+        out.append(_pii(s["pii"]))
     if s["dropped_by_reason"]:
         out.append(figure(charts.drops_of_step(s)))
     for reason, samples in s.get("dropped_samples", {}).items():
@@ -307,6 +320,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     for s in report["steps"]:
         lines += ["", f"## {s['dir']} ({s['step']}, config {s['config_hash']})", "", "Drops by reason:", ""]
         lines += [f"- `{r}`: {n}" for r, n in s["dropped_by_reason"].items()] or ["- none"]
+        for t, c in (s.get("pii") or {}).get("types", {}).items():
+            shown = ", ".join(s["pii"]["samples"].get(t, []))
+            lines.append(f"- PII `{t}`: found {c['found']}, redacted {c['redacted']}, dropped {c['dropped']}, "
+                         f"flagged {c['flagged']}; e.g. {shown}")
         for reason, samples in s.get("dropped_samples", {}).items():
             for x in samples[:1]:
                 text = (x.get("human") or x.get("raw") or "").replace("\n", " ")[:160]

@@ -100,25 +100,8 @@ def to_messages(conversation: list[dict[str, Any]]) -> list[Message]:
     return [{"role": ROLE_TO_CHAT.get(t["from"], "user"), "content": t["value"]} for t in conversation]
 
 
-def first_exchange(conversation: list[dict[str, Any]]) -> tuple[str, str]:
-    """(first human turn, the answer that follows it); empty strings when absent."""
-    prompt = answer = ""
-    for i, t in enumerate(conversation):
-        if t["from"] == "human":
-            prompt = t["value"]
-            nxt = conversation[i + 1] if i + 1 < len(conversation) else None
-            answer = nxt["value"] if nxt and nxt["from"] == "gpt" else ""
-            break
-    return prompt, answer
 
 
-def replace_column(table: pa.Table, name: str, values: pa.Array | list[Any], type_: pa.DataType | None = None
-                   ) -> pa.Table:
-    """Set column `name` (appending it, or replacing an existing one in place)."""
-    arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, type_)
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, arr)
-    return table.append_column(name, arr)
 
 
 CONVERSATION_TYPE = pa.list_(TURN_TYPE)

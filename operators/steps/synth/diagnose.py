@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from operators.core.arrays import replace_column
 from operators.core.step import (
     Artifacts,
     BatchResult,
@@ -31,8 +32,9 @@ from operators.core.step import (
     partition_by_shard,
 )
 from operators.llm.base import LLMConfig
+from operators.schema import first_exchange
 from operators.steps.select.step import hash_unit
-from operators.steps.synth.base import LLMStep, LLMStepConfig, first_exchange, replace_column
+from operators.steps.synth.base import LLMStep, LLMStepConfig
 
 ANSWER_TYPE = pa.list_(pa.struct([("model", pa.string()), ("answer", pa.string()), ("score", pa.float64()),
                                   ("rationale", pa.string()), ("failure", pa.string())]))

@@ -25,9 +25,9 @@ import xxhash
 from pydantic import Field, field_validator
 
 from operators.core.step import BatchResult, StepConfig, dropped_table
-from operators.schema import CANONICAL_SCHEMA
+from operators.schema import CANONICAL_SCHEMA, first_exchange
 from operators.steps.filters.rules import DEFAULT_REFUSALS
-from operators.steps.synth.base import LLMStep, LLMStepConfig, first_exchange
+from operators.steps.synth.base import LLMStep, LLMStepConfig
 from operators.text.normalize import normalize_text
 
 DEPTH = ("add_constraints", "deepening", "concretizing", "increase_reasoning")

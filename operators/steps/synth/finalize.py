@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
-from operators.steps.synth.base import replace_column
 from operators.text.langid import detect_language
 
 

@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 import yaml
 from pydantic import Field, field_validator
 
+from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, StepConfig, dropped_table
-from operators.schema import LABEL_TYPE
-from operators.steps.synth.base import LLMStep, LLMStepConfig, first_exchange, replace_column
+from operators.schema import LABEL_TYPE, first_exchange
+from operators.steps.synth.base import LLMStep, LLMStepConfig
 
 
 def packaged_taxonomy() -> tuple[list[str], str]:

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from operators.core.arrays import replace_column
 from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, keep_all
 from operators.schema import LABEL_TYPE
-from operators.steps.synth.base import replace_column
 
 WORD = re.compile(r"[a-z0-9+#]+")
 _IRREGULAR = {"analyses": "analysis", "children": "child", "data": "data", "people": "person", "indices": "index"}

@@ -17,15 +17,15 @@ import pyarrow.compute as pc
 import xxhash
 from pydantic import Field, model_validator
 
+from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, StepConfig, dropped_table
 from operators.llm.base import LLMConfig, LLMError, Message
 from operators.llm.client import LLMClient
+from operators.schema import first_exchange
 from operators.steps.synth.base import (
     CONVERSATION_TYPE,
     LLMStep,
     LLMStepConfig,
-    first_exchange,
-    replace_column,
     to_messages,
 )
 from operators.steps.synth.evolve import REFUSAL_HEADS

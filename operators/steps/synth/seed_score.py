@@ -18,8 +18,10 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import Field
 
+from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, StepConfig, keep_all
-from operators.steps.synth.base import LLMStep, LLMStepConfig, first_exchange, replace_column
+from operators.schema import first_exchange
+from operators.steps.synth.base import LLMStep, LLMStepConfig
 
 
 class SeedScoreConfig(LLMStepConfig):

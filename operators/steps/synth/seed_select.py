@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core import storage
+from operators.core.arrays import replace_column
 from operators.core.step import (
     Artifacts,
     BatchResult,
@@ -36,7 +37,6 @@ from operators.core.step import (
     partition_by_shard,
 )
 from operators.steps.select.step import hash_unit
-from operators.steps.synth.base import replace_column
 
 
 class Band(BaseModel):
