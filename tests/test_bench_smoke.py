@@ -84,3 +84,17 @@ def test_bench_refresh_small_run() -> None:
     assert 0 < result["incremental_cpu_ratio"] < 1
     steps = result["steps"]
     assert all(steps[s]["night_shards_reused"] >= 1 for s in ("filter", "exact_dedup", "near_dedup", "select"))
+
+
+def test_bench_pii_quick_run_meets_its_goals() -> None:
+    """`bench/pii.py --quick --no-peers` on a seed the detector was not tuned on: every planted type is found
+    (the default action leaves none in the output) and the look-alikes stay intact."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pii.py"), "--quick", "--no-peers", "--seed", "3"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["planted"]) == {"email", "phone", "ip_address", "credit_card", "iban", "us_ssn", "secret"}
+    assert all(n > 0 for n in result["planted"].values())
+    assert min(result["recall"]["ours"].values()) >= 0.97, result["recall"]["ours"]
+    assert result["decoys_intact"]["ours"] >= 0.99
+    assert result["records_per_s"]["ours"] > 0

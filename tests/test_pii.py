@@ -31,6 +31,7 @@ PLANTED = [
     ("phone", "", "我的手机号是[[18116105142]]，请联系"),
     ("phone", "", "My phone number is [[089/9613914]]."),
     ("phone", "", "My number is [[07516 818866]]."),
+    ("phone", "", "Mobile: [[06.40.26.59.72]]"),
     ("ip_address", "", "ssh into [[81.2.69.142]] now"),
     ("ip_address", "", "ssh root@[[55.244.172.222]] -p 22"),
     ("ip_address", "", "the host [[2a03:2880:f12f:83:face:b00c:0:25de]] is down"),
@@ -39,6 +40,7 @@ PLANTED = [
     ("credit_card", "", "amex [[371025649038625]]"),
     ("iban", "", "IBAN [[DE89 3704 0044 0532 0130 00]]"),
     ("iban", "", "pay to [[GB82WEST12345698765432]]"),
+    ("iban", "", "IBAN: [[ES5974838743955997863432]] I want it paid"),
     ("us_ssn", "", "my SSN is [[536-22-1234]]"),
     ("us_ssn", "", "social security number: [[536 22 1234]]"),
     ("secret", "aws_access_key", "AWS_ACCESS_KEY_ID [[AKIAQWERTYUIOPASDFGH]]"),
@@ -55,6 +57,7 @@ PLANTED = [
     ("secret", "password", "    environment:\n      POSTGRES_PASSWORD: [[Buster48#]]\n"),
     ("secret", "password", "[default]\naws_secret_access_key = [[Ei5hV37W2xgP8btcHO+7lKoGqdCX+ETQGrMVFNjd]]\n"),
     ("secret", "password", "SECRET_KEY = '[[django-insecure-zw(htco=n-a_ln&yncfby7m8vq-)*cl(wvbi]]'"),
+    ("secret", "password", "SECRET_KEY = '[[nrn%u&=1j2h614*ts(xxu%sqmmjvghnu)h8dj&d=d8+pk9t-g@]]'"),
     ("secret", "url_password", "DATABASE_URL=postgresql://admin:[[F!2I=xxr*cY!vA!]]@db.internal:5432/app"),
     ("secret", "private_key", "[[-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1234567890abcdef\n"
      "-----END RSA PRIVATE KEY-----]] done"),
@@ -83,6 +86,8 @@ DECOYS = [
     "call the function with 1000000 retries",
     "call the bank: GB02 LOYD 6358 8147 6543 79 fails mod 97",
     "the ph level and the never issued 666-22-1542",
+    "phone: phone,\nMy router is at 172.28.197.17.",
+    "so I have to call refresh()\n\ncreated_at = '2019-02-26 11:48:08'",
     "password = hashed\ntoken = self.token\nsecret = response\n",
     "connect to postgresql://user:password@localhost/db or redis://:${REDIS_PASS}@cache:6379",
 ]

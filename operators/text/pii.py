@@ -204,8 +204,13 @@ def iban_ok(value: str) -> bool:
 
 def _ibans(text: str) -> Iterator[Finding]:
     for m in _IBAN.finditer(text):
-        if iban_ok(m.group()):
-            yield Finding("iban", m.start(), m.end(), m.group())
+        value = m.group()
+        if not iban_ok(value):
+            # The optional short last group may have taken the next word ("... 3432 I want"): try without it.
+            value = value.rsplit(" ", 1)[0] if " " in value[-4:] else ""
+            if not value or not iban_ok(value):
+                continue
+        yield Finding("iban", m.start(), m.start() + len(value), value)
 
 
 _SSN_DASHED = re.compile(r"(?<![\w.-])(\d{3})-(\d{2})-(\d{4})(?![\w]|-\d)", re.ASCII)
@@ -264,7 +269,7 @@ def _shaped_else(text: str, m: re.Match[str]) -> bool:
     """Whether a loose phone match is part of another type's shape that failed its own check: an IBAN-shaped
     run with a bad checksum, a never-issued SSN. Those are look-alikes; a context word nearby does not make
     them phone numbers."""
-    if _SSN_SHAPE.fullmatch(m.group()):
+    if _SSN_SHAPE.fullmatch(m.group()) or _IPV4.fullmatch(m.group()):  # a never-issued SSN, a private address
         return True
     head = text[max(0, m.start() - 40):m.start()]
     return _IBAN_HEAD.search(head) is not None
@@ -272,6 +277,12 @@ def _shaped_else(text: str, m: re.Match[str]) -> bool:
 
 # The start of an IBAN-shaped run right before a match: "GB02 LOYD " or "BE60 ".
 _IBAN_HEAD = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4})* ?$", re.ASCII)
+
+
+def _dated(value: str) -> bool:
+    """A date, or a timestamp's date and hour ("2019-02-26 11"), not a number that merely starts like one."""
+    m = _DATE.match(value)
+    return m is not None and value[m.end():m.end() + 1] in ("", " ", "T")
 
 
 def _phones(text: str) -> Iterator[Finding]:
@@ -283,7 +294,7 @@ def _phones(text: str) -> Iterator[Finding]:
             value = m.group()
             n = sum(c.isdigit() for c in value)
             # E.164 numbers have at most 15 digits; fewer than 7 is an extension or a count.
-            if not 7 <= n <= 15 or _DATE.fullmatch(value):
+            if not 7 <= n <= 15 or _dated(value):
                 continue
             # A bare run of digits near "call" is as likely an argument as a number to dial: ask for more.
             if needs_context and (n < 8 or not (_context(text, m.start(), _PHONE_WORDS) or any(
@@ -325,7 +336,9 @@ _ASSIGN_QUOTED = re.compile(r"([\w.-]+)[\"']?\s*(?::=|=>|[:=])\s*[bfru]?([\"'])(
 # At a keyword: a whole unquoted config line whose name opens the line: .env (`DB_PASSWORD=s3cr3t`), INI and
 # my.cnf (`password = s3cr3t`), Java properties (`spring.datasource.password=s3cr3t`), YAML (`password: s3cr3t`,
 # a trailing ` # comment` allowed). Such a value must look made up (`_made_up`): `token = response` is code.
-_ASSIGN_LINE = re.compile(r"([\w.-]+)[ \t]*(?:=|:[ \t])[ \t]*([^\s\"'#&*|>][^\s\"']{3,199})[ \t]*(?:[ \t]#[^\n]*)?(?:$|\n)")
+# After `=` a value may start with `#` (dotenv reads `KEY=#x` as "#x"); after `: ` it is a YAML comment.
+_ASSIGN_LINE = re.compile(r"([\w.-]+)[ \t]*(?:=[ \t]*(?=[^\s\"'|>])|:[ \t]+(?=[^\s\"'#|>]))([^\s\"']{4,200})[ \t]*"
+                          r"(?:[ \t]#[^\n]*)?(?:$|\n)")
 _LINE_START = re.compile(r"[ \t]*(?:export[ \t]+|-[ \t]*)?[\w.-]*")
 # A password in a connection string: scheme://user:PASSWORD@host.
 _URL_PASSWORD = re.compile(r"(?<![\w])[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:([^\s/@]{3,128})@[\w.-]+")
@@ -334,28 +347,33 @@ _ABOUT_SECRET = re.compile(r"(?i)(?:_?id|name|_?arn|_?path|_?file|_?type|_?ref|_
                            r"_?expires?(?:_at|_in)?|_?hash|_?field|_?label|_?prompt|_?header)$")
 # Values that are code rather than secrets: identifiers (`FEED_REGISTRY_CONFIG`, `api_key`), type names
 # (`String!`), statements (`user.id;`), attribute reads (`self.password`).
-_CODE_VALUE = re.compile(r"^(?:[A-Za-z]+_[A-Za-z_]+|[A-Z][a-z]+[!?\]]*|[a-z]+[A-Z][A-Za-z]+|.*[;,)]|"
+_CODE_VALUE = re.compile(r"^(?:[A-Za-z]+_[A-Za-z_]+|[A-Z][a-z]+[!?\]]*|[a-z]+[A-Z][A-Za-z]+|"
                          r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)$")
+# An unquoted value that ends a statement or a call is code; a quoted literal may end in anything (Django keys).
+_STATEMENT_END = re.compile(r"[;,)]$")
 # Values that show how to fill a slot rather than fill it (tutorials are full of them), and documented
 # example keys (AWS's AKIAIOSFODNN7EXAMPLE).
 _PLACEHOLDER_VALUES = frozenset({"password", "passwd", "secret", "changeme", "test", "none", "null", "true",
                                  "false", "undefined", "token", "admin", "pass", "string", "required"})
-_PLACEHOLDER_PARTS = ("your", "xxx", "***", "...", "example", "placeholder", "here", "<", ">", "${", "{{", "%s",
+_PLACEHOLDER_PARTS = ("your", "xxx", "***", "...", "example", "placeholder", "here", "<", ">", "${", "{{",
                       "dummy", "redacted", "insert", "enter_", "todo", "password", "passwd", "secret")
 # In an unquoted value, these are code reading a secret (`os.environ["KEY"]`, `getenv(...)`); inside a quoted
 # literal they are just characters (Django's generated keys hold parentheses).
 _CODE_PARTS = ("(", "[", "environ", "getenv", "process.env")
+# A reference to a value kept elsewhere: $VAR, ${VAR}, %(name)s, {name}, {{ var }}.
+_VARIABLE = re.compile(r"^(?:\$\{?[A-Za-z_][\w.]*\}?|%\(?\w*\)?s?|\{[\w.]*\}|\{\{.*\}\})$")
 
 
 def _placeholder(value: str, quoted: bool = True) -> bool:
     v = value.lower()
     return len(set(v)) <= 2 or v in _PLACEHOLDER_VALUES or any(w in v for w in _PLACEHOLDER_PARTS) or \
-        v.startswith(("$", "{", "%")) or (not quoted and any(w in v for w in _CODE_PARTS))
+        _VARIABLE.match(value) is not None or (not quoted and any(w in v for w in _CODE_PARTS))
 
 
 def _made_up(value: str) -> bool:
     """Whether an unquoted value looks generated or chosen as a secret: two kinds of characters at least (lower,
     upper, digit, symbol), or long. `hashed`, `response`, `none` are words; `hunter2`, `Xk9#...` are not."""
+    value = value.lstrip("&*")  # a YAML anchor or alias sigil (`&default`) is not part of a made-up value
     kinds = (any(c.islower() for c in value) + any(c.isupper() for c in value) + any(c.isdigit() for c in value)
              + any(not c.isalnum() for c in value))
     return kinds >= 2 or len(value) >= 16
@@ -399,7 +417,8 @@ def _assignments(text: str) -> Iterator[Finding]:
             if m is None or m.start(group) in seen:
                 continue
             value = m.group(group)
-            if _placeholder(value, quoted) or _ABOUT_SECRET.search(m.group(1)) or _CODE_VALUE.match(value):
+            if _placeholder(value, quoted) or _ABOUT_SECRET.search(m.group(1)) or _CODE_VALUE.match(value) or \
+                    (not quoted and _STATEMENT_END.search(value)):
                 continue
             # Config lines: the name opens its line (what precedes the keyword is the start of the name).
             if not quoted and (not _made_up(value) or not _LINE_START.fullmatch(text, line, pos)):
