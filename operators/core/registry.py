@@ -14,6 +14,7 @@ STEPS: dict[str, str] = {
     "pii": "operators.steps.pii.step:PiiStep",
     "exact_dedup": "operators.steps.dedup.exact:ExactDedupStep",
     "near_dedup": "operators.steps.dedup.near:NearDedupStep",
+    "semantic_dedup": "operators.steps.dedup.semantic:SemanticDedupStep",
     "decontaminate": "operators.steps.decontam.step:DecontamStep",
     "route": "operators.steps.route.step:RouteStep",
     "dsir": "operators.steps.dsir.step:DSIRStep",

@@ -324,11 +324,13 @@ def _stage_counters(step_name: str, step_dir: str) -> dict[str, float]:
     from operators.core.registry import step_class  # local: the registry imports step modules
 
     try:
-        stages = step_class(step_name).stages
+        cls = step_class(step_name)
     except KeyError:
         return out
-    for st in stages:
-        if st.kind == "partition":  # counters of its tasks, summed (tasks may count partitions of none)
+    # Map tasks count only in steps that say what (reading every shard's manifest costs a read per shard).
+    kinds = ("partition", "map") if cls.stage_counters is not Step.stage_counters else ("partition",)
+    for st in cls.stages:
+        if st.kind in kinds:  # counters of its tasks, summed (tasks may count partitions of none)
             summed: Counter[str] = Counter()
             for uri in storage.list_files(storage.join(stage_dir(step_dir, st.name), SHARDS_DIR)):
                 if (sm := read_manifest(uri)) is not None:
@@ -660,6 +662,7 @@ def run_map_stage(step: Step[Any], step_dir: str, plan: Plan, stage: str, shard_
             out.write(step.map_stage(stage, batch, shard_index))
         if (tail := step.finish_map(stage, shard_index)) is not None:
             out.write(tail)
+        stats.counters = dict(sorted(step.stage_counters(stage).items()))
         return _commit_stage_shard(step, plan, stage, shard_index, sdir, m_uri, attempt, out.close(), stats, t0,
                                    key)
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core import storage
-from operators.core.manifest import Manifest, read_manifest, step_manifest_uri
+from operators.core.manifest import Manifest, read_manifest, read_off, step_manifest_uri
 
 REASON = "reason"
 DETAIL = "detail"
@@ -309,6 +309,11 @@ class Step(ABC, Generic[C]):
         # stage can size its partitions to the corpus (`shuffle_partitions`).
         self.num_shards = 1
 
+    def is_off(self) -> bool:
+        """Whether the config switches this step off (an optional step): then it runs nothing and passes its
+        inputs on (`operators.core.manifest.write_off`)."""
+        return False
+
     # -- planning (edge: lists storage) -------------------------------------------------------------
     def resolve_inputs(self, inputs: list[str]) -> list[tuple[str, int]]:
         """Expand input URIs into (file URI, size) pairs: a committed step dir yields its data files."""
@@ -320,6 +325,11 @@ class Step(ABC, Generic[C]):
             if upstream is not None:
                 committed += 1
                 files.extend((storage.join(uri, f.path), f.bytes) for f in upstream.data_files())
+                continue
+            passed_on = read_off(uri)
+            if passed_on is not None:  # an upstream step that is off: read what it would have read
+                committed += 1
+                files.extend(self.resolve_inputs(passed_on))
                 continue
             listed = storage.list_files(uri)
             if listed == [uri]:
@@ -378,6 +388,11 @@ class Step(ABC, Generic[C]):
         """Rows map stage `stage` emits once it has seen every batch of `shard` (a per-shard aggregate, such as
         a histogram, that per-batch rows would repeat once per batch); None: nothing more."""
         return None
+
+    def stage_counters(self, stage: str) -> dict[str, float]:
+        """Counters of the map stage `stage` that just read a shard (cache hits, say), for its stats; summed
+        over shards into the step's stats as ``<stage>.<name>``."""
+        return {}
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Global decision of reduce stage `stage` over earlier stages' outputs."""
