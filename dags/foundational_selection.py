@@ -1,6 +1,7 @@
 """foundational_selection: Phase 1 of Infinity Instruct, from ingested sources to the foundational set.
 
-filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (MinHash LSH) -> decontaminate -> route
+filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (MinHash LSH)
+-> semantic_dedup (same meaning, other words; off unless the `semantic_dedup` Param is on) -> decontaminate -> route
 -> dsir (importance weights toward each domain's target)
 -> select (budgets, caps, replay, KL reduction) -> validate -> export -> publish -> report
 publish makes the next version of the `foundational` dataset and emits an event on its asset.
@@ -15,11 +16,20 @@ from typing import Any
 from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
-from operators.orchestration.params import PII_CONFIG, param, selection_params, sharding_config
+from operators.orchestration.params import (
+    PII_CONFIG,
+    SEMANTIC_CONFIG,
+    param,
+    selection_params,
+    semantic_params,
+    sharding_config,
+)
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
-STEPS = FOUNDATIONAL_STEPS
+# Phase 1 with the optional semantic dedup after the near dedup (the nightly and backfill DAGs run without it).
+STEPS = (*FOUNDATIONAL_STEPS[:FOUNDATIONAL_STEPS.index("near_dedup") + 1], "semantic_dedup",
+         *FOUNDATIONAL_STEPS[FOUNDATIONAL_STEPS.index("near_dedup") + 1:])
 
 
 @dag(
@@ -48,6 +58,7 @@ STEPS = FOUNDATIONAL_STEPS
                             description="Evaluation sets to decontaminate against: {name, uri, format}."),
         "near_dup_threshold": param(0.7, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
                                     description="MinHash Jaccard above which records are near-duplicates."),
+        **semantic_params(),
         "decontam_ngram": param(13, type="integer", minimum=3),
         "dsir_targets": param({}, type="object",
                               description="Per domain: a list of {name, uri, format} target sets; empty = "
@@ -65,6 +76,7 @@ def foundational_selection() -> None:
         "pii": PII_CONFIG,
         "exact_dedup": {"scopes": "{{ params.dedup_scopes }}"},
         "near_dedup": {"minhash": {"threshold": "{{ params.near_dup_threshold }}"}},
+        "semantic_dedup": SEMANTIC_CONFIG,
         "decontaminate": {"benchmarks": "{{ params.benchmarks }}", "ngram": "{{ params.decontam_ngram }}"},
         "route": {},
         "dsir": {"targets": "{{ params.dsir_targets or None }}"},

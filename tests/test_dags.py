@@ -136,12 +136,13 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
                 "--output", str(data_root / "sources" / "tiny" / "ingest"))
     assert r.returncode == 0, r.stderr[-2000:]
     conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
-            "target_shard_mb": 0.001}
+            "target_shard_mb": 0.001, "semantic_dedup": True, "semantic_threshold": 0.999}
     r = dags_test(airflow_home, "foundational_selection", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = data_root / "runs" / "t1"
-    stats = {s: json.loads((run / s / "stats.json").read_text())
-             for s in FOUNDATIONAL_STEPS}
+    chain = list(FOUNDATIONAL_STEPS)
+    chain.insert(chain.index("near_dedup") + 1, "semantic_dedup")  # switched on by the Param
+    stats = {s: json.loads((run / s / "stats.json").read_text()) for s in chain}
     assert stats["filter"]["records_in"] == 71 and stats["filter"]["dropped_by_reason"] == {"refusal": 1}
     assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
     assert stats["exact_dedup"]["shards"] == 2 == stats["near_dedup"]["shards"]
@@ -151,8 +152,11 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
         assert len(tasks) == 2
         assert sum(json.loads(t.read_text())["stats"]["counters"]["partitions"] for t in tasks) == 64
     # Each step reads exactly what the previous one kept: nothing lost between steps.
-    for a, b in itertools.pairwise(FOUNDATIONAL_STEPS):
+    for a, b in itertools.pairwise(chain):
         assert stats[b]["records_in"] == stats[a]["records_kept"]
+    # semantic_dedup ran as its DAG tasks: one embed task per shard, every record embedded once.
+    assert stats["semantic_dedup"]["shards"] == 2 and stats["semantic_dedup"]["counters"]["embed.embedded"] == \
+        stats["semantic_dedup"]["records_in"]
     assert stats["select"]["records_kept"] == 10 + 10 + 20  # math 10 of 20, code half of 20, all general
     assert stats["select"]["counters"]["kl.kl_reduction.math"] > 0  # DSIR moved math toward its target
     validation = json.loads((run / "select" / "validation.json").read_text())
@@ -160,4 +164,4 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     export = json.loads((run / "export" / "_EXPORT.json").read_text())
     assert export["counts"]["train"] == 40 and export["counts"]["replay"] == round(0.16 * 10) * 2 + round(0.16 * 20)
     report = json.loads((run / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == list(FOUNDATIONAL_STEPS)
+    assert [s["step"] for s in report["steps"]] == chain

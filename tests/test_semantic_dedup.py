@@ -55,7 +55,7 @@ def write_shards(d: Path, shards: int = 3, seed: int = 1) -> list[dict[str, Any]
 
 def dropped_to_kept(step_dir: Path) -> dict[str, str]:
     t = read_step_table(str(step_dir), "dropped")
-    return {i: d.removeprefix("same meaning as ") for i, d in zip(t["id"].to_pylist(), t["detail"].to_pylist(),
+    return {i: d.removeprefix("semantic duplicate of ") for i, d in zip(t["id"].to_pylist(), t["detail"].to_pylist(),
                                                                   strict=True)}
 
 

@@ -64,6 +64,23 @@ def pii_param() -> dict[str, Param]:
 PII_CONFIG = {"actions": "{{ params.pii_actions }}"}  # the `pii` step's config from `pii_param` (templated)
 
 
+def semantic_params() -> dict[str, Param]:
+    """`semantic_dedup` (off by default: it embeds every record's prompt) and its `semantic_threshold`."""
+    return {
+        "semantic_dedup": param(False, type="boolean",
+                                description="Drop records whose first prompt means what another's does (SemDeDup: "
+                                "MiniLM embeddings, k-means, cosine within a cluster). Off by default: it embeds "
+                                "every record (a GPU pod's work at scale)."),
+        "semantic_threshold": param(0.95, type="number", exclusiveMinimum=0, maximum=1,
+                                    description="Cosine similarity of two prompts at or above which they are "
+                                    "duplicates (semantic_dedup)."),
+    }
+
+
+# The `semantic_dedup` step's config from `semantic_params` (templated).
+SEMANTIC_CONFIG = {"enabled": "{{ params.semantic_dedup }}", "threshold": "{{ params.semantic_threshold }}"}
+
+
 SHARD_BYTES = "{{ (params.target_shard_mb * 1048576) | int }}"  # the `target_shard_mb` Param, templated
 
 

@@ -38,7 +38,7 @@ TURN_BINS = (2, 3, 4, 5, 6, 8, 10, 20)
 PROFILE_SAMPLE = 200_000
 SURVIVOR_PARTS = 32
 PII_SAMPLES = 5  # masked samples per PII type
-SURVIVOR = re.compile(r"^(?:near )?duplicate of (\S+)")
+SURVIVOR = re.compile(r"^(?:near |semantic )?duplicate of (\S+)")
 
 
 def clip(text: str | None, limit: int = TEXT_CHARS) -> str:

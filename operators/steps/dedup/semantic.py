@@ -219,7 +219,7 @@ class SemanticDedupStep(DropListStep[SemanticDedupConfig]):
     stages: ClassVar[tuple[Stage, ...]] = (Stage("embed", "map"), Stage("fit", "reduce"), Stage("assign", "map"),
                                            Stage("pairs", "partition"), Stage("resolve", "reduce"))
     drop_reason: ClassVar[str] = REASON
-    detail_prefix: ClassVar[str] = "same meaning as"
+    detail_prefix: ClassVar[str] = "semantic duplicate of"
 
     def __init__(self, config: SemanticDedupConfig) -> None:
         super().__init__(config)
