@@ -19,6 +19,7 @@ from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_task
 from operators.orchestration.params import (
     PII_CONFIG,
     SEMANTIC_CONFIG,
+    SEMANTIC_PROFILE,
     param,
     selection_params,
     semantic_params,
@@ -84,7 +85,7 @@ def foundational_selection() -> None:
                    "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
-                      common=sharding_config())
+                      common=sharding_config(), profiles={"semantic_dedup": SEMANTIC_PROFILE})
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     last >> first
 

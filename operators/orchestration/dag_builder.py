@@ -71,12 +71,14 @@ def report_task(output_uri: str, task_id: str = "report") -> StepOperator:
 
 
 def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inputs: list[str] | str, run: str,
-               common: dict[str, Any] | None = None, after: Any = None) -> Any:
-    """Step groups in order, each reading the previous one's output under `run`; returns the last group."""
+               common: dict[str, Any] | None = None, after: Any = None,
+               profiles: dict[str, str] | None = None) -> Any:
+    """Step groups in order, each reading the previous one's output under `run`; returns the last group.
+    `profiles` names the pod profile of a step whose default `cpu` does not fit (an encoder on a GPU)."""
     previous = after
     for step in steps:
         group = step_group(step, config={**configs.get(step, {}), **(common or {})}, inputs=inputs,
-                           output_uri=f"{run}/{step}")
+                           output_uri=f"{run}/{step}", profile=(profiles or {}).get(step, "cpu"))
         if previous is not None:
             previous >> group
         previous, inputs = group, [f"{run}/{step}"]

@@ -74,11 +74,19 @@ def semantic_params() -> dict[str, Param]:
         "semantic_threshold": param(0.95, type="number", exclusiveMinimum=0, maximum=1,
                                     description="Cosine similarity of two prompts at or above which they are "
                                     "duplicates (semantic_dedup)."),
+        "semantic_model": param("all-minilm-l6-v2", type="string", minLength=1,
+                                description="Sentence encoder of semantic_dedup: the packaged all-MiniLM-L6-v2, or "
+                                "a Hugging Face folder the pods mount."),
+        "semantic_profile": param("cpu", type="string", minLength=1,
+                                  description="Pod profile of semantic_dedup's tasks on Kubernetes (a GPU profile "
+                                  "for a large corpus)."),
     }
 
 
 # The `semantic_dedup` step's config from `semantic_params` (templated).
-SEMANTIC_CONFIG = {"enabled": "{{ params.semantic_dedup }}", "threshold": "{{ params.semantic_threshold }}"}
+SEMANTIC_CONFIG = {"enabled": "{{ params.semantic_dedup }}", "threshold": "{{ params.semantic_threshold }}",
+                   "embed": {"model": "{{ params.semantic_model }}"}}
+SEMANTIC_PROFILE = "{{ params.semantic_profile }}"
 
 
 SHARD_BYTES = "{{ (params.target_shard_mb * 1048576) | int }}"  # the `target_shard_mb` Param, templated
