@@ -1,7 +1,8 @@
 """foundational_selection: Phase 1 of Infinity Instruct, from ingested sources to the foundational set.
 
 filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (MinHash LSH)
--> semantic_dedup (same meaning, other words; off unless the `semantic_dedup` Param is on) -> decontaminate -> route
+-> semantic_dedup (same meaning, other words; off unless the `semantic_dedup` Param is on) -> decontaminate
+-> decontaminate_paraphrase (rephrased benchmark prompts; off unless `paraphrase_decontam` is on) -> route
 -> dsir (importance weights toward each domain's target)
 -> select (budgets, caps, replay, KL reduction) -> validate -> export -> publish -> report
 publish makes the next version of the `foundational` dataset and emits an event on its asset.
@@ -17,20 +18,22 @@ from airflow.sdk import dag
 
 from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
 from operators.orchestration.params import (
+    ENCODER_PROFILE,
+    PARAPHRASE_CONFIG,
     PII_CONFIG,
     SEMANTIC_CONFIG,
-    SEMANTIC_PROFILE,
+    encoder_params,
     param,
     selection_params,
-    semantic_params,
     sharding_config,
 )
 from operators.orchestration.settings import data_root, safe_name, source_dirs
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
-# Phase 1 with the optional semantic dedup after the near dedup (the nightly and backfill DAGs run without it).
-STEPS = (*FOUNDATIONAL_STEPS[:FOUNDATIONAL_STEPS.index("near_dedup") + 1], "semantic_dedup",
-         *FOUNDATIONAL_STEPS[FOUNDATIONAL_STEPS.index("near_dedup") + 1:])
+# Phase 1 with its two optional encoder steps, each after the step it extends (the nightly and backfill DAGs
+# run without them).
+_AFTER = {"near_dedup": "semantic_dedup", "decontaminate": "decontaminate_paraphrase"}
+STEPS = tuple(s for step in FOUNDATIONAL_STEPS for s in (step, _AFTER.get(step)) if s is not None)
 
 
 @dag(
@@ -59,7 +62,7 @@ STEPS = (*FOUNDATIONAL_STEPS[:FOUNDATIONAL_STEPS.index("near_dedup") + 1], "sema
                             description="Evaluation sets to decontaminate against: {name, uri, format}."),
         "near_dup_threshold": param(0.7, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
                                     description="MinHash Jaccard above which records are near-duplicates."),
-        **semantic_params(),
+        **encoder_params(),
         "decontam_ngram": param(13, type="integer", minimum=3),
         "dsir_targets": param({}, type="object",
                               description="Per domain: a list of {name, uri, format} target sets; empty = "
@@ -78,6 +81,7 @@ def foundational_selection() -> None:
         "exact_dedup": {"scopes": "{{ params.dedup_scopes }}"},
         "near_dedup": {"minhash": {"threshold": "{{ params.near_dup_threshold }}"}},
         "semantic_dedup": SEMANTIC_CONFIG,
+        "decontaminate_paraphrase": PARAPHRASE_CONFIG,
         "decontaminate": {"benchmarks": "{{ params.benchmarks }}", "ngram": "{{ params.decontam_ngram }}"},
         "route": {},
         "dsir": {"targets": "{{ params.dsir_targets or None }}"},
@@ -85,7 +89,8 @@ def foundational_selection() -> None:
                    "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
-                      common=sharding_config(), profiles={"semantic_dedup": SEMANTIC_PROFILE})
+                      common=sharding_config(), profiles={"semantic_dedup": ENCODER_PROFILE,
+                                                           "decontaminate_paraphrase": ENCODER_PROFILE})
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
     last >> first
 

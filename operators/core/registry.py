@@ -16,6 +16,7 @@ STEPS: dict[str, str] = {
     "near_dedup": "operators.steps.dedup.near:NearDedupStep",
     "semantic_dedup": "operators.steps.dedup.semantic:SemanticDedupStep",
     "decontaminate": "operators.steps.decontam.step:DecontamStep",
+    "decontaminate_paraphrase": "operators.steps.decontam.paraphrase:ParaphraseDecontamStep",
     "route": "operators.steps.route.step:RouteStep",
     "dsir": "operators.steps.dsir.step:DSIRStep",
     "select": "operators.steps.select.step:SelectStep",

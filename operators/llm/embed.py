@@ -153,9 +153,11 @@ SEGMENT_SCHEMA_KEY = pa.binary(16)
 class EmbeddingCache:
     """A shard's cached vectors (in memory) plus an append-only segment writer beside the step."""
 
-    def __init__(self, uri: str | None = None, shard: int = 0) -> None:
+    def __init__(self, uri: str | None = None, shard: int = 0, name: str | None = None) -> None:
         self.uri = storage.validate_uri(uri) if uri else None
-        self.prefix = f"shard-{shard:05d}-"
+        # Segments are named by shard (each task loads only its own), or by `name` for vectors every task
+        # shares (a benchmark's prompts).
+        self.prefix = f"{name}-" if name else f"shard-{shard:05d}-"
         self.attempt = uuid.uuid4().hex[:8]
         self._seq = 0
         self._vectors: dict[bytes, npt.NDArray[np.float16]] = {}

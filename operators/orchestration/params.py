@@ -64,29 +64,43 @@ def pii_param() -> dict[str, Param]:
 PII_CONFIG = {"actions": "{{ params.pii_actions }}"}  # the `pii` step's config from `pii_param` (templated)
 
 
-def semantic_params() -> dict[str, Param]:
-    """`semantic_dedup` (off by default: it embeds every record's prompt) and its `semantic_threshold`."""
+def encoder_params() -> dict[str, Param]:
+    """The optional encoder steps of Phase 1, both off by default (each embeds every record's prompts, a GPU
+    pod's work at scale): `semantic_dedup` with its threshold, `paraphrase_decontam` with its threshold and
+    judge, and the encoder and pod profile they share."""
     return {
         "semantic_dedup": param(False, type="boolean",
                                 description="Drop records whose first prompt means what another's does (SemDeDup: "
-                                "MiniLM embeddings, k-means, cosine within a cluster). Off by default: it embeds "
-                                "every record (a GPU pod's work at scale)."),
+                                "sentence embeddings, k-means, cosine within a cluster)."),
         "semantic_threshold": param(0.95, type="number", exclusiveMinimum=0, maximum=1,
                                     description="Cosine similarity of two prompts at or above which they are "
                                     "duplicates (semantic_dedup)."),
-        "semantic_model": param("all-minilm-l6-v2", type="string", minLength=1,
-                                description="Sentence encoder of semantic_dedup: the packaged all-MiniLM-L6-v2, or "
-                                "a Hugging Face folder the pods mount."),
-        "semantic_profile": param("cpu", type="string", minLength=1,
-                                  description="Pod profile of semantic_dedup's tasks on Kubernetes (a GPU profile "
-                                  "for a large corpus)."),
+        "paraphrase_decontam": param(False, type="boolean",
+                                     description="Also drop records with a human turn that rephrases a benchmark "
+                                     "prompt (embedding top-k against `benchmarks`, after the n-gram check)."),
+        "paraphrase_threshold": param(0.8, type="number", exclusiveMinimum=0, maximum=1,
+                                      description="Cosine similarity of a turn and a benchmark prompt at which the "
+                                      "record is dropped (paraphrase_decontam, judge off)."),
+        "paraphrase_judge": param(False, type="boolean",
+                                  description="Ask the LLM judge about pairs above its floor instead of using the "
+                                  "threshold alone (the CPU model judges poorly: see docs/decontamination.md)."),
+        "encoder_model": param("all-minilm-l6-v2", type="string", minLength=1,
+                               description="Sentence encoder of semantic_dedup and paraphrase_decontam: the packaged "
+                               "all-MiniLM-L6-v2, or a Hugging Face folder the pods mount."),
+        "encoder_profile": param("cpu", type="string", minLength=1,
+                                 description="Pod profile of the encoder steps' tasks on Kubernetes (a GPU profile "
+                                 "for a large corpus)."),
     }
 
 
-# The `semantic_dedup` step's config from `semantic_params` (templated).
+# The encoder steps' configs from `encoder_params` (templated), and their pod profile.
 SEMANTIC_CONFIG = {"enabled": "{{ params.semantic_dedup }}", "threshold": "{{ params.semantic_threshold }}",
-                   "embed": {"model": "{{ params.semantic_model }}"}}
-SEMANTIC_PROFILE = "{{ params.semantic_profile }}"
+                   "embed": {"model": "{{ params.encoder_model }}"}}
+PARAPHRASE_CONFIG = {"enabled": "{{ params.paraphrase_decontam }}", "benchmarks": "{{ params.benchmarks }}",
+                     "threshold": "{{ params.paraphrase_threshold }}",
+                     "judge": {"enabled": "{{ params.paraphrase_judge }}"},
+                     "embed": {"model": "{{ params.encoder_model }}"}}
+ENCODER_PROFILE = "{{ params.encoder_profile }}"
 
 
 SHARD_BYTES = "{{ (params.target_shard_mb * 1048576) | int }}"  # the `target_shard_mb` Param, templated
