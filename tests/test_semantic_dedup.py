@@ -176,3 +176,30 @@ def test_pairs_within_a_group_are_all_linked_by_brute_force_check() -> None:
     v = emb.embed(["What is the capital of France?", "What is the capital of Spain?",
                    "How do I reverse a list in Python?", "How do I reverse a list in Rust?"])
     assert float(v[0] @ v[1]) < 0.85 and float(v[2] @ v[3]) < 0.85
+
+
+def test_identical_prompts_link_at_threshold_one_despite_float16_storage() -> None:
+    from operators.llm.embed import vector_column, vector_matrix
+
+    x = np.random.default_rng(0).normal(size=(200, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    v = vector_matrix(pa.table({"v": vector_column(x)}), "v")  # what the stages store and read back
+    links, _ = cluster_links(np.arange(400, dtype=np.int64), np.zeros(400, np.int64), np.concatenate([v, v]), 1.0,
+                             1024)
+    assert links.num_rows == 200  # every copy links to its twin, none to another row
+
+
+def test_prompts_that_differ_only_in_their_numbers_are_not_duplicates() -> None:
+    from operators.steps.dedup.semantic import number_keys
+
+    texts = ["What do you get when you add 73 and 23?", "what do you get when you add 73 and 21?",
+             "What is the sum of 73 and 23?", "Add the numbers please."]
+    keys = number_keys(texts)
+    assert keys[0] != keys[1] and keys[0] == keys[2] and keys[3] == 0
+    v = load_embedder(EmbedConfig()).embed(texts)
+    assert float(v[0] @ v[1]) >= 0.9  # the encoder alone would call them duplicates
+    ids = np.arange(4, dtype=np.int64)
+    linked, _ = cluster_links(ids, np.zeros(4, np.int64), v, 0.9, 64, keys)
+    assert 1 not in set(linked["key"].to_pylist()) | set(linked["linked_key"].to_pylist())
+    unguarded, _ = cluster_links(ids, np.zeros(4, np.int64), v, 0.9, 64)
+    assert 1 in set(unguarded["key"].to_pylist()) | set(unguarded["linked_key"].to_pylist())

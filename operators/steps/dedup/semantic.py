@@ -24,6 +24,8 @@ A pair split across two clusters is not compared: that is the method's recall co
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterator
 from typing import ClassVar, Literal
 
@@ -85,6 +87,9 @@ class SemanticDedupConfig(NoChurnConfig):
     clusters: int | None = Field(
         None, ge=1, le=1 << 20, description="k-means clusters; default: records / records_per_cluster.")
     records_per_cluster: int = Field(2000, ge=10, description="Cluster size the default cluster count aims at.")
+    same_numbers: bool = Field(
+        True, description="Only prompts holding the same numbers can be duplicates: an encoder hardly tells "
+        "'add 73 and 23' from 'add 73 and 21' (bench/semdedup.py).")
     sample_per_shard: int = Field(2048, ge=1, description="Vectors each shard offers the fit.")
     max_sample: int = Field(65_536, ge=16, description="Vectors the fit uses at most (the task's memory).")
     kmeans_iterations: int = Field(20, ge=1, le=500)
@@ -102,6 +107,28 @@ def semantic_texts(table: pa.Table, text: str) -> list[str]:
     for conv in table.column("conversations").to_pylist():
         prompt, answer = first_exchange(conv)
         out.append(prompt if text == "prompt" else f"{prompt}\n\n{answer}")
+    return out
+
+
+def unit_rows(x: Vectors) -> Vectors:
+    """`x` with every row scaled to length 1 (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def number_keys(texts: list[str]) -> npt.NDArray[np.int64]:
+    """A key of the numbers each text holds, in order (0: none). Two prompts that differ only in their numbers
+    ("add 73 and 23" / "add 73 and 21") are different questions, and a sentence encoder barely sees numbers:
+    with `same_numbers`, only records with equal keys can be duplicates."""
+    out = np.zeros(len(texts), dtype=np.int64)
+    for i, t in enumerate(texts):
+        found = _NUMBER.findall(t)
+        if found:
+            out[i] = int.from_bytes(hashlib.blake2b("|".join(found).encode(), digest_size=8).digest(), "little",
+                                    signed=True)
     return out
 
 
@@ -173,15 +200,20 @@ def nearest(x: Vectors, centroids: Vectors, block: int = 8192) -> tuple[npt.NDAr
 
 
 def cluster_links(keys: npt.NDArray[np.int64], clusters: npt.NDArray[np.int64], vectors: Vectors,
-                  threshold: float, block: int) -> tuple[pa.Table, dict[str, float]]:
+                  threshold: float, block: int, numbers: npt.NDArray[np.int64] | None = None
+                  ) -> tuple[pa.Table, dict[str, float]]:
     """Links of every group of records that are similar within their cluster, and what it took. Pure.
 
-    Within each cluster, every pair with cosine >= `threshold` is an edge; each connected component is
-    linked to its smallest key. Rows may come in any order."""
+    Within each cluster, every pair with cosine >= `threshold` (and, given `numbers`, equal number keys) is
+    an edge; each connected component is linked to its smallest key. Rows may come in any order; vectors
+    are re-normalized (float16 storage leaves a norm off by up to 1e-4, which would miss identical rows at a
+    threshold of 1)."""
     if keys.size == 0:
         return links_table(keys, keys), {"clusters": 0.0, "pairs_compared": 0.0, "links": 0.0}
     order = np.lexsort((keys, clusters))
-    keys, clusters, vectors = keys[order], clusters[order], vectors[order]
+    keys, clusters, vectors = keys[order], clusters[order], unit_rows(vectors[order])
+    nums = None if numbers is None else numbers[order]
+    limit = threshold - 1e-6  # float32 rounding of a unit vector's dot with itself
     starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])
     ends = np.r_[starts[1:], keys.size]
     src: list[npt.NDArray[np.int64]] = []
@@ -195,10 +227,12 @@ def cluster_links(keys: npt.NDArray[np.int64], clusters: npt.NDArray[np.int64], 
         for b in range(0, m, block):
             sims = members[b:b + block] @ members[b:].T  # rows b.. against columns b..: the upper triangle
             compared += sims.size
-            i, j = np.nonzero(sims >= threshold)
-            upper = j > i  # column index is relative to b: j > i is a pair above the diagonal
-            src.append(lo + b + i[upper])
-            dst.append(lo + b + j[upper])
+            i, j = np.nonzero(sims >= limit)
+            keep = j > i  # column index is relative to b: j > i is a pair above the diagonal
+            if nums is not None:
+                keep &= nums[lo + b + i] == nums[lo + b + j]
+            src.append(lo + b + i[keep])
+            dst.append(lo + b + j[keep])
     counters = {"clusters": float(starts.size), "pairs_compared": float(compared)}
     if not src or not sum(s.size for s in src):
         counters["links"] = 0.0
@@ -257,15 +291,15 @@ class SemanticDedupStep(DropListStep[SemanticDedupConfig]):
         if stage == "assign":
             return self._assign(table)
         assert self._cache is not None
-        vectors, embedded = embed_cached(load_embedder(self.config.embed), self._cache,
-                                         semantic_texts(table, self.config.text))
+        texts = semantic_texts(table, self.config.text)
+        vectors, embedded = embed_cached(load_embedder(self.config.embed), self._cache, texts)
         self._count("embedded", embedded)
         self._count("cache_hits", table.num_rows - embedded)
         keys = self.next_keys(shard, table.num_rows)
         reward = table.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
         own = pa.table({"key": pa.array(keys), "id": table.column("id"),
                         "priority": pa.array(np.where(np.isnan(reward), np.inf, -reward)),
-                        "vector": vector_column(vectors)})
+                        "numbers": pa.array(number_keys(texts)), "vector": vector_column(vectors)})
         self._sample = [bottom_k(pa.concat_tables([*self._sample, own.append_column(
             "u", pa.array(key_hash(keys, self.config.seed)))]), self.config.sample_per_shard)]
         return own
@@ -323,7 +357,8 @@ class SemanticDedupStep(DropListStep[SemanticDedupConfig]):
             return {}
         vectors = vector_matrix(own, "vector")
         cluster, _ = nearest(vectors, self._centroids)
-        rows = pa.table({"key": own.column("key"), "cluster": pa.array(cluster), "vector": own.column("vector")})
+        rows = pa.table({"key": own.column("key"), "cluster": pa.array(cluster), "numbers": own.column("numbers"),
+                         "vector": own.column("vector")})
         return shuffle_rows(rows, cluster % self.stage_partitions("pairs"))
 
     def map_digest(self, stage: str, artifacts: Artifacts, shard: int) -> str | None:
@@ -333,10 +368,11 @@ class SemanticDedupStep(DropListStep[SemanticDedupConfig]):
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         rows = concat_or_empty(artifacts.shuffled("assign", partition),
-                               pa.schema([("key", pa.int64()), ("cluster", pa.int64())]))
+                               pa.schema([("key", pa.int64()), ("cluster", pa.int64()), ("numbers", pa.int64())]))
         vectors = vector_matrix(rows, "vector") if rows.num_rows else np.zeros((0, 1), np.float32)
+        numbers = rows["numbers"].to_numpy() if self.config.same_numbers else None
         links, counters = cluster_links(rows["key"].to_numpy(), rows["cluster"].to_numpy(), vectors,
-                                        self.config.threshold, self.config.block_rows)
+                                        self.config.threshold, self.config.block_rows, numbers)
         return PartitionResult(links, rows.num_rows, counters)
 
 
