@@ -72,7 +72,7 @@ def encoder_params() -> dict[str, Param]:
         "semantic_dedup": param(False, type="boolean",
                                 description="Drop records whose first prompt means what another's does (SemDeDup: "
                                 "sentence embeddings, k-means, cosine within a cluster)."),
-        "semantic_threshold": param(0.95, type="number", exclusiveMinimum=0, maximum=1,
+        "semantic_threshold": param(0.9, type="number", exclusiveMinimum=0, maximum=1,
                                     description="Cosine similarity of two prompts at or above which they are "
                                     "duplicates (semantic_dedup)."),
         "paraphrase_decontam": param(False, type="boolean",

@@ -82,7 +82,7 @@ class SemanticDedupConfig(NoChurnConfig):
     text: Literal["prompt", "prompt_answer"] = Field(
         "prompt", description="What is embedded: the first human turn, or it and the answer after it.")
     threshold: float = Field(
-        0.95, gt=0, le=1, description="Cosine similarity at or above which two records are duplicates (SemDeDup's "
+        0.9, gt=0, le=1, description="Cosine similarity at or above which two records are duplicates (SemDeDup's "
         "1 - eps). Calibrated in bench/semdedup.py: see docs/semantic-dedup.md.")
     clusters: int | None = Field(
         None, ge=1, le=1 << 20, description="k-means clusters; default: records / records_per_cluster.")
