@@ -92,3 +92,23 @@ def test_with_the_judge_on_its_verdict_decides_and_is_cached(tmp_path: Path) -> 
     assert rerun.stats.counters["llm.cache_hits"] == c["llm.requests"] and \
         rerun.stats.counters.get("llm.backend_requests", 0) == 0
     assert rerun.stats.dropped_by_reason == m.stats.dropped_by_reason
+
+
+def test_a_rephrasing_after_a_long_preamble_is_found_in_a_window(tmp_path: Path) -> None:
+    """The encoder reads a turn's first 128 tokens and averages them: a benchmark item pasted after a preamble
+    scores low as a whole turn; the turn's windows find it."""
+    from operators.steps.decontam.paraphrase import turn_windows
+
+    preamble = ("I have been preparing for a maths olympiad with my study group for several weeks now, and we "
+                "keep collecting practice questions from old worksheets, library books and friends. ") * 4
+    src, cfg = setup(tmp_path)
+    long_turn = preamble + REPHRASED["r0"]
+    assert len(turn_windows(long_turn, 600)) > 2 and turn_windows("short", 600) == ["short"]
+    pq.write_table(pa.Table.from_pylist([rec("long", long_turn)], schema=CANONICAL_SCHEMA), src)
+    whole = run_all(build_step("decontaminate_paraphrase", {**cfg, "window_chars": 8192}), [src],
+                    str(tmp_path / "whole"))
+    assert whole.stats.dropped_by_reason == {}  # read as one turn, the item is drowned out
+    m = run_all(build_step("decontaminate_paraphrase", cfg), [src], str(tmp_path / "windows"))
+    assert m.stats.dropped_by_reason == {"contamination": 1}
+    (d,) = [json.loads(r["detail"]) for r in read_step_table(str(tmp_path / "windows"), "dropped").to_pylist()]
+    assert d["item"] == 0 and d["match"] == "paraphrase" and d["similarity"] >= cfg["threshold"]

@@ -78,7 +78,7 @@ def encoder_params() -> dict[str, Param]:
         "paraphrase_decontam": param(False, type="boolean",
                                      description="Also drop records with a human turn that rephrases a benchmark "
                                      "prompt (embedding top-k against `benchmarks`, after the n-gram check)."),
-        "paraphrase_threshold": param(0.8, type="number", exclusiveMinimum=0, maximum=1,
+        "paraphrase_threshold": param(0.75, type="number", exclusiveMinimum=0, maximum=1,
                                       description="Cosine similarity of a turn and a benchmark prompt at which the "
                                       "record is dropped (paraphrase_decontam, judge off)."),
         "paraphrase_judge": param(False, type="boolean",

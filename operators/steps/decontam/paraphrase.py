@@ -55,10 +55,14 @@ class ParaphraseConfig(LLMStepConfig):
         default_factory=lambda: [BenchmarkSource(name="humaneval", uri="humaneval://", format="humaneval")],
         min_length=1)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    threshold: float = Field(0.8, gt=0, le=1, description="With the judge off: the cosine similarity of a turn "
+    threshold: float = Field(0.75, gt=0, le=1, description="With the judge off: the cosine similarity of a turn "
                              "and a benchmark prompt at which the record is dropped.")
     top_k: int = Field(3, ge=1, le=50, description="Benchmark prompts per turn the judge may be asked about.")
     min_chars: int = Field(20, ge=1, description="Shorter turns are not checked ('thanks!' is like everything).")
+    window_chars: int = Field(
+        600, ge=100, description="A longer turn is also checked in overlapping windows of this many characters: "
+        "the encoder reads 128 tokens and averages them, so a benchmark item pasted after a preamble would "
+        "otherwise be missed.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     embed_cache_uri: str | None = Field(None, description="Where vectors are cached; default: beside the step.")
 
@@ -106,10 +110,12 @@ class ParaphraseDecontamStep(LLMStep[ParaphraseConfig]):
         for r, conv in enumerate(table.column("conversations").to_pylist()):
             for t, turn in enumerate(conv):
                 if turn["from"] == "human" and len(turn["value"].strip()) >= self.config.min_chars:
-                    texts.append(turn["value"])
-                    where.append((r, t))
+                    for window in turn_windows(turn["value"], self.config.window_chars):
+                        texts.append(window)
+                        where.append((r, t))
         vectors, embedded = embed_cached(load_embedder(self.config.embed), self._cache, texts)
-        counters: dict[str, float] = {"turns_checked": float(len(texts)), "embedded": float(embedded),
+        counters: dict[str, float] = {"turns_checked": float(len(set(where))), "windows": float(len(texts)),
+                                      "embedded": float(embedded),
                                       "cache_hits": float(len(texts) - embedded)}
         candidates = self._candidates(vectors, where)
         hits = self._judged(candidates, texts, counters) if self.config.judge.enabled else {
@@ -151,7 +157,11 @@ class ParaphraseDecontamStep(LLMStep[ParaphraseConfig]):
         hits: dict[int, tuple[tuple[float, int, int], bool | None]] = {}
         for (r, pair), res in zip(asked, results, strict=True):
             if res.failure is not None or not isinstance(res.value, dict):
+                # No verdict: the threshold decides, as with the judge off (a failed call must not let
+                # a contaminated record through).
                 counters["judge.failed"] = counters.get("judge.failed", 0.0) + 1
+                if pair[0] >= self.config.threshold and r not in hits:
+                    hits[r] = (pair, None)
                 continue
             yes = bool(res.value.get("rephrasing"))
             counters["judge.yes" if yes else "judge.no"] = counters.get("judge.yes" if yes else "judge.no", 0.0) + 1
@@ -169,6 +179,21 @@ class ParaphraseDecontamStep(LLMStep[ParaphraseConfig]):
                                   "matched_text": texts[t][:300], "benchmark_prompt": prompt[:500],
                                   "turn": where[t][1]}
         return json.dumps(detail, ensure_ascii=False)
+
+
+def turn_windows(text: str, size: int) -> list[str]:
+    """The texts a turn is checked as: the whole turn, and for a longer one also windows of `size` characters
+    overlapping by half (at most 16, cut at spaces where there is one nearby)."""
+    if len(text) <= size:
+        return [text]
+    out = [text]
+    step = size // 2
+    for start in range(0, len(text) - step, step):
+        if len(out) > 16:
+            break
+        lo = text.rfind(" ", max(0, start - 40), start) + 1 if start else 0
+        out.append(text[lo:lo + size])
+    return out
 
 
 def _verdict(value: Any) -> Any:
