@@ -97,6 +97,24 @@ def test_partition_stage_pod_runs_one_task_of_the_stage() -> None:
     assert pod["metadata"]["labels"]["iip/shard"] == "5"
 
 
+@pytest.mark.parametrize(("step", "action", "stage"), [("pii", "run", None), ("semantic_dedup", "stage", "embed"),
+                                                    ("semantic_dedup", "stage", "pairs"),
+                                                    ("decontaminate_paraphrase", "run", None)])
+def test_the_curation_steps_render_as_restricted_pods(step: str, action: str, stage: str | None) -> None:
+    """pii, semantic_dedup's stages and decontaminate_paraphrase become pods running their one command,
+    non-root and with no secret in the spec, like every step."""
+    op = StepOperator(task_id=f"{step}-{stage or action}", step=step, action=action, stage=stage,  # type: ignore[arg-type]
+                      output_uri=f"s3://bucket/runs/r1/{step}", inputs=["s3://bucket/runs/r1/near_dedup"],
+                      config={"enabled": True} if step != "pii" else {"actions": {"secret": "drop"}}, shard=2,
+                      profile="cpu-1", mode="kubernetes")
+    pod = render(op)
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][:2] == [action, step]
+    if stage:
+        assert container["args"][container["args"].index("--stage") + 1] == stage
+    assert container["securityContext"]["runAsNonRoot"] is True and FAKE_SECRET not in json.dumps(pod)
+
+
 def test_profile_refuses_literal_secrets_and_latest_tags() -> None:
     with pytest.raises(ValidationError, match="secret"):
         PodProfile(image="x:1", env={"AWS_SECRET_ACCESS_KEY": "hunter2"})
