@@ -75,7 +75,9 @@ PIPELINE: list[Node] = chain([
     ("pii", {"target_shard_bytes": 60_000}),
     ("exact_dedup", {"target_shard_bytes": 60_000}),
     ("near_dedup", {"target_shard_bytes": 60_000}),
+    ("semantic_dedup", {"target_shard_bytes": 60_000, "threshold": 0.9}),
     ("decontaminate", {"target_shard_bytes": 60_000}),
+    ("decontaminate_paraphrase", {"target_shard_bytes": 60_000, "threshold": 0.6}),
     ("route", {"target_shard_bytes": 60_000}),
     ("dsir", {"target_shard_bytes": 60_000}),
     ("select", {"budgets": {"math": 0.5, "code": 0.5, "general": 0.3}, "target_shard_bytes": 60_000}),
@@ -111,11 +113,11 @@ PHASE2: list[Node] = [
 ]
 GRAPHS = {"phase1": PIPELINE, "phase2": PHASE2}
 VOLATILE_STATS = ("seconds", "peak_rss_mb")  # differ run to run by nature
-# Work a retry may skip by design: what the LLM was paid for (a retry finds what its killed attempt cached),
-# and a dedup partition's index rows reused or linked (a retry finds the generation its killed attempt
-# committed). The outputs must still be equal.
+# Work a retry may skip by design: what the LLM was paid for and the vectors the encoder computed (a retry
+# finds what its killed attempt cached), a dedup partition's index rows reused or linked and a fit's
+# centroids (a retry finds what its killed attempt committed). The outputs must still be equal.
 SKIPPABLE_WORK = ("cache_hits", "backend_requests", "prompt_tokens", "completion_tokens", "scored_tokens",
-                  "cost_usd", "index_rows_reused", "index_rows_linked")
+                  "cost_usd", "index_rows_reused", "index_rows_linked", "embedded", "centroids_reused")
 TRACE_ENV = "IIP_FAULT_TRACE"
 FAULT_ENV = "IIP_FAULT"
 COMMIT_POINTS = ("commit.before", "commit.after")

@@ -223,6 +223,7 @@ def embed_cached(embedder: Embedder, cache: EmbeddingCache, texts: Sequence[str]
     cache.misses += len(todo)
     if todo:
         fresh = embedder.embed([texts[i] for i in todo])
-        out[todo] = fresh
+        # As the cache will return them: a retry that finds half its batch cached sees the same numbers.
+        out[todo] = fresh.astype(np.float16)
         cache.store([keys[i] for i in todo], fresh)
     return out, len(todo)

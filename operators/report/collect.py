@@ -24,7 +24,15 @@ import pyarrow.parquet as pq
 
 from operators import schema
 from operators.core import storage
-from operators.core.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, stage_dir, step_manifest_uri
+from operators.core.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    read_manifest,
+    read_off,
+    stage_dir,
+    step_manifest_uri,
+)
 from operators.text.pii import redact_all
 
 REPORT_VERSION = 2
@@ -75,7 +83,19 @@ def _plan_inputs(step_dir: str) -> list[str]:
     uri = storage.join(step_dir, "_plan.json")
     if not storage.exists(uri):
         return []
-    return [storage.validate_uri(i).rstrip("/") for i in json.loads(storage.read_bytes(uri)).get("inputs", [])]
+    return _through_off([storage.validate_uri(i).rstrip("/") for i in json.loads(storage.read_bytes(uri)).get(
+        "inputs", [])])
+
+
+def _through_off(inputs: list[str], depth: int = 0) -> list[str]:
+    """`inputs`, each step that was off replaced by what it passed on (an optional step switched off commits
+    nothing: the step after it read its inputs)."""
+    out: list[str] = []
+    for i in inputs:
+        passed_on = read_off(i) if depth < 8 else None
+        out.extend(_through_off([storage.validate_uri(p).rstrip("/") for p in passed_on], depth + 1)
+                   if passed_on is not None else [i])
+    return out
 
 
 def find_steps(files: list[str]) -> list[tuple[str, Manifest]]:
