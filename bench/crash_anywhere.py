@@ -171,20 +171,22 @@ def run_task(argv: list[str], env: dict[str, str]) -> int:
 def _preload(nodes: list[Node]) -> None:
     """Import the CLI and every step once here, so each forked task starts warm (milliseconds).
 
-    With LLM steps in the graph, torch and transformers' model code are imported here too: they are most of
-    an LLM task's start (~3 s of ~4 s), and a forked child shares them. Only imported: a torch that has run
-    an operation has started thread pools a fork does not carry over."""
+    With LLM or encoder steps in the graph, torch and transformers' model code are imported here too: they
+    are most of such a task's start (~3 s of ~4 s), and a forked child shares them. Only imported: a torch
+    that has run an operation has started thread pools a fork does not carry over."""
     from operators.cli import main  # noqa: F401
     from operators.core.registry import step_class
     from operators.core.startup import skip_pandas_probe
 
     skip_pandas_probe()
+    models = False
     for n in nodes:
-        step_class(n.step)
-    if any("llm" in n.cfg for n in nodes):
+        fields = step_class(n.step).config_model.model_fields
+        models |= "llm" in fields or "embed" in fields  # an LLM or an encoder: torch and transformers
+    if models:
         import torch  # noqa: F401
         import transformers.modeling_utils  # noqa: F401
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 def _cli_config(node: Node, root: Path) -> list[str]:
