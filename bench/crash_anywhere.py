@@ -69,15 +69,34 @@ def chain(steps: list[tuple[str, dict[str, Any]]]) -> list[Node]:
             for i, (step, cfg) in enumerate(steps)]
 
 
+# The paraphrase step's evaluation set, written into each run root by `prepare_root`: 16 questions from the
+# corpus's own text pool embed in a second, where HumanEval's 164 prompts took 10 s per run root.
+BENCHMARK = "_benchmark.jsonl"
+SHORT_EMBED = {"max_tokens": 32}
+
+
+def prepare_root(root: Path, seed: int = 7) -> None:
+    """Write what the graph's configs name inside a run root (the paraphrase step's benchmark)."""
+    from bench._common import TextPool
+
+    rng, pool = random.Random(seed), TextPool(seed, sentences_per_lang=200)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / BENCHMARK).write_text("".join(json.dumps({"prompt": pool.text(rng, "en", 160, question=True)}) + "\n"
+                                          for _ in range(16)))
+
+
 PIPELINE: list[Node] = chain([
     ("ingest", {"source_name": "crash", "target_shard_bytes": 200_000}),
     ("filter", {"languages": [], "target_shard_bytes": 60_000}),
     ("pii", {"target_shard_bytes": 60_000}),
     ("exact_dedup", {"target_shard_bytes": 60_000}),
     ("near_dedup", {"target_shard_bytes": 60_000}),
-    ("semantic_dedup", {"target_shard_bytes": 60_000, "threshold": 0.9}),
+    # The encoder reads 32 tokens here (128 by default): the commit windows are the same, the forward passes
+    # a quarter (embedding was 45 of the test's 85 s).
+    ("semantic_dedup", {"target_shard_bytes": 60_000, "threshold": 0.9, "embed": SHORT_EMBED}),
     ("decontaminate", {"target_shard_bytes": 60_000}),
-    ("decontaminate_paraphrase", {"target_shard_bytes": 60_000, "threshold": 0.6}),
+    ("decontaminate_paraphrase", {"target_shard_bytes": 60_000, "threshold": 0.6, "embed": SHORT_EMBED, "benchmarks": [
+        {"name": "mini", "uri": f"{{root}}/{BENCHMARK}", "format": "jsonl:prompt"}]}),
     ("route", {"target_shard_bytes": 60_000}),
     ("dsir", {"target_shard_bytes": 60_000}),
     ("select", {"budgets": {"math": 0.5, "code": 0.5, "general": 0.3}, "target_shard_bytes": 60_000}),
@@ -144,6 +163,17 @@ class Figures:
     temp_leftovers: int = 0
 
 
+def in_forked_child() -> None:
+    """Make a forked child safe for torch: one intra-op thread.
+
+    A parent that has run a torch operation (an earlier test in the same pytest worker) owns an OpenMP
+    thread pool that fork does not copy; the child's first parallel region then waits for those threads
+    for ever (seen in CI: the concurrency test hung 600 s once the encoder steps joined PIPELINE). One
+    thread runs every region inline. Tasks are single-core pods in production anyway."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def run_task(argv: list[str], env: dict[str, str]) -> int:
     """Run the CLI in a forked child (a real process that can die at any instruction); its exit status."""
     sys.stdout.flush()
@@ -152,6 +182,7 @@ def run_task(argv: list[str], env: dict[str, str]) -> int:
     if pid == 0:  # child
         rc = 70
         try:
+            in_forked_child()
             os.environ.update(env)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)  # the CLI's JSON result lines: not needed, the manifests are checked
@@ -172,21 +203,27 @@ def _preload(nodes: list[Node]) -> None:
     """Import the CLI and every step once here, so each forked task starts warm (milliseconds).
 
     With LLM or encoder steps in the graph, torch and transformers' model code are imported here too: they
-    are most of such a task's start (~3 s of ~4 s), and a forked child shares them. Only imported: a torch
-    that has run an operation has started thread pools a fork does not carry over."""
+    are most of such a task's start (~3 s of ~4 s), and a forked child shares them; so is the default
+    encoder, loaded (1.5 s per task otherwise). A torch that has run an operation has started thread pools
+    a fork does not carry over: `in_forked_child` runs the children on one thread."""
     from operators.cli import main  # noqa: F401
     from operators.core.registry import step_class
     from operators.core.startup import skip_pandas_probe
 
     skip_pandas_probe()
-    models = False
+    models = encoders = False
     for n in nodes:
         fields = step_class(n.step).config_model.model_fields
         models |= "llm" in fields or "embed" in fields  # an LLM or an encoder: torch and transformers
+        encoders |= "embed" in fields
     if models:
         import torch  # noqa: F401
         import transformers.modeling_utils  # noqa: F401
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    if encoders:  # the default encoder's weights, shared by every forked task (in_forked_child makes it safe)
+        from operators.llm.embed import EmbedConfig, load_embedder
+
+        load_embedder(EmbedConfig(**SHORT_EMBED))
 
 
 def _cli_config(node: Node, root: Path) -> list[str]:
@@ -455,6 +492,8 @@ def run(records: int, per_step: int, seed: int, work: Path, graph: str = "phase1
     env = {"IIP_LOG_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     _preload(nodes)
     (work / "traces").mkdir()
+    for root in (work / "clean", work / "hurt"):
+        prepare_root(root, seed)
     hits = baseline(nodes, corpus, work / "clean", work / "traces", env)
     kills = choose_kills(hits, per_step, seed)
     figures = Figures()

@@ -10,7 +10,8 @@
 1. **Measure.** At each size it writes a synthetic corpus (bench._common: four formats, malformed lines, near
    duplicates), ingests it (setup, not Phase 1), and runs `foundational_selection`'s Phase 1 the way the DAG
    runs it: per step `plan`, every stage (map and partition stages once per shard, reduce stages once), `run`
-   per shard and `reduce`, then the serial tail validate, export, publish and report. Every task is its own
+   per shard and `reduce`, then the tail: the export group (its plan, a shard task per select shard that
+   validates and exports its parts, the commit), publish and report. Every task is its own
    `python -m operators` process (through bench._task_probe), `--parallel` at a time, so each task's wall
    time, CPU seconds, peak RSS, bytes read and written, and storage calls are its own. Both sizes use the
    same number of shards, so the records per shard-task double with the corpus.
@@ -61,7 +62,7 @@ from bench._common import (
 )
 from bench.phase1 import STEPS  # the same Phase 1 configs as the per-step benchmark
 
-TAIL = ("validate", "export", "publish", "report")
+TAIL = ("publish", "report")  # whole-run tasks after the export group
 FLAT = 0.15  # a kind whose cost moves less than this while its driver doubles is "constant"
 
 
@@ -156,9 +157,25 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
                        "bytes_per_record": input_bytes / max(records_in, 1)}
         prev = out
     selected = int(json.loads((prev / "stats.json").read_text())["records_kept"])
+    # The tail's export group as the DAG runs it: its plan, a shard task per select shard, the commit.
+    targs: dict[str, Any] = {"config": {"validate": True, "run": str(run), "name": "foundational"},
+                             "inputs": [str(prev)], "output": str(run / "export")}
+    plan_wall, plan_tasks, plan_out = _run_wave("export", "plan", [step_arguments("tail_plan", "select", **targs)],
+                                                False, selected, parallel, probe_dir)
+    n_tail = len(last_json_line(plan_out[0])["shards"])
+    waves.append({"step": "export", "wave": "plan", "tasks": 1, "seconds": plan_wall})
+    tasks += plan_tasks
+    for wave, cmds, mapped in (
+            ("shard", [step_arguments("tail_shard", "select", shard=k, **targs) for k in range(n_tail)], True),
+            ("commit", [step_arguments("tail_commit", "select", **targs)], False)):
+        wall, done, _ = _run_wave("export", wave, cmds, mapped, selected / n_tail if mapped else selected,
+                                  parallel, probe_dir)
+        waves.append({"step": "export", "wave": wave, "tasks": len(cmds), "seconds": wall})
+        tasks += done
+    select_bytes = _bytes_under(prev / "data")
+    steps["export"] = {"records_in": selected, "shards": n_tail, "input_bytes": select_bytes,
+                       "bytes_per_record": select_bytes / max(selected, 1), "shards_of": "select"}
     tail_cmds = {
-        "validate": step_arguments("validate", "select", output=str(prev)),
-        "export": step_arguments("export", "select", inputs=[str(prev)], output=str(run / "export")),
         "publish": step_arguments("publish", "foundational", inputs=[str(prev)], output=str(run),
                                   config={"keep": 3}, index=str(root)),
         "report": step_arguments("report", "report", output=str(run)),
@@ -266,13 +283,17 @@ def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records
     max_rss = (0.0, "")
     max_sec = (0.0, "")
     tasks = 0
+    shard_counts: dict[str, int] = {}
     for step, st in large["steps"].items():
         records_in = records * st["records_in"] / large["records"]
-        per_shard = (records_per_shard[step] if records_per_shard
+        per_shard = (records_per_shard[step] if records_per_shard and step in records_per_shard
                      else (shard_mb or 256) * 2**20 / max(st["bytes_per_record"], 1e-9))
         shards = max(1, math.ceil(records_in / max(per_shard, 1.0)))
         if shard_multiple > 1:
             shards = math.ceil(shards / shard_multiple) * shard_multiple
+        if st.get("shards_of"):  # the export group has a task per shard of the step it exports
+            shards = shard_counts[st["shards_of"]]
+        shard_counts[step] = shards
         for (s, wave), g in model.items():
             if s != step:
                 continue

@@ -3,7 +3,7 @@
 register (the source registry) -> ingest (plan, shards, reduce into <data root>/sources/<name>/ingest)
 -> inputs (every committed ingest of every source of the dataset) + caps (per-source caps)
 -> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select (over all of them, in
-<data root>/runs/<dataset>) -> contribution (what the new corpus added) and validate -> export -> publish
+<data root>/runs/<dataset>) -> contribution (what the new corpus added) and export -> publish
 -> report. Dedup runs across the corpora; with `no_churn` the records of the latest version keep their place,
 and with `freeze_selection` the earlier selection stays and the new corpus adds to it.
 """

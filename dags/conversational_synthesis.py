@@ -5,7 +5,7 @@ pool (sample of the foundational set) -> label (two-level abilities) -> label_vo
 -> evolve (depth + breadth rounds, elimination) -> respond (answers + multi-turn extension)
 -> diagnose (candidates answer probes, a judge scores each ability)
 -> round 2: seed_select for the weak abilities -> evolve -> respond
--> conversational_set (canonical schema) -> pii -> validate -> export -> publish (dataset `conversational`) -> report
+-> conversational_set (canonical schema) -> pii -> export -> publish (dataset `conversational`) -> report
 With IIP_ASSET_SCHEDULES=1 (read at parse time) it runs on each new version of the `foundational` dataset.
 Every LLM step caches its results beside its output: a retried or re-run task pays no tokens twice.
 In kubernetes mode LLM steps run in the `vllm` pod profile (GPU); embedded mode runs the packaged CPU model.

@@ -4,8 +4,9 @@ filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (M
 -> semantic_dedup (same meaning, other words; off unless the `semantic_dedup` Param is on) -> decontaminate
 -> decontaminate_paraphrase (rephrased benchmark prompts; off unless `paraphrase_decontam` is on) -> route
 -> dsir (importance weights toward each domain's target)
--> select (budgets, caps, replay, KL reduction) -> validate -> export -> publish -> report
-publish makes the next version of the `foundational` dataset and emits an event on its asset.
+-> select (budgets, caps, replay, KL reduction) -> export -> publish -> report
+export validates and writes the formats in shard tasks, then commits (operators/tail.py); publish makes the next
+version of the `foundational` dataset from it and emits an event on its asset.
 Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
 """
 

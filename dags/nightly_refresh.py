@@ -2,7 +2,7 @@
 
 find_new (diff raw listings against committed ingest plans) -> ingest[source] (mapped; new files only,
 into <data root>/sources/<name>/<ds>/ingest) -> selection_inputs (every committed ingest dir)
--> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> validate -> export -> publish
+-> filter -> exact_dedup -> near_dedup -> decontaminate -> route -> dsir -> select -> export -> publish
 -> report (publish: the next version of the `foundational` dataset, an event on its asset)
 The selection writes to one stable run folder (`run_name`), so a night whose inputs and configs are
 unchanged finds every step committed under the same config hash and skips it, and a night with new files

@@ -5,7 +5,8 @@
     python -m operators stage  <step> --stage NAME --config JSON|PATH --output STEP_DIR [--shard K]
     python -m operators reduce <step> --output STEP_DIR
     python -m operators validate --output STEP_DIR     # great-expectations suite; exit 1 on failure
-    python -m operators export --input STEP_DIR --output DIR [--formats parquet,hf,sharegpt]
+    python -m operators export --input STEP_DIR --output DIR [--formats parquet,hf,sharegpt]  # the whole tail
+    python -m operators export ... --plan | --shard K | --commit [--validate] [--run RUN_ROOT]  # as DAG tasks
     python -m operators report --output RUN_ROOT  # funnel, drops by reason, samples -> report.{json,md,html}
     python -m operators steps                    # registered steps and their config JSON schemas
     python -m operators verify STEP_DIR ... [--no-checksums]  # files, checksums, stray parts; exit 1 if unsound
@@ -122,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--output", required=True, help="export folder")
     ep.add_argument("--formats", default="parquet,hf,sharegpt")
     ep.add_argument("--name", default="dataset")
+    part = ep.add_mutually_exclusive_group()
+    part.add_argument("--plan", action="store_true", help="print the tail's shard list (the DAG maps over it)")
+    part.add_argument("--shard", type=int, default=None, help="one shard task of the tail")
+    part.add_argument("--commit", action="store_true", help="commit the shard tasks' work (_EXPORT.json)")
+    ep.add_argument("--validate", action="store_true", help="run the great-expectations suite (validation.json)")
+    ep.add_argument("--run", default=None, help="run root: also index its dedup steps' survivors (for publish)")
     ep.add_argument("--xcom-file", default=None)
     rp = sub.add_parser("report")
     rp.add_argument("--output", required=True, help="run root URI holding committed steps")
@@ -235,7 +242,9 @@ def _datasets_command(args: argparse.Namespace) -> int:
             data["keep"] = args.keep
         cfg = _validated(dv.PublishConfig, data, "publish")
         run = json.loads(args.run_context) if args.run_context else None
-        _emit(dv.publish(root, cfg, args.input, args.run, run), args.xcom_file)
+        # The run's export, when the tail committed one of this very step output: the version copies its files.
+        export_dir = storage.join(storage.validate_uri(args.run), "export")
+        _emit(dv.publish(root, cfg, args.input, args.run, run, export_dir), args.xcom_file)
     elif args.action == "show":
         print(json.dumps(dv.show(root, args.name, vs[0] if vs else None), indent=2))
     elif args.action == "diff":
@@ -254,6 +263,37 @@ def _datasets_command(args: argparse.Namespace) -> int:
         if args.keep is None:
             raise ConfigError("datasets retain needs --keep K")
         print(json.dumps({"name": args.name, "deleted": dv.retain(root, args.name, args.keep)}))
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    """The tail (operators/tail.py): whole, or one of its DAG tasks (plan, a shard, the commit)."""
+    from operators.export import ExportError
+    from operators.tail import export_step, tail_commit, tail_shard, tail_to_run
+    from operators.validate import ValidationFailed
+
+    formats = tuple(args.formats.split(","))
+    try:
+        if args.plan:
+            _emit({"shards": tail_to_run(args.input, args.output, formats, args.validate)}, args.xcom_file)
+            return 0
+        if args.shard is not None:
+            s = tail_shard(args.input, args.output, args.shard, formats=formats, run_root=args.run,
+                           validate=args.validate)
+            _emit({"shard": s["shard"], "of": s["of"], "counts": s["counts"]}, args.xcom_file)
+            return 0
+        if args.commit:
+            summary = tail_commit(args.input, args.output, formats=formats, name=args.name, validate=args.validate)
+        else:
+            summary = export_step(args.input, args.output, formats, args.name, run_root=args.run,
+                                  validate=args.validate)
+    except ExportError as e:
+        log.error("%s", e)
+        return 2
+    except ValidationFailed as e:
+        log.error("validation failed: %s", e)
+        return 1
+    _emit({"out_dir": summary["out_dir"], "counts": summary["counts"]}, args.xcom_file)
     return 0
 
 
@@ -297,15 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             _emit({"records": report["records"], "success": report["success"]}, args.xcom_file)
             return 0
         if args.command == "export":
-            from operators.export import ExportError, export_step
-
-            try:
-                summary = export_step(args.input, args.output, tuple(args.formats.split(",")), args.name)
-            except ExportError as e:
-                log.error("%s", e)
-                return 2
-            _emit({"out_dir": summary["out_dir"], "counts": summary["counts"]}, args.xcom_file)
-            return 0
+            return _export_command(args)
         if args.command == "sources":
             return _sources_command(args)
         if args.command == "verify":

@@ -1,15 +1,12 @@
-"""Export a committed dataset: Parquet, a Hugging Face `datasets` folder, and ShareGPT JSONL.
+"""Export formats of a dataset: Parquet, a Hugging Face `datasets` folder, and ShareGPT JSONL.
 
-Streams part by part (memory bounded by a part). Records flagged `replay` are also written as a
-separate `replay` split for the second training stage. The Hugging Face folder is the Hub's Parquet
-layout (`data/<split>-NNNNN-of-MMMMM.parquet` plus a README with `configs`), which
-`datasets.load_dataset(<folder>)` reads without this project installed.
+Written part by part (memory bounded by a part; operators/tail.py spreads the parts over shard tasks).
+Records flagged `replay` are also written as a separate `replay` split for the second training stage. The
+Hugging Face folder is the Hub's Parquet layout (`data/<split>-NNNNN-of-MMMMM.parquet` plus a README with
+`configs`), which `datasets.load_dataset(<folder>)` reads without this project installed.
 """
 
 from __future__ import annotations
-
-import json
-from typing import Any
 
 import msgspec
 import pyarrow as pa
@@ -17,7 +14,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.core import storage
-from operators.core.manifest import read_manifest, step_manifest_uri
 from operators.schema import CANONICAL_SCHEMA
 
 FORMATS = ("parquet", "hf", "sharegpt")
@@ -52,45 +48,40 @@ def _hf_card(name: str, splits: dict[str, int]) -> str:
             f"`langdetect`, `source`, `reward`).\n\n{counts}\n")
 
 
-def export_step(step_dir: str, out_dir: str, formats: tuple[str, ...] = FORMATS,
-                name: str = "dataset") -> dict[str, Any]:
-    """Write the exports of a committed step into `out_dir`; returns a summary with file URIs and counts."""
-    step_dir, out_dir = storage.validate_uri(step_dir), storage.validate_uri(out_dir)
+def write_part(table: pa.Table, out_dir: str, index: int, of: int, formats: tuple[str, ...]
+               ) -> tuple[dict[str, int], list[str]]:
+    """Write data part `index` (of `of` parts) of a dataset in every format: its `train` split and, for records
+    flagged `replay`, its `replay` split. Returns (rows per split, URIs written). A part's files are named by
+    its index alone, so any task may write any part and a rewrite replaces the same files."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ExportError(f"unknown export formats {sorted(unknown)}; use {FORMATS}")
-    m = read_manifest(step_manifest_uri(step_dir))
-    if m is None:
-        raise ExportError(f"no committed step at {step_dir}")
-    files = m.data_files()
-    counts = {"train": 0, "replay": 0}
+    splits = {"train": table}
+    if "replay" in table.column_names:
+        splits["replay"] = table.filter(pc.equal(table["replay"], True))
+    counts: dict[str, int] = {}
     written: list[str] = []
-    for i, f in enumerate(files):
-        with storage.open_input(storage.join(step_dir, f.path)) as fh:
-            table = pq.read_table(fh)
-        splits = {"train": table}
-        if "replay" in table.column_names:
-            splits["replay"] = table.filter(pc.equal(table["replay"], True))
-        for split, t in splits.items():
-            counts[split] += t.num_rows
-            if not t.num_rows:
-                continue
-            if "parquet" in formats:
-                uri = storage.join(out_dir, "parquet", split, f"part-{i:05d}.parquet")
-                storage.write_bytes(uri, _parquet_bytes(t))
-                written.append(uri)
-            if "hf" in formats:
-                uri = storage.join(out_dir, "hf", "data", f"{split}-{i:05d}-of-{len(files):05d}.parquet")
-                storage.write_bytes(uri, _parquet_bytes(t.select(CANONICAL_SCHEMA.names)))
-                written.append(uri)
-            if "sharegpt" in formats:
-                uri = storage.join(out_dir, "sharegpt", f"{split}-{i:05d}.jsonl")
-                storage.write_bytes(uri, _sharegpt_lines(t))
-                written.append(uri)
-    if "hf" in formats:
-        uri = storage.join(out_dir, "hf", "README.md")
-        storage.write_bytes(uri, _hf_card(name, counts).encode())
-        written.append(uri)
-    summary = {"step_dir": step_dir, "out_dir": out_dir, "counts": counts, "files": written}
-    storage.write_bytes(storage.join(out_dir, "_EXPORT.json"), json.dumps(summary, indent=2).encode())
-    return summary
+    for split, t in splits.items():
+        counts[split] = t.num_rows
+        if not t.num_rows:
+            continue
+        if "parquet" in formats:
+            uri = storage.join(out_dir, "parquet", split, f"part-{index:05d}.parquet")
+            storage.write_bytes(uri, _parquet_bytes(t))
+            written.append(uri)
+        if "hf" in formats:
+            uri = storage.join(out_dir, "hf", "data", f"{split}-{index:05d}-of-{of:05d}.parquet")
+            storage.write_bytes(uri, _parquet_bytes(t.select(CANONICAL_SCHEMA.names)))
+            written.append(uri)
+        if "sharegpt" in formats:
+            uri = storage.join(out_dir, "sharegpt", f"{split}-{index:05d}.jsonl")
+            storage.write_bytes(uri, _sharegpt_lines(t))
+            written.append(uri)
+    return counts, written
+
+
+def write_card(out_dir: str, name: str, counts: dict[str, int]) -> str:
+    """The Hugging Face folder's README (its `configs` name the splits' files); returns its URI."""
+    uri = storage.join(out_dir, "hf", "README.md")
+    storage.write_bytes(uri, _hf_card(name, counts).encode())
+    return uri

@@ -65,73 +65,85 @@ def _suite(gx: Any) -> Any:
 SUITE_VERSION = 1
 
 
-def validate_step(step_dir: str) -> dict[str, Any]:
-    """Validate every data part of a committed step; write validation.json/.html; raise on failure.
+class PartChecks:
+    """The suite, run part by part (memory bounded by a part); what the parts showed, summed per expectation.
 
-    A report already written for this very commit (the step manifest's bytes) by this suite is the answer: a
-    night with nothing new, or a re-run, does not validate the same data again (nor pay great-expectations'
-    import, 6 s on one core)."""
-    step_dir = storage.validate_uri(step_dir)
-    m = read_manifest(step_manifest_uri(step_dir))
-    if m is None:
-        raise ValidationFailed(f"no committed step at {step_dir}")
-    commit = hashlib.sha256(storage.read_bytes(step_manifest_uri(step_dir))).hexdigest()
-    earlier = _earlier_report(step_dir, commit)
-    if earlier is not None:
-        log.info("validation: %s already validated for this commit (%s): %s", step_dir, commit[:12],
-                 "passed" if earlier["success"] else "failed")
-        if not earlier["success"]:
-            raise ValidationFailed(_failure_message(earlier["failures"]))
-        return earlier
+    One per task: a shard task of the tail (operators/tail.py) checks its own parts, `validate_step` all of
+    them; `write_validation` merges the states."""
 
-    import great_expectations as gx  # slow to import: only when validating, never at DAG parse time
+    def __init__(self) -> None:
+        import great_expectations as gx  # slow to import: only when validating, never at DAG parse time
 
-    context = gx.get_context(mode="ephemeral")
-    try:  # progress bars would flood task logs
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+        context = gx.get_context(mode="ephemeral")
+        try:  # progress bars would flood task logs
+            from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    except (ImportError, AttributeError):
-        pass
-    batch_def = context.data_sources.add_pandas("records").add_dataframe_asset("parts") \
-        .add_batch_definition_whole_dataframe("part")
-    suite = context.suites.add(_suite(gx))
-    failures: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    seen: list[np.ndarray] = []
-    missing_columns = sorted(set(CANONICAL_SCHEMA.names) - set(m.files and _columns(step_dir, m.files[0].path)))
-    if missing_columns:
-        failures.append({"expectation": "canonical columns present", "part": "*", "unexpected": missing_columns})
-    checks: dict[str, dict[str, Any]] = {}  # per expectation, summed over parts
-    for f in m.data_files():
-        with storage.open_input(storage.join(step_dir, f.path)) as fh:
-            table = pq.read_table(fh)
+            context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        except (ImportError, AttributeError):
+            pass
+        self._batch = context.data_sources.add_pandas("records").add_dataframe_asset("parts") \
+            .add_batch_definition_whole_dataframe("part")
+        self._suite = context.suites.add(_suite(gx))
+        self.parts: list[dict[str, Any]] = []
+        self.checks: dict[str, dict[str, Any]] = {}  # per expectation, summed over parts
+        self.failures: list[dict[str, Any]] = []
+
+    def check(self, path: str, table: pa.Table) -> Any:
+        """Validate one part; returns its profile frame (the caller may hash its ids)."""
         frame = _profile(table)
-        seen.append(np.array([xxhash.xxh3_64_intdigest(i.encode()) for i in frame["id"]], dtype=np.uint64))
-        result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
-        ok = bool(result["success"])
-        parts.append({"part": f.path, "rows": len(frame), "success": ok})
+        result = self._batch.get_batch(batch_parameters={"dataframe": frame}).validate(self._suite)
+        self.parts.append({"part": path, "rows": len(frame), "success": bool(result["success"])})
         for r in result["results"]:
             cfg = r["expectation_config"]
-            _tally(checks, cfg["type"], cfg["kwargs"], r["result"], bool(r["success"]))
+            _tally(self.checks, cfg["type"], cfg["kwargs"], r["result"], bool(r["success"]))
             if not r["success"]:
-                failures.append({"expectation": cfg["type"], "column": cfg["kwargs"].get("column"), "part": f.path,
-                                 "unexpected": r["result"].get("partial_unexpected_list", [])[:5],
-                                 "unexpected_count": r["result"].get("unexpected_count")})
-    ids = np.concatenate(seen) if seen else np.empty(0, np.uint64)
-    dup = count_repeats(ids)
-    if dup:
-        failures.append({"expectation": "ids unique across all parts", "part": "*", "unexpected_count": dup})
+                self.failures.append({"expectation": cfg["type"], "column": cfg["kwargs"].get("column"),
+                                      "part": path, "unexpected": r["result"].get("partial_unexpected_list", [])[:5],
+                                      "unexpected_count": r["result"].get("unexpected_count")})
+        return frame
+
+    def state(self) -> dict[str, Any]:
+        """What the parts showed, as JSON-able data (a shard task's summary carries it to the commit)."""
+        return {"parts": self.parts, "checks": self.checks, "failures": self.failures}
+
+
+def step_commit(step_dir: str) -> str:
+    """sha256 of a committed step's manifest: the same value exactly when it is the same committed output."""
+    return hashlib.sha256(storage.read_bytes(step_manifest_uri(step_dir))).hexdigest()
+
+
+def missing_columns(step_dir: str) -> list[str]:
+    """Canonical columns the step's first data part lacks (every part has the step's one schema)."""
+    m = read_manifest(step_manifest_uri(step_dir))
+    files = m.data_files() if m is not None else []
+    return sorted(set(CANONICAL_SCHEMA.names) - set(files and _columns(step_dir, files[0].path)))
+
+
+def write_validation(step_dir: str, commit: str, states: list[dict[str, Any]], *, records: int,
+                     duplicates: int, missing: list[str]) -> dict[str, Any]:
+    """Merge part checks (`PartChecks.state()` of one or more tasks) with the run-wide checks (columns, id
+    uniqueness); write validation.json/.html beside the step; raise ValidationFailed naming the failures."""
+    failures: list[dict[str, Any]] = []
+    if missing:
+        failures.append({"expectation": "canonical columns present", "part": "*", "unexpected": missing})
+    checks: dict[str, dict[str, Any]] = {}
+    for st in states:
+        failures += st["failures"]
+        for key, row in st["checks"].items():
+            _merge_check(checks, key, row)
+    if duplicates:
+        failures.append({"expectation": "ids unique across all parts", "part": "*", "unexpected_count": duplicates})
     expectations = [
         {"expectation": "canonical columns present", "column": None, "kwargs": {"columns": CANONICAL_SCHEMA.names},
-         "observed": f"missing {missing_columns}" if missing_columns else "all present",
-         "success": not missing_columns},
+         "observed": f"missing {missing}" if missing else "all present", "success": not missing},
         *checks.values(),
         {"expectation": "ids unique across all parts", "column": "id", "kwargs": {},
-         "observed": f"{dup} duplicate ids in {len(ids)}", "success": not dup, "unexpected_count": dup},
+         "observed": f"{duplicates} duplicate ids in {records}", "success": not duplicates,
+         "unexpected_count": duplicates},
     ]
-    report = {"step_dir": step_dir, "commit": commit, "suite_version": SUITE_VERSION, "records": len(ids),
-              "success": not failures, "parts": parts, "expectations": expectations, "failures": failures}
+    report = {"step_dir": step_dir, "commit": commit, "suite_version": SUITE_VERSION, "records": records,
+              "success": not failures, "parts": [p for st in states for p in st["parts"]],
+              "expectations": expectations, "failures": failures}
     storage.write_bytes(storage.join(step_dir, "validation.json"), json.dumps(report, indent=2, default=str).encode())
     storage.write_bytes(storage.join(step_dir, "validation.html"), _html(report).encode())
     if failures:
@@ -139,12 +151,39 @@ def validate_step(step_dir: str) -> dict[str, Any]:
     return report
 
 
+def validate_step(step_dir: str) -> dict[str, Any]:
+    """Validate every data part of a committed step; write validation.json/.html; raise on failure.
+
+    A report already written for this very commit (the step manifest's bytes) by this suite is the answer: a
+    night with nothing new, or a re-run, does not validate the same data again (nor pay great-expectations'
+    import, 6 s on one core). The DAGs validate in the tail's shard tasks instead (operators/tail.py)."""
+    step_dir = storage.validate_uri(step_dir)
+    m = read_manifest(step_manifest_uri(step_dir))
+    if m is None:
+        raise ValidationFailed(f"no committed step at {step_dir}")
+    commit = step_commit(step_dir)
+    earlier = earlier_report(step_dir, commit)
+    if earlier is not None:
+        if not earlier["success"]:
+            raise ValidationFailed(_failure_message(earlier["failures"]))
+        return earlier
+    checks = PartChecks()
+    seen: list[np.ndarray] = []
+    for f in m.data_files():
+        with storage.open_input(storage.join(step_dir, f.path)) as fh:
+            frame = checks.check(f.path, pq.read_table(fh))
+        seen.append(np.array([xxhash.xxh3_64_intdigest(i.encode()) for i in frame["id"]], dtype=np.uint64))
+    ids = np.concatenate(seen) if seen else np.empty(0, np.uint64)
+    return write_validation(step_dir, commit, [checks.state()], records=len(ids), duplicates=count_repeats(ids),
+                            missing=missing_columns(step_dir))
+
+
 def _failure_message(failures: list[dict[str, Any]]) -> str:
     return "; ".join(f"{x['expectation']} failed ({x.get('column') or ''} in {x['part']}: "
                      f"{x.get('unexpected_count') or x.get('unexpected')})" for x in failures[:5])
 
 
-def _earlier_report(step_dir: str, commit: str) -> dict[str, Any] | None:
+def earlier_report(step_dir: str, commit: str) -> dict[str, Any] | None:
     """validation.json when this suite wrote it for `commit`; None otherwise (absent, unreadable, stale)."""
     uri = storage.join(step_dir, "validation.json")
     if not storage.exists(uri):
@@ -155,6 +194,8 @@ def _earlier_report(step_dir: str, commit: str) -> dict[str, Any] | None:
         return None
     if not isinstance(report, dict) or report.get("commit") != commit or report.get("suite_version") != SUITE_VERSION:
         return None
+    log.info("validation: %s already validated for this commit (%s): %s", step_dir, commit[:12],
+             "passed" if report["success"] else "failed")
     return report
 
 
@@ -163,14 +204,21 @@ def _tally(checks: dict[str, dict[str, Any]], kind: str, kwargs: dict[str, Any],
     """Add one part's result of one expectation to its run-wide row (counts add, success needs every part)."""
     column = kwargs.get("column")
     shown = {k: v for k, v in kwargs.items() if k not in ("column", "batch_id") and v is not None}
-    row = checks.setdefault(f"{kind}:{column}", {"expectation": kind, "column": column, "kwargs": shown,
-                                                  "element_count": 0, "unexpected_count": 0, "success": True,
-                                                  "sample_unexpected": []})
-    row["element_count"] += int(result.get("element_count") or 0)
-    row["unexpected_count"] += int(result.get("unexpected_count") or 0)
-    row["success"] = row["success"] and ok
-    row["sample_unexpected"] = (row["sample_unexpected"] + list(result.get("partial_unexpected_list") or []))[:5]
-    row["observed"] = f"{row['unexpected_count']} of {row['element_count']} unexpected"
+    _merge_check(checks, f"{kind}:{column}", {
+        "expectation": kind, "column": column, "kwargs": shown, "element_count": int(result.get("element_count") or 0),
+        "unexpected_count": int(result.get("unexpected_count") or 0), "success": ok,
+        "sample_unexpected": list(result.get("partial_unexpected_list") or [])[:5]})
+
+
+def _merge_check(checks: dict[str, dict[str, Any]], key: str, row: dict[str, Any]) -> None:
+    """Add a row of an expectation (one part's, or one task's sum) to the merged one."""
+    into = checks.setdefault(key, {**row, "element_count": 0, "unexpected_count": 0, "success": True,
+                                   "sample_unexpected": []})
+    into["element_count"] += row["element_count"]
+    into["unexpected_count"] += row["unexpected_count"]
+    into["success"] = into["success"] and row["success"]
+    into["sample_unexpected"] = (into["sample_unexpected"] + row["sample_unexpected"])[:5]
+    into["observed"] = f"{into['unexpected_count']} of {into['element_count']} unexpected"
 
 
 def _columns(step_dir: str, rel: str) -> list[str]:

@@ -17,6 +17,7 @@ import yaml
 from operators.cli import build_step
 from operators.core import storage
 from operators.core.runner import read_step_table, run_all
+from operators.datasets import ids
 from operators.datasets import versions as dv
 from operators.datasets.diff import diff_versions
 from tests.conftest import run_cli
@@ -129,9 +130,9 @@ def test_id_index_buckets_and_a_diff_across_bucket_counts(runs: dict[str, str], 
     different bucket counts still finds exactly the added and removed ids."""
     root = str(tmp_path)
     cfg = dv.PublishConfig(name="found")
-    monkeypatch.setattr(dv, "IDS_PER_BUCKET", 8)
+    monkeypatch.setattr(ids, "IDS_PER_BUCKET", 8)
     dv.publish(root, cfg, runs["a"], runs["runA"])
-    monkeypatch.setattr(dv, "IDS_PER_BUCKET", 2_000_000)
+    monkeypatch.setattr(ids, "IDS_PER_BUCKET", 2_000_000)
     dv.publish(root, cfg, runs["b"], runs["runB"])
     table = read_step_table(runs["a"])
     buckets = dv.show(root, "found", 1)["id_buckets"]

@@ -96,8 +96,8 @@ def test_nightly_refresh_dag_parses(airflow_home: dict[str, str]) -> None:
     assert info["errors"] == {}
     assert info["schedule"] == "@daily" and info["catchup"] is False
     assert info["max_active_runs"] == 1  # a second night waits queued until the first has finished
-    assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.reduce", "validate", "export",
-            "report"} <= set(info["tasks"])
+    assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.reduce", "export.plan",
+            "export.shard", "export.commit", "report"} <= set(info["tasks"])
     assert {"sources", "run_name", "budgets"} <= set(info["params"])
 
 
@@ -134,11 +134,13 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     assert not Path(night_dir("tiny", "2026-01-03", str(data))).exists()
     assert _committed_state(data) == before
     # It cost each step its plan and reduce: the plans found the steps committed, so the stage and shard tasks
-    # mapped over nothing and never started; validation reused the report of this very commit.
+    # mapped over nothing and never started; the export's plan found it committed for this very step output, so
+    # no export shard task ran (no validation, no export written again) and its commit found `_EXPORT.json`.
     log = r.stdout + r.stderr
     assert [s for s in PHASE1 if f"step {s}: already committed under this plan" in log] == list(PHASE1)
     assert not re.search(r"shard \d+: already committed|stage \w+: already committed", log)
-    assert "already validated for this commit" in log
+    assert re.search(r"tail of \S+/select: already committed for this commit", log)
+    assert "validation failed" not in log and "tail shard" not in log
     from operators.datasets.versions import read_latest, versions
 
     assert versions(str(data), "foundational") == [1]  # and its publish skipped: LATEST already is this output

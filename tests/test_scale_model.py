@@ -16,14 +16,18 @@ def _task(step: str, wave: str, per_shard: bool, driver: float, seconds: float, 
 
 def _measured(records: int, shards: int) -> dict[str, Any]:
     """A run whose costs follow known lines: a shard task 0.5 s + 1 ms per record, 100 MiB + 0.1 MiB per
-    record; the plan constant; the tail's export growing with the corpus (1 + 0.001 s per record)."""
+    record; the plan constant; the export group's shard task 0.2 s + 1 ms per record over half the records;
+    the tail's publish growing with the corpus (1 + 0.001 s per record)."""
     per = records / shards
     tasks = [_task("filter", "plan", False, records, 1.0, 90.0)]
     tasks += [_task("filter", "run", True, per, 0.5 + 0.001 * per, 100 + 0.1 * per) for _ in range(shards)]
-    tasks += [_task("tail", w, False, records, 1.0 + (0.001 * records if w == "export" else 0), 200.0) for w in TAIL]
+    tasks += [_task("export", "shard", True, per / 2, 0.2 + 0.001 * per / 2, 150.0) for _ in range(shards)]
+    tasks += [_task("tail", w, False, records, 1.0 + (0.001 * records if w == "publish" else 0), 200.0) for w in TAIL]
     return {"records": records, "shards": shards, "parallel": 2, "wall_seconds": 1.0, "tasks": tasks,
             "steps": {"filter": {"records_in": records, "shards": shards, "input_bytes": records * 100,
-                                 "bytes_per_record": 100.0}}}
+                                 "bytes_per_record": 100.0},
+                      "export": {"records_in": records / 2, "shards": shards, "input_bytes": records * 50,
+                                 "bytes_per_record": 100.0, "shards_of": "filter"}}}
 
 
 def test_growth_is_fitted_per_kind_and_projected_wave_by_wave() -> None:
@@ -33,7 +37,7 @@ def test_growth_is_fitted_per_kind_and_projected_wave_by_wave() -> None:
     assert run.seconds(1000) == pytest.approx(1.5) and run.rss_mb(1000) == pytest.approx(200.0)
     assert run.grows == "with its shard"
     assert model[("filter", "plan")].grows == "constant"
-    assert model[("tail", "export")].grows == "with the corpus"
+    assert model[("tail", "publish")].grows == "with the corpus"
 
     # 10,000 records at 1,000 per shard: 10 run tasks on 4 pods = 3 rounds of (1.5 s + 10 s pod + 2 s scheduler).
     p = project(model, large, 10_000, pods=4, shard_mb=None, pod_start=10.0, sched_cost=2.0,
@@ -41,11 +45,14 @@ def test_growth_is_fitted_per_kind_and_projected_wave_by_wave() -> None:
     waves = {w["name"]: w for w in p["waves"]}
     assert waves["filter.run"]["tasks"] == 10 and waves["filter.run"]["rounds"] == 3
     assert waves["filter.run"]["seconds"] == pytest.approx(3 * 13.5)
-    assert waves["tail.export"]["task_seconds"] == pytest.approx(11.0)  # 1 s + 1 ms x 10,000 records
-    total = 3 * 13.5 + 13.0 + 3 * 13.0 + (11.0 + 12.0)
+    # The export group has one shard task per shard of the step it exports (filter's 10), each over 500 records.
+    assert (waves["export.shard"]["tasks"], waves["export.shard"]["rounds"]) == (10, 3)
+    assert waves["export.shard"]["task_seconds"] == pytest.approx(0.7)
+    assert waves["tail.publish"]["task_seconds"] == pytest.approx(11.0)  # 1 s + 1 ms x 10,000 records
+    total = 3 * 13.5 + 13.0 + 3 * 12.7 + 13.0 + (11.0 + 12.0)
     assert p["projected_wall_minutes"] == pytest.approx(round(total / 60, 2))
-    assert p["tasks"] == 1 + 10 + len(TAIL)
-    assert p["max_task_seconds_kind"] == "tail.export" and p["max_task_rss_mb"] == pytest.approx(200.0)
+    assert p["tasks"] == 1 + 10 + 10 + len(TAIL)
+    assert p["max_task_seconds_kind"] == "tail.publish" and p["max_task_rss_mb"] == pytest.approx(200.0)
     assert p["critical_path"][0]["name"] == "filter.run"  # the costliest wave first
 
     # The shard count otherwise follows --shard-mb over the step's measured bytes per record.

@@ -374,6 +374,41 @@ def compare_and_swap(uri: str, expected: str | None, data: bytes) -> bool:
     return _s3_conditional_put(uri, path, data, IfMatch=expected)
 
 
+def copy_file(src: str, dst: str) -> None:
+    """Copy a whole file without passing its bytes through this process where the store allows it.
+
+    Local: a hard link made under a temp name and renamed into place (atomic, no bytes copied; every write
+    here replaces a file by rename, so a later rewrite of `src` never changes `dst`). S3 to S3: a
+    server-side copy (CopyObject, multipart for large objects). Otherwise, or where a link cannot be made
+    (another filesystem), a read and a write."""
+    src, dst = validate_uri(src), validate_uri(dst)
+    sfs, spath = filesystem(src)
+    dfs, dpath = filesystem(dst)
+    if isinstance(sfs, pafs.LocalFileSystem) and isinstance(dfs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(dpath), exist_ok=True)
+        tmp = f"{dpath}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.link(spath, tmp)
+        except FileNotFoundError as e:
+            raise StorageError(f"cannot copy {src}: {e}") from e
+        except OSError:  # another filesystem, or links not allowed there
+            write_bytes(dst, read_bytes(src))
+            return
+        os.replace(tmp, dpath)
+        return
+    if src.startswith("s3://") and dst.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        sb, _, sk = spath.partition("/")
+        db, _, dk = dpath.partition("/")
+        try:
+            _s3_client(S3Settings.from_env()).copy({"Bucket": sb, "Key": sk}, db, dk)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"cannot copy {src} to {dst}: {e}") from e
+        return
+    write_bytes(dst, read_bytes(src))
+
+
 def delete(uri: str) -> None:
     """Delete a file if it exists."""
     fs, path = filesystem(uri)

@@ -5,6 +5,7 @@
     pinned/v000N       a pin: retention never deletes this version
     v000N/hf/          the Hugging Face folder (export's layout: data/{train,replay}-*.parquet) + the card README.md
     v000N/ids/         id index (id, source, domain, hash) bucketed by hash, for streamed diffs
+    v000N/dedup_index/ per dedup step of the run, the id hashes it kept (the no-churn rule of later runs)
     v000N/stats/       every step's stats.json;  v000N/report.{json,html} when the run had one
     v000N/_VERSION.json  the version's manifest, committed last: a version without it does not exist
 
@@ -20,31 +21,28 @@ and removes its own draft: two runs of one pipeline racing publish one version, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
-from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core import storage
 from operators.core.arrays import unique_sorted
 from operators.core.manifest import read_manifest, step_manifest_uri
-from operators.export import export_step
+from operators.datasets.ids import id_hash as id_hash  # re-exported: the dedup steps' no-churn rule uses it
+from operators.tail import EXPORT_COMMIT, SUMMARIES, committed_export, export_step
+from operators.validate import step_commit
 
 VERSION_MANIFEST = "_VERSION.json"
 LATEST = "LATEST"
-IDS_PER_BUCKET = 2_000_000  # the diff holds one bucket of both versions' ids in memory at a time
-IDS_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("domain", pa.string()),
-                        ("h", pa.uint64())])
+COPY_THREADS = 16  # copies are requests that wait on the store, not on this core
 
 
 class PublishError(RuntimeError):
@@ -83,12 +81,6 @@ def parse_version(text: str) -> int:
         raise PublishError(f"not a version: {text!r} (use v0003 or 3)") from None
 
 
-def id_hash(ids: list[str]) -> pa.Array:
-    """Stable 64-bit hashes of record ids (bucket = hash mod buckets, the same in every version)."""
-    return pa.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids],
-                    pa.uint64())
-
-
 def read_latest(root: str, name: str) -> tuple[int | None, str | None]:
     """(LATEST's version, its compare-and-swap token); (None, None) before the first publish."""
     data, token = storage.read_versioned(storage.join(dataset_root(root, name), LATEST))
@@ -111,9 +103,11 @@ def published_id_hashes(dataset_uri: str, step: str | None = None) -> tuple[int 
         return None, np.zeros(0, dtype=np.uint64)
     parts = []
     vdir = storage.join(dataset_root(root, name), vname(version))
-    survivors = storage.join(vdir, "dedup_index", f"{step}.parquet")
     uris = [u for u in storage.list_files(storage.join(vdir, "ids")) if u.endswith(".parquet")]
-    for uri in uris + ([survivors] if step and storage.exists(survivors) else []):
+    if step:  # one file per part (the tail's layout), or one file (versions published before it)
+        uris += [u for u in storage.list_files(storage.join(vdir, "dedup_index"))
+                 if u.endswith((f"/dedup_index/{step}.parquet",)) or f"/dedup_index/{step}/" in u]
+    for uri in uris:
         with storage.open_input(uri) as fh:
             parts.append(pq.read_table(fh, columns=["h"])["h"].to_numpy())
     return version, unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
@@ -217,69 +211,6 @@ def _lineage(step_dir: str, run_root: str, licenses: dict[str, str]) -> dict[str
     return {"steps": dict(sorted(steps.items())), "sources": sorted(sources.values(), key=lambda s: s["uri"])}
 
 
-def _write_ids(step_dir: str, vdir: str) -> tuple[int, list[dict[str, Any]]]:
-    """Write the id index part by part; returns (buckets, counts by source and domain).
-
-    Vectorized per part: a bucket is a slice of the part sorted by bucket, and the counts are a group-by, so
-    the cost per record does not grow with the number of buckets (one per 2M published records)."""
-    import numpy as np
-
-    m = read_manifest(step_manifest_uri(step_dir))
-    assert m is not None
-    files = m.data_files()
-    buckets = 1 << max(0, math.ceil(math.log2(max(1, sum(f.rows for f in files)) / IDS_PER_BUCKET)))
-    counts: Counter[tuple[str, str]] = Counter()
-    for i, f in enumerate(files):
-        with storage.open_input(storage.join(step_dir, f.path)) as fh:
-            pf = pq.ParquetFile(fh)
-            cols = [c for c in ("id", "source", "domain") if c in pf.schema_arrow.names]
-            t = pf.read(columns=cols)
-        n = t.num_rows
-        blank = pa.array([""] * n, pa.string())
-        table = pa.table([t["id"].cast(pa.string()),
-                          pc.fill_null(t["source"].cast(pa.string()), "") if "source" in cols else blank,
-                          pc.fill_null(t["domain"].cast(pa.string()), "") if "domain" in cols else blank,
-                          id_hash(t["id"].to_pylist())], schema=IDS_SCHEMA)
-        grouped = table.group_by(["source", "domain"]).aggregate([("id", "count")])
-        counts.update(dict(zip(zip(grouped["source"].to_pylist(), grouped["domain"].to_pylist(), strict=True),
-                               grouped["id_count"].to_pylist(), strict=True)))
-        hb = (table["h"].to_numpy() % np.uint64(buckets)).astype(np.int64)
-        order = np.argsort(hb, kind="stable")
-        edges = np.searchsorted(hb[order], np.arange(buckets + 1))
-        by_bucket = table.take(pa.array(order))
-        for b in range(buckets):
-            sink = pa.BufferOutputStream()
-            pq.write_table(by_bucket.slice(edges[b], edges[b + 1] - edges[b]), sink, compression="zstd")
-            storage.write_bytes(storage.join(vdir, "ids", f"b{b:05d}", f"part-{i:05d}.parquet"), sink.getvalue())
-    return buckets, [{"source": s, "domain": d, "records": n} for (s, d), n in sorted(counts.items())]
-
-
-DEDUP_STEPS = ("exact_dedup", "near_dedup")
-
-
-def _write_survivors(run_root: str, vdir: str) -> dict[str, int]:
-    """For each dedup step of the run: the `id_hash` of every record it kept, sorted, in
-    `<version>/dedup_index/<step>.parquet`; returns the counts. The dedup steps' no-churn rule reads them:
-    a record a published run kept through dedup keeps that status in later runs (`published_id_hashes`)."""
-    import numpy as np
-
-    counts: dict[str, int] = {}
-    for step in DEDUP_STEPS:
-        m = read_manifest(step_manifest_uri(storage.join(run_root, step)))
-        if m is None:
-            continue
-        parts = []
-        for f in m.data_files():
-            with storage.open_input(storage.join(run_root, step, f.path)) as fh:
-                parts.append(id_hash(pq.read_table(fh, columns=["id"])["id"].to_pylist()).to_numpy())
-        h = unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({"h": pa.array(h, pa.uint64())}), sink, compression="zstd")
-        storage.write_bytes(storage.join(vdir, "dedup_index", f"{step}.parquet"), sink.getvalue())
-        counts[step] = int(h.size)
-    return counts
-
-
 def iter_ids(root: str, name: str, version: int, bucket: int, of: int) -> Iterator[pa.Table]:
     """Id index tables of `version` whose hash is `bucket` mod `of` (`of` a multiple of the version's buckets)."""
     m = show(root, name, version)
@@ -301,11 +232,6 @@ class Draft:
     version: int
     expected: str | None  # LATEST's token when the publish began
     manifest: dict[str, Any]
-
-
-def step_checksum(step_dir: str) -> str:
-    """sha256 of a committed step's manifest: the same value exactly when it is the same committed output."""
-    return hashlib.sha256(storage.read_bytes(step_manifest_uri(step_dir))).hexdigest()
 
 
 def latest_manifest(root: str, name: str) -> dict[str, Any] | None:
@@ -330,9 +256,31 @@ def discard(root: str, name: str, version: int) -> None:
         storage.delete(uri)
 
 
+def _version_data(step_dir: str, export_dir: str | None, vdir: str, run_root: str, name: str) -> dict[str, Any]:
+    """The version's data, id index and dedup survivors; returns the tail's summary of them.
+
+    From a committed export of this very step commit (the DAG's tail shard tasks wrote one): its files are
+    copied, server-side on S3 and as hard links on a local disk, so no byte passes through this task. Else
+    (a publish from the CLI with no export) the tail runs here, writing straight into the version folder."""
+    export = committed_export(export_dir, step_dir) if export_dir else None
+    if export is None or "hf" not in export["formats"] or export.get("run_root") != run_root:
+        summary = export_step(step_dir, vdir, ("hf",), name=name, run_root=run_root)
+        for uri in [*storage.list_files(storage.join(vdir, SUMMARIES)), storage.join(vdir, EXPORT_COMMIT)]:
+            storage.delete(uri)  # the tail's bookkeeping, not part of the version
+        return summary
+    assert export_dir is not None
+    src = storage.validate_uri(export_dir)
+    uris = [u for folder in ("hf/data", "ids", "dedup_index") for u in storage.list_files(storage.join(src, folder))]
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(lambda u: storage.copy_file(u, storage.join(vdir, u[len(src) + 1:])), uris))
+    return export
+
+
 def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[str, Any] | None = None,
-                  licenses: dict[str, str] | None = None) -> Draft:
-    """Write and commit a new version folder from a committed step (the pointer is not moved here)."""
+                  licenses: dict[str, str] | None = None, export_dir: str | None = None) -> Draft:
+    """Write and commit a new version folder from a committed step (the pointer is not moved here).
+
+    `export_dir`: a committed export of the step (the tail's), whose files the version copies."""
     step_dir, run_root = storage.validate_uri(step_dir), storage.validate_uri(run_root)
     base = dataset_root(root, name)
     if read_manifest(step_manifest_uri(step_dir)) is None:
@@ -342,11 +290,7 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
     while not storage.commit_if_absent(storage.join(base, "_claims", vname(version)), b""):
         version += 1  # another publisher claimed it: numbers are never shared
     vdir = storage.join(base, vname(version))
-    summary = export_step(step_dir, vdir, ("hf",), name=name)  # data: the Hub's Parquet layout, replay split
-    split_bytes = {s: sum(storage.file_size(u) for u in summary["files"] if f"/data/{s}-" in u)
-                   for s in summary["counts"]}
-    buckets, by_source_domain = _write_ids(step_dir, vdir)
-    survivors = _write_survivors(run_root, vdir)
+    summary = _version_data(step_dir, export_dir, vdir, run_root, name)
     lineage = _lineage(step_dir, run_root, licenses or {})
     for key in lineage["steps"]:
         stats = storage.join(run_root, key, "stats.json")
@@ -365,10 +309,11 @@ def build_version(root: str, name: str, step_dir: str, run_root: str, run: dict[
     manifest: dict[str, Any] = {
         "name": name, "version": version, "path": vname(version), "uri": vdir, "hf": storage.join(vdir, "hf"),
         "published_at": datetime.now(UTC).isoformat(timespec="seconds"), "step_dir": step_dir,
-        "step_sha256": step_checksum(step_dir),
+        "step_sha256": step_commit(step_dir),
         "run_root": run_root, "run": run or {}, "report": storage.join(vdir, "report.html"),
-        "counts": {"splits": summary["counts"], "by_source_domain": by_source_domain, "split_bytes": split_bytes},
-        "id_buckets": buckets, "lineage": lineage, "dedup_survivors": survivors,
+        "counts": {"splits": summary["counts"], "by_source_domain": summary["by_source_domain"],
+                   "split_bytes": summary["split_bytes"]},
+        "id_buckets": summary["id_buckets"], "lineage": lineage, "dedup_survivors": summary["dedup_survivors"],
     }
     from operators.datasets.card import render_card
 
@@ -391,7 +336,7 @@ def move_latest(draft: Draft) -> dict[str, Any]:
 
 
 def publish(root: str, cfg: PublishConfig, step_dir: str, run_root: str,
-            run: dict[str, Any] | None = None) -> dict[str, Any]:
+            run: dict[str, Any] | None = None, export_dir: str | None = None) -> dict[str, Any]:
     """Publish a committed step as the next version of `cfg.name`, move LATEST, then apply retention.
 
     When LATEST already is this step output (same step dir, same manifest checksum) nothing is published: the
@@ -400,12 +345,12 @@ def publish(root: str, cfg: PublishConfig, step_dir: str, run_root: str,
     step_dir = storage.validate_uri(step_dir)
     if read_manifest(step_manifest_uri(step_dir)) is None:
         raise PublishError(f"no committed step at {step_dir}")
-    checksum = step_checksum(step_dir)
+    checksum = step_commit(step_dir)
     current = latest_manifest(root, cfg.name)
     if _same_output(current, step_dir, checksum):
         assert current is not None
         return _unchanged(current, "LATEST already is this output")
-    draft = build_version(root, cfg.name, step_dir, run_root, run, cfg.licenses)
+    draft = build_version(root, cfg.name, step_dir, run_root, run, cfg.licenses, export_dir)
     try:
         move_latest(draft)
     except PublishConflict:

@@ -97,23 +97,41 @@ def asset_schedule(name: str) -> list[Asset] | None:
     return [dataset_asset(name)] if on else None
 
 
-def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None,
-                  keep: Any = "{{ params.keep_versions }}") -> tuple[StepOperator, StepOperator]:
-    """validate -> export -> publish -> report for a final step output; returns (first task, last task).
+def tail_group(step: str, step_dir: str, run: str, name: str) -> TaskGroup:
+    """The tail of a run as a task group `export` (operators/tail.py): `plan` lists the shard tasks, each
+    `shard` validates and exports its share of the step's parts (one-core pods), `commit` checks id
+    uniqueness, writes validation.json and commits the export, or fails the run naming what broke."""
+    tail: dict[str, Any] = {"step": step, "inputs": [step_dir], "output_uri": f"{run}/export",
+                            "config": {"validate": True, "run": run, "name": name}}
+    with TaskGroup(group_id="export", tooltip=f"validate and export {step}") as group:
+        plan = StepOperator(task_id="plan", action="tail_plan", **tail)
+        shards = StepOperator.mapped(task_id="shard", action="tail_shard", profile=shard_profile("cpu"),
+                                     **tail).expand(shard=plan.output)
+        # As a step's reduce: it runs when the plan found the export committed and mapped no shard task.
+        commit = StepOperator(task_id="commit", action="tail_commit", trigger_rule="none_failed_min_one_success",
+                              **tail)
+        plan >> shards >> commit
+        plan >> commit
+    return group
 
-    `publish` makes version N+1 of `dataset` under <data root>/datasets and emits an event on its asset; `keep`
-    (templated, a Param) is how many versions retention keeps. The report stays last: a teardown."""
-    validate = StepOperator(task_id="validate", action="validate", step=step, output_uri=step_dir)
-    export = StepOperator(task_id="export", action="export", step=step, inputs=[step_dir],
-                          output_uri=f"{run}/export")
+
+def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None,
+                  keep: Any = "{{ params.keep_versions }}") -> tuple[TaskGroup, StepOperator]:
+    """export (validate and export, spread over shard tasks) -> publish -> report for a final step output;
+    returns (first, last).
+
+    `publish` makes version N+1 of `dataset` under <data root>/datasets from the committed export (copies,
+    not rewrites) and emits an event on its asset; `keep` (templated, a Param) is how many versions retention
+    keeps. The report stays last: a teardown."""
+    export = tail_group(step, step_dir, run, dataset or step)
     report = report_task(run)
     if dataset is None:
-        validate >> export >> report
-        return validate, report
+        export >> report
+        return export, report
     publish = StepOperator(task_id="publish", action="publish", step=dataset, inputs=[step_dir], output_uri=run,
                            config={"keep": keep}, outlets=[dataset_asset(dataset)])
-    validate >> export >> publish >> report
-    return validate, report
+    export >> publish >> report
+    return export, report
 
 
 def asset_extra(events: Any, key: str, default: Any) -> Any:

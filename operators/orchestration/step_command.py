@@ -14,7 +14,10 @@ from typing import Any, Literal
 
 from operators.orchestration.pod_spec import SECRETISH
 
-Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export", "publish", "train", "evaluate"]
+Action = Literal["plan", "stage", "run", "reduce", "report", "validate", "export", "tail_plan", "tail_shard",
+                 "tail_commit", "publish", "train", "evaluate"]
+# The tail's tasks (operators/tail.py): `export` with one of these modes.
+TAIL_MODES = {"tail_plan": ["--plan"], "tail_shard": ["--shard"], "tail_commit": ["--commit"]}
 
 
 def step_arguments(
@@ -39,6 +42,14 @@ def step_arguments(
         return [action, "--output", output, *xcom]
     if action == "export":
         return ["export", "--input", inputs[0], "--output", output, *xcom]
+    if action in TAIL_MODES:  # config: {validate, run, name, formats}
+        cfg = config or {}
+        mode = TAIL_MODES[action] + ([str(int(shard))] if action == "tail_shard" and shard is not None else [])
+        if mode == ["--shard"]:
+            raise ValueError("action 'tail_shard' needs a shard")
+        opts = (["--validate"] if cfg.get("validate") else []) + \
+            [a for key in ("run", "name", "formats") if cfg.get(key) for a in (f"--{key}", str(cfg[key]))]
+        return ["export", "--input", inputs[0], "--output", output, *mode, *opts, *xcom]
     if action == "publish":  # `step` names the dataset; `output` is the run root (lineage, stats, report)
         ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
         return ["datasets", "publish", step, "--input", inputs[0], "--run", output,

@@ -248,7 +248,8 @@ class StepOperator(BaseOperator):
         profiles = load_profiles()
         if self.profile not in profiles:
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
-        xcom = self.action in ("plan", "reduce", "report", "validate", "export", "publish", "train", "evaluate")
+        xcom = self.action in ("plan", "reduce", "report", "validate", "export", "tail_plan", "tail_commit", "publish",
+                               "train", "evaluate")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage,
                               xcom_file=XCOM_FILE if xcom else None, **self._report_context(context))
@@ -311,9 +312,11 @@ class StepOperator(BaseOperator):
     def _xcom(self, result: Any) -> Any:
         """What the task returns: a plan, the shard indices its stage and shard tasks map over (none when the step
         is already committed under this plan: they skip, and the reduce finds the commit; an older step image that
-        does not say falls back to every shard); anything else as is."""
+        does not say falls back to every shard); the tail's plan, its shard indices; anything else as is."""
         if self.action == "plan" and isinstance(result, dict):
             return result.get("to_run", result["shards"])
+        if self.action == "tail_plan" and isinstance(result, dict):
+            return result["shards"]
         return result
 
 

@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 
 from bench._common import write_instruction_corpus
-from bench.crash_anywhere import PIPELINE, Task, _preload, plan_task, problems, step_tasks
+from bench.crash_anywhere import (
+    PIPELINE,
+    Task,
+    _preload,
+    in_forked_child,
+    plan_task,
+    prepare_root,
+    problems,
+    step_tasks,
+)
 
 ENV = {"IIP_LOG_LEVEL": "WARNING"}
 
@@ -46,6 +55,7 @@ def _run_tasks(tasks: list[Task]) -> int:
     if pid == 0:
         rc = 0
         try:
+            in_forked_child()
             os.environ.update(ENV)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the CLI's JSON lines; the manifests are checked
             from operators.cli import main
@@ -76,6 +86,8 @@ def test_two_runs_of_every_phase1_step_on_one_output_commit_once(tmp_path: Path)
     write_instruction_corpus(corpus, 240, n_files=4, seed=11, malformed_rate=0.02, near_dup_rate=0.05)
     _preload(PIPELINE)
     solo, both = tmp_path / "solo", tmp_path / "both"
+    for root in (solo, both):
+        prepare_root(root)
     shards_raced = 0
     for node in PIPELINE:
         assert _both([plan_task(node, solo, corpus)], []) == [0, 0]
