@@ -174,3 +174,23 @@ def test_dedup_survivors_per_part_reach_the_no_churn_rule(tmp_path: Path) -> Non
     kept = set(read_step_table(dedup)["id"].to_pylist()) | set(read_step_table(sel)["id"].to_pylist())
     assert set(protected.tolist()) == set(dv.id_hash(sorted(kept)).to_pylist())
     assert dv.show(root, "found")["dedup_survivors"] == {"exact_dedup": read_step_table(dedup).num_rows}
+
+
+def test_on_s3_the_version_is_a_server_side_copy_of_the_export(tmp_path: Path, s3_bucket: str) -> None:
+    """The same tail and publish on the loopback S3 server: the version's objects equal the export's."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = _labelled(16)
+    for f in range(2):
+        pq.write_table(pa.Table.from_pylist(rows[f::2], schema=SCHEMA), raw / f"p{f}.parquet")
+    run = f"{s3_bucket}/run"
+    sel = f"{run}/select"
+    run_all(build_step("select", {"budgets": {}, "target_shard_bytes": 1, "max_part_rows": 3}), [str(raw)], sel)
+    export_step(sel, f"{run}/export", name="found", run_root=run, validate=True)
+    draft = dv.build_version(s3_bucket, "found", sel, run, export_dir=f"{run}/export")
+    vdir = draft.manifest["uri"]
+    copied = storage.list_files(storage.join(vdir, "hf", "data"))
+    assert copied and len(copied) == len(storage.list_files(f"{run}/export/hf/data"))
+    for u in copied:
+        assert storage.read_bytes(u) == storage.read_bytes(f"{run}/export/hf/data/{u.rsplit('/', 1)[1]}")
+    assert draft.manifest["counts"]["splits"]["train"] == read_step_table(sel).num_rows
