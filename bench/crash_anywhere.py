@@ -163,15 +163,17 @@ class Figures:
     temp_leftovers: int = 0
 
 
-def in_forked_child() -> None:
-    """Make a forked child safe for torch: one intra-op thread.
+def _one_torch_thread() -> None:
+    """In a forked child: one intra-op torch thread.
 
     A parent that has run a torch operation (an earlier test in the same pytest worker) owns an OpenMP
     thread pool that fork does not copy; the child's first parallel region then waits for those threads
     for ever (seen in CI: the concurrency test hung 600 s once the encoder steps joined PIPELINE). One
     thread runs every region inline. Tasks are single-core pods in production anyway."""
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
+    sys.modules["torch"].set_num_threads(1)
+
+
+_FORK_HOOKED = False
 
 
 def run_task(argv: list[str], env: dict[str, str]) -> int:
@@ -182,7 +184,6 @@ def run_task(argv: list[str], env: dict[str, str]) -> int:
     if pid == 0:  # child
         rc = 70
         try:
-            in_forked_child()
             os.environ.update(env)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)  # the CLI's JSON result lines: not needed, the manifests are checked
@@ -205,7 +206,7 @@ def _preload(nodes: list[Node]) -> None:
     With LLM or encoder steps in the graph, torch and transformers' model code are imported here too: they
     are most of such a task's start (~3 s of ~4 s), and a forked child shares them; so is the default
     encoder, loaded (1.5 s per task otherwise). A torch that has run an operation has started thread pools
-    a fork does not carry over: `in_forked_child` runs the children on one thread."""
+    a fork does not carry over: a fork hook runs every child on one thread (`_one_torch_thread`)."""
     from operators.cli import main  # noqa: F401
     from operators.core.registry import step_class
     from operators.core.startup import skip_pandas_probe
@@ -220,7 +221,12 @@ def _preload(nodes: list[Node]) -> None:
         import torch  # noqa: F401
         import transformers.modeling_utils  # noqa: F401
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-    if encoders:  # the default encoder's weights, shared by every forked task (in_forked_child makes it safe)
+
+        global _FORK_HOOKED
+        if not _FORK_HOOKED:  # every fork from here on, by any harness that preloaded (crash, concurrency)
+            os.register_at_fork(after_in_child=_one_torch_thread)
+            _FORK_HOOKED = True
+    if encoders:  # the encoder's weights, shared by every forked task (safe: the fork hook above)
         from operators.llm.embed import EmbedConfig, load_embedder
 
         load_embedder(EmbedConfig(**SHORT_EMBED))

@@ -23,7 +23,8 @@ class ExportError(RuntimeError):
     """The export could not be written."""
 
 
-def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+def parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """A table as one zstd Parquet file in memory (every file the tail writes is one part or smaller)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
@@ -67,11 +68,11 @@ def write_part(table: pa.Table, out_dir: str, index: int, of: int, formats: tupl
             continue
         if "parquet" in formats:
             uri = storage.join(out_dir, "parquet", split, f"part-{index:05d}.parquet")
-            storage.write_bytes(uri, _parquet_bytes(t))
+            storage.write_bytes(uri, parquet_bytes(t))
             written.append(uri)
         if "hf" in formats:
             uri = storage.join(out_dir, "hf", "data", f"{split}-{index:05d}-of-{of:05d}.parquet")
-            storage.write_bytes(uri, _parquet_bytes(t.select(CANONICAL_SCHEMA.names)))
+            storage.write_bytes(uri, parquet_bytes(t.select(CANONICAL_SCHEMA.names)))
             written.append(uri)
         if "sharegpt" in formats:
             uri = storage.join(out_dir, "sharegpt", f"{split}-{index:05d}.jsonl")

@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 
 from operators.core import storage
 from operators.core.arrays import count_repeats, unique_sorted
-from operators.core.manifest import FileEntry, read_manifest, step_manifest_uri
+from operators.core.manifest import FileEntry, Manifest, read_manifest, step_manifest_uri
 from operators.datasets.ids import IDS_SCHEMA, id_buckets, id_hash
-from operators.export import FORMATS, ExportError, write_card, write_part
+from operators.export import FORMATS, ExportError, parquet_bytes, write_card, write_part
 
 log = logging.getLogger("operators.tail")
 
@@ -49,7 +49,7 @@ DEDUP_STEPS = ("exact_dedup", "near_dedup", "semantic_dedup")
 WRITTEN = ("parquet/", "hf/data/", "sharegpt/", "ids/", "dedup_index/")
 
 
-def _committed(step_dir: str) -> tuple[Any, str]:
+def _committed(step_dir: str) -> tuple[Manifest, str]:
     from operators.validate import step_commit
 
     m = read_manifest(step_manifest_uri(step_dir))
@@ -61,37 +61,26 @@ def _committed(step_dir: str) -> tuple[Any, str]:
 def tail_shards(step_dir: str) -> list[int]:
     """The tail's shard tasks for a committed step: one per shard of the step's plan (so the tail is as wide
     as the step before it), at most one per data part, at least one."""
-    from operators.core.runner import load_plan
-
     step_dir = storage.validate_uri(step_dir)
     m, _ = _committed(step_dir)
+    return list(range(_shard_count(step_dir, m)))
+
+
+def _shard_count(step_dir: str, m: Manifest) -> int:
+    from operators.core.runner import StepFailed, load_plan
+
     try:
         planned = len(load_plan(step_dir).shards)
-    except Exception:  # a step committed without a plan file (made by hand, or by an older version)
+    except StepFailed:  # a step committed without a plan file (made by hand, or by an older version)
         planned = 1
-    return list(range(max(1, min(planned, len(m.data_files())))))
+    return max(1, min(planned, len(m.data_files())))
 
 
 def tail_to_run(step_dir: str, out_dir: str, formats: tuple[str, ...] = FORMATS, validate: bool = True
                 ) -> list[int]:
     """The shard tasks still to run: none when the export is committed for this very step commit (a night
     with nothing new: the shard tasks skip, and the commit finds its `_EXPORT.json`), else every one."""
-    done = committed_export(out_dir, step_dir)
-    if done is not None and tuple(done["formats"]) == formats and (done["validated"] or not validate):
-        return []
-    return tail_shards(step_dir)
-
-
-def _read_json(uri: str) -> dict[str, Any] | None:
-    """A small JSON object the tail wrote, or None when absent or not readable as one (a torn local write
-    cannot happen, so this is another writer's file: not ours)."""
-    if not storage.exists(uri):
-        return None
-    try:
-        s = json.loads(storage.read_bytes(uri))
-    except ValueError:
-        return None
-    return s if isinstance(s, dict) else None
+    return [] if _export_done(step_dir, out_dir, formats, validate) else tail_shards(step_dir)
 
 
 def _summary_uri(out_dir: str, shard: int) -> str:
@@ -101,7 +90,7 @@ def _summary_uri(out_dir: str, shard: int) -> str:
 def _read_summary(out_dir: str, shard: int, commit: str, of: int, formats: tuple[str, ...]
                   ) -> dict[str, Any] | None:
     """Shard `shard`'s summary when it was written for this commit, shard count and formats; else None."""
-    s = _read_json(_summary_uri(out_dir, shard))
+    s = storage.read_json_object(_summary_uri(out_dir, shard))
     if s is None:
         return None
     same = s.get("step_sha256") == commit and s.get("of") == of and tuple(s.get("formats", ())) == formats
@@ -115,12 +104,6 @@ def _mine(files: list[FileEntry], shard: int, of: int) -> list[tuple[int, FileEn
 def _read(step_dir: str, f: FileEntry, columns: list[str] | None = None) -> pa.Table:
     with storage.open_input(storage.join(step_dir, f.path)) as fh:
         return pq.read_table(fh, columns=columns)
-
-
-def _parquet(table: pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
 
 
 def _index_part(table: pa.Table, out_dir: str, index: int, buckets: int) -> tuple[Counter[tuple[str, str]], list[str]]:
@@ -143,7 +126,7 @@ def _index_part(table: pa.Table, out_dir: str, index: int, buckets: int) -> tupl
     written = []
     for b in range(buckets):
         uri = storage.join(out_dir, "ids", f"b{b:05d}", f"part-{index:05d}.parquet")
-        storage.write_bytes(uri, _parquet(by_bucket.slice(edges[b], edges[b + 1] - edges[b])))
+        storage.write_bytes(uri, parquet_bytes(by_bucket.slice(edges[b], edges[b + 1] - edges[b])))
         written.append(uri)
     return counts, written
 
@@ -162,7 +145,7 @@ def _survivors(run_root: str, out_dir: str, shard: int, of: int) -> tuple[dict[s
         for i, f in _mine(m.data_files(), shard, of):
             h = unique_sorted(id_hash(_read(d, f, ["id"])["id"].to_pylist()).to_numpy())
             uri = storage.join(out_dir, "dedup_index", step, f"part-{i:05d}.parquet")
-            storage.write_bytes(uri, _parquet(pa.table({"h": pa.array(h, pa.uint64())})))
+            storage.write_bytes(uri, parquet_bytes(pa.table({"h": pa.array(h, pa.uint64())})))
             written.append(uri)
             counts[step] += int(h.size)
     return counts, written
@@ -173,7 +156,7 @@ def tail_shard(step_dir: str, out_dir: str, shard: int, *, formats: tuple[str, .
     """Shard task `shard` of the tail (see the module docstring); returns its summary."""
     step_dir, out_dir = storage.validate_uri(step_dir), storage.validate_uri(out_dir)
     m, commit = _committed(step_dir)
-    of = len(tail_shards(step_dir))
+    of = _shard_count(step_dir, m)
     if not 0 <= shard < of:
         raise ExportError(f"shard {shard} out of range: the tail of {step_dir} has {of} shard tasks")
     done = _read_summary(out_dir, shard, commit, of, formats)
@@ -236,12 +219,12 @@ def tail_commit(step_dir: str, out_dir: str, *, formats: tuple[str, ...] = FORMA
     Raises ExportError naming a shard task that has not run for this commit, and ValidationFailed (after
     writing validation.json) when the data broke the suite; the export is then not committed."""
     step_dir, out_dir = storage.validate_uri(step_dir), storage.validate_uri(out_dir)
-    done = committed_export(out_dir, step_dir)
-    if done is not None and tuple(done["formats"]) == formats and (done["validated"] or not validate):
+    done = _export_done(step_dir, out_dir, formats, validate)
+    if done is not None:
         log.info("tail of %s: already committed for this commit", step_dir)
         return done
-    _, commit = _committed(step_dir)
-    of = len(tail_shards(step_dir))
+    m, commit = _committed(step_dir)
+    of = _shard_count(step_dir, m)
     summaries = []
     for k in range(of):
         s = _read_summary(out_dir, k, commit, of, formats)
@@ -283,11 +266,19 @@ def tail_commit(step_dir: str, out_dir: str, *, formats: tuple[str, ...] = FORMA
 
 def committed_export(out_dir: str, step_dir: str) -> dict[str, Any] | None:
     """`_EXPORT.json` of `out_dir` when it commits an export of this very step commit; else None."""
-    s = _read_json(storage.join(storage.validate_uri(out_dir), EXPORT_COMMIT))
+    s = storage.read_json_object(storage.join(storage.validate_uri(out_dir), EXPORT_COMMIT))
     if s is None:
         return None
     _, commit = _committed(storage.validate_uri(step_dir))
     return s if s.get("step_sha256") == commit else None
+
+
+def _export_done(step_dir: str, out_dir: str, formats: tuple[str, ...], validate: bool) -> dict[str, Any] | None:
+    """The committed export when it already is what this tail would commit (same step commit and formats,
+    validated if asked); else None."""
+    done = committed_export(out_dir, step_dir)
+    ok = done is not None and tuple(done["formats"]) == formats and (done["validated"] or not validate)
+    return done if ok else None
 
 
 def export_step(step_dir: str, out_dir: str, formats: tuple[str, ...] = FORMATS, name: str = "dataset",

@@ -185,14 +185,8 @@ def _failure_message(failures: list[dict[str, Any]]) -> str:
 
 def earlier_report(step_dir: str, commit: str) -> dict[str, Any] | None:
     """validation.json when this suite wrote it for `commit`; None otherwise (absent, unreadable, stale)."""
-    uri = storage.join(step_dir, "validation.json")
-    if not storage.exists(uri):
-        return None
-    try:
-        report = json.loads(storage.read_bytes(uri))
-    except ValueError:
-        return None
-    if not isinstance(report, dict) or report.get("commit") != commit or report.get("suite_version") != SUITE_VERSION:
+    report = storage.read_json_object(storage.join(step_dir, "validation.json"))
+    if report is None or report.get("commit") != commit or report.get("suite_version") != SUITE_VERSION:
         return None
     log.info("validation: %s already validated for this commit (%s): %s", step_dir, commit[:12],
              "passed" if report["success"] else "failed")

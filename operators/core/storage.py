@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -240,6 +241,18 @@ def read_bytes(uri: str) -> bytes:
             log.warning("reading %s failed (%s); reading it again", uri, e)
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def read_json_object(uri: str) -> dict[str, Any] | None:
+    """A small JSON object at `uri`, or None when there is none or the file is not one (a file of another
+    writer or of an older layout: the caller treats it as absent)."""
+    if not exists(uri):
+        return None
+    try:
+        data = json.loads(read_bytes(uri))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def open_input(uri: str) -> Any:

@@ -106,7 +106,7 @@ def published_id_hashes(dataset_uri: str, step: str | None = None) -> tuple[int 
     uris = [u for u in storage.list_files(storage.join(vdir, "ids")) if u.endswith(".parquet")]
     if step:  # one file per part (the tail's layout), or one file (versions published before it)
         uris += [u for u in storage.list_files(storage.join(vdir, "dedup_index"))
-                 if u.endswith((f"/dedup_index/{step}.parquet",)) or f"/dedup_index/{step}/" in u]
+                 if u.endswith(f"/dedup_index/{step}.parquet") or f"/dedup_index/{step}/" in u]
     for uri in uris:
         with storage.open_input(uri) as fh:
             parts.append(pq.read_table(fh, columns=["h"])["h"].to_numpy())

@@ -43,10 +43,10 @@ def step_arguments(
     if action == "export":
         return ["export", "--input", inputs[0], "--output", output, *xcom]
     if action in TAIL_MODES:  # config: {validate, run, name, formats}
+        if action == "tail_shard" and shard is None:
+            raise ValueError("action 'tail_shard' needs a shard")
         cfg = config or {}
         mode = TAIL_MODES[action] + ([str(int(shard))] if action == "tail_shard" and shard is not None else [])
-        if mode == ["--shard"]:
-            raise ValueError("action 'tail_shard' needs a shard")
         opts = (["--validate"] if cfg.get("validate") else []) + \
             [a for key in ("run", "name", "formats") if cfg.get(key) for a in (f"--{key}", str(cfg[key]))]
         return ["export", "--input", inputs[0], "--output", output, *mode, *opts, *xcom]

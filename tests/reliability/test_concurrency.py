@@ -25,7 +25,6 @@ from bench.crash_anywhere import (
     PIPELINE,
     Task,
     _preload,
-    in_forked_child,
     plan_task,
     prepare_root,
     problems,
@@ -55,7 +54,6 @@ def _run_tasks(tasks: list[Task]) -> int:
     if pid == 0:
         rc = 0
         try:
-            in_forked_child()
             os.environ.update(ENV)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the CLI's JSON lines; the manifests are checked
             from operators.cli import main
