@@ -81,6 +81,8 @@ def _emails(text: str) -> Iterator[Finding]:
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # Not inside a longer dotted run: "1.2.3.4.5" and "10.0.0.1.2" are not addresses.
 _IPV4 = re.compile(rf"(?<![\w.-])(?:{_OCTET}\.){{3}}{_OCTET}(?![\w]|\.\d)", re.ASCII)
+# What every dotted quad holds: a quick search (it starts with a literal) before the costly one.
+_IPV4_GATE = re.compile(r"\.\d{1,3}\.\d")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 # A dotted quad right after "version", "v" or a pin ("==", "@") is a version number.
 _IPV6_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:|::[0-9A-Fa-f]")
@@ -104,12 +106,12 @@ def ip_identifies(value: str) -> bool:
 
 
 def _ips(text: str) -> Iterator[Finding]:
-    if "." in text:
+    if _IPV4_GATE.search(text):
         for m in _IPV4.finditer(text):
             value = m.group()
             if ip_identifies(value) and not _VERSION_BEFORE.search(text, max(0, m.start() - 16), m.start()):
                 yield Finding("ip_address", m.start(), m.end(), value)
-    if _IPV6_HINT.search(text):
+    if ":" in text and _IPV6_HINT.search(text):
         for m in _IPV6.finditer(text):
             value = m.group()
             # Three groups at least: "a::b" and "fe80::1" are too short to tell from code and identify nobody.
@@ -379,15 +381,19 @@ def _made_up(value: str) -> bool:
     return kinds >= 2 or len(value) >= 16
 
 
+# Every hint with the token it hints at, searched in one flat pass (a substring test each, in C).
+_HINTS = tuple((h, k) for k, (_, hints, _) in enumerate(_TOKENS) for h in hints)
+
+
 def _secrets(text: str) -> Iterator[Finding]:
-    for subtype, hints, pattern in _TOKENS:
-        if any(h in text for h in hints):
-            for m in pattern.finditer(text):
-                if subtype == "openai_key" and not any(c.isdigit() for c in m.group()):
-                    continue  # "sk-learn-compatible-estimator-api": words, not a key
-                if _placeholder(m.group()) and subtype != "private_key":
-                    continue
-                yield Finding("secret", m.start(), m.end(), m.group(), subtype)
+    for k in sorted({k for h, k in _HINTS if h in text}):
+        subtype, _, pattern = _TOKENS[k]
+        for m in pattern.finditer(text):
+            if subtype == "openai_key" and not any(c.isdigit() for c in m.group()):
+                continue  # "sk-learn-compatible-estimator-api": words, not a key
+            if _placeholder(m.group()) and subtype != "private_key":
+                continue
+            yield Finding("secret", m.start(), m.end(), m.group(), subtype)
     if "://" in text:
         for m in _URL_PASSWORD.finditer(text):
             if not _placeholder(m.group(1)):
@@ -435,6 +441,16 @@ _DETECTORS: dict[str, Callable[[str], Iterator[Finding]]] = {
 }
 _HAS_DIGIT = re.compile(r"\d")
 _NUMERIC = frozenset({"iban", "credit_card", "us_ssn", "ip_address", "phone"})
+# Gates: a shape every match of a type must contain, searched once per text before the type's own patterns.
+# Phone numbers (7 digits at least), cards (13) and SSNs (9) are runs of ASCII digits with at most two
+# separators between neighbours ("(415) 555", "+1 (", "4242 4242"); an IBAN opens with a country code and two
+# check digits; an IPv4 address holds ".d.d". Each gate is necessary for its type, so the findings are the
+# same as without gates; a text that fails them (most prose, which has only short numbers) skips the
+# type's patterns, the costliest part of the scan.
+_LONG_NUMBER = re.compile(r"[0-9](?:[\s.()/-]{0,2}[0-9]){6}")
+_IBAN_START = re.compile(r"[A-Z]{2}\d\d")
+_GATES: dict[str, re.Pattern[str]] = {"phone": _LONG_NUMBER, "credit_card": _LONG_NUMBER, "us_ssn": _LONG_NUMBER,
+                                      "iban": _IBAN_START}
 
 
 def find_pii(text: str, types: Collection[str] = PII_TYPES) -> list[Finding]:
@@ -443,10 +459,18 @@ def find_pii(text: str, types: Collection[str] = PII_TYPES) -> list[Finding]:
     if not text:
         return []
     has_digit = _HAS_DIGIT.search(text) is not None
+    gates: dict[re.Pattern[str], bool] = {}
     found: list[Finding] = []
     for kind, detect in _DETECTORS.items():
-        if kind in types and (has_digit or kind not in _NUMERIC or (kind == "ip_address" and "::" in text)):
-            found.extend(detect(text))
+        if kind not in types or not (has_digit or kind not in _NUMERIC or (kind == "ip_address" and "::" in text)):
+            continue
+        gate = _GATES.get(kind)
+        if gate is not None:
+            if gate not in gates:
+                gates[gate] = gate.search(text) is not None
+            if not gates[gate]:
+                continue
+        found.extend(detect(text))
     if len(found) < 2:
         return found
     found.sort(key=lambda f: (_PRIORITY[f.type], -(f.end - f.start), f.start))
