@@ -68,6 +68,10 @@ def llm(role: str) -> str:
         "min_turns": param(2, type="integer", minimum=1, maximum=8),
         "max_turns": param(3, type="integer", minimum=1, maximum=8),
         "probes_per_ability": param(1, type="integer", minimum=1),
+        "min_label_samples": param(100, type="integer", minimum=0,
+                                   description="An ability with fewer records in the pool is too thin to judge: "
+                                   "diagnose marks it instead of scoring it, and the report lists second-level "
+                                   "labels below this count (0: judge every ability)."),
         **pii_param(),
         **keep_versions_param(),
         **task_timeout_param(),
@@ -90,7 +94,8 @@ def conversational_synthesis() -> None:
         ("evolve_r1", "evolve", evolve, [f"{RUN}/seed_select_r1"], LLM_PROFILE),
         ("respond_r1", "respond", respond, [f"{RUN}/evolve_r1"], LLM_PROFILE),
         ("diagnose_r1", "diagnose", {"llm": llm("judge"), "max_tokens": cap, "candidates": "{{ params.candidates }}",
-                                     "probes_per_ability": "{{ params.probes_per_ability }}", "round": 1},
+                                     "probes_per_ability": "{{ params.probes_per_ability }}",
+                                     "min_label_samples": "{{ params.min_label_samples }}", "round": 1},
          [f"{RUN}/label_vocab"], LLM_PROFILE),
         ("seed_select_r2", "seed_select", {**seeds, "budget": "{{ params.supplement_budget }}", "round": 2,
                                            "diagnosis_dir": f"{RUN}/diagnose_r1",

@@ -4,6 +4,8 @@ prep (tokenize, assistant-only labels, held-out split) for both sets
   -> stage1 (foundational) -> eval_stage1 -> stage2 (conversational + foundational replay) -> eval_stage2
   -> one_stage (both sets mixed once: the ablation) -> eval_one_stage          (mode one_stage or both)
   -> eval_base (the starting model) ; report (one table, every evaluated stage)
+  -> stage2_sweep (mapped: stage 2 again per `replay_ratios` entry, from stage 1's model) -> eval_stage2_sweep
+     (the report then plots the replay trade-off: held-out loss on each set, one point per ratio)
 Training runs DeepSpeed ZeRO-3 via the Hugging Face Trainer: locally on CPU (embedded); in kubernetes mode
 as a torchrun pod with every GPU of a node (a one-node profile), or as an indexed Job of one pod per node
 that the task creates, waits for (deferred), reports and deletes (a profile with `nodes` > 1; the Param
@@ -17,13 +19,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import dag
+from airflow.sdk import dag, get_current_context, task
 
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, report_task, step_group
 from operators.orchestration.params import param, task_timeout_param
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
-from operators.train.config import train_root
+from operators.train.config import sweep_stage, train_root
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 TRAIN_DIR = "{{ train_root }}/runs/{{ safe_name(params.run_name or run_id) }}/finetune"
@@ -92,6 +94,10 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
         "save_steps": param(200, type="integer", minimum=1),
         "heldout_fraction": param(0.02, type="number", minimum=0, maximum=0.5),
         "evaluation": param({}, type="object", description="EvalConfig overrides: benchmarks, limits, judge."),
+        "replay_ratios": param([], type="array", items={"type": "number", "minimum": 0, "maximum": 1},
+                               maxItems=16, uniqueItems=True,
+                               description="Replay sweep: stage 2 again per ratio (e.g. [0, 0.1, 0.16, 0.25]), "
+                               "each from stage 1's model; the report plots the trade-off. Empty: no sweep."),
         "evaluate_base": param(True, type="boolean"),
         "target_shard_mb": param(256, type="number", exclusiveMinimum=0),
     },
@@ -108,6 +114,7 @@ def two_stage_finetune() -> None:
         "foundational": f"{RUN}/train_prep_foundational", "conversational": f"{RUN}/train_prep_conversational",
         "base_model": "{{ params.model }}", "mode": "{{ params.mode }}",
         "replay_fraction": "{{ params.replay_fraction }}", "evaluate_base": "{{ params.evaluate_base }}",
+        "replay_ratios": "{{ params.replay_ratios }}",
         "stage1": _stage_config(), "stage2": _stage_config(), "evaluation": "{{ params.evaluation }}",
     }
 
@@ -126,7 +133,25 @@ def two_stage_finetune() -> None:
     prepared >> stage1 >> task("evaluate", "stage1", "vllm") >> stage2 >> task("evaluate", "stage2", "vllm") >> report
     prepared >> one_stage >> task("evaluate", "one_stage", "vllm") >> report
     prepared >> task("evaluate", "base", "vllm") >> report
+    # The replay sweep: one stage-2 run per ratio, mapped, each evaluated like the other stages.
+    sweep = replay_sweep_stages()
+    sweep_train = StepOperator.mapped(task_id="stage2_sweep", step="finetune", action="train", config=config,
+                                      output_uri=TRAIN_DIR, profile=train).expand(stage=sweep)
+    sweep_eval = StepOperator.mapped(task_id="eval_stage2_sweep", step="finetune", action="evaluate",
+                                     config=config, output_uri=TRAIN_DIR, profile="vllm").expand(stage=sweep)
+    stage1 >> sweep_train >> sweep_eval >> report
     report >> report_task(RUN, task_id="run_report")  # the run's page: data prep funnel, loss curves, eval table
+
+
+@task(task_id="replay_sweep")
+def replay_sweep_stages() -> list[str]:
+    """The sweep's stage names from the `replay_ratios` Param (none: the mapped sweep tasks skip)."""
+    ratios = get_current_context()["params"].get("replay_ratios") or []
+    if any(not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in ratios) or len(set(ratios)) != len(ratios):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"replay_ratios must be distinct numbers within [0, 1], got {ratios}")
+    return [sweep_stage(float(r)) for r in sorted(ratios)]
 
 
 two_stage_finetune()

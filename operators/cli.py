@@ -160,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
         tp.add_argument("--config", required=True, help="inline JSON or a path/URI to a JSON file")
         tp.add_argument("--output", required=True, help="fine-tuning directory (local or mounted path)")
         tp.add_argument("--stage", default=None, required=cmd == "evaluate",
-                        choices=("stage1", "stage2", "one_stage") if cmd == "train"
-                        else ("base", "stage1", "stage2", "one_stage", "report"))
+                        help="stage1, stage2, one_stage, a replay sweep's stage2_replay_<ratio>"
+                        + (", base or report" if cmd == "evaluate" else ""))
         tp.add_argument("--xcom-file", default=None)
     return p
 
@@ -189,16 +189,21 @@ def _train_command(args: argparse.Namespace) -> dict[str, Any]:
         cfg = _validated(TwoStageConfig, data, "fine-tuning")
         storage.validate_uri(args.output)
     if args.stage is not None and args.stage != "report":
-        from operators.train.stages import stages_for
+        from operators.train.stages import STAGES, known_stage, sweep_ratio
 
-        wanted = ["base"] if cfg.evaluate_base else []
-        if args.stage not in [*wanted, *stages_for(cfg.mode)]:
+        if args.stage not in ("base", *STAGES) and sweep_ratio(args.stage) is None:
+            raise ConfigError(f"unknown stage {args.stage!r}: use stage1, stage2, one_stage, "
+                              "stage2_replay_<ratio>" + (", base or report" if args.command == "evaluate" else ""))
+        if args.stage == "base" and args.command == "train":
+            raise ConfigError("the base model is not trained: 'base' is a stage of evaluate only")
+        if not ((args.stage == "base" and cfg.evaluate_base) or known_stage(cfg, args.stage)):
             return {"skipped": True, "stage": args.stage, "reason": f"stage {args.stage} is not part of mode "
-                    f"{cfg.mode}" + (" (evaluate_base is off)" if args.stage == "base" else "")}
+                    f"{cfg.mode}" + (" (evaluate_base is off)" if args.stage == "base" else
+                                     f" with replay_ratios {cfg.replay_ratios}")}
     if args.command == "evaluate" and args.stage == "report":
         from operators.train.evaluate import write_report
 
-        report = write_report(args.output)
+        report = write_report(args.output, cfg)
         return {"stages": [r["stage"] for r in report["rows"]], "rows": report["rows"]}
     if args.command == "evaluate":
         from operators.train.evaluate import evaluate_stage

@@ -63,7 +63,7 @@ echo "== conversational_synthesis (label -> label_vocab -> seed_score -> seed_se
 echo "   -> supplement round -> conversational_set), on the packaged SmolLM2-135M-Instruct on CPU, tiny budgets"
 CONF='{"foundational": "demo", "run_name": "demo-synthesis", "pool_budgets": {"math": 3, "code": 3, "general": 3},
        "seed_budget": 4, "supplement_budget": 2, "evolution_rounds": 2, "max_new_tokens": 48,
-       "min_turns": 2, "max_turns": 3, "probes_per_ability": 1}'
+       "min_turns": 2, "max_turns": 3, "probes_per_ability": 1, "min_label_samples": 2}'
 $BIN/airflow dags test conversational_synthesis -c "$CONF" >"$AIRFLOW_HOME/conversational_synthesis.log" 2>&1 \
   || { grep -E "ERROR|error|Traceback" "$AIRFLOW_HOME/conversational_synthesis.log" | tail -30; exit 1; }
 SYN=$IIP_DATA_ROOT/runs/demo-synthesis

@@ -212,3 +212,45 @@ def test_the_kept_profile_reads_a_bounded_sample(run_root: Path) -> None:
     assert sum(n for _, n in part["turns"]) == 5 and sum(part["languages"].values()) == 5
     page = render_html({"root": "file:///r/run", "steps": [], "kept_profile": {**part, "dir": "decontaminate"}})
     assert "profile of a sample of 5 spread over its parts" in page
+
+
+def test_label_coverage_lists_thin_labels_per_ability_and_thin_abilities_are_not_judged(tmp_path: Path) -> None:
+    """Second-level labels with fewer than min_label_samples records, per first-level ability (a chart and a
+    table), from a real label_vocab output; and a diagnosis's too-thin abilities named instead of scored."""
+    import pyarrow.parquet as pq
+
+    from operators.report.collect import build_report
+    from operators.schema import CANONICAL_SCHEMA
+
+    rows = []
+    for i in range(30):  # math: "algebra" on 20 records, "geometry" on 6; code: "python" on 4
+        ability, tag = ("math", "algebra") if i < 20 else ("math", "geometry") if i < 26 else ("code", "python")
+        rows.append({"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"},
+                                                      {"from": "gpt", "value": f"a{i}"}],
+                     "label": {"ability_en": [tag], "ability_zh": None, "cate_ability_en": [ability],
+                               "cate_ability_zh": None},
+                     "langdetect": "en", "source": "t", "reward": None, "origin": None})
+    (tmp_path / "raw").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), tmp_path / "raw" / "p.parquet")
+    run_all(build_step("label_vocab", {}), [str(tmp_path / "raw")], str(tmp_path / "run" / "label_vocab"))
+    # What a diagnose step with min_label_samples 10 records: code (4 records) too thin to judge.
+    diagnose = {"step": "diagnose", "dir": "diagnose_r1", "counters": {
+        "probes.min_label_samples": 10.0, "probes.thin.code": 4.0, "score_sum.math.m1": 7.0, "score_n.math.m1": 1.0}}
+    report = build_report(str(tmp_path / "run"))
+    from operators.report.collect import diagnosis, phase2_section
+
+    found = [(str(tmp_path / "run" / "label_vocab"), read_manifest(step_manifest_uri(str(tmp_path / "run" /
+                                                                                       "label_vocab"))))]
+    p2 = phase2_section(report["root"], found, [diagnose])
+    cov = p2["label_coverage"]
+    assert cov["min_label_samples"] == 10  # the diagnose step's threshold
+    assert cov["per_ability"] == {"code": {"labels": 1, "thin_labels": 1}, "math": {"labels": 2, "thin_labels": 1}}
+    assert cov["thin"] == [{"ability": "code", "label": "python", "records": 4},
+                           {"ability": "math", "label": "geometry", "records": 6}]
+    assert diagnosis([diagnose])[0]["thin"] == {"code": 4}
+    page = render_html({**report, "phase2": p2})
+    section = page[page.index("id='label-coverage'"):]
+    assert "Label coverage: second-level labels per ability" in section and "geometry" in section
+    assert "too thin to judge" in section and "code (4)" in section
+    # Without a diagnose step the default threshold (100) applies: every label here is thin.
+    assert build_report(str(tmp_path / "run"))["phase2"]["label_coverage"]["thin_labels"] == 3

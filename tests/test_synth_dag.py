@@ -58,7 +58,8 @@ def stats(run_root: Path, step: str) -> dict:
 def test_conversational_synthesis_dag_runs_end_to_end(env: dict[str, str]) -> None:
     conf = {"foundational": "found", "run_name": "synth", "pool_budgets": {"math": 0.5, "code": 0.5, "general": 0.5},
             "seed_budget": 1, "supplement_budget": 1, "weak_threshold": 10, "max_ifd": None,
-            "evolution_rounds": 1, "max_new_tokens": 20, "min_turns": 2, "max_turns": 2, "probes_per_ability": 1}
+            "evolution_rounds": 1, "max_new_tokens": 20, "min_turns": 2, "max_turns": 2, "probes_per_ability": 1,
+            "min_label_samples": 1}
     r = dags_test(env, "conversational_synthesis", "-c", json.dumps(conf), timeout=1500)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run_root = Path(env["IIP_DATA_ROOT"]) / "runs" / "synth"

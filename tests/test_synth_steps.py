@@ -19,7 +19,7 @@ from operators.core.registry import step_class
 from operators.core.runner import read_step_table, run_all
 from operators.llm.base import LLMConfig
 from operators.schema import CANONICAL_SCHEMA
-from operators.steps.synth.diagnose import ability_scores
+from operators.steps.synth.diagnose import ability_scores, thin_abilities
 from operators.steps.synth.evolve import DEPTH, clean_instruction, eliminate, strategy_for
 from operators.steps.synth.finalize import conversation_problem
 from operators.steps.synth.label_vocab import build_vocab, normalize_label
@@ -224,18 +224,21 @@ def test_seed_score_and_diagnose_with_the_real_model(tmp_path: Path) -> None:
             record("p2", "Name the capital of Japan.", "The capital of Japan is Tokyo.",
                    abilities=["open knowledge q&a"]),
             record("p3", "What is 7 plus 5?", "7 plus 5 is 12.", abilities=["mathematical ability"]),
-            record("p4", "Say hi.", "", abilities=["open knowledge q&a"])]
+            record("p4", "Say hi.", "", abilities=["open knowledge q&a"]),
+            record("p5", "Write hello world in C.", "printf(\"hello world\");", abilities=["code generation"])]
     src = write(tmp_path / "pool" / "p.parquet", pool, CANONICAL_SCHEMA)
     s = run("seed_score", TINY, [src], tmp_path / "scored")
     rows = {r["id"]: r for r in read_step_table(str(tmp_path / "scored")).to_pylist()}
     for i in ("p1", "p2", "p3"):
         assert rows[i]["ifd"] == pytest.approx(rows[i]["answer_loss"] / rows[i]["answer_alone_loss"])
     assert rows["p4"]["ifd"] is None and rows["p4"]["score_note"] == "no answer to score"
-    assert s.stats.counters["scored"] == 3
+    assert s.stats.counters["scored"] == 4
 
-    d = run("diagnose", {**TINY, "probes_per_ability": 1, "candidates": {"small": TINY["llm"]}},
-            [str(tmp_path / "scored")], tmp_path / "diag")
+    # min_label_samples 2: code generation has one record in the pool, too thin to judge: not probed, marked.
+    d = run("diagnose", {**TINY, "probes_per_ability": 1, "candidates": {"small": TINY["llm"]},
+                         "min_label_samples": 2}, [str(tmp_path / "scored")], tmp_path / "diag")
     assert d.stats.records_in == 2  # one probe per ability; the rest of the pool is not read or copied
+    assert thin_abilities(d.stats.counters) == {"code generation": 1}
     probes = read_step_table(str(tmp_path / "diag")).to_pylist()
     assert sorted(p["probe_ability"] for p in probes) == ["mathematical ability", "open knowledge q&a"]
     for p in probes:

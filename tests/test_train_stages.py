@@ -37,7 +37,7 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
         "foundational": str(foundational), "conversational": str(conversational), "run_name": "ft1",
         "mode": "two_stage", "evaluate_base": False, "heldout_fraction": 0.25, "max_seq_len": 128,
         "bf16": False, "gradient_checkpointing": False, "train_layers": 2, "learning_rate": 5e-4,
-        "warmup_steps": 0, "global_batch_size": 1, "max_steps": 2, "save_steps": 100,
+        "warmup_steps": 0, "global_batch_size": 1, "max_steps": 2, "save_steps": 100, "replay_ratios": [0.5],
         "evaluation": {"max_new_tokens": 4, "heldout_max_windows": 1, "chat_questions": None, "benchmarks": [
             {"name": "arithmetic", "uri": "builtin://arithmetic", "format": "gsm8k", "limit": 1},
             {"name": "humaneval", "uri": "humaneval://", "format": "humaneval", "limit": 1},
@@ -47,7 +47,7 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     ft = Path(airflow_home["IIP_DATA_ROOT"]) / "runs" / "ft1" / "finetune"
     report = json.loads((ft / "eval_report.json").read_text())
-    assert [row["stage"] for row in report["rows"]] == ["stage1", "stage2"]
+    assert [row["stage"] for row in report["rows"]] == ["stage1", "stage2", "stage2_replay_0.5"]
     for row in report["rows"]:
         assert row["heldout_foundational"] > 0 and row["heldout_conversational"] > 0
         assert {"arithmetic", "humaneval", "arithmetic_mc"} <= set(row) and row["train_steps"] == 2
@@ -56,6 +56,15 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
     assert set(stage2["rows_per_set"]) == {"conversational", "foundational_replay"}
     assert 0 < stage2["rows_per_set"]["foundational_replay"] < 16  # only the select step's replay rows
     assert not (ft / "one_stage").exists()  # the ablation is skipped in mode two_stage
+    # The replay sweep (one ratio here, to keep the suite short; several ratios and ratio 0 are
+    # tests/test_replay_sweep.py's): stage 2 again, mapped, from stage 1's model, with half the foundational
+    # training rows replayed, evaluated, and the trade-off in the report.
+    tr = json.loads((ft / "stage2_replay_0.5" / "train_result.json").read_text())
+    assert tr["init_model"] == str(ft / "stage1" / "model")
+    assert tr["rows_per_set"]["foundational_replay"] > stage2["rows_per_set"]["foundational_replay"]
+    assert [p["replay_ratio"] for p in report["tradeoff"]["points"]] == [None, None, 0.5]
+    page = Path(airflow_home["IIP_DATA_ROOT"]) / "runs" / "ft1" / "report.html"
+    assert "Replay trade-off" in page.read_text()
     assert "| stage1 |" in (ft / "eval_report.md").read_text()
 
 

@@ -14,6 +14,7 @@ from operators.report.figures import (
     heatmap,
     histogram,
     line_chart,
+    scatter_chart,
     stacked_bars,
 )
 
@@ -91,6 +92,17 @@ def top_tags(tags: list[tuple[str, int]]) -> Figure:
                      caption="Most frequent merged second-level labels (the long tail is what seed selection keeps).")
 
 
+def label_coverage(cov: dict[str, Any]) -> Figure:
+    """Second-level labels per first-level ability: with enough records, and too few to diagnose on."""
+    minimum = cov["min_label_samples"]
+    rows = [(a, {f">= {minimum} records": v["labels"] - v["thin_labels"], f"< {minimum} records": v["thin_labels"]})
+            for a, v in sorted(cov["per_ability"].items(), key=lambda kv: (-kv[1]["thin_labels"], kv[0]))]
+    return stacked_bars("Label coverage: second-level labels per ability", rows,
+                        caption=f"Second-level labels under each first-level ability, split at {minimum} records "
+                                "(min_label_samples): below it, too few records for a diagnosis of that ability "
+                                "to rest on. The thin labels are listed below.")
+
+
 def evolution(rows: list[dict[str, Any]]) -> Figure:
     """Evolution candidates kept and eliminated per round and strategy."""
     stacked = [(f"{r['step']} r{r['round']} {r['strategy']}", {"kept": r["kept"], **r["dropped"]}) for r in rows]
@@ -123,3 +135,21 @@ def loss_curves(stages: dict[str, dict[str, Any]]) -> Figure:
     """Training loss per step, one line per stage."""
     return line_chart("Training loss per stage", {k: v["losses"] for k, v in stages.items()}, y_label="loss",
                       caption="Logged training loss (assistant tokens only) per optimizer step.")
+
+
+def replay_tradeoff(points: list[dict[str, Any]]) -> Figure | None:
+    """The replay sweep: held-out loss on the foundational set against the conversational set, one point per
+    ratio (joined, by ratio) beside stage 1, stage 2, the one-stage ablation and the base model."""
+    drawn = [(p["label"], float(p["heldout_foundational"]), float(p["heldout_conversational"]),
+              p["replay_ratio"] is not None) for p in points
+             if p.get("heldout_foundational") is not None and p.get("heldout_conversational") is not None]
+    if not any(joined for *_, joined in drawn):
+        return None
+    return scatter_chart(
+        "Replay trade-off: foundational vs conversational held-out loss", drawn,
+        x_label="held-out loss, foundational set (lower is better)",
+        y_label="held-out loss, conversational (lower is better)",
+        caption="Each blue point is stage 2 trained again with that share of the foundational set replayed (nested "
+                "samples: a larger ratio's replay holds a smaller one's), all from the same stage-1 model; orange "
+                "points are the other evaluated stages. Down and left is better on both sets. With few training "
+                "steps and a small model the differences are noise; the curve is what a GPU-sized run reads.")

@@ -437,10 +437,37 @@ def llm_totals(steps: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def diagnosis(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: mean judge score per ability and candidate model (from diagnose steps' counters)."""
-    from operators.steps.synth.diagnose import ability_scores
+    """Per round: mean judge score per ability and candidate model, and the abilities too thin to judge (records
+    in the pool), from diagnose steps' counters."""
+    from operators.steps.synth.diagnose import ability_scores, thin_abilities
 
-    return [{"step": s["dir"], "scores": ability_scores(s["counters"])} for s in steps if s["step"] == "diagnose"]
+    return [{"step": s["dir"], "scores": ability_scores(s["counters"]), "thin": thin_abilities(s["counters"]),
+             "min_label_samples": int(s["counters"].get("probes.min_label_samples", 0))}
+            for s in steps if s["step"] == "diagnose"]
+
+
+DEFAULT_MIN_LABEL_SAMPLES = 100  # the diagnose step's default, when no diagnose step ran
+THIN_ROWS = 200  # rows of thin labels a report lists (the chart counts them all)
+
+
+def label_coverage(step_dir: str, m: Manifest, min_samples: int) -> dict[str, Any]:
+    """Records per (first-level ability, second-level label) of a labeled step, and the labels below
+    `min_samples`: too few for a diagnosis of that ability to rest on. A record counts under its first (primary)
+    ability, the one diagnose probes it for, once per distinct label it carries."""
+    pairs: Counter[tuple[str, str]] = Counter()
+    for t in iter_parts(step_dir, m, "data", ["label"]):
+        for lab in t.column("label").to_pylist():
+            lab = lab or {}
+            ability = (lab.get("cate_ability_en") or ["(none)"])[0]
+            pairs.update((ability, tag) for tag in dict.fromkeys(lab.get("ability_en") or ["(none)"]))
+    per: dict[str, dict[str, int]] = {}
+    for (ability, _), n in sorted(pairs.items()):
+        row = per.setdefault(ability, {"labels": 0, "thin_labels": 0})
+        row["labels"] += 1
+        row["thin_labels"] += n < min_samples
+    thin = sorted(((a, t, n) for (a, t), n in pairs.items() if n < min_samples), key=lambda x: (x[0], x[2], x[1]))
+    return {"min_label_samples": min_samples, "per_ability": per, "thin_labels": len(thin),
+            "thin": [{"ability": a, "label": t, "records": n} for a, t, n in thin[:THIN_ROWS]]}
 
 
 def phase2_section(root: str, found: list[tuple[str, Manifest]], steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -456,6 +483,11 @@ def phase2_section(root: str, found: list[tuple[str, Manifest]], steps: list[dic
             out.setdefault("evolution", []).extend({"step": rel, **row} for row in _evolution(step_dir, m))
     if diag := diagnosis(steps):
         out["diagnosis"] = diag
+    labeled = [(d, m) for d, m in found if m.step == "label_vocab"] or [(d, m) for d, m in found if m.step == "label"]
+    if labeled:
+        minimum = next((d["min_label_samples"] for d in diag or [] if d["min_label_samples"]),
+                       DEFAULT_MIN_LABEL_SAMPLES)
+        out["label_coverage"] = label_coverage(*labeled[-1], minimum)
     if roles := llm_by_role(steps):
         out["llm_by_role"] = roles
     return out

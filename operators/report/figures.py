@@ -275,3 +275,43 @@ def line_chart(title: str, series: dict[str, Sequence[tuple[float, float]]], *, 
                     f"<title>{_e(name)} {x_label} {fmt(x)}: {fmt(y)}</title></circle>" for x, y in s)
     table = tuple((name, x, y) for name in names for x, y in sorted(series[name]))
     return Figure(title, caption, _svg(width, height, "".join(body), title), ("series", x_label, y_label), table)
+
+
+def scatter_chart(title: str, points: Sequence[tuple[str, float, float, bool]], *, caption: str, x_label: str,
+                  y_label: str, width: int = 640, height: int = 320) -> Figure:
+    """Labelled points on shared axes; the points flagged True are joined in the given order (a curve, e.g. a
+    sweep), the others stand alone (reference points)."""
+    left, right, top_pad, bottom = 64, 24, 20, 40
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1 = min(xs, default=0.0), max(xs, default=1.0)
+    y0, y1 = min(ys, default=0.0), max(ys, default=1.0)
+    pad_x, pad_y = (x1 - x0) * 0.08 or 0.5, (y1 - y0) * 0.08 or 0.5
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    pw, ph = width - left - right, height - top_pad - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y: float) -> float:
+        return top_pad + (1 - (y - y0) / (y1 - y0)) * ph
+
+    body = [f"<line x1='{left}' y1='{top_pad + ph}' x2='{left + pw}' y2='{top_pad + ph}' stroke='{MUTED}'/>",
+            f"<line x1='{left}' y1='{top_pad}' x2='{left}' y2='{top_pad + ph}' stroke='{MUTED}'/>",
+            f"<text x='{left - 6}' y='{top_pad + 4}' text-anchor='end' font-size='10'>{fmt(y1)}</text>",
+            f"<text x='{left - 6}' y='{top_pad + ph}' text-anchor='end' font-size='10'>{fmt(y0)}</text>",
+            f"<text x='{left}' y='{height - 22}' font-size='10'>{fmt(x0)}</text>",
+            f"<text x='{left + pw}' y='{height - 22}' text-anchor='end' font-size='10'>{fmt(x1)}</text>",
+            f"<text x='{left + pw / 2}' y='{height - 6}' text-anchor='middle' font-size='11'>{_e(x_label)}</text>",
+            f"<text x='14' y='{top_pad + ph / 2}' font-size='11' transform='rotate(-90 14 {top_pad + ph / 2})' "
+            f"text-anchor='middle'>{_e(y_label)}</text>"]
+    curve = [(px(x), py(y)) for _, x, y, joined in points if joined]
+    if len(curve) > 1:
+        d = " ".join(f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(curve))
+        body.append(f"<path d='{d}' fill='none' stroke='{PALETTE[0]}' stroke-width='2'/>")
+    for label, x, y, joined in points:
+        color = PALETTE[0] if joined else PALETTE[1]
+        body.append(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='4' fill='{color}'>"
+                    f"<title>{_e(label)}: {fmt(x)}, {fmt(y)}</title></circle>"
+                    f"<text x='{px(x) + 6:.1f}' y='{py(y) - 6:.1f}' font-size='10'>{_e(_short(label))}</text>")
+    rows = tuple((label, x, y) for label, x, y, _ in points)
+    return Figure(title, caption, _svg(width, height, "".join(body), title), ("point", x_label, y_label), rows)

@@ -204,9 +204,23 @@ def _phase2(report: dict[str, Any]) -> str:
         out.append(figure(charts.top_tags(p2["top_tags"])))
     if p2.get("evolution"):
         out.append(figure(charts.evolution(p2["evolution"])))
+    if cov := p2.get("label_coverage"):
+        out.append("<h3 id='label-coverage'>Label coverage</h3>" + figure(charts.label_coverage(cov)))
+        if cov["thin"]:
+            shown = len(cov["thin"])
+            more = (f" (the first {fmt(shown)} of {fmt(cov['thin_labels'])})" if cov["thin_labels"] > shown else "")
+            out.append(f"<p>Labels with fewer than {fmt(cov['min_label_samples'])} records{more}:</p>" + table(
+                ("ability", "second-level label", "records"),
+                [(r["ability"], r["label"], r["records"]) for r in cov["thin"]]))
     for d in p2.get("diagnosis", []):
         fig = charts.diagnosis(d)
-        out.append(figure(fig) if fig else f"<p>{e(d['step'])}: no probe was judged (see its judge_failures).</p>")
+        if fig or not d.get("thin"):
+            out.append(figure(fig) if fig else f"<p>{e(d['step'])}: no probe was judged (see its judge_failures)."
+                       "</p>")
+        if d.get("thin"):
+            out.append(f"<p>{e(d['step'])}: too thin to judge (fewer than {fmt(d['min_label_samples'])} records in "
+                       "the pool; not probed, no score): " + ", ".join(
+                           f"{e(a)} ({fmt(n)})" for a, n in d["thin"].items()) + "</p>")
     if p2.get("llm_by_role"):
         roles = p2["llm_by_role"]
         cols = sorted({k for v in roles.values() for k in v})
@@ -230,6 +244,15 @@ def _training(report: dict[str, Any]) -> str:
         ev = tr["eval"]
         out.append("<h3>Evaluation per stage (two-stage vs one-stage side by side)</h3>"
                    + table(ev["columns"], [[r.get(c, "") for c in ev["columns"]] for r in ev["rows"]]))
+        if ev.get("tradeoff") and (chart := charts.replay_tradeoff(ev["tradeoff"]["points"])) is not None:
+            points = ev["tradeoff"]["points"]
+            out.append("<h3 id='replay-sweep'>Replay sweep</h3>" + figure(chart) + table(
+                ("point", "replay ratio", "held-out foundational", "held-out conversational",
+                 "foundational benchmarks (mean)", "chat"),
+                [(p["label"], "" if p["replay_ratio"] is None else f"{p['replay_ratio']:.0%}",
+                  p["heldout_foundational"], p["heldout_conversational"],
+                  "" if p["foundational_benchmarks"] is None else p["foundational_benchmarks"],
+                  "" if p["chat"] is None else p["chat"]) for p in points]))
     return "".join(out)
 
 
@@ -311,8 +334,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     for d in report.get("diagnosis", []):
         models = sorted({m for per in d["scores"].values() for m in per})
         lines += ["", f"## Ability scores: {d['step']} (mean judge score, 1-10)", ""]
+        if d.get("thin"):
+            lines += [f"Too thin to judge (fewer than {d['min_label_samples']} records in the pool; not probed): "
+                      + ", ".join(f"{a} ({n})" for a, n in d["thin"].items()), ""]
         if not models:
-            lines.append("No probe was judged (see the step's `judge_failures.*`).")
+            lines.append("No probe was judged" + (" (see the step's `judge_failures.*`)." if not d.get("thin")
+                                                  else "."))
             continue
         lines += ["| ability | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
         lines += [f"| {a} | " + " | ".join(str(per.get(m, "")) for m in models) + " |"

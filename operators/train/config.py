@@ -32,6 +32,26 @@ def train_root() -> str:
     return os.environ.get("IIP_DATA_ROOT") or os.path.abspath(".data")
 
 
+# A replay sweep's stage-2 runs: `stage2_replay_0.16` trains stage 2 again with 16% of the foundational set.
+SWEEP_PREFIX = "stage2_replay_"
+
+
+def sweep_stage(ratio: float) -> str:
+    """The stage name of the replay sweep's run at `ratio` (its folder under the fine-tuning directory)."""
+    return f"{SWEEP_PREFIX}{ratio:g}"
+
+
+def sweep_ratio(stage: str) -> float | None:
+    """The replay ratio of a sweep stage name, or None for any other stage."""
+    if not stage.startswith(SWEEP_PREFIX):
+        return None
+    try:
+        ratio = float(stage[len(SWEEP_PREFIX):])
+    except ValueError:
+        return None
+    return ratio if 0.0 <= ratio <= 1.0 and sweep_stage(ratio) == stage else None
+
+
 class PrepConfig(StepConfig):
     """The `train_prep` step: chat-template tokenization, assistant-only labels, held-out split."""
 
@@ -216,10 +236,31 @@ class TwoStageConfig(BaseModel):
     replay_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="Share of the foundational training records replayed in stage "
         "2; blank = the records the select step flagged `replay` (its replay_fraction, paper ~16%).")
+    replay_ratios: list[float] = Field(
+        default_factory=list, max_length=16,
+        description="Replay sweep: stage 2 once more per ratio (a share of the foundational training records, "
+        "chosen by id hash, so a larger ratio's sample holds a smaller one's), each from stage 1's model and "
+        "evaluated like the other stages; the report plots the trade-off. Empty: no sweep.")
     evaluate_base: bool = Field(True, description="Also evaluate the starting model (a baseline row).")
     stage1: TrainConfig = Field(default_factory=TrainConfig)
     stage2: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("replay_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= r <= 1.0 for r in v):
+            raise ValueError(f"each replay ratio must be within [0, 1], got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"replay ratios must be distinct, got {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _sweep_needs_stage1(self) -> TwoStageConfig:
+        if self.replay_ratios and self.mode == "one_stage":
+            raise ValueError("replay_ratios: a replay sweep continues from stage 1's model; use mode two_stage "
+                             "or both")
+        return self
 
     @field_validator("foundational", "conversational")
     @classmethod

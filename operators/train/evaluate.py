@@ -32,7 +32,7 @@ from operators.train import remote
 from operators.train.builtin_sets import BUILTIN
 from operators.train.config import IGNORE_INDEX, BenchSpec, EvalConfig, TwoStageConfig
 from operators.train.data_prep import MaskError, encode_batch
-from operators.train.stages import eval_model, stage_dir
+from operators.train.stages import eval_model, stage_dir, sweep_ratio, sweep_stages
 from operators.train.trainer import DataSelection, packed_windows, read_prepared
 
 log = logging.getLogger("operators.train.evaluate")
@@ -356,14 +356,20 @@ def evaluate_stage(cfg: TwoStageConfig, stage: str, train_dir: str) -> dict[str,
     result["peak_rss_mb"] = peak_rss_mb()
     storage.write_bytes(storage.join(stage_dir(train_dir, stage), "eval.json"),
                         json.dumps(result, indent=2).encode())
-    write_report(train_dir)
+    write_report(train_dir, cfg)
     return result
 
 
-def write_report(train_dir: str) -> dict[str, Any]:
-    """Tabulate every evaluated stage (and its training summary) into eval_report.json and .md."""
+def report_stages(cfg: TwoStageConfig | None) -> list[str]:
+    """The stages a report lists, in order: base, stage 1, stage 2, the replay sweep by ratio, one-stage."""
+    return [*STAGE_ORDER[:3], *(sweep_stages(cfg) if cfg is not None else []), *STAGE_ORDER[3:]]
+
+
+def write_report(train_dir: str, cfg: TwoStageConfig | None = None) -> dict[str, Any]:
+    """Tabulate every evaluated stage (and its training summary) into eval_report.json and .md; with a replay
+    sweep, also its trade-off points (`tradeoff`)."""
     rows: list[dict[str, Any]] = []
-    for stage in STAGE_ORDER:
+    for stage in report_stages(cfg):
         uri = storage.join(stage_dir(train_dir, stage), "eval.json")
         if not storage.exists(uri):
             continue
@@ -388,7 +394,12 @@ def write_report(train_dir: str) -> dict[str, Any]:
     for row in rows:
         lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in columns) + " |")
     md = "# Fine-tuning evaluation\n\n" + "\n".join(lines) + "\n"
-    report = {"rows": rows, "columns": columns}
+    report: dict[str, Any] = {"rows": rows, "columns": columns}
+    if cfg is not None and any(sweep_ratio(r["stage"]) is not None for r in rows):
+        report["tradeoff"] = tradeoff(rows, cfg)
+        md += "\n## Replay sweep\n\n" + "\n".join(
+            f"- {p['label']}: held-out loss foundational {p['heldout_foundational']}, conversational "
+            f"{p['heldout_conversational']}" for p in report["tradeoff"]["points"]) + "\n"
     # Published like a model: both files uploaded with checksums, then a conditional completion marker.
     with tempfile.TemporaryDirectory(prefix="eval-report-") as tmp:
         (Path(tmp) / f"{REPORT_NAME}.json").write_text(json.dumps(report, indent=2))
@@ -396,6 +407,31 @@ def write_report(train_dir: str) -> dict[str, Any]:
         remote.publish(Path(tmp), storage.validate_uri(train_dir), [f"{REPORT_NAME}.json", f"{REPORT_NAME}.md"],
                        marker=REPORT_MARKER)
     return report
+
+
+def tradeoff(rows: list[dict[str, Any]], cfg: TwoStageConfig) -> dict[str, Any]:
+    """The replay sweep's trade-off: per evaluated stage, its held-out loss on the foundational and on the
+    conversational set (lower is better on both), the mean of its foundational benchmark scores and its chat
+    score when those ran. Sweep points carry their ratio; stage 2, the one-stage ablation and the base model
+    are the reference points."""
+    bench = [b.name for b in cfg.evaluation.benchmarks if b.format != "mt_bench"]
+    points = []
+    for row in rows:
+        ratio = sweep_ratio(row["stage"])
+        if ratio is not None:
+            label = f"replay {ratio:.0%}"
+        elif row["stage"] == "stage2":
+            label = "stage2 (" + (f"replay {cfg.replay_fraction:.0%}" if cfg.replay_fraction is not None
+                                  else "select's replay rows") + ")"
+        else:
+            label = {"base": "base model", "one_stage": "one-stage (mixed once)"}.get(row["stage"], row["stage"])
+        scores = [row[b] for b in bench if isinstance(row.get(b), (int, float))]
+        points.append({"stage": row["stage"], "label": label, "replay_ratio": ratio,
+                       "heldout_foundational": row.get("heldout_foundational"),
+                       "heldout_conversational": row.get("heldout_conversational"),
+                       "foundational_benchmarks": round(sum(scores) / len(scores), 4) if scores else None,
+                       "chat": row.get("chat")})
+    return {"points": points, "benchmarks": bench}
 
 
 def read_report(train_dir: str) -> dict[str, Any]:

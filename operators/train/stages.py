@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from operators.core import storage
-from operators.train.config import TwoStageConfig
+from operators.train.config import SWEEP_PREFIX, TwoStageConfig, sweep_ratio, sweep_stage
 from operators.train.trainer import DataSelection, TrainJob
 
 Stage = Literal["stage1", "stage2", "one_stage"]
@@ -30,6 +30,16 @@ def model_dir(train_dir: str, stage: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def sweep_stages(cfg: TwoStageConfig) -> list[str]:
+    """The sweep's stage names, by ratio."""
+    return [sweep_stage(r) for r in cfg.replay_ratios]
+
+
+def known_stage(cfg: TwoStageConfig, stage: str) -> bool:
+    """Whether `stage` is a training stage of this config: one of its mode's, or a run of its sweep."""
+    return stage in stages_for(cfg.mode) or stage in sweep_stages(cfg)
+
+
 def stages_for(mode: str) -> list[Stage]:
     """The training runs a mode needs, in order."""
     return {"two_stage": ["stage1", "stage2"], "one_stage": ["one_stage"],
@@ -43,11 +53,19 @@ def replay_selection(cfg: TwoStageConfig) -> DataSelection:
     return DataSelection(name="foundational_replay", uri=cfg.foundational, fraction=cfg.replay_fraction)
 
 
-def stage_job(cfg: TwoStageConfig, stage: Stage, train_dir: str) -> TrainJob:
+def stage_job(cfg: TwoStageConfig, stage: str, train_dir: str) -> TrainJob:
     """The `TrainJob` of `stage`: its data mix, starting model, settings and run directory."""
     foundational = DataSelection(name="foundational", uri=cfg.foundational)
     conversational = DataSelection(name="conversational", uri=cfg.conversational)
     out = stage_dir(train_dir, stage)
+    ratio = sweep_ratio(stage)
+    if ratio is not None:
+        # Stage 2 again with `ratio` of the foundational set replayed: the same id-hash draw at every ratio,
+        # so the samples are nested and the sweep's curve measures quantity, not which records were drawn.
+        data = [conversational]
+        if ratio > 0.0:
+            data.append(DataSelection(name="foundational_replay", uri=cfg.foundational, fraction=ratio))
+        return TrainJob(init_model=model_dir(train_dir, "stage1"), data=data, train=cfg.stage2, output=out)
     if stage == "stage1":
         return TrainJob(init_model=cfg.base_model, data=[foundational], train=cfg.stage1, output=out)
     if stage == "stage2":
@@ -59,13 +77,13 @@ def stage_job(cfg: TwoStageConfig, stage: Stage, train_dir: str) -> TrainJob:
         # The ablation mixes both sets once, with stage 1's settings (the paper uses the same for both).
         return TrainJob(init_model=cfg.base_model, data=[foundational, conversational], train=cfg.stage1,
                         output=out)
-    raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    raise ValueError(f"unknown stage {stage!r}; use one of {STAGES} or {SWEEP_PREFIX}<ratio>")
 
 
 def eval_model(cfg: TwoStageConfig, stage: str, train_dir: str) -> str:
     """The model `evaluate` loads for `stage` (`base` is the starting model itself)."""
     if stage == "base":
         return cfg.base_model
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; use base or one of {STAGES}")
+    if stage not in STAGES and sweep_ratio(stage) is None:
+        raise ValueError(f"unknown stage {stage!r}; use base, one of {STAGES} or {SWEEP_PREFIX}<ratio>")
     return model_dir(train_dir, stage)

@@ -2,6 +2,9 @@
 
 The probe set is drawn from the labeled pool: per first-level ability, the `probes_per_ability` records
 with the smallest hash of (seed, id) (stages: probe_keys (map) -> probes (reduce), exact across shards).
+An ability with fewer than `min_label_samples` records in the pool is not probed: its evidence is too thin
+to judge, and it is marked so (`probes.thin.<ability>` = its records) instead of getting a score that a
+handful of records would decide.
 Only probes are read by the transform (the rest of the pool is not copied anywhere). Each candidate model
 answers each probe; the judge returns a structured {score 1-10, rationale}. Output: one row per probe with
 every candidate's answer, score and rationale. Stats carry additive counters
@@ -45,8 +48,16 @@ class DiagnoseConfig(LLMStepConfig):
 
     candidates: dict[str, LLMConfig] = Field(default_factory=lambda: {"candidate": LLMConfig()}, min_length=1)
     probes_per_ability: int = Field(5, ge=1)
+    min_label_samples: int = Field(
+        100, ge=0, description="An ability with fewer records than this in the pool is marked too thin to judge "
+        "and is not probed (0: judge every ability).")
     round: int = Field(1, ge=1)
     seed: int = 0
+
+
+def thin_abilities(counters: dict[str, float]) -> dict[str, int]:
+    """{ability: records in the pool} of the abilities a diagnose step found too thin to judge (its counters)."""
+    return {k[len("probes.thin."):]: int(v) for k, v in sorted(counters.items()) if k.startswith("probes.thin.")}
 
 
 def ability_scores(counters: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -96,14 +107,19 @@ class DiagnoseStep(LLMStep[DiagnoseConfig]):
         key = c["key"].to_numpy()
         chosen = np.zeros(c.num_rows, dtype=bool)
         per: dict[str, int] = {}
+        thin: dict[str, int] = {}
         for a in sorted(set(ability.tolist())):
             idx = np.flatnonzero(ability == a)
+            if idx.size < self.config.min_label_samples:
+                thin[a] = int(idx.size)
+                continue
             pick = idx[np.argsort(key[idx], kind="stable")[: self.config.probes_per_ability]]
             chosen[pick] = True
             per[a] = len(pick)
         probes = c.filter(pa.array(chosen)).select(["shard", "row", "ability"])
-        return StageOutput(partitions=partition_by_shard(probes), summary={"probes": int(chosen.sum()),
-                                                                             "per_ability": per})
+        return StageOutput(partitions=partition_by_shard(probes), summary={
+            "probes": int(chosen.sum()), "per_ability": per, "thin": thin,
+            "min_label_samples": self.config.min_label_samples})
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         t = artifacts.partition("probes", shard)
@@ -153,4 +169,4 @@ class DiagnoseStep(LLMStep[DiagnoseConfig]):
         return keep_all(table, dict(counters))
 
 
-__all__ = ["DiagnoseConfig", "DiagnoseStep", "ability_scores"]
+__all__ = ["DiagnoseConfig", "DiagnoseStep", "ability_scores", "thin_abilities"]
