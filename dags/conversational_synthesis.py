@@ -6,6 +6,9 @@ pool (sample of the foundational set) -> label (two-level abilities) -> label_vo
 -> diagnose (candidates answer probes, a judge scores each ability)
 -> round 2: seed_select for the weak abilities -> evolve -> respond
 -> conversational_set (canonical schema) -> pii -> export -> publish (dataset `conversational`) -> report
+Drift review (operators/review/, plugins/iip_review.py): people mark a sample of the evolved instructions in the
+run's Review tab (`review_sample`, `drift_gate`); `stronger_judge` makes a run's evolve steps judge some strategies'
+evolutions with a stronger model (e.g. those an earlier run's review failed).
 With IIP_ASSET_SCHEDULES=1 (read at parse time) it runs on each new version of the `foundational` dataset.
 Every LLM step caches its results beside its output: a retried or re-run task pays no tokens twice.
 In kubernetes mode LLM steps run in the `vllm` pod profile (GPU); embedded mode runs the packaged CPU model.
@@ -21,6 +24,7 @@ from airflow.sdk import dag
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
 from operators.orchestration.params import PII_CONFIG, keep_versions_param, param, pii_param, task_timeout_param
 from operators.orchestration.settings import data_root, run_dir, safe_name
+from operators.review.judge import validator_config
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 MODEL_ROLES = ("labeler", "reference", "evolver", "responder", "user", "judge")
@@ -42,7 +46,7 @@ def llm(role: str) -> str:
     max_active_runs=1,
     render_template_as_native_obj=True,
     user_defined_macros={"data_root": data_root(), "safe_name": safe_name, "run_dir": run_dir,
-                         "asset_extra": asset_extra},
+                         "asset_extra": asset_extra, "validator_config": validator_config},
     tags=["iip", "phase-2", "llm"],
     params={
         "foundational": param("demo", type="string", description="A foundational_selection run name (its "
@@ -72,6 +76,17 @@ def llm(role: str) -> str:
                                    description="An ability with fewer records in the pool is too thin to judge: "
                                    "diagnose marks it instead of scoring it, and the report lists second-level "
                                    "labels below this count (0: judge every ability)."),
+        "drift_gate": param(0.05, type="number", minimum=0, maximum=1,
+                            description="Drift review: a strategy whose reviewed error rate (drifted, factual error "
+                            "or unsafe) is above this fails, and the run is marked 'needs a stronger validator'."),
+        "review_sample": param({"size": 100, "seed": 0}, type="object",
+                               description="Drift review: how many evolved instructions reviewers are shown "
+                               "(stratified by strategy and round) and the sample's seed."),
+        "stronger_judge": param({}, type="object",
+                                description='Validation pass of the evolve steps: {"llm": {LLM config}, '
+                                '"strategies": [...], "from_run": "<run name>"} judges those strategies\' '
+                                "evolutions (and those the named run's drift review failed) with this model and "
+                                "drops the drifted ones; {} = off."),
         **pii_param(),
         **keep_versions_param(),
         **task_timeout_param(),
@@ -79,7 +94,8 @@ def llm(role: str) -> str:
 )
 def conversational_synthesis() -> None:
     cap = "{{ params.max_new_tokens }}"
-    evolve = {"llm": llm("evolver"), "max_tokens": cap, "rounds": "{{ params.evolution_rounds }}"}
+    evolve = {"llm": llm("evolver"), "max_tokens": cap, "rounds": "{{ params.evolution_rounds }}",
+              "validator": "{{ validator_config(params.stronger_judge) }}"}
     respond = {"llm": llm("responder"), "user_llm": "{{ params.models.get('user') or None }}", "max_tokens": cap,
                "min_turns": "{{ params.min_turns }}", "max_turns": "{{ params.max_turns }}"}
     seeds = {"max_ifd": "{{ params.max_ifd }}"}

@@ -26,6 +26,8 @@ import pytest
 from tests.conftest import ROOT, free_port, require_or_skip
 
 pytestmark = pytest.mark.integration
+# The admin, a second reviewer who may edit DAG runs, and a reader who may only read them (the drift review test).
+USERS = "admin:admin,reviewer2:user,reader:viewer"
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or \
     "/usr/bin/chromedriver"
 
@@ -56,8 +58,28 @@ def _port_free(port: int) -> bool:
 class UI:
     """A running `scripts/airflow.sh` and what it printed."""
 
-    def __init__(self, proc: subprocess.Popen[str], base: str, password: str, data: Path, lines: list[str]):
+    def __init__(self, proc: subprocess.Popen[str], base: str, password: str, data: Path, lines: list[str],
+                 home: Path | None = None):
         self.proc, self.base, self.password, self.data, self.lines = proc, base, password, data, lines
+        self.home = home
+
+    def password_of(self, user: str) -> str:
+        """The generated password of another user of the simple auth manager (USERS below)."""
+        assert self.home is not None
+        return str(json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())[user])
+
+    def token_of(self, user: str, password: str) -> str:
+        req = urllib.request.Request(f"{self.base}/auth/token", method="POST",
+                                     data=json.dumps({"username": user, "password": password}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return str(self._read(req)["access_token"])
+
+    def call(self, method: str, path: str, body: Any) -> Any:
+        """An admin's API request with a JSON body."""
+        return self._read(urllib.request.Request(f"{self.base}/api/v2{path}", method=method,
+                                                 data=json.dumps(body).encode(),
+                                                 headers={"Authorization": f"Bearer {self.token()}",
+                                                          "Content-Type": "application/json"}))
 
     _token = ""
 
@@ -94,7 +116,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
     home, data = tmp_path_factory.mktemp("airflow-ui"), tmp_path_factory.mktemp("ui-data")
     port = _free_block()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env.update({"AIRFLOW_HOME": str(home), "IIP_DATA_ROOT": str(data), "AIRFLOW_PORT": str(port)})
+    env.update({"AIRFLOW_HOME": str(home), "IIP_DATA_ROOT": str(data), "AIRFLOW_PORT": str(port),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": USERS})
     # As from a terminal: SIGINT at its default. A test run started in the background (`cmd &` in a script, as a
     # CI runner may) inherits SIGINT ignored, and bash cannot trap a signal ignored on entry, so Ctrl-C would
     # never reach the script's trap (the cause of this test's failures under a backgrounded `.ci/run`).
@@ -112,7 +135,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
         if line.startswith("Ctrl-C stops it.") or time.time() > deadline:
             break
     assert password and any(f"http://127.0.0.1:{port}/" in x for x in lines), "\n".join(lines[-30:])
-    u = UI(proc, f"http://127.0.0.1:{port}", password, data, lines)
+    u = UI(proc, f"http://127.0.0.1:{port}", password, data, lines, home)
     try:
         yield u
     finally:
@@ -263,6 +286,140 @@ def test_a_user_triggers_a_run_and_reads_its_report(ui: UI, artifacts: Path) -> 
         listing = d.find_element(By.TAG_NAME, "body").text
         assert run_id in listing and "success" in listing and "sources/ui_corpus" in listing
         d.save_screenshot(str(artifacts / "dataset_reports.png"))
+    finally:
+        d.quit()
+
+
+def login(d: Any, base: str, user: str, password: str) -> None:
+    """Log in to Airflow's simple auth manager as `user` (after logging out whoever was in)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(d, 90)
+    d.get(base + "/")
+    d.delete_all_cookies()
+    d.get(base + "/")
+    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(user)
+    d.find_element(By.NAME, "password").send_keys(password)
+    d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda drv: "/auth/login" not in drv.current_url)
+
+
+def mark(d: Any, n: int, value: str, comment: str = "") -> None:
+    """Mark the n-th item still to mark on the review page (in its frame) and wait until it is saved."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    card = d.find_elements(By.CSS_SELECTOR, "#todo .item")[n]
+    if comment:
+        card.find_element(By.CLASS_NAME, "comment").send_keys(comment)
+    card.find_element(By.CSS_SELECTOR, f"button.m[data-mark='{value}']").click()
+    WebDriverWait(d, 60).until(lambda _: card.find_element(By.CLASS_NAME, "status").text in ("saved",)
+                               or card.find_element(By.CLASS_NAME, "status").text.startswith("not saved"))
+    assert card.find_element(By.CLASS_NAME, "status").text == "saved"
+
+
+def test_reviewers_mark_drift_in_the_review_tab_and_the_report_shows_it(ui: UI, artifacts: Path) -> None:
+    """A `conversational_synthesis` run (queued, its DAG paused: the run folder is written by the project's runner
+    instead of the 135M model) gets a Review tab. The admin marks three items, reloads and finds them; a second
+    reviewer marks two; a reader may read but not mark; the report task's code then puts the figures and the gate in
+    the run's report."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from operators.orchestration.settings import safe_name
+    from operators.report import write_report
+    from operators.review.marks import all_marks
+    from tests.review_fixture import synthesis_run
+
+    ui.call("PATCH", "/dags/conversational_synthesis", {"is_paused": True})
+    run = ui.call("POST", "/dags/conversational_synthesis/dagRuns",
+                  {"logical_date": None, "conf": {"review_sample": {"size": 8, "seed": 0}, "drift_gate": 0.05}})
+    run_id = run["dag_run_id"]
+    folder = synthesis_run(ui.data / "runs" / safe_name(run_id), seeds=10, rounds=2)
+    quoted = urllib.parse.quote(run_id, safe="")
+    page = f"{ui.base}/iip-review/runs/conversational_synthesis/{quoted}"
+
+    d = _browser()
+    wait = WebDriverWait(d, 90)
+    try:
+        login(d, ui.base, "admin", ui.password)
+        d.get(f"{ui.base}/dags/conversational_synthesis/runs/{quoted}")
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//a[normalize-space()='Review']"))).click()
+        frame = wait.until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
+        d.switch_to.frame(frame)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "progress"), "0 / 8 marked"))
+        assert len(d.find_elements(By.CSS_SELECTOR, "#todo .item")) == 8
+        first = [c.get_attribute("data-id") for c in d.find_elements(By.CSS_SELECTOR, "#todo .item")[:3]]
+        mark(d, 0, "faithful")
+        mark(d, 1, "drifted", comment="asks about another topic")
+        mark(d, 2, "unsafe")
+        assert d.find_element(By.ID, "progress").text == "3 / 8 marked"
+        assert "Needs a stronger validator" in d.find_element(By.ID, "figures").text  # live, without a reload
+        d.switch_to.default_content()
+        d.save_screenshot(str(artifacts / "review_tab.png"))
+
+        d.refresh()  # a reviewer who comes back: the marks are there, the next unmarked item first
+        frame = wait.until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
+        d.switch_to.frame(frame)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "progress"), "3 / 8 marked"))
+        done = {c.get_attribute("data-id"): c for c in d.find_elements(By.CSS_SELECTOR, "#done .item")}
+        assert list(done) == first
+        assert [done[i].get_attribute("data-mark") for i in first] == ["faithful", "drifted", "unsafe"]
+        pressed = done[first[1]].find_element(By.CSS_SELECTOR, "button[aria-pressed='true']")
+        assert pressed.get_attribute("data-mark") == "drifted"
+        assert done[first[1]].find_element(By.CLASS_NAME, "comment").get_attribute("value") == \
+            "asks about another topic"
+        assert len(d.find_elements(By.CSS_SELECTOR, "#todo .item")) == 5
+        d.switch_to.default_content()
+
+        login(d, ui.base, "reviewer2", ui.password_of("reviewer2"))  # a second reviewer: their own file
+        d.get(page)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "progress"), "0 / 8 marked"))
+        mark(d, 0, "faithful")
+        mark(d, 1, "faithful")  # a marked card stays in place until the page is reloaded
+        d.refresh()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "progress"), "2 / 8 marked"))
+        figures = d.find_element(By.ID, "figures").text
+        assert "Agreement between reviewers: 50.0%" in figures and "reviewer2 (2)" in figures
+        d.execute_script("window.scrollTo(0, 0)")  # a reload keeps the scroll position
+        d.save_screenshot(str(artifacts / "review.png"))
+    finally:
+        d.quit()
+
+    marks = all_marks(str(folder))
+    assert {r: sorted(m) for r, m in marks.items()} == {"admin": sorted(first), "reviewer2": sorted(first[:2])}
+    assert marks["admin"][first[1]] == {**marks["admin"][first[1]], "mark": "drifted",
+                                        "comment": "asks about another topic"}
+
+    reader = ui.token_of("reader", ui.password_of("reader"))  # a reader sees the results and may not mark
+    req = urllib.request.Request(page, headers={"Authorization": f"Bearer {reader}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        text = r.read().decode()
+    assert "Read only" in text and "reviewer2 (2)" in text
+    post = urllib.request.Request(page + "/marks", method="POST", headers={
+        "Authorization": f"Bearer {reader}", "Content-Type": "application/json"},
+        data=json.dumps({"item": first[2], "mark": "faithful"}).encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(post, timeout=60)
+    assert err.value.code == 403
+
+    # The report task's code (what clearing the run's `report` task runs): the figures and the gate in the report.
+    write_report(str(folder), run={"dag_id": "conversational_synthesis", "run_id": run_id}, index_root=str(ui.data))
+    d = _browser()
+    wait = WebDriverWait(d, 90)
+    try:
+        login(d, ui.base, "admin", ui.password)
+        d.get(f"{ui.base}/iip/runs/conversational_synthesis/{quoted}")
+        wait.until(ec.presence_of_element_located((By.ID, "drift-review")))
+        body = d.find_element(By.TAG_NAME, "body").text
+        # item 1: both faithful; item 2: drifted vs faithful (a tie counts as an error); item 3: unsafe -> 2 of 3
+        assert "Needs a stronger validator" in body and "overall error rate 66.7%" in body
+        assert "95% CI" in body and "Agreement between reviewers: 50.0%" in body
+        d.execute_script("document.getElementById('drift-review').scrollIntoView()")
+        d.save_screenshot(str(artifacts / "review_report.png"))
     finally:
         d.quit()
 

@@ -110,6 +110,17 @@ def evolution(rows: list[dict[str, Any]]) -> Figure:
                         caption="Candidates per (round, strategy): kept, and eliminated by reason.")
 
 
+def drift_error_rates(review: dict[str, Any]) -> Figure:
+    """Reviewed error rate per (strategy, round) of a drift review, in percent."""
+    rows = [(f"{r['strategy']} r{r['round']}", round(100 * r["rate"], 1)) for r in review["strata"]
+            if r["rate"] is not None]
+    return bar_chart("Drift review: error rate per strategy and round (%)", rows, color=DROPPED,
+                     value_header="error rate %",
+                     caption=f"Share of reviewed evolved instructions marked drifted, factual error or unsafe, per "
+                             f"(strategy, round); the gate is {100 * review['gate']:g}%. 95% intervals are in the "
+                             "table below.")
+
+
 def diagnosis(d: dict[str, Any]) -> Figure | None:
     """Mean judge score per ability and candidate model for one diagnosis round (None if nothing was judged)."""
     scores: dict[str, dict[str, float]] = d["scores"]

@@ -314,7 +314,10 @@ def selection_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
 def _bucket(values: np.ndarray, edges: tuple[int, ...]) -> list[tuple[str, int]]:
     labels = [f"{lo:,}" if hi - lo == 1 else f"{lo:,}-{hi - 1:,}" for lo, hi in itertools.pairwise(edges)] + \
         [f">={edges[-1]:,}"]
-    counts = np.bincount(np.searchsorted(np.asarray(edges), values, side="right") - 1, minlength=len(labels))
+    # A value below the first edge has no bin (a run whose last committed step is `evolve` holds one-turn
+    # instructions, below the 2-turn first bin): it is left out rather than crash the report.
+    idx = np.searchsorted(np.asarray(edges), values, side="right") - 1
+    counts = np.bincount(idx[idx >= 0], minlength=len(labels))
     return [(label, int(n)) for label, n in zip(labels, counts[: len(labels)], strict=True)]
 
 
@@ -488,6 +491,11 @@ def phase2_section(root: str, found: list[tuple[str, Manifest]], steps: list[dic
         minimum = next((d["min_label_samples"] for d in diag or [] if d["min_label_samples"]),
                        DEFAULT_MIN_LABEL_SAMPLES)
         out["label_coverage"] = label_coverage(*labeled[-1], minimum)
+    if any(m.step == "evolve" for _, m in found):
+        from operators.review.stats import review_summary
+
+        if (review := review_summary(root)) is not None:  # people marked a sample in the run's Review tab
+            out["drift_review"] = review
     if roles := llm_by_role(steps):
         out["llm_by_role"] = roles
     return out

@@ -221,12 +221,60 @@ def _phase2(report: dict[str, Any]) -> str:
             out.append(f"<p>{e(d['step'])}: too thin to judge (fewer than {fmt(d['min_label_samples'])} records in "
                        "the pool; not probed, no score): " + ", ".join(
                            f"{e(a)} ({fmt(n)})" for a, n in d["thin"].items()) + "</p>")
+    if review := p2.get("drift_review"):
+        out.append("<h3 id='drift-review'>Drift review</h3>" + drift_review_html(review))
     if p2.get("llm_by_role"):
         roles = p2["llm_by_role"]
         cols = sorted({k for v in roles.values() for k in v})
         out.append("<h3>LLM usage per role</h3>" + table(("role", *cols), [(r, *(v.get(c, 0) for c in cols))
                                                                          for r, v in roles.items()]))
         out.append(figure(charts.llm_tokens(roles)))
+    return "".join(out)
+
+
+def _pct(rate: float | None) -> str:
+    return "–" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _ci(row: dict[str, Any]) -> str:
+    return f"{_pct(row['ci_low'])}–{_pct(row['ci_high'])}" if row["reviewed"] else "–"
+
+
+def drift_review_html(review: dict[str, Any]) -> str:
+    """A drift review's figures: the gate's verdict, error rates with 95% intervals per (strategy, round) and per
+    strategy, reviewers and their agreement (also shown live on the review page)."""
+    gate = review["gate"]
+    overall = review["overall"]
+    if review["needs_stronger_validator"]:
+        verdict = (f"<p class='fail'>Needs a stronger validator: {e(', '.join(review['failing_strategies']))} "
+                   f"above the {_pct(gate)} gate.</p>")
+    elif review["reviewed"]:
+        verdict = f"<p class='pass'>Within the {_pct(gate)} gate: no strategy above it.</p>"
+    else:
+        verdict = "<p>Nothing reviewed yet.</p>"
+    out = [f"<div id='drift-verdict'>{verdict}</div>",
+           f"<p>{fmt(review['reviewed'])} of {fmt(review['items'])} sampled items reviewed; overall error rate "
+           f"{_pct(overall['rate'])} (95% CI {_ci(overall)}).</p>"]
+    if any(r["rate"] is not None for r in review["strata"]):
+        out.append(figure(charts.drift_error_rates(review)))
+    out.append(table(("strategy", "round", "population", "sampled", "reviewed", "errors", "error rate", "95% CI",
+                      "kinds"),
+                     [(r["strategy"], r["round"], r["population"], r["sampled"], r["reviewed"], r["errors"],
+                       _pct(r["rate"]), _ci(r), ", ".join(f"{k} {n}" for k, n in r["kinds"].items()))
+                      for r in review["strata"]]))
+    out.append(table(("strategy", "reviewed", "errors", "error rate", "95% CI", "gate"),
+                     [(r["strategy"], r["reviewed"], r["errors"], _pct(r["rate"]), _ci(r),
+                       "FAILS" if r["fails_gate"] else "ok")
+                      for r in review["strategies"]]))
+    reviewers = ", ".join(f"{e(r)} ({fmt(n)})" for r, n in review["reviewers"].items()) or "none yet"
+    out.append(f"<p>Reviewers (items marked): {reviewers}.</p>")
+    if agree := review.get("agreement"):
+        kappa = "–" if agree["kappa"] is None else f"{agree['kappa']:.2f}"
+        out.append(f"<p id='drift-agreement'>Agreement between reviewers: {_pct(agree['percent'])} of items both "
+                   f"marked, Cohen's kappa {kappa} (mean over pairs).</p>" + table(
+                       ("reviewer", "reviewer", "items both marked", "agreement", "kappa"),
+                       [(p["a"], p["b"], p["items"], _pct(p["percent"]),
+                         "–" if p["kappa"] is None else f"{p['kappa']:.2f}") for p in agree["pairs"]]))
     return "".join(out)
 
 

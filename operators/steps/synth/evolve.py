@@ -13,6 +13,12 @@ candidate is eliminated, with its reason, when it is:
   `llm_error`            the model failed for good.
 An accepted candidate becomes the parent of the next round; a rejected one leaves the parent in place.
 Every output record carries `lineage` {root_id, parent_id, strategy, round}.
+
+With a `validator` (the DAG's `stronger_judge` Param), the candidates that pass elimination and whose strategy is
+one the validator covers (listed, or failed by an earlier run's drift review, operators/review/) are judged by the
+validator's own model (role `validator`: its own cache and usage counters); one it calls unfaithful is dropped as
+`drifted`. A failed judge call keeps the candidate (counted as `validator.failed`): the validator adds a check,
+an outage of it must not empty a round.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 import xxhash
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.core.step import BatchResult, StepConfig, dropped_table
+from operators.llm.base import LLMConfig
 from operators.schema import CANONICAL_SCHEMA, first_exchange
 from operators.steps.filters.rules import DEFAULT_REFUSALS
 from operators.steps.synth.base import LLMStep, LLMStepConfig
@@ -43,6 +50,26 @@ LINEAGE_TYPE = pa.struct([("root_id", pa.string()), ("parent_id", pa.string()), 
                           ("round", pa.int32())])
 
 
+class ValidatorConfig(BaseModel):
+    """A stronger judge for the evolutions of some strategies (see the module doc)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    strategies: list[str] = Field(default_factory=list, description="Strategies whose evolutions it judges.")
+    review_run: str | None = Field(None, description="A run folder whose drift review's failing strategies it "
+                                   "judges too.")
+    gate: float | None = Field(None, ge=0, le=1, description="That review's gate (None: the one it recorded).")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(DEPTH) - set(BREADTH))
+        if unknown:
+            raise ValueError(f"unknown evolution strategies {unknown}; known: {[*DEPTH, *BREADTH]}")
+        return v
+
+
 class EvolveConfig(LLMStepConfig):
     """Rounds, strategies and elimination thresholds."""
 
@@ -52,6 +79,7 @@ class EvolveConfig(LLMStepConfig):
     max_jaccard_with_parent: float = Field(0.9, gt=0, le=1,
                                            description="Word-set Jaccard with the parent at or above this: no gain.")
     seed: int = 0
+    validator: ValidatorConfig | None = None
 
     @field_validator("strategies")
     @classmethod
@@ -100,7 +128,7 @@ class EvolveStep(LLMStep[EvolveConfig]):
 
     name: ClassVar[str] = "evolve"
     config_model: ClassVar[type[StepConfig]] = EvolveConfig
-    prompt_names: ClassVar[tuple[str, ...]] = ("evolve_instruction",)
+    prompt_names: ClassVar[tuple[str, ...]] = ("evolve_instruction", "drift_judge")
 
     def __init__(self, config: EvolveConfig) -> None:
         super().__init__(config)
@@ -109,6 +137,24 @@ class EvolveStep(LLMStep[EvolveConfig]):
         if missing:
             raise ValueError(f"prompt {task.name!r} has no text for strategies {missing}")
         self.task = task
+        self.validated = validated_strategies(config.validator)
+
+    def _validate(self, asked: list[tuple[int, str, str, str]], verdicts: list[tuple[str, str] | None],
+                  counters: dict[str, float]) -> None:
+        """Judge `asked` (index into verdicts, strategy, parent, child) with the validator; set `drifted` verdicts."""
+        if not asked or self.config.validator is None:
+            return
+        judge = self.client_for("validator", self.config.validator.llm)
+        rows = [{"goal": self.task.variants[st], "parent": parent[:4000], "child": child[:4000]}
+                for _, st, parent, child in asked]
+        for (i, st, _, _), res in zip(asked, judge.run_task(self.prompts["drift_judge"], rows, normalize=_faithful),
+                                      strict=True):
+            counters[f"validator.judged.{st}"] = counters.get(f"validator.judged.{st}", 0.0) + 1
+            if res.failure is not None or not isinstance(res.value, dict):
+                counters["validator.failed"] = counters.get("validator.failed", 0.0) + 1
+            elif res.value.get("faithful") is False:
+                counters[f"validator.drifted.{st}"] = counters.get(f"validator.drifted.{st}", 0.0) + 1
+                verdicts[i] = ("drifted", f"validator {self.config.validator.llm.model} ({st}): not faithful")
 
     def outputs_per_input(self) -> int:
         return self.config.rounds
@@ -120,17 +166,23 @@ class EvolveStep(LLMStep[EvolveConfig]):
         dropped: list[dict[str, Any]] = []
         reasons: list[str] = []
         details: list[str] = []
+        judged: dict[str, float] = {}
         for r in range(1, self.config.rounds + 1):
             strategies = [strategy_for(s["id"], r, self.config.strategies, self.config.seed) for s in seeds]
             rows = [{"instruction": current[s["id"]][1], "variant": self.task.variants[st]}
                     for s, st in zip(seeds, strategies, strict=True)]
             results = self.client.run_task(self.task, rows)
-            for s, st, res in zip(seeds, strategies, results, strict=True):
-                parent_id, parent_text = current[s["id"]]
-                child = clean_instruction(str(res.value or ""))
+            children = [clean_instruction(str(res.value or "")) for res in results]
+            cfg = self.config
+            verdicts = [("llm_error", res.failure) if res.failure else
+                        eliminate(current[s["id"]][1], child, cfg.min_words, cfg.max_jaccard_with_parent)
+                        for s, res, child in zip(seeds, results, children, strict=True)]
+            self._validate([(i, st, current[s["id"]][1], children[i])
+                            for i, (s, st) in enumerate(zip(seeds, strategies, strict=True))
+                            if verdicts[i] is None and st in self.validated], verdicts, judged)
+            for s, st, child, verdict in zip(seeds, strategies, children, verdicts, strict=True):
+                parent_id, _ = current[s["id"]]
                 record = self._candidate(s, parent_id, st, r, child)
-                verdict = (("llm_error", res.failure) if res.failure else
-                           eliminate(parent_text, child, self.config.min_words, self.config.max_jaccard_with_parent))
                 if verdict is None:
                     kept.append(record)
                     current[s["id"]] = (record["id"], child)
@@ -139,7 +191,7 @@ class EvolveStep(LLMStep[EvolveConfig]):
                     reasons.append(verdict[0])
                     details.append(verdict[1])
         schema = CANONICAL_SCHEMA.append(pa.field("lineage", LINEAGE_TYPE))
-        counters = self.drain_counters()
+        counters = {**self.drain_counters(), **judged}
         return BatchResult(kept=pa.Table.from_pylist(kept, schema),
                            dropped=dropped_table(pa.Table.from_pylist(dropped, schema), reasons, details),
                            counters=counters)
@@ -156,4 +208,30 @@ class EvolveStep(LLMStep[EvolveConfig]):
         }
 
 
-__all__ = ["EvolveConfig", "EvolveStep", "clean_instruction", "eliminate", "strategy_for"]
+def validated_strategies(validator: ValidatorConfig | None) -> frozenset[str]:
+    """The strategies whose evolutions the validator judges: those listed, and those an earlier run's drift
+    review failed (read when the step starts)."""
+    if validator is None:
+        return frozenset()
+    out = set(validator.strategies)
+    if validator.review_run:
+        from operators.review.stats import failing_strategies
+
+        out |= set(failing_strategies(validator.review_run, validator.gate))
+    return frozenset(out)
+
+
+def _faithful(value: Any) -> Any:
+    """The judge's answer with its verdict as a boolean: small models write 1, "yes" or "True" for true."""
+    if isinstance(value, dict) and not isinstance(value.get("faithful"), bool):
+        v = value.get("faithful")
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if isinstance(v, int | float) and v in (0, 1):
+            return {**value, "faithful": bool(v)}
+        if isinstance(v, str) and v.strip().lower() in words:
+            return {**value, "faithful": words[v.strip().lower()]}
+    return value
+
+
+__all__ = ["EvolveConfig", "EvolveStep", "ValidatorConfig", "clean_instruction", "eliminate", "strategy_for",
+           "validated_strategies"]
