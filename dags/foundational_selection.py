@@ -5,6 +5,8 @@ filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (M
 -> decontaminate_paraphrase (rephrased benchmark prompts; off unless `paraphrase_decontam` is on) -> route
 -> dsir (importance weights toward each domain's target)
 -> select (budgets, caps, replay, KL reduction) -> export -> publish -> report
+-> select_random after select (off unless `selection_ablation` is on): as many records per domain as select
+   chose, from the same pool, at random (`ablation_seed`); `<run>/select_random`, for the fine-tune's ablation
 export validates and writes the formats in shard tasks, then commits (operators/tail.py); publish makes the next
 version of the `foundational` dataset from it and emits an event on its asset.
 Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
@@ -17,7 +19,7 @@ from typing import Any
 
 from airflow.sdk import dag
 
-from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
+from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain, step_group
 from operators.orchestration.params import (
     ENCODER_PROFILE,
     PARAPHRASE_CONFIG,
@@ -71,6 +73,11 @@ STEPS = tuple(s for step in FOUNDATIONAL_STEPS for s in (step, _AFTER.get(step))
                               "GSM8K + MATH for math, HumanEval + MBPP for code."),
         "source_caps": param({}, type="object", description="Most records per source."),
         "replay_fraction": param(0.16, type="number", minimum=0, maximum=1),
+        "selection_ablation": param(False, type="boolean",
+                                    description="Also select at random, the same size per domain from the same "
+                                    "pool (<run>/select_random), to train against the DSIR selection "
+                                    "(two_stage_finetune's ablation_foundational)."),
+        "ablation_seed": param(0, type="integer", minimum=0, description="Seed of the random selection."),
         **selection_params(),
     },
 )
@@ -89,10 +96,18 @@ def foundational_selection() -> None:
         "select": {"budgets": "{{ params.budgets }}", "source_caps": "{{ params.source_caps }}",
                    "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
-    last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
-                      common=sharding_config(), profiles={"semantic_dedup": ENCODER_PROFILE,
-                                                           "decontaminate_paraphrase": ENCODER_PROFILE})
+    scored = step_chain(STEPS[:-1], configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
+                        common=sharding_config(), profiles={"semantic_dedup": ENCODER_PROFILE,
+                                                             "decontaminate_paraphrase": ENCODER_PROFILE})
+    last = step_chain(["select"], configs=configs, inputs=[f"{RUN}/dsir"], run=RUN, common=sharding_config(),
+                      after=scored)
+    # The DSIR-vs-random ablation: the same select over the same scored pool, ranked by a seeded id hash, taking
+    # as many records per domain as the DSIR selection did (so it runs after it).
+    ablation = step_group("select", config={**configs["select"], **sharding_config(), "ranking": "random",
+                                            "seed": "{{ params.ablation_seed }}", "match_selection": f"{RUN}/select",
+                                            "enabled": "{{ params.selection_ablation }}"},
+                          inputs=[f"{RUN}/dsir"], output_uri=f"{RUN}/select_random", group_id="select_random")
     first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
-    last >> first
+    last >> ablation >> first
 
 foundational_selection()

@@ -5,6 +5,9 @@ prep (tokenize, assistant-only labels, held-out split) for both sets
   -> one_stage (both sets mixed once: the ablation) -> eval_one_stage          (mode one_stage or both)
   -> eval_base (the starting model) ; report (one table, every evaluated stage)
   -> stage2_sweep (mapped: stage 2 again per `replay_ratios` entry, from stage 1's model) -> eval_stage2_sweep
+  -> prep_ablation -> stage1_ablation -> eval_stage1_ablation (only with `ablation_foundational`: stage 1 on
+     another selection of the pool, e.g. foundational_selection's `select_random`; the report sets it beside
+     stage 1)
      (the report then plots the replay trade-off: held-out loss on each set, one point per ratio)
 Training runs DeepSpeed ZeRO-3 via the Hugging Face Trainer: locally on CPU (embedded); in kubernetes mode
 as a torchrun pod with every GPU of a node (a one-node profile), or as an indexed Job of one pod per node
@@ -25,7 +28,7 @@ from operators.orchestration.dag_builder import asset_extra, asset_schedule, rep
 from operators.orchestration.params import param, task_timeout_param
 from operators.orchestration.settings import data_root, safe_name
 from operators.orchestration.step_operator import StepOperator
-from operators.train.config import sweep_stage, train_root
+from operators.train.config import ABLATION_STAGE, sweep_stage, train_root
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 TRAIN_DIR = "{{ train_root }}/runs/{{ safe_name(params.run_name or run_id) }}/finetune"
@@ -98,6 +101,11 @@ def _stage_config(prefix: str = "") -> dict[str, Any]:
                                maxItems=16, uniqueItems=True,
                                description="Replay sweep: stage 2 again per ratio (e.g. [0, 0.1, 0.16, 0.25]), "
                                "each from stage 1's model; the report plots the trade-off. Empty: no sweep."),
+        "ablation_foundational": param(None, type=["null", "string"],
+                                       description="Selection ablation: another committed selection of the same "
+                                       "pool (e.g. <run>/select_random of foundational_selection with "
+                                       "selection_ablation on); stage 1 runs once more on it and the report "
+                                       "compares the two. Blank: no ablation."),
         "evaluate_base": param(True, type="boolean"),
         "target_shard_mb": param(256, type="number", exclusiveMinimum=0),
     },
@@ -110,11 +118,18 @@ def two_stage_finetune() -> None:
                         output_uri=f"{RUN}/train_prep_foundational", group_id="prep_foundational")
     prep_c = step_group("train_prep", config=prep_config, inputs=[CONVERSATIONAL],
                         output_uri=f"{RUN}/train_prep_conversational", group_id="prep_conversational")
+    # Without an ablation set the group is off: it plans nothing and passes the foundational set on, unread.
+    ablation_on = "{{ (params.ablation_foundational or '') != '' }}"
+    prep_a = step_group("train_prep", config={**prep_config, "enabled": ablation_on},
+                        inputs=["{{ params.ablation_foundational or " + FOUNDATIONAL.strip("{} ") + " }}"],
+                        output_uri=f"{RUN}/train_prep_ablation", group_id="prep_ablation")
     config = {
         "foundational": f"{RUN}/train_prep_foundational", "conversational": f"{RUN}/train_prep_conversational",
         "base_model": "{{ params.model }}", "mode": "{{ params.mode }}",
         "replay_fraction": "{{ params.replay_fraction }}", "evaluate_base": "{{ params.evaluate_base }}",
         "replay_ratios": "{{ params.replay_ratios }}",
+        "ablation_foundational": "{{ (data_root ~ '/runs/' ~ safe_name(params.run_name or run_id) ~ "
+                                 "'/train_prep_ablation') if params.ablation_foundational else None }}",
         "stage1": _stage_config(), "stage2": _stage_config(), "evaluation": "{{ params.evaluation }}",
     }
 
@@ -140,6 +155,13 @@ def two_stage_finetune() -> None:
     sweep_eval = StepOperator.mapped(task_id="eval_stage2_sweep", step="finetune", action="evaluate",
                                      config=config, output_uri=TRAIN_DIR, profile="vllm").expand(stage=sweep)
     stage1 >> sweep_train >> sweep_eval >> report
+    # The selection ablation: stage 1 once more, on the other selection (mapped over one stage or none).
+    ablation = ablation_stages()
+    ablation_train = StepOperator.mapped(task_id="stage1_ablation", step="finetune", action="train", config=config,
+                                         output_uri=TRAIN_DIR, profile=train).expand(stage=ablation)
+    ablation_eval = StepOperator.mapped(task_id="eval_stage1_ablation", step="finetune", action="evaluate",
+                                        config=config, output_uri=TRAIN_DIR, profile="vllm").expand(stage=ablation)
+    [prep_a, *prepared] >> ablation_train >> ablation_eval >> report
     report >> report_task(RUN, task_id="run_report")  # the run's page: data prep funnel, loss curves, eval table
 
 
@@ -152,6 +174,12 @@ def replay_sweep_stages() -> list[str]:
 
         raise AirflowFailException(f"replay_ratios must be distinct numbers within [0, 1], got {ratios}")
     return [sweep_stage(float(r)) for r in sorted(ratios)]
+
+
+@task(task_id="selection_ablation")
+def ablation_stages() -> list[str]:
+    """The ablation's stage, when the `ablation_foundational` Param names a set (none: its tasks skip)."""
+    return [ABLATION_STAGE] if get_current_context()["params"].get("ablation_foundational") else []
 
 
 two_stage_finetune()

@@ -189,17 +189,18 @@ def _train_command(args: argparse.Namespace) -> dict[str, Any]:
         cfg = _validated(TwoStageConfig, data, "fine-tuning")
         storage.validate_uri(args.output)
     if args.stage is not None and args.stage != "report":
-        from operators.train.stages import STAGES, known_stage, sweep_ratio
+        from operators.train.stages import ABLATION_STAGE, STAGES, known_stage, sweep_ratio
 
-        if args.stage not in ("base", *STAGES) and sweep_ratio(args.stage) is None:
-            raise ConfigError(f"unknown stage {args.stage!r}: use stage1, stage2, one_stage, "
+        if args.stage not in ("base", *STAGES, ABLATION_STAGE) and sweep_ratio(args.stage) is None:
+            raise ConfigError(f"unknown stage {args.stage!r}: use stage1, stage2, one_stage, {ABLATION_STAGE}, "
                               "stage2_replay_<ratio>" + (", base or report" if args.command == "evaluate" else ""))
         if args.stage == "base" and args.command == "train":
             raise ConfigError("the base model is not trained: 'base' is a stage of evaluate only")
         if not ((args.stage == "base" and cfg.evaluate_base) or known_stage(cfg, args.stage)):
             return {"skipped": True, "stage": args.stage, "reason": f"stage {args.stage} is not part of mode "
                     f"{cfg.mode}" + (" (evaluate_base is off)" if args.stage == "base" else
-                                     f" with replay_ratios {cfg.replay_ratios}")}
+                                     f" with replay_ratios {cfg.replay_ratios} and ablation_foundational "
+                                     f"{cfg.ablation_foundational}")}
     if args.command == "evaluate" and args.stage == "report":
         from operators.train.evaluate import write_report
 

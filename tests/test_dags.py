@@ -136,7 +136,8 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
                 "--output", str(data_root / "sources" / "tiny" / "ingest"))
     assert r.returncode == 0, r.stderr[-2000:]
     conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
-            "target_shard_mb": 0.001, "semantic_dedup": True, "semantic_threshold": 0.999}
+            "target_shard_mb": 0.001, "semantic_dedup": True, "semantic_threshold": 0.999,
+            "selection_ablation": True}
     r = dags_test(airflow_home, "foundational_selection", "-c", json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = data_root / "runs" / "t1"
@@ -166,5 +167,11 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     assert validation["success"] is True and validation["records"] == 40
     export = json.loads((run / "export" / "_EXPORT.json").read_text())
     assert export["counts"]["train"] == 40 and export["counts"]["replay"] == round(0.16 * 10) * 2 + round(0.16 * 20)
+    # The selection ablation: at random, as many records per domain as DSIR chose, from the same pool.
+    ablation = json.loads((run / "select_random" / "stats.json").read_text())
+    assert ablation["records_in"] == stats["select"]["records_in"] and ablation["records_kept"] == 40
+    assert {k: v for k, v in ablation["counters"].items() if k.startswith("decide.chosen.")} == \
+        {k: v for k, v in stats["select"]["counters"].items() if k.startswith("decide.chosen.")}
     report = json.loads((run / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == chain
+    assert [s["step"] for s in report["steps"]] == [*chain, "select"]  # select_random is a select step
+    assert report["selection"]["ablation"]["others"] == ["select_random"]

@@ -33,11 +33,13 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
     foundational = write_set(tmp_path / "foundational", "f", 16)
     conversational = write_set(tmp_path / "conversational", "c", 10)
+    other = write_set(tmp_path / "random_selection", "r", 16)
     conf: dict[str, Any] = {
         "foundational": str(foundational), "conversational": str(conversational), "run_name": "ft1",
         "mode": "two_stage", "evaluate_base": False, "heldout_fraction": 0.25, "max_seq_len": 128,
         "bf16": False, "gradient_checkpointing": False, "train_layers": 2, "learning_rate": 5e-4,
         "warmup_steps": 0, "global_batch_size": 1, "max_steps": 2, "save_steps": 100, "replay_ratios": [0.5],
+        "ablation_foundational": str(other),
         "evaluation": {"max_new_tokens": 4, "heldout_max_windows": 1, "chat_questions": None, "benchmarks": [
             {"name": "arithmetic", "uri": "builtin://arithmetic", "format": "gsm8k", "limit": 1},
             {"name": "humaneval", "uri": "humaneval://", "format": "humaneval", "limit": 1},
@@ -47,7 +49,7 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     ft = Path(airflow_home["IIP_DATA_ROOT"]) / "runs" / "ft1" / "finetune"
     report = json.loads((ft / "eval_report.json").read_text())
-    assert [row["stage"] for row in report["rows"]] == ["stage1", "stage2", "stage2_replay_0.5"]
+    assert [row["stage"] for row in report["rows"]] == ["stage1", "stage1_ablation", "stage2", "stage2_replay_0.5"]
     for row in report["rows"]:
         assert row["heldout_foundational"] > 0 and row["heldout_conversational"] > 0
         assert {"arithmetic", "humaneval", "arithmetic_mc"} <= set(row) and row["train_steps"] == 2
@@ -63,8 +65,13 @@ def test_two_stage_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: P
     assert tr["init_model"] == str(ft / "stage1" / "model")
     assert tr["rows_per_set"]["foundational_replay"] > stage2["rows_per_set"]["foundational_replay"]
     assert [p["replay_ratio"] for p in report["tradeoff"]["points"]] == [None, None, 0.5]
+    # The selection ablation: stage 1's recipe from the base model on the other selection, evaluated, compared.
+    ab = json.loads((ft / "stage1_ablation" / "train_result.json").read_text())
+    s1 = json.loads((ft / "stage1" / "train_result.json").read_text())
+    assert ab["init_model"] == s1["init_model"] and set(ab["rows_per_set"]) == {"foundational"}
+    assert {m["metric"] for m in report["ablation"]["metrics"]} >= {"heldout_foundational", "arithmetic"}
     page = Path(airflow_home["IIP_DATA_ROOT"]) / "runs" / "ft1" / "report.html"
-    assert "Replay trade-off" in page.read_text()
+    assert "Replay trade-off" in page.read_text() and "stage 1 on DSIR vs random selection" in page.read_text()
     assert "| stage1 |" in (ft / "eval_report.md").read_text()
 
 

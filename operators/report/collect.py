@@ -287,16 +287,11 @@ def _bin_order(label: str) -> float:
 def selection_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Domain mix before/after, KL reduction, DSIR weight histograms, duplicate cluster sizes."""
     out: dict[str, Any] = {}
+    selections: dict[str, dict[str, Any]] = {}
     for s in steps:
         c = s["counters"]
         if s["step"] == "select":
-            pool, chosen = _by_prefix(c, "decide.pool."), _by_prefix(c, "decide.chosen.")
-            if pool:
-                out["domain_mix"] = {d: {"before": pool[d], "after": chosen.get(d, 0.0)} for d in sorted(pool)}
-            kl = {d: {"selected": c.get(f"kl.kl_selected.{d}"), "random": c.get(f"kl.kl_random.{d}"),
-                      "reduction": v} for d, v in _by_prefix(c, "kl.kl_reduction.").items()}
-            if kl:
-                out["kl"] = kl
+            selections[s["dir"]] = _selection_of(c)
         if s["step"] == "dsir":
             hist: dict[str, dict[str, float]] = {}
             for key, v in _by_prefix(c, "log_weight_hist.").items():
@@ -308,7 +303,37 @@ def selection_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
         sizes = _by_prefix(c, "resolve.cluster_sizes.")
         if sizes:
             out.setdefault("cluster_sizes", {})[s["dir"]] = sorted(sizes.items(), key=lambda kv: _bin_order(kv[0]))
+    # The run's selection is the `select` folder; another select step (`select_random`, the DSIR-vs-random
+    # ablation) is shown beside it, not in its place.
+    main = next((d for d in selections if d.rsplit("/", 1)[-1] == "select"), next(iter(sorted(selections)), None))
+    if main is not None:
+        out.update({k: v for k, v in selections[main].items() if v})
+        others = {d: v for d, v in sorted(selections.items()) if d != main}
+        if others:
+            out["ablation"] = ablation_rows(main, selections[main], others)
     return out
+
+
+def _selection_of(c: dict[str, float]) -> dict[str, Any]:
+    """A select step's domain mix (pool and chosen per domain) and KL figures, from its counters."""
+    pool, chosen = _by_prefix(c, "decide.pool."), _by_prefix(c, "decide.chosen.")
+    return {"domain_mix": {d: {"before": pool[d], "after": chosen.get(d, 0.0)} for d in sorted(pool)},
+            "kl": {d: {"selected": c.get(f"kl.kl_selected.{d}"), "random": c.get(f"kl.kl_random.{d}"),
+                       "reduction": v} for d, v in _by_prefix(c, "kl.kl_reduction.").items()}}
+
+
+def ablation_rows(main: str, sel: dict[str, Any], others: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per domain, the run's selection beside each other selection of the same pool: records chosen and the KL
+    divergence of the chosen set to the domain's DSIR target (lower is closer)."""
+    domains = sorted(set(sel["domain_mix"]).union(*(o["domain_mix"] for o in others.values())))
+    rows = []
+    for d in domains:
+        row: dict[str, Any] = {"domain": d, "pool": sel["domain_mix"].get(d, {}).get("before")}
+        for name, s in (("selection", sel), *others.items()):
+            row[f"{name}.chosen"] = s["domain_mix"].get(d, {}).get("after")
+            row[f"{name}.kl"] = s["kl"].get(d, {}).get("selected")
+        rows.append(row)
+    return {"main": main, "others": list(others), "rows": rows}
 
 
 def _bucket(values: np.ndarray, edges: tuple[int, ...]) -> list[tuple[str, int]]:

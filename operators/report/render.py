@@ -180,6 +180,8 @@ def _selection(report: dict[str, Any]) -> str:
         out.append("<h3>DSIR: KL divergence to each domain's target (lower is closer)</h3>" + table(
             ("domain", "KL selected", "KL random (same size)", "reduction"),
             [(d, v["selected"], v["random"], v["reduction"]) for d, v in sel["kl"].items()]))
+    if "ablation" in sel:
+        out.append(_ablation(sel["ablation"]))
     for domain, bins in (sel.get("dsir_log_weight_hist") or {}).items():
         out.append(figure(charts.dsir_histogram(domain, bins)))
     for step_dir, bins in (sel.get("cluster_sizes") or {}).items():
@@ -191,6 +193,18 @@ def _selection(report: dict[str, Any]) -> str:
         out += [f"<div>{figure(f)}</div>" for f in charts.kept_profile(prof)]
         out.append("</div>")
     return "".join(out)
+
+
+def _ablation(ab: dict[str, Any]) -> str:
+    """The selection ablation: the DSIR selection beside a random one of the same size per domain."""
+    names = [ab["main"], *ab["others"]]
+    head = ["domain", "pool"] + [f"{n}: chosen" for n in names] + [f"{n}: KL to target" for n in names]
+    rows = [(r["domain"], r["pool"], *[r.get(f"{k}.chosen") for k in ("selection", *ab["others"])],
+             *[r.get(f"{k}.kl") for k in ("selection", *ab["others"])]) for r in ab["rows"]]
+    return ("<h3 id='selection-ablation'>Selection ablation: DSIR against random (same size per domain)</h3>"
+            "<p class='muted'>Both chose from the same pool under the same budgets; a lower KL divergence to the "
+            "domain's target means the selection looks more like it. Training on each: the fine-tune run's "
+            "report (two_stage_finetune with <code>ablation_foundational</code>).</p>" + table(head, rows))
 
 
 def _phase2(report: dict[str, Any]) -> str:
@@ -301,7 +315,29 @@ def _training(report: dict[str, Any]) -> str:
                   p["heldout_foundational"], p["heldout_conversational"],
                   "" if p["foundational_benchmarks"] is None else p["foundational_benchmarks"],
                   "" if p["chat"] is None else p["chat"]) for p in points]))
+        if ev.get("ablation"):
+            out.append(_selection_ablation_eval(ev["ablation"]))
     return "".join(out)
+
+
+SHORT_RUN_STEPS = 200  # fewer optimizer steps than this: a smoke run, whose evaluation deltas are noise
+
+
+def _selection_ablation_eval(ab: dict[str, Any]) -> str:
+    """Stage 1 trained on the DSIR selection beside stage 1 trained on the random one, per metric."""
+    rows = [(m["metric"] + (" (loss, lower is better)" if m["lower_is_better"] else ""), m["dsir"], m["random"],
+             m["delta"], m.get("two_se", ""),
+             "" if "noise" not in m else ("within noise" if m["noise"] else "beyond 2 SE")) for m in ab["metrics"]]
+    noisy = [m["metric"] for m in ab["metrics"] if m.get("noise")]
+    steps = [s for s in ab.get("train_steps") or [] if isinstance(s, int)]
+    short = not steps or min(steps) < SHORT_RUN_STEPS
+    note = (f"Benchmark deltas within two standard errors are noise: {', '.join(noisy)}. " if noisy else "") + \
+        (f"These runs trained for {min(steps) if steps else 'an unknown number of'} steps: too few for two "
+         "selections to differ beyond noise (a CPU smoke run); read this table from a full-sized run." if short
+         else "")
+    return ("<h3 id='selection-ablation-eval'>Selection ablation: stage 1 on DSIR vs random selection</h3>"
+            + table(("metric", "DSIR selection", "random selection", "delta (DSIR - random)", "2 SE", "verdict"),
+                    rows) + f"<p class='muted'>{e(note)}</p>")
 
 
 def validation_html(report: dict[str, Any]) -> str:

@@ -41,6 +41,10 @@ def sweep_stage(ratio: float) -> str:
     return f"{SWEEP_PREFIX}{ratio:g}"
 
 
+# The selection ablation's run: stage 1 again, from the base model, on another selection of the same pool.
+ABLATION_STAGE = "stage1_ablation"
+
+
 def sweep_ratio(stage: str) -> float | None:
     """The replay ratio of a sweep stage name, or None for any other stage."""
     if not stage.startswith(SWEEP_PREFIX):
@@ -63,6 +67,8 @@ class PrepConfig(StepConfig):
                            "`no_assistant_tokens`.")
     pack: PackMode = Field("position_ids", description="How the packing statistics are computed: "
                            "position_ids (reset per sample), concat, or off (one sample per window).")
+    enabled: bool = Field(True, description="False: the step is off and passes its input on (the fine-tune's "
+                          "optional ablation set).")
     heldout_fraction: float = Field(0.02, ge=0.0, le=0.5, description="Share of records (by id hash) "
                                     "kept apart for the held-out loss.")
     seed: int = Field(0, description="Seed of the held-out split hash.")
@@ -241,6 +247,10 @@ class TwoStageConfig(BaseModel):
         description="Replay sweep: stage 2 once more per ratio (a share of the foundational training records, "
         "chosen by id hash, so a larger ratio's sample holds a smaller one's), each from stage 1's model and "
         "evaluated like the other stages; the report plots the trade-off. Empty: no sweep.")
+    ablation_foundational: str | None = Field(
+        None, description="Selection ablation: a committed `train_prep` output of another selection of the same "
+        "pool (foundational_selection's `select_random`); stage 1 runs once more on it (`stage1_ablation`) and "
+        "the report sets its evaluation beside stage 1's. None: no ablation.")
     evaluate_base: bool = Field(True, description="Also evaluate the starting model (a baseline row).")
     stage1: TrainConfig = Field(default_factory=TrainConfig)
     stage2: TrainConfig = Field(default_factory=TrainConfig)
@@ -262,11 +272,13 @@ class TwoStageConfig(BaseModel):
                              "or both")
         return self
 
-    @field_validator("foundational", "conversational")
+    @field_validator("foundational", "conversational", "ablation_foundational")
     @classmethod
-    def _uri(cls, v: str) -> str:
+    def _uri(cls, v: str | None) -> str | None:
         from operators.core.storage import StorageError, validate_uri
 
+        if v is None:
+            return None
         try:
             return validate_uri(v)
         except StorageError as e:

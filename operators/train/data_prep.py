@@ -226,6 +226,10 @@ class TrainPrepStep(Step[PrepConfig]):
     version = 1
     config_model = PrepConfig
 
+
+    def is_off(self) -> bool:
+        return not self.config.enabled
+
     def __init__(self, config: PrepConfig) -> None:
         super().__init__(config)
         self._tokenizer: Any = None

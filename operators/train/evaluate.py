@@ -30,7 +30,7 @@ from operators.core import storage
 from operators.core.stats import peak_rss_mb
 from operators.train import remote
 from operators.train.builtin_sets import BUILTIN
-from operators.train.config import IGNORE_INDEX, BenchSpec, EvalConfig, TwoStageConfig
+from operators.train.config import ABLATION_STAGE, IGNORE_INDEX, BenchSpec, EvalConfig, TwoStageConfig
 from operators.train.data_prep import MaskError, encode_batch
 from operators.train.stages import eval_model, stage_dir, sweep_ratio, sweep_stages
 from operators.train.trainer import DataSelection, packed_windows, read_prepared
@@ -361,8 +361,11 @@ def evaluate_stage(cfg: TwoStageConfig, stage: str, train_dir: str) -> dict[str,
 
 
 def report_stages(cfg: TwoStageConfig | None) -> list[str]:
-    """The stages a report lists, in order: base, stage 1, stage 2, the replay sweep by ratio, one-stage."""
-    return [*STAGE_ORDER[:3], *(sweep_stages(cfg) if cfg is not None else []), *STAGE_ORDER[3:]]
+    """The stages a report lists, in order: base, stage 1, the selection ablation's stage 1, stage 2, the replay
+    sweep by ratio, one-stage."""
+    ablation = [ABLATION_STAGE] if cfg is not None and cfg.ablation_foundational is not None else []
+    return [*STAGE_ORDER[:2], *ablation, STAGE_ORDER[2], *(sweep_stages(cfg) if cfg is not None else []),
+            *STAGE_ORDER[3:]]
 
 
 def write_report(train_dir: str, cfg: TwoStageConfig | None = None) -> dict[str, Any]:
@@ -386,7 +389,9 @@ def write_report(train_dir: str, cfg: TwoStageConfig | None = None) -> dict[str,
             row["train_steps"] = tr["global_step"]
             row["train_loss_first"] = tr["first_loss"]
             row["train_loss_last"] = tr["last_loss"]
+        row["_n"] = {name: v.get("n") for name, v in ev["benchmarks"].items()}
         rows.append(row)
+    sizes = {r["stage"]: r.pop("_n") for r in rows}
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
@@ -400,6 +405,11 @@ def write_report(train_dir: str, cfg: TwoStageConfig | None = None) -> dict[str,
         md += "\n## Replay sweep\n\n" + "\n".join(
             f"- {p['label']}: held-out loss foundational {p['heldout_foundational']}, conversational "
             f"{p['heldout_conversational']}" for p in report["tradeoff"]["points"]) + "\n"
+    if (comparison := selection_ablation(rows, sizes)) is not None:
+        report["ablation"] = comparison
+        md += "\n## Selection ablation: stage 1 on the DSIR selection vs on a random one\n\n" + "\n".join(
+            f"- {m['metric']}: DSIR {m['dsir']}, random {m['random']}, delta {m['delta']}"
+            + (" (within noise)" if m.get("noise") else "") for m in comparison["metrics"]) + "\n"
     # Published like a model: both files uploaded with checksums, then a conditional completion marker.
     with tempfile.TemporaryDirectory(prefix="eval-report-") as tmp:
         (Path(tmp) / f"{REPORT_NAME}.json").write_text(json.dumps(report, indent=2))
@@ -407,6 +417,33 @@ def write_report(train_dir: str, cfg: TwoStageConfig | None = None) -> dict[str,
         remote.publish(Path(tmp), storage.validate_uri(train_dir), [f"{REPORT_NAME}.json", f"{REPORT_NAME}.md"],
                        marker=REPORT_MARKER)
     return report
+
+
+def selection_ablation(rows: list[dict[str, Any]], sizes: dict[str, dict[str, int | None]]
+                       ) -> dict[str, Any] | None:
+    """Stage 1 on the DSIR selection beside stage 1 on the ablation's selection: per metric both values and the
+    delta (DSIR - random; for a held-out loss lower is better). A benchmark delta smaller than two standard
+    errors of a difference of two proportions over its `n` items is marked as noise. None without both rows."""
+    by = {r["stage"]: r for r in rows}
+    if "stage1" not in by or ABLATION_STAGE not in by:
+        return None
+    dsir, rand = by["stage1"], by[ABLATION_STAGE]
+    metrics = []
+    for key in [k for k in dsir if k not in ("stage", "train_steps", "train_loss_first", "train_loss_last")]:
+        a, b = dsir.get(key), rand.get(key)
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            continue
+        entry: dict[str, Any] = {"metric": key, "dsir": a, "random": b, "delta": round(a - b, 4),
+                                 "lower_is_better": key.startswith("heldout_")}
+        n = sizes.get("stage1", {}).get(key)
+        if n:  # a benchmark score (a share of n items): two standard errors of the difference
+            se = math.sqrt((a * (1 - a) + b * (1 - b)) / n) if 0 <= a <= 1 and 0 <= b <= 1 else None
+            if se is not None:
+                entry["two_se"] = round(2 * se, 4)
+                entry["noise"] = abs(a - b) <= 2 * se
+        metrics.append(entry)
+    return {"stages": ["stage1", ABLATION_STAGE], "metrics": metrics,
+            "train_steps": [dsir.get("train_steps"), rand.get("train_steps")]}
 
 
 def tradeoff(rows: list[dict[str, Any]], cfg: TwoStageConfig) -> dict[str, Any]:
@@ -417,6 +454,8 @@ def tradeoff(rows: list[dict[str, Any]], cfg: TwoStageConfig) -> dict[str, Any]:
     bench = [b.name for b in cfg.evaluation.benchmarks if b.format != "mt_bench"]
     points = []
     for row in rows:
+        if row["stage"] == ABLATION_STAGE:  # another experiment (trained on another selection): not a reference
+            continue
         ratio = sweep_ratio(row["stage"])
         if ratio is not None:
             label = f"replay {ratio:.0%}"

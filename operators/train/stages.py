@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from operators.core import storage
-from operators.train.config import SWEEP_PREFIX, TwoStageConfig, sweep_ratio, sweep_stage
+from operators.train.config import ABLATION_STAGE, SWEEP_PREFIX, TwoStageConfig, sweep_ratio, sweep_stage
 from operators.train.trainer import DataSelection, TrainJob
 
 Stage = Literal["stage1", "stage2", "one_stage"]
@@ -37,7 +37,8 @@ def sweep_stages(cfg: TwoStageConfig) -> list[str]:
 
 def known_stage(cfg: TwoStageConfig, stage: str) -> bool:
     """Whether `stage` is a training stage of this config: one of its mode's, or a run of its sweep."""
-    return stage in stages_for(cfg.mode) or stage in sweep_stages(cfg)
+    return stage in stages_for(cfg.mode) or stage in sweep_stages(cfg) or \
+        (stage == ABLATION_STAGE and cfg.ablation_foundational is not None)
 
 
 def stages_for(mode: str) -> list[Stage]:
@@ -66,6 +67,13 @@ def stage_job(cfg: TwoStageConfig, stage: str, train_dir: str) -> TrainJob:
         if ratio > 0.0:
             data.append(DataSelection(name="foundational_replay", uri=cfg.foundational, fraction=ratio))
         return TrainJob(init_model=model_dir(train_dir, "stage1"), data=data, train=cfg.stage2, output=out)
+    if stage == ABLATION_STAGE:
+        if cfg.ablation_foundational is None:
+            raise ValueError(f"stage {ABLATION_STAGE} needs ablation_foundational (another selection's prepared set)")
+        # Stage 1's recipe on the other selection: same base model, settings and size, other records.
+        return TrainJob(init_model=cfg.base_model, data=[DataSelection(name="foundational",
+                                                                       uri=cfg.ablation_foundational)],
+                        train=cfg.stage1, output=out)
     if stage == "stage1":
         return TrainJob(init_model=cfg.base_model, data=[foundational], train=cfg.stage1, output=out)
     if stage == "stage2":
@@ -84,6 +92,7 @@ def eval_model(cfg: TwoStageConfig, stage: str, train_dir: str) -> str:
     """The model `evaluate` loads for `stage` (`base` is the starting model itself)."""
     if stage == "base":
         return cfg.base_model
-    if stage not in STAGES and sweep_ratio(stage) is None:
-        raise ValueError(f"unknown stage {stage!r}; use base, one of {STAGES} or {SWEEP_PREFIX}<ratio>")
+    if stage not in (*STAGES, ABLATION_STAGE) and sweep_ratio(stage) is None:
+        raise ValueError(f"unknown stage {stage!r}; use base, one of {STAGES}, {ABLATION_STAGE} or "
+                         f"{SWEEP_PREFIX}<ratio>")
     return model_dir(train_dir, stage)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +60,22 @@ def _dsir_fit(dsir_dir: str | None) -> dict[str, Any]:
     return m.summary
 
 
+def _chosen_counts(select_dir: str) -> dict[str, int]:
+    """How many records each domain got in the committed selection at `select_dir` (its decide summary)."""
+    from operators.core.manifest import read_manifest, stage_dir, step_manifest_uri
+
+    m = read_manifest(step_manifest_uri(stage_dir(select_dir, "decide")))
+    if m is None:
+        raise RuntimeError(f"select: match_selection {select_dir} has no committed decide stage")
+    return {str(d): int(n) for d, n in m.summary["chosen"].items()}
+
+
+def _count_budget(count: int) -> float:
+    """A budget that takes exactly `count` records (budgets <= 1 are fractions: a count of one is written just
+    above 1, which `cutoffs.budget_take` reads as the count 1)."""
+    return math.nextafter(1.0, 2.0) if count == 1 else float(count)
+
+
 def decide(c: pa.Table, budgets: dict[str, float], caps: dict[str, int], replay_fraction: float
            ) -> dict[str, np.ndarray]:
     """The selection's definition over candidates `c` (domain, source, key, replay_key), in candidate order:
@@ -100,6 +116,15 @@ class SelectConfig(StepConfig):
         description="Per domain: >= 1 is a record count, (0, 1) a fraction of the domain. Unlisted: keep all.")
     source_caps: dict[str, int] = Field(default_factory=dict, description="Most records kept per source.")
     key_column: str = Field("dsir_key", description="Higher is better; a hash of the id when the column is absent.")
+    ranking: Literal["key", "random"] = Field(
+        "key", description="`random`: rank by a seeded hash of the id, ignoring `key_column`: the same budgets, "
+        "caps and domain sizes as the DSIR selection, chosen at random (the selection ablation's baseline).")
+    match_selection: str | None = Field(
+        None, description="A committed select step over the same pool: each domain's budget becomes the count that "
+        "selection chose, so this one has the same size per domain even where source caps change the pools (the "
+        "selection ablation; a domain's pool here may still hold fewer).")
+    enabled: bool = Field(True, description="False: the step is off and passes its input on (the DAG's optional "
+                          "`select_random`).")
     replay_fraction: float = Field(0.16, ge=0, le=1)
     seed: int = 0
     dsir_dir: str | None = Field(
@@ -185,13 +210,16 @@ class SelectStep(Step[SelectConfig]):
         self._exceptions: dict[int, tuple[bool, bool]] = {}
         self._replayed: dict[int, bool] = {}
 
+    def is_off(self) -> bool:
+        return not self.config.enabled
+
     def begin_shard(self, shard: int) -> None:
         self._row = 0
         self._parts, self._side = [], []
 
     # -- what every stage computes per record --------------------------------------------------------------
     def _keys(self, table: pa.Table) -> np.ndarray:
-        if self.config.key_column in table.column_names:
+        if self.config.ranking == "key" and self.config.key_column in table.column_names:
             return table[self.config.key_column].to_numpy(zero_copy_only=False).astype(np.float64)
         return hash_unit(table["id"].to_pylist(), self.config.seed, "key")
 
@@ -362,7 +390,11 @@ class SelectStep(Step[SelectConfig]):
                 hists[(d, s)] = hists[(d, s)] + h if (d, s) in hists else h
         domains = sorted({d for d, _ in hists} | {d for c in old for d in c["passed"]})
         budgets: dict[str, float] = {}
+        matched = _chosen_counts(cfg.match_selection) if cfg.match_selection else None
         for d in domains:
+            if matched is not None:
+                budgets[d] = _count_budget(matched.get(d, 0))
+                continue
             b = cfg.budgets.get(d, 1.0)
             budgets[d] = b if b <= 1 else max(0.0, b - sum(c["selected"].get(d, 0) for c in old))
         caps = {src: max(0, cap - sum(c["source_passed"].get(src, 0) for c in old))
