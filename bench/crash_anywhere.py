@@ -122,7 +122,7 @@ PHASE2: list[Node] = [
     Node("evolve_r1", "evolve", {**_LLM, "rounds": 1}, ("seed_select_r1",)),
     Node("respond_r1", "respond", {**_LLM, "min_turns": 2, "max_turns": 2}, ("evolve_r1",)),
     Node("diagnose_r1", "diagnose", {**_LLM, "candidates": {"smollm2": {"batch_size": 1}},
-                                     "probes_per_ability": 1, "round": 1}, ("label_vocab",)),
+                                     "probes_per_ability": 1, "round": 1, "min_label_samples": 1}, ("label_vocab",)),
     Node("seed_select_r2", "seed_select", {**_SEEDS, "budget": 1, "round": 2, "weak_threshold": 10,
                                            "diagnosis_dir": "{root}/diagnose_r1",
                                            "exclude_dirs": ["{root}/seed_select_r1"]}, ("seed_score",)),

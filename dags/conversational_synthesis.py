@@ -24,7 +24,7 @@ from airflow.sdk import dag
 from operators.orchestration.dag_builder import asset_extra, asset_schedule, publish_tasks, step_group
 from operators.orchestration.params import PII_CONFIG, keep_versions_param, param, pii_param, task_timeout_param
 from operators.orchestration.settings import data_root, run_dir, safe_name
-from operators.review.judge import validator_config
+from operators.orchestration.stronger_judge import validator_config
 
 RUN = "{{ data_root }}/runs/{{ safe_name(params.run_name or run_id) }}"
 MODEL_ROLES = ("labeler", "reference", "evolver", "responder", "user", "judge")

@@ -15,8 +15,8 @@ import pytest
 
 from operators.core import storage
 from operators.core.runner import read_step_table
+from operators.orchestration.stronger_judge import validator_config
 from operators.review import marks, sample, stats
-from operators.review.judge import validator_config
 from operators.steps.synth.evolve import EvolveConfig, EvolveStep, ValidatorConfig, strategy_for
 from tests.conftest import ROOT, migrated_airflow
 from tests.review_fixture import synthesis_run

@@ -5,7 +5,6 @@
     marks.py    one versioned marks file per reviewer, `<run>/review/marks/<reviewer>.json`, compare-and-swap
     stats.py    error rate per (strategy, round) with a 95% Wilson interval, agreement between reviewers, and
                 the gate that marks a run "needs a stronger validator"
-    judge.py    the `stronger_judge` Param -> the evolve step's validator config (which strategies, which model)
 
 Pure logic and storage only: the Airflow plugin (plugins/iip_review.py) and the report call these.
 """
