@@ -103,7 +103,7 @@ def vllm_server(model_folder: str, tmp_path_factory: pytest.TempPathFactory) -> 
            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder,
            "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", SERVED, "--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager"]
+           "--served-model-name", SERVED, "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager"]
     t0 = time.monotonic()
     with log_path.open("wb") as log:
         # Own process group: the API server forks an engine core, and teardown must stop both.

@@ -28,7 +28,7 @@ SCORE_ANSWERS = [
     "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time.",
     "Bananas are yellow and grow in bunches on tall plants.",
 ]
-# vLLM runs bf16 activations, the reference fp32; see test_llm_vllm.test_score_loss_agrees_with_transformers.
+# vLLM on CPU runs float32 (bf16 on AMX CPUs drifted 3% and degenerated greedy text); the tolerance is for kernels.
 LOSS_REL, LOSS_ABS = 2e-2, 1e-2
 
 
