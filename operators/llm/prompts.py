@@ -85,6 +85,21 @@ class PromptTask(BaseModel):
         return messages
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def coerce_bool_field(value: Any, key: str) -> Any:
+    """A judge's parsed answer with its `key` verdict as a boolean: small models write 1, "yes" or "True" for
+    true. Anything else is left as it is, for the task's schema to refuse."""
+    if isinstance(value, dict) and not isinstance(value.get(key), bool):
+        v = value.get(key)
+        if isinstance(v, int | float) and v in (0, 1):
+            return {**value, key: bool(v)}
+        if isinstance(v, str) and v.strip().lower() in _BOOL_WORDS:
+            return {**value, key: _BOOL_WORDS[v.strip().lower()]}
+    return value
+
+
 def load_prompt(name: str, folder: str | None = None) -> PromptTask:
     """Load prompt `name` from `folder` (a local directory) or from the prompts this package ships."""
     if not name.replace("_", "").isalnum():

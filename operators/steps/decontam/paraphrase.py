@@ -30,6 +30,7 @@ from operators.benchmarks.loaders import load_prompts
 from operators.core import storage
 from operators.core.step import Artifacts, BatchResult, StepConfig, dropped_table
 from operators.llm.embed import EmbedConfig, EmbeddingCache, Vectors, embed_cached, load_embedder
+from operators.llm.prompts import coerce_bool_field
 from operators.steps.decontam.step import REASON, BenchmarkSource
 from operators.steps.synth.base import LLMStep, LLMStepConfig
 
@@ -197,15 +198,7 @@ def turn_windows(text: str, size: int) -> list[str]:
 
 
 def _verdict(value: Any) -> Any:
-    """The judge's answer with its yes/no as a boolean: small models write 1, "yes" or "True" for true."""
-    if isinstance(value, dict) and not isinstance(value.get("rephrasing"), bool):
-        v = value.get("rephrasing")
-        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-        if isinstance(v, int | float) and v in (0, 1):
-            return {**value, "rephrasing": bool(v)}
-        if isinstance(v, str) and v.strip().lower() in words:
-            return {**value, "rephrasing": words[v.strip().lower()]}
-    return value
+    return coerce_bool_field(value, "rephrasing")
 
 
 __all__ = ["JudgeConfig", "ParaphraseConfig", "ParaphraseDecontamStep"]

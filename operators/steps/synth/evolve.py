@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.core.step import BatchResult, StepConfig, dropped_table
 from operators.llm.base import LLMConfig
+from operators.llm.prompts import coerce_bool_field
 from operators.schema import CANONICAL_SCHEMA, first_exchange
 from operators.steps.filters.rules import DEFAULT_REFUSALS
 from operators.steps.synth.base import LLMStep, LLMStepConfig
@@ -50,6 +51,14 @@ LINEAGE_TYPE = pa.struct([("root_id", pa.string()), ("parent_id", pa.string()), 
                           ("round", pa.int32())])
 
 
+def known_strategies(v: list[str]) -> list[str]:
+    """`v`, when every name is an evolution strategy; else a ValueError naming the unknown ones."""
+    unknown = sorted(set(v) - set(DEPTH) - set(BREADTH))
+    if unknown:
+        raise ValueError(f"unknown evolution strategies {unknown}; known: {[*DEPTH, *BREADTH]}")
+    return v
+
+
 class ValidatorConfig(BaseModel):
     """A stronger judge for the evolutions of some strategies (see the module doc)."""
 
@@ -64,10 +73,7 @@ class ValidatorConfig(BaseModel):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(DEPTH) - set(BREADTH))
-        if unknown:
-            raise ValueError(f"unknown evolution strategies {unknown}; known: {[*DEPTH, *BREADTH]}")
-        return v
+        return known_strategies(v)
 
 
 class EvolveConfig(LLMStepConfig):
@@ -84,10 +90,7 @@ class EvolveConfig(LLMStepConfig):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(DEPTH) - set(BREADTH))
-        if unknown:
-            raise ValueError(f"unknown evolution strategies {unknown}; known: {[*DEPTH, *BREADTH]}")
-        return v
+        return known_strategies(v)
 
 
 def strategy_for(record_id: str, round_: int, strategies: list[str], seed: int) -> str:
@@ -222,15 +225,7 @@ def validated_strategies(validator: ValidatorConfig | None) -> frozenset[str]:
 
 
 def _faithful(value: Any) -> Any:
-    """The judge's answer with its verdict as a boolean: small models write 1, "yes" or "True" for true."""
-    if isinstance(value, dict) and not isinstance(value.get("faithful"), bool):
-        v = value.get("faithful")
-        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-        if isinstance(v, int | float) and v in (0, 1):
-            return {**value, "faithful": bool(v)}
-        if isinstance(v, str) and v.strip().lower() in words:
-            return {**value, "faithful": words[v.strip().lower()]}
-    return value
+    return coerce_bool_field(value, "faithful")
 
 
 __all__ = ["EvolveConfig", "EvolveStep", "ValidatorConfig", "clean_instruction", "eliminate", "strategy_for",
