@@ -150,7 +150,7 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     assert stats["exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 10}
     assert stats["exact_dedup"]["shards"] == 2 == stats["near_dedup"]["shards"]
     # The dedup partition stages ran as mapped tasks, one per shard, covering every partition once.
-    for step, stage in (("exact_dedup", "groups"), ("near_dedup", "candidates"), ("near_dedup", "pairs")):
+    for step, stage in (("exact_dedup", "resolve"), ("near_dedup", "candidates"), ("near_dedup", "pairs")):
         tasks = sorted((run / step / "_stages" / stage / "_shards").glob("*.json"))
         assert len(tasks) == 2
         assert sum(json.loads(t.read_text())["stats"]["counters"]["partitions"] for t in tasks) == 64

@@ -53,8 +53,14 @@ def _run(out: Path, folder: Path) -> str:
 
 
 def _links(step_dir: str) -> list[tuple[int, int]]:
-    t = concat_or_empty(StorageArtifacts(step_dir).iter_tables("groups"), LINKS_SCHEMA)
-    return sorted(zip(t["key"].to_pylist(), t["linked_key"].to_pylist(), strict=True))
+    """Every link of the newest index generation of each partition (what the next night builds on)."""
+    out: list[tuple[int, int]] = []
+    for p in (Path(step_dir) / INDEX_DIR / "resolve").iterdir():
+        gen = max((Generation.parse(g.name, g.read_bytes()) for g in p.glob("gen-*.json")),
+                  key=lambda g: len(g.covered))
+        t = concat_or_empty([pq.read_table(p / f) for f in gen.links], LINKS_SCHEMA)
+        out += zip(t["key"].to_pylist(), t["linked_key"].to_pylist(), strict=True)
+    return sorted(out)
 
 
 def _decisions(step_dir: str) -> tuple[list[str], dict[str, str]]:
@@ -66,7 +72,7 @@ def _decisions(step_dir: str) -> tuple[list[str], dict[str, str]]:
 def _counters(step_dir: str) -> dict[str, float]:
     """The partition stage's counters, summed over its slot tasks."""
     total: dict[str, float] = {}
-    for uri in storage.list_files(storage.join(stage_dir(step_dir, "groups"), SHARDS_DIR)):
+    for uri in storage.list_files(storage.join(stage_dir(step_dir, "resolve"), SHARDS_DIR)):
         m = read_manifest(uri)
         assert m is not None
         for k, v in m.stats.counters.items():
@@ -93,17 +99,17 @@ def test_nights_link_only_new_rows_and_equal_linking_everything(tmp_path: Path) 
         assert _links(got) == _links(full)
         assert _decisions(got) == _decisions(full)
         c, f = _counters(got), _counters(full)
-        # Only the new night's hash rows were read and linked (2 scopes per record); the rest came from the index.
-        assert c["index_rows_linked"] == 2 * len(fresh)
-        assert c["index_rows_reused"] == f["index_rows_linked"] - 2 * len(fresh) > 0
+        # Only the new night's hash rows were read and linked (one per record); the rest came from the index.
+        assert c["index_rows_linked"] == len(fresh)
+        assert c["index_rows_reused"] == f["index_rows_linked"] - len(fresh) > 0
         assert c["links"] == f["links"]
         details = _decisions(got)[1]
         assert any(d.startswith("duplicate of a-") for i, d in details.items() if i.startswith(f"c{night}-copy"))
         # Duplicates within the night itself.
         assert sum(i.startswith(f"c{night}-") and i.endswith("-twin") for i in details) == 3
     # The index keeps at most two generations per partition; every listed segment exists.
-    gens = list((inc / "exact" / INDEX_DIR / "groups").glob("p*/gen-*.json"))
-    assert gens and max(len(list(p.glob("gen-*.json"))) for p in (inc / "exact" / INDEX_DIR / "groups").iterdir()) <= 2
+    gens = list((inc / "exact" / INDEX_DIR / "resolve").glob("p*/gen-*.json"))
+    assert gens and max(len(list(p.glob("gen-*.json"))) for p in (inc / "exact" / INDEX_DIR / "resolve").iterdir()) <= 2
     for g in gens:
         gen = Generation.parse(g.name, g.read_bytes())
         assert all((g.parent / f).is_file() for f in (*gen.heads, *gen.links))
@@ -136,7 +142,7 @@ def test_segments_are_compacted_and_a_changed_shard_invalidates_the_base(tmp_pat
         _run(tmp_path / "inc" / "exact", src)
     full = _run(tmp_path / "full" / "exact", src)
     assert _links(str(tmp_path / "inc" / "exact")) == _links(full) != []
-    for p in (tmp_path / "inc" / "exact" / INDEX_DIR / "groups").iterdir():
+    for p in (tmp_path / "inc" / "exact" / INDEX_DIR / "resolve").iterdir():
         newest = max((Generation.parse(g.name, g.read_bytes()) for g in p.glob("gen-*.json")),
                      key=lambda g: len(g.covered))
         assert len(newest.heads) <= 2 and len(newest.covered) == 5
@@ -155,19 +161,22 @@ def test_link_new_rows_matches_linking_all_rows_at_once() -> None:
     rng = np.random.default_rng(1)
     n = 3000
     keys = np.arange(n, dtype=np.int64) * 7 + 3
-    scope = rng.integers(0, 2, n).astype(np.int8)
     h1 = rng.integers(0, 400, n).astype(np.uint64)
-    h2 = (h1 * np.uint64(3)) % np.uint64(5)
-    rows = pa.table({"key": keys, "scope": scope, "h1": h1, "h2": h2}, schema=HASH_ROWS)
-    src_all, dst_all, _ = group_links(keys, scope, h1, h2)
-    want = sorted(zip(src_all.tolist(), dst_all.tolist(), strict=True))
+    h2 = (h1 * np.uint64(3) + rng.integers(0, 2, n).astype(np.uint64)) % np.uint64(5)
+    rows = pa.table({"key": keys, "h1": h1, "h2": h2, "reward": rng.random(n), "answer_len": keys % 11,
+                     "id": [f"r{k}" for k in keys]}, schema=HASH_ROWS)
+    at, heads_of, _ = group_links(keys, h1, h2)
+    want = sorted(zip(keys[at].tolist(), heads_of.tolist(), strict=True))
     for cut in (0, 1, 1500, n):
-        heads, s1, d1 = link_new_rows([], rows.slice(0, cut))
-        heads2, s2, d2 = link_new_rows([heads.slice(0, heads.num_rows // 2), heads.slice(heads.num_rows // 2)],
-                                       rows.slice(cut))
-        got = sorted(zip([*s1.tolist(), *s2.tolist()], [*d1.tolist(), *d2.tolist()], strict=True))
+        heads, l1 = link_new_rows([], rows.slice(0, cut))
+        heads2, l2 = link_new_rows([heads.slice(0, heads.num_rows // 2), heads.slice(heads.num_rows // 2)],
+                                   rows.slice(cut))
+        links = pa.concat_tables([l1, l2])
+        got = sorted(zip(links["key"].to_pylist(), links["linked_key"].to_pylist(), strict=True))
         assert got == want, cut
-        groups = {(int(a), int(b), int(c)) for a, b, c in zip(h1, h2, scope, strict=True)}
+        # Links carry their record's facts.
+        assert links["id"].to_pylist() == [f"r{k}" for k in links["key"].to_pylist()]
+        groups = {(int(a), int(b)) for a, b in zip(h1, h2, strict=True)}
         assert heads.num_rows + heads2.num_rows == len(groups)
 
 

@@ -155,13 +155,13 @@ def test_partitioned_groups_equal_the_whole_set_decision(tmp_path: Path, partiti
     dropped = read_step_table(out, "dropped")
     assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
     assert m.stats.records_in == 240 == m.stats.records_kept + m.stats.dropped_by_reason["exact_duplicate"]
-    assert m.stats.counters["groups.partitions"] == partitions
+    assert m.stats.counters["resolve.partitions"] == partitions
     folders = [p for p in (tmp_path / "out" / "_stages" / "keys").iterdir() if p.is_dir() and p.name[0] == "p"]
     assert len(folders) == partitions
 
 
 def test_every_map_and_partition_task_as_its_own_process(tmp_path: Path) -> None:
-    """As the orchestrator runs it: plan, each `keys` map and `groups` partition task and each shard's run as a
+    """As the orchestrator runs it: plan, each `keys` map and `resolve` partition task and each shard's run as a
     separate CLI process (a fresh step each time, state only in storage); the drops equal the whole-set's."""
     shards = _random_corpus(9, shards=2)
     expected = _whole_set_drops(shards, ["conversation", "first_human"])
@@ -169,23 +169,38 @@ def test_every_map_and_partition_task_as_its_own_process(tmp_path: Path) -> None
     src = write_shards(tmp_path / "in", shards)
     run_step_as_tasks("exact_dedup", {"target_shard_bytes": 1, "partitions": 5}, [src], out)
     m = read_manifest(step_manifest_uri(storage.validate_uri(out)))
-    assert m is not None and m.stats.shards == 2 and m.stats.counters["groups.partitions"] == 5
+    assert m is not None and m.stats.shards == 2 and m.stats.counters["resolve.partitions"] == 5
     dropped = read_step_table(storage.validate_uri(out), "dropped")
     assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
     assert m.stats.records_kept == 120 - len(expected)
 
 
-def test_equal_hash_links_star_per_group() -> None:
-    from operators.steps.dedup.exact import equal_hash_links
+def test_group_links_star_per_group() -> None:
+    from operators.steps.dedup.exact import group_links
 
     keys = np.array([5, 3, 9, 3, 7, 1], dtype=np.int64)
-    scope = np.array([0, 0, 0, 0, 1, 0], dtype=np.int8)
-    h1 = np.array([1, 1, 2, 1, 1, 2], dtype=np.uint64)
+    h1 = np.array([1, 1, 2, 1, 3, 2], dtype=np.uint64)
     h2 = np.array([0, 0, 0, 0, 0, 0], dtype=np.uint64)
-    src, dst = equal_hash_links(keys, scope, h1, h2)
-    # Group (0, 1, 0): keys 3, 3, 5 -> 5 links to 3 (3 repeated adds nothing); (0, 2, 0): 1, 9 -> 9 to 1;
-    # key 7 is alone in scope 1.
-    assert sorted(zip(src.tolist(), dst.tolist(), strict=True)) == [(5, 3), (9, 1)]
+    at, heads, first = group_links(keys, h1, h2)
+    # Group (1, 0): keys 3, 3, 5 -> 5 links to 3 (3 repeated adds nothing); (2, 0): 1, 9 -> 9 to 1; key 7 alone.
+    assert sorted(zip(keys[at].tolist(), heads.tolist(), strict=True)) == [(5, 3), (9, 1)]
+    assert keys[first].tolist() == [3, 1, 7]  # one head per group, in hash order
+
+
+def test_equal_conversations_have_equal_first_human_turns() -> None:
+    """Why one scope suffices: the conversation hash normalizes turn by turn, so equal conversation hashes mean
+    equal turns, hence equal first human turns; text that only moves across a turn boundary is not equal."""
+    from operators.steps.dedup.exact import effective_scope, record_hashes
+
+    a = [{"from": "human", "value": "Hello world"}, {"from": "gpt", "value": "Hi!"}]
+    b = [{"from": "human", "value": "hello,  WORLD"}, {"from": "gpt", "value": "hi"}]
+    moved = [{"from": "human", "value": "Hello world gpt Hi"}]
+    conv = record_hashes([a, b, moved], "conversation")
+    first = record_hashes([a, b, moved], "first_human")
+    assert conv[0] == conv[1] and first[0] == first[1]
+    assert conv[0] != conv[2] and first[0] != first[2]
+    assert effective_scope(["conversation", "first_human"]) == "first_human"
+    assert effective_scope(["conversation"]) == "conversation"
 
 
 def test_partition_tasks_cover_every_partition_once_and_resume(tmp_path: Path) -> None:
@@ -208,18 +223,18 @@ def test_partition_tasks_cover_every_partition_once_and_resume(tmp_path: Path) -
     step = build_step("exact_dedup", {"target_shard_bytes": 1, "partitions": 5})
     plan = make_plan(step, [write_shards(tmp_path / "in", shards)], out)
     with pytest.raises(StepFailed, match="not committed"):
-        run_partition_stage(step, out, plan, "groups", 0)  # its map stage has not run yet
+        run_partition_stage(step, out, plan, "resolve", 0)  # its map stage has not run yet
     for k in range(3):
         run_map_stage(step, out, plan, "keys", k)
-    sdir = Path(stage_dir(out, "groups").removeprefix("file://"))
+    sdir = Path(stage_dir(out, "resolve").removeprefix("file://"))
     sdir.mkdir(parents=True)
     orphan = sdir / "part-00001-00000-deadbeef.parquet"
     orphan.write_bytes(b"left by a killed attempt")
-    first = run_partition_stage(step, out, plan, "groups", 1)
+    first = run_partition_stage(step, out, plan, "resolve", 1)
     assert not orphan.exists()
     assert first.stats.counters["partitions"] == 2  # partitions 1 and 4 of 5, over 3 tasks
     again = run_partition_stage(build_step("exact_dedup", {"target_shard_bytes": 1, "partitions": 5}), out,
-                                plan, "groups", 1)
+                                plan, "resolve", 1)
     assert again.attempt == first.attempt  # skipped: the committed output stands
-    committed = read_manifest(shard_manifest_uri(stage_dir(out, "groups"), 1))
+    committed = read_manifest(shard_manifest_uri(stage_dir(out, "resolve"), 1))
     assert committed is not None and committed.attempt == first.attempt

@@ -67,9 +67,9 @@ def links_table(src: Keys, dst: Keys) -> pa.Table:
     return pa.table({"key": pa.array(src, pa.int64()), "linked_key": pa.array(dst, pa.int64())})
 
 
-def sorted_links(tables: list[pa.Table]) -> pa.Table:
+def sorted_links(tables: list[pa.Table], schema: pa.Schema = LINKS_SCHEMA) -> pa.Table:
     """Links as one table sorted by (key, linked_key): equal link sets give equal files."""
-    t = concat_or_empty(tables, LINKS_SCHEMA)
+    t = concat_or_empty(tables, schema)
     return t.sort_by([("key", "ascending"), ("linked_key", "ascending")])
 
 
@@ -209,12 +209,17 @@ class DropListStep(Step[N]):
         """Which linked rows the no-churn rule keeps (`resolve_links`'s `protected`): see `NoChurnConfig`."""
         return published_mask(self.config.published, self.name, rows["id"])
 
+    def drop_list(self, artifacts: Artifacts, shard: int) -> pa.Table | None:
+        """Shard `shard`'s drops (``row``, ``kept_id``), sorted by row; None when it has none. Here the reduce
+        stage `resolve`'s table for the shard; a step that resolves per partition reads what they shuffled."""
+        return artifacts.partition("resolve", shard)
+
     def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
         # The transform reads only the shard's drop list: an unchanged list means an unchanged output.
-        return table_digest(artifacts.partition("resolve", shard))
+        return table_digest(self.drop_list(artifacts, shard))
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
-        t = artifacts.partition("resolve", shard)
+        t = self.drop_list(artifacts, shard)
         self._drops = {} if t is None else dict(zip(t["row"].to_pylist(), t["kept_id"].to_pylist(), strict=True))
 
     def transform(self, batch: pa.RecordBatch) -> BatchResult:

@@ -1,20 +1,24 @@
 """`exact_dedup` step: drop records whose normalized text repeats, keeping the best copy of each.
 
-Stages (each resumable on its own; no task holds the whole corpus):
-  keys (map)           per record: its key (shard << 32 | row) and the facts that decide which copy survives
-                       (reward, answer length, id) as the shard's own rows; and, per scope, a 128-bit hash
-                       of the normalized whole conversation / first human turn, shuffled by hash into
-                       `partitions` partitions so equal hashes meet in one
-  groups (partition)   per hash partition: records with an equal (scope, hash) linked to the group's first
-  resolve (reduce)     connected components over the links only (a copy may match one record by
-                       conversation and another by prompt), one survivor per component: highest reward,
-                       then longest answer, then smallest id; per-shard drop lists
+What must be unique (`scopes`): the whole conversation (every turn, normalized turn by turn) and/or the first
+human turn. Equal conversations have equal first human turns, so with both scopes a cluster of duplicates is
+exactly a group of records with one normalized first human turn: the step hashes only the coarser scope
+(`effective_scope`), every cluster is one hash group, and no connected components are needed. Shuffled by
+that hash, every cluster lies whole in one partition, so survivors are chosen there and no task sees more
+than its partition (docs/decisions.md, "exact dedup resolves per partition").
+
+Stages (each resumable on its own; no task holds the whole corpus or grows with it):
+  keys (map)           per record: a 128-bit hash of its normalized text in the effective scope, its key
+                       (shard << 32 | row) and the facts that decide which copy survives (reward, answer
+                       length, id), shuffled by hash into `partitions` partitions so equal hashes meet in one
+  resolve (partition)  per hash partition: each group of equal hashes and its survivor (highest reward, then
+                       longest answer, then smallest id, then smallest key); the drop list of each shard,
+                       shuffled to that shard
   transform            drop the listed rows of each shard with reason `exact_duplicate`
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -24,25 +28,24 @@ import pyarrow.compute as pc
 import xxhash
 from pydantic import Field
 
+from operators.core.arrays import unique_sorted
 from operators.core.step import (
-    SHARD_ROWS,
     Artifacts,
     PartitionResult,
     Stage,
-    StageOutput,
     StepConfig,
     concat_or_empty,
     shuffle_partitions,
 )
-from operators.dedup.unionfind import choose_keepers, connected_components
 from operators.steps.dedup.droplist import (
+    KEY_SHIFT,
+    ROW_MASK,
     DropListStep,
     Keys,
     NoChurnConfig,
-    drop_lists,
-    links_table,
-    resolve_links,
+    cluster_sizes,
     shuffle_rows,
+    sorted_links,
 )
 from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
 from operators.text.normalize import normalize_text
@@ -56,22 +59,39 @@ class ExactDedupConfig(NoChurnConfig):
     """Which texts must be unique, and the shuffle's size."""
 
     scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_SCOPES), min_length=1,
-                                description="Hash the whole conversation and/or the first human turn.")
+                                description="Hash the whole conversation and/or the first human turn (which "
+                                            "implies the whole conversation: equal conversations have equal "
+                                            "first human turns).")
     partitions: int | None = Field(
         None, ge=1, le=65_536,
-        description="Partitions the hash rows are shuffled into; a groups task holds one at a time. "
+        description="Partitions the hash rows are shuffled into; a resolve task holds one at a time. "
                     "Default: one per shard, at least 64.")
 
 
-def _hash(text: str) -> bytes:
-    return xxhash.xxh3_128_digest(normalize_text(text).encode())
+def effective_scope(scopes: list[Scope]) -> Scope:
+    """The one scope whose hash groups are exactly the clusters of duplicates under `scopes`.
+
+    Two records with equal normalized conversations (turn by turn) have equal normalized first human turns, so
+    every conversation group lies inside one first-human group: the union of both scopes' groups is the
+    first-human grouping alone. Pure."""
+    return "first_human" if "first_human" in scopes else "conversation"
+
+
+# Normalized text is words separated by single spaces: these separators never occur in it, so equal joined
+# strings mean equal turns.
+_TURN, _FIELD = "\x1e", "\x1f"
 
 
 def record_hashes(conversations: list[list[dict[str, str]]], scope: Scope) -> list[bytes]:
-    """Normalized-text hash (16 bytes) of each record in `scope`. Pure."""
+    """Normalized-text hash (16 bytes) of each record in `scope`: the first human turn (empty when there is
+    none), or every turn's speaker and text, each turn normalized on its own so that turn boundaries count.
+    Pure."""
+    digest = xxhash.xxh3_128_digest
     if scope == "conversation":
-        return [_hash("\x1e".join(f"{t['from']}\x1f{t['value']}" for t in conv)) for conv in conversations]
-    return [_hash(next((t["value"] for t in conv if t["from"] == "human"), "")) for conv in conversations]
+        return [digest(_TURN.join(f"{t['from']}{_FIELD}{normalize_text(t['value'])}" for t in conv).encode())
+                for conv in conversations]
+    return [digest(normalize_text(next((t["value"] for t in conv if t["from"] == "human"), "")).encode())
+            for conv in conversations]
 
 
 def hash_words(digests: list[bytes]) -> npt.NDArray[np.uint64]:
@@ -84,95 +104,118 @@ def answer_lengths(conversations: list[list[dict[str, str]]]) -> list[int]:
     return [sum(len(t["value"]) for t in conv if t["from"] == "gpt") for conv in conversations]
 
 
-HASH_ROWS = pa.schema([("key", pa.int64()), ("scope", pa.int8()), ("h1", pa.uint64()), ("h2", pa.uint64())])
-HEAD_ORDER = ["h1", "h2", "scope"]  # how index heads are sorted: by hash first, so a probe is a binary search
+# A record's hash row carries the facts that choose a survivor, so the partition that holds its group decides.
+FACTS = [("reward", pa.float64()), ("answer_len", pa.int64()), ("id", pa.string())]
+HASH_ROWS = pa.schema([("key", pa.int64()), ("h1", pa.uint64()), ("h2", pa.uint64()), *FACTS])
+HEAD_ORDER = ["h1", "h2"]  # how index heads are sorted: by hash, so a probe is a binary search
+# A link: a record (its key and facts) and the head of its group (the group's smallest key).
+MEMBER_LINKS = pa.schema([("key", pa.int64()), ("linked_key", pa.int64()), *FACTS])
+DROPS = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("kept_id", pa.string())])
 
 
-def group_links(keys: Keys, scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
-                h2: npt.NDArray[np.uint64]) -> tuple[Keys, Keys, Keys]:
-    """Links (key, first key of its group) for rows whose (scope, hash) another row shares: a star per group,
-    linear in rows; and the row of each group's first key (its head), in `HEAD_ORDER`. A key repeated within
-    a group (a re-emitted shard) adds no link."""
-    order = np.lexsort((keys, scope, h2, h1))
-    k, sc, a, b = keys[order], scope[order], h1[order], h2[order]
+def group_links(keys: Keys, h1: npt.NDArray[np.uint64], h2: npt.NDArray[np.uint64]
+                ) -> tuple[npt.NDArray[np.int64], Keys, npt.NDArray[np.int64]]:
+    """Rows whose hash another row shares, linked to their group's first (smallest) key: a star per group,
+    linear in rows. Returns (positions of the linked rows, their heads' keys, positions of each group's head
+    row, in `HEAD_ORDER`). A key repeated within a group (a re-emitted shard) adds no link. Pure."""
+    order = np.lexsort((keys, h2, h1))
+    k, a, b = keys[order], h1[order], h2[order]
     first = np.ones(k.size, dtype=bool)
-    first[1:] = (sc[1:] != sc[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
     head = k[np.maximum.accumulate(np.where(first, np.arange(k.size), 0))] if k.size else k
     linked = ~first & (k != head)
-    return k[linked], head[linked], order[first]
-
-
-def equal_hash_links(keys: npt.NDArray[np.int64], scope: npt.NDArray[np.int8], h1: npt.NDArray[np.uint64],
-                     h2: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Links (key, first key of its group) for rows whose (scope, hash) another row shares (`group_links`)."""
-    src, dst, _ = group_links(keys, scope, h1, h2)
-    return src, dst
+    return order[linked], head[linked], order[first]
 
 
 def probe_heads(segments: list[pa.Table], rows: pa.Table) -> npt.NDArray[np.int64]:
-    """For each of `rows` (`HASH_ROWS`), the head key of the group with its (scope, hash) among the index
-    `segments` (each sorted by `HEAD_ORDER`; a group is in at most one), or -1 (`equal_rows`). Pure."""
+    """For each of `rows`, the head key of the group with its hash among the index `segments` (each sorted by
+    `HEAD_ORDER`; a group is in at most one), or -1 (`equal_rows`). Pure."""
     found = np.full(rows.num_rows, -1, dtype=np.int64)
-    for seg, at, query in equal_rows(segments, rows, "h1", ["h2", "scope"]):
+    for seg, at, query in equal_rows(segments, rows, "h1", ["h2"]):
         found[query] = seg["key"].to_numpy()[at]
     return found
 
 
-def link_new_rows(segments: list[pa.Table], rows: pa.Table) -> tuple[pa.Table, npt.NDArray[np.int64],
-                                                                     npt.NDArray[np.int64]]:
-    """Link `rows` against the index `segments` and each other: (heads of the groups new to the index, in
-    `HEAD_ORDER`; link sources; link targets). A row whose group the index holds links to that group's head;
-    the others link within their own groups (`group_links`). With an empty index, that is `group_links` over
-    all rows. New rows come from shards appended after the index's, so their keys are larger than every head:
-    the links are the ones linking all rows at once would make. Pure."""
+def _member_links(rows: pa.Table, at: npt.NDArray[np.int64], heads: Keys) -> pa.Table:
+    t = rows.take(pa.array(at, pa.int64())).select(["key", *(n for n, _ in FACTS)])
+    return t.add_column(1, "linked_key", pa.array(heads, pa.int64())).cast(MEMBER_LINKS)
+
+
+def link_new_rows(segments: list[pa.Table], rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Link `rows` (`HASH_ROWS`) against the index `segments` and each other: (heads of the groups new to the
+    index, in `HEAD_ORDER`; links as `MEMBER_LINKS`). A row whose group the index holds links to that group's
+    head; the others link within their own groups (`group_links`). With an empty index, that is `group_links`
+    over all rows. New rows come from shards appended after the index's, so their keys are larger than every
+    head: the links are the ones linking all rows at once would make. Pure."""
     keys = rows["key"].to_numpy()
     head = probe_heads(segments, rows)
-    hit = head >= 0
-    old_src, old_dst = keys[hit], head[hit]
-    fresh = rows.filter(pa.array(~hit)) if hit.any() else rows
-    src, dst, heads = group_links(fresh["key"].to_numpy(), fresh["scope"].to_numpy(), fresh["h1"].to_numpy(),
-                                  fresh["h2"].to_numpy())
-    keep = old_src != old_dst  # a key already in the index (a re-emitted shard) links to nothing new
-    return (fresh.take(pa.array(heads)).select(HASH_ROWS.names), np.concatenate([old_src[keep], src]),
-            np.concatenate([old_dst[keep], dst]))
+    # A key already in the index (a re-emitted shard) links to nothing new.
+    old = np.flatnonzero((head >= 0) & (keys != head))
+    fresh_at = np.flatnonzero(head < 0)
+    fresh = rows.take(pa.array(fresh_at, pa.int64()))
+    linked, heads_of, first = group_links(fresh["key"].to_numpy(), fresh["h1"].to_numpy(), fresh["h2"].to_numpy())
+    links = pa.concat_tables([_member_links(rows, old, head[old]), _member_links(fresh, linked, heads_of)])
+    return fresh.take(pa.array(first, pa.int64())).cast(HASH_ROWS), links
 
 
-def survivor_rank(reward: npt.NDArray[np.float64], answer_len: npt.NDArray[np.int64], ids: pa.Array) -> npt.NDArray[
-        np.int64]:
-    """Rank of each record as a survivor (0 = best): highest reward (missing last), longest answer, smallest id."""
-    order = pc.sort_indices(pa.table({"r": np.nan_to_num(reward, nan=-np.inf), "a": answer_len, "id": ids}),
-                            sort_keys=[("r", "descending"), ("a", "descending"), ("id", "ascending")]).to_numpy()
-    rank = np.empty(order.size, dtype=np.int64)
-    rank[order] = np.arange(order.size)
-    return rank
+def head_facts(heads: list[pa.Table], wanted: Keys) -> pa.Table:
+    """The rows of the heads whose key is in `wanted` (sorted, distinct), from index and new head tables,
+    sorted by key; one per key."""
+    found = [h.filter(pa.array(np.isin(h["key"].to_numpy(), wanted, assume_unique=True))) for h in heads
+             if h.num_rows]
+    t = concat_or_empty(found, HASH_ROWS).select(["key", *(n for n, _ in FACTS)])
+    t = t.take(pc.sort_indices(t["key"]))
+    if t.num_rows != wanted.size or not np.array_equal(t["key"].to_numpy(), wanted):
+        raise ValueError("links name group heads that no index or new row holds")  # a torn or mixed index
+    return t
 
 
-def choose_survivors(hashes: Mapping[str, npt.NDArray[np.uint64]], reward: npt.NDArray[np.float64],
-                     answer_len: npt.NDArray[np.int64], ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The single-machine form: for n records with per-scope ``(n, 2)`` hashes, (is_duplicate, survivor index).
-
-    Records sharing any hash are one cluster (transitively); the survivor is the best `survivor_rank`.
-    The distributed stages decide the same. Pure and deterministic."""
-    n = len(reward)
-    rows = np.arange(n, dtype=np.int64)
-    src, dst = [], []
-    for i, h in enumerate(hashes.values()):
-        s, d = equal_hash_links(rows, np.full(n, i, dtype=np.int8), h[:, 0], h[:, 1])
-        src.append(s)
-        dst.append(d)
-    comp = connected_components(n, np.concatenate(src), np.concatenate(dst))
-    survivor = choose_keepers(comp, survivor_rank(reward, answer_len, ids))
-    return survivor != rows, survivor
+def choose_in_groups(members: pa.Table, protected: npt.NDArray[np.bool_]) -> pa.Table:
+    """Survivor of each group and the drop list: `members` holds every record of every group with more than one
+    (``key``, ``group``, reward, answer_len, id). The survivor has the highest reward (missing last), then the
+    longest answer, then the smallest id, then the smallest key. A `protected` record (no churn) is never
+    dropped and survives first: among several of one id only the smallest key counts (ids are content hashes,
+    so copies of a published record carry its id), and among several ids the smallest key survives.
+    Returns the drops as `DROPS`. Pure and deterministic."""
+    if members.num_rows == 0:
+        return DROPS.empty_table()
+    keys = members["key"].to_numpy()
+    if protected.any():
+        at = np.flatnonzero(protected)
+        sub = pa.table({"id": members["id"].take(pa.array(at)), "key": keys[at]})
+        first = pc.sort_indices(sub, sort_keys=[("id", "ascending"), ("key", "ascending")]).to_numpy()
+        ids = sub["id"].take(pa.array(first)).to_numpy(zero_copy_only=False)
+        one = np.ones(first.size, dtype=bool)
+        one[1:] = ids[1:] != ids[:-1]
+        protected = np.zeros(members.num_rows, dtype=bool)
+        protected[at[first[one]]] = True
+    reward = members["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
+    # Protected records rank by key alone: their facts must not reorder them.
+    order = pc.sort_indices(pa.table({
+        "group": members["group"], "tier": pa.array(~protected),
+        "r": pa.array(np.where(protected, 0.0, np.nan_to_num(reward, nan=-np.inf))),
+        "a": pa.array(np.where(protected, 0, members["answer_len"].to_numpy())),
+        "id": pc.if_else(pa.array(protected), "", members["id"]), "key": members["key"]}),
+        sort_keys=[("group", "ascending"), ("tier", "ascending"), ("r", "descending"), ("a", "descending"),
+                   ("id", "ascending"), ("key", "ascending")]).to_numpy()
+    group = members["group"].to_numpy()[order]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = group[1:] != group[:-1]
+    keeper = order[np.maximum.accumulate(np.where(first, np.arange(order.size), 0))]
+    drop = ~first & ~protected[order]
+    dropped, kept = order[drop], keeper[drop]
+    k = keys[dropped]
+    return pa.table({"shard": pa.array((k >> KEY_SHIFT).astype(np.int32)), "row": pa.array(k & ROW_MASK),
+                     "kept_id": members["id"].take(pa.array(kept)).cast(pa.string())}, schema=DROPS)
 
 
 class ExactDedupStep(DropListStep[ExactDedupConfig]):
     """Drop exact duplicates (after normalization) across all shards, keeping one copy of each."""
 
     name: ClassVar[str] = "exact_dedup"
-    version: ClassVar[int] = 2  # hashes shuffled to partition tasks; decisions unchanged
+    version: ClassVar[int] = 3  # one hash per record in the coarsest scope; survivors chosen per partition
     config_model: ClassVar[type[StepConfig]] = ExactDedupConfig
-    stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("groups", "partition"),
-                                           Stage("resolve", "reduce"))
+    stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("resolve", "partition"))
     drop_reason: ClassVar[str] = REASON
     detail_prefix: ClassVar[str] = "duplicate of"
 
@@ -181,37 +224,40 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> dict[int, pa.Table]:
         convs = batch.column("conversations").to_pylist()
-        n = len(convs)
-        keys = self.next_keys(shard, n)
-        own = pa.table({"key": pa.array(keys), "id": batch.column("id"), "reward": batch.column("reward"),
-                        "answer_len": pa.array(answer_lengths(convs), pa.int64())})
-        hash_rows = []
-        for i, scope in enumerate(self.config.scopes):
-            h = hash_words(record_hashes(convs, scope))
-            hash_rows.append(pa.table({"key": pa.array(keys), "scope": pa.array(np.full(n, i, dtype=np.int8)),
-                                       "h1": pa.array(h[:, 0]), "h2": pa.array(h[:, 1])}))
-        rows = pa.concat_tables(hash_rows)
-        part = (rows["h1"].to_numpy() % np.uint64(self.stage_partitions("groups"))).astype(np.int64)
-        return {SHARD_ROWS: own, **shuffle_rows(rows, part)}
+        h = hash_words(record_hashes(convs, effective_scope(self.config.scopes)))
+        rows = pa.table({"key": pa.array(self.next_keys(shard, len(convs))), "h1": pa.array(h[:, 0]),
+                         "h2": pa.array(h[:, 1]), "reward": batch.column("reward").cast(pa.float64()),
+                         "answer_len": pa.array(answer_lengths(convs), pa.int64()),
+                         "id": batch.column("id").cast(pa.string())}, schema=HASH_ROWS)
+        part = (h[:, 0] % np.uint64(self.stage_partitions("resolve"))).astype(np.int64)
+        return shuffle_rows(rows, part)
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
-        """Link the partition's hash rows. With an index of an earlier run (`partition_index`), only the rows of
-        shards it does not cover are read and linked, against its group heads and each other."""
+        """Group the partition's hash rows and choose each group's survivor; the drops go to their shards.
+        With an index of an earlier run (`partition_index`), only the rows of shards it does not cover are read
+        and linked, against its group heads and each other; the index's heads and links carry the facts, so
+        every group is decided again without reading old shards."""
         index = PartitionIndex.open(artifacts, "keys", stage, partition, self.num_shards)
         rows = concat_or_empty(artifacts.shuffled("keys", partition, index.new_shards), HASH_ROWS)
-        heads, src, dst = link_new_rows(index.base_heads, rows.select(HASH_ROWS.names))
-        new_links = links_table(src, dst)
+        heads, new_links = link_new_rows(index.base_heads, rows.select(HASH_ROWS.names).cast(HASH_ROWS))
         index.commit(heads, new_links, rows.num_rows, HEAD_ORDER)
-        links = index.all_links(new_links)
+        links = sorted_links([t for t in (index.base_links, new_links) if t is not None], MEMBER_LINKS)
+        group_keys = unique_sorted(links["linked_key"].to_numpy())
+        heads_rows = head_facts([*index.base_heads, heads], group_keys)
+        members = pa.concat_tables([
+            links.rename_columns({"linked_key": "group"}).select(["key", "group", *(n for n, _ in FACTS)]),
+            heads_rows.add_column(1, "group", heads_rows["key"])]).combine_chunks()
+        drops = choose_in_groups(members, self.protected(members))
+        records = index.base_rows + rows.num_rows
+        counters = {"records": float(records), "duplicates": float(drops.num_rows), "links": float(links.num_rows),
+                    **{f"cluster_sizes.{k}": float(v) for k, v in cluster_sizes(drops["kept_id"]).items()},
+                    **index.counters(rows.num_rows)}
         # Counts over every covered row, so a run on an index reports what one without it would.
-        return PartitionResult(links, index.base_rows + rows.num_rows,
-                               {"links": float(links.num_rows), **index.counters(rows.num_rows)})
+        return PartitionResult(shuffle_rows(drops, drops["shard"].to_numpy().astype(np.int64)), records, counters)
 
-    def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
-        def rank(rows: pa.Table) -> npt.NDArray[np.int64]:
-            reward = rows["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
-            return survivor_rank(reward, rows["answer_len"].to_numpy(), rows["id"])
-
-        drops, records, _ = resolve_links(artifacts, links_stage="groups", rows_stage="keys",
-                                          columns=["reward", "answer_len"], priority=rank, protected=self.protected)
-        return drop_lists(drops, {"records": records, "duplicates": drops.num_rows})
+    def drop_list(self, artifacts: Artifacts, shard: int) -> pa.Table | None:
+        parts = list(artifacts.shuffled("resolve", shard))
+        if not parts:
+            return None
+        t = pa.concat_tables(parts)
+        return t.take(pc.sort_indices(t["row"]))
