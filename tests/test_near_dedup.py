@@ -86,7 +86,7 @@ def _varied_corpus(seed: int, shards: int = 4) -> list[list[dict[str, Any]]]:
     return out
 
 
-def _reference_drops(shards: list[list[dict[str, Any]]]) -> dict[str, str]:
+def _reference_drops(shards: list[list[dict[str, Any]]], verify: bool = True) -> dict[str, str]:
     """The previous, whole-set resolve: every signature in one process, `duplicate_components` over all."""
     import numpy as np
 
@@ -98,8 +98,9 @@ def _reference_drops(shards: list[list[dict[str, Any]]]) -> dict[str, str]:
     t = pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
     sig = minhash_signatures(conversation_texts(t), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed)
     reward = np.array([np.nan if r["reward"] is None else r["reward"] for r in rows])
-    comps = duplicate_components(np.arange(len(rows)), band_hashes(sig, *p.lsh()), signatures=sig,
-                                 threshold=p.threshold, priority=np.where(np.isnan(reward), np.inf, -reward))
+    comps = duplicate_components(np.arange(len(rows)), band_hashes(sig, *p.lsh()),
+                                 signatures=sig if verify else None, threshold=p.threshold if verify else None,
+                                 priority=np.where(np.isnan(reward), np.inf, -reward))
     drops = comps.filter(pc.invert(comps["keep"]))
     return {rows[k]["id"]: f"near duplicate of {rows[j]['id']}"
             for k, j in zip(drops["id"].to_pylist(), drops["keep_id"].to_pylist(), strict=True)}
@@ -111,6 +112,22 @@ def _write_shards(root: Path, shards: list[list[dict[str, Any]]]) -> str:
     for i, rows in enumerate(shards):
         pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), d / f"s{i}.parquet")
     return str(d)
+
+
+def test_unverified_links_carry_their_facts_to_the_resolve(tmp_path: Path) -> None:
+    """With `verify` off no signature moves, but the candidates' ids and priorities still reach the pairs (the
+    resolve reads no shard): the drops equal the whole-set resolve's without verification."""
+    shards = _varied_corpus(11)
+    expected = _reference_drops(shards, verify=False)
+    assert len(expected) >= len(_reference_drops(shards))
+    out = storage.validate_uri(str(tmp_path / "out"))
+    step = build_step("near_dedup", {"target_shard_bytes": 1, "band_partitions": 5, "minhash": {"verify": False}})
+    m = run_all(step, [_write_shards(tmp_path, shards)], out)
+    dropped = read_step_table(out, "dropped")
+    assert dict(zip(dropped["id"].to_pylist(), dropped["detail"].to_pylist(), strict=True)) == expected
+    assert m.stats.counters["resolve.records"] == m.stats.records_in
+    gathered = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "out" / "_stages" / "gather").rglob("*.parquet"))
+    assert "signature" not in gathered.column_names and gathered.num_rows > 0
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 7, 16])

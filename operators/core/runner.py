@@ -520,6 +520,13 @@ class StorageArtifacts:
             if "/" not in f.path:
                 yield self._read(stage, f.path)
 
+    def records_in(self, stage: str) -> int:
+        total = 0
+        for uri in storage.list_files(storage.join(stage_dir(self.step_dir, stage), SHARDS_DIR)):
+            m = read_manifest(uri)
+            total += m.stats.records_in if m is not None else 0
+        return total
+
     def shard_keys(self, stage: str) -> dict[int, str | None]:
         out: dict[int, str | None] = {}
         for uri in storage.list_files(storage.join(stage_dir(self.step_dir, stage), SHARDS_DIR)):

@@ -261,6 +261,10 @@ class Artifacts(Protocol):
         """The own rows shard `shard` emitted in map stage `stage`, one part file at a time."""
         ...
 
+    def records_in(self, stage: str) -> int:
+        """How many records the committed tasks of map stage `stage` read, over every shard."""
+        ...
+
     def shard_keys(self, stage: str) -> dict[int, str | None]:
         """The content key of each shard's committed output of map stage `stage` (None: computed without one)."""
         ...

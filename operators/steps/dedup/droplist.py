@@ -119,19 +119,28 @@ def published_mask(dataset_uri: str | None, step: str, ids: pa.Array | pa.Chunke
 def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, columns: list[str],
                   priority: Callable[[pa.Table], npt.ArrayLike],
                   protected: Callable[[pa.Table], npt.NDArray[np.bool_]] | None = None) -> tuple[pa.Table, int, int]:
-    """Components of the links of `links_stage` and the drop list they imply.
-
-    The survivor of a component has the smallest ``priority(rows)`` (rows of the linked keys, sorted by
-    key, with `columns` and ``id`` from `rows_stage`), then the smallest key. Rows that `protected` marks
-    (published records) survive first and are never dropped, even when one component holds several.
-    Returns (drops as ``shard, row, kept_id``, records seen, components)."""
+    """Components of the links of `links_stage` and the drop list they imply (`decide_components`), with the
+    linked records' ``id`` and `columns` read from map stage `rows_stage`'s own rows (one pass over every
+    shard's rows; memory follows the duplicates). Returns (drops, records seen, components)."""
     links = concat_or_empty(artifacts.iter_tables(links_stage), LINKS_SCHEMA)
     linked = unique_sorted(np.concatenate([links.column("key").to_numpy(), links.column("linked_key").to_numpy()]))
     records, rows = linked_rows(artifacts, rows_stage, linked, ["id", *columns])
+    drops, components = decide_components(links, rows, priority, protected)
+    return drops, records, components
+
+
+def decide_components(links: pa.Table, rows: pa.Table, priority: Callable[[pa.Table], npt.ArrayLike],
+                      protected: Callable[[pa.Table], npt.NDArray[np.bool_]] | None = None) -> tuple[pa.Table, int]:
+    """Components of `links` (``key``, ``linked_key``) and the drop list they imply.
+
+    `rows` holds every linked key once, sorted by key, with ``id`` and what `priority` reads. The survivor of
+    a component has the smallest ``priority(rows)``, then the smallest key. Rows that `protected` marks
+    (published records) survive first and are never dropped, even when one component holds several.
+    Returns (drops as ``shard, row, kept_id``; components)."""
     empty = pa.table({"shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
                       "kept_id": pa.array([], pa.string())})
-    if linked.size == 0:
-        return empty, records, 0
+    if links.num_rows == 0:
+        return empty, 0
     prio = np.asarray(priority(rows), dtype=np.float64)
     keep_always = protected(rows) if protected is not None else np.zeros(rows.num_rows, dtype=bool)
     if keep_always.any():
@@ -156,7 +165,7 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
     kept_ids = rows["id"].take(pa.array(np.searchsorted(keys_sorted, drops["keep_key"].to_numpy())))
     table = pa.table({"shard": pa.array((keys >> KEY_SHIFT).astype(np.int32)),
                       "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
-    return table, records, int(comps.filter(comps["keep"]).num_rows)
+    return table, int(comps.filter(comps["keep"]).num_rows)
 
 
 CLUSTER_BINS = ((2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, None))

@@ -7,14 +7,14 @@ Stages (each resumable on its own; no task holds the whole corpus):
                          `band_partitions` partitions by band_hash, so every LSH bucket lies in one partition
   candidates (partition) per band partition: the keys that share a bucket with another key (the only ones
                          a link can name), shuffled to the shard that holds each key's signature
-  gather (map)           per shard, over its own signature rows: the signatures of its candidate keys,
-                         shuffled to the band partitions that need them
+  gather (map)           per shard, over its own signature rows: the signatures, ids and priorities of its
+                         candidate keys, shuffled to the band partitions that need them
   pairs (partition)      per band partition: candidate pairs from equal band hashes (star links per
                          bucket), verified by estimated Jaccard against the gathered signatures; emits the
-                         verified links (key, linked_key)
+                         verified links (key, linked_key) with both ends' ids and priorities
   resolve (reduce)       connected components over the links only (records without a link never enter
-                         it); each component keeps its highest-reward record (then the smallest key);
-                         per-shard drop lists
+                         it, and no shard is read: the links carry the facts); each component keeps its
+                         highest-reward record (then the smallest key); per-shard drop lists
   transform              drop listed rows with reason `near_duplicate` (detail: the kept record's id)
 Partition stages run one task per shard, each over the partitions ``k mod shards``, one partition at a time.
 Peak memory per task: one band partition (~20 bytes x bands x records / band_partitions) and the signatures
@@ -69,9 +69,10 @@ from operators.steps.dedup.droplist import (
     LINKS_SCHEMA,
     DropListStep,
     NoChurnConfig,
+    decide_components,
     drop_lists,
-    resolve_links,
     shuffle_rows,
+    sorted_links,
 )
 from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
 
@@ -79,6 +80,11 @@ REASON = "near_duplicate"
 BAND_ROWS = pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())])
 BUCKET_ORDER = ["band_hash", "band", "key"]  # how index centres are sorted: by hash, so a probe is a binary search
 CENTRES = 4  # `candidate_pairs`' max_rounds: a member tries at most this many smallest keys of its bucket
+# What picks a survivor travels with the links (both ends), so the resolve never reads a shard.
+FACT_COLUMNS = ["key", "id", "priority"]
+FACTS = pa.schema([("key", pa.int64()), ("id", pa.string()), ("priority", pa.float64())])
+FACT_LINKS = pa.schema([("key", pa.int64()), ("linked_key", pa.int64()), ("id", pa.string()),
+                        ("priority", pa.float64()), ("linked_id", pa.string()), ("linked_priority", pa.float64())])
 
 
 class NearDedupConfig(NoChurnConfig):
@@ -171,6 +177,36 @@ class KeyedColumns:
         return self.values[pos]
 
 
+def with_facts(links: pa.Table, facts: pa.Table) -> pa.Table:
+    """`links` (``key``, ``linked_key``) with the id and priority of both ends, looked up in `facts` (`FACTS`,
+    every linked key at least once). Pure."""
+    facts = facts.take(pc.sort_indices(facts["key"]))
+    keys = facts["key"].to_numpy()
+
+    def at(col: str) -> pa.Array:
+        pos = np.searchsorted(keys, links[col].to_numpy())
+        if pos.size and (pos.max() >= keys.size or not np.array_equal(keys[pos], links[col].to_numpy())):
+            raise KeyError("a linked key has no gathered facts")  # a bug, never data: fail loudly
+        return pa.array(pos, pa.int64())
+
+    src, dst = at("key"), at("linked_key")
+    return pa.table({"key": links["key"], "linked_key": links["linked_key"], "id": facts["id"].take(src),
+                     "priority": facts["priority"].take(src), "linked_id": facts["id"].take(dst),
+                     "linked_priority": facts["priority"].take(dst)}, schema=FACT_LINKS)
+
+
+def linked_facts(links: pa.Table) -> pa.Table:
+    """Each linked key once, sorted, with its id and priority, from links that carry both ends' facts. Pure."""
+    both = pa.concat_tables([
+        links.select(["key", "id", "priority"]),
+        links.select(["linked_key", "linked_id", "linked_priority"]).rename_columns(["key", "id", "priority"])])
+    keys = both["key"].to_numpy()
+    order = np.argsort(keys, kind="stable")
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    return both.take(pa.array(order[first]))
+
+
 def signature_matrix(table: pa.Table) -> npt.NDArray[np.uint32]:
     """The `signature` column of `table` as an ``(n, num_perm)`` matrix."""
     col = table.column("signature").combine_chunks()
@@ -184,10 +220,11 @@ def route_candidates(members: npt.NDArray[np.int64], partition: int) -> dict[int
     return shuffle_rows(rows, (members >> KEY_SHIFT).astype(np.int64))
 
 
-def gather_signatures(own: pa.Table, cand_keys: npt.NDArray[np.int64],
-                      cand_parts: npt.NDArray[np.int32]) -> dict[int, pa.Table]:
-    """Signature rows ``(key, signature)`` of the candidates among `own` rows, shuffled to each partition that
-    asked for them (a key may be a candidate in several). `cand_keys` sorted; `own` keys ascending."""
+def gather_signatures(own: pa.Table, cand_keys: npt.NDArray[np.int64], cand_parts: npt.NDArray[np.int32],
+                      signatures: bool = True) -> dict[int, pa.Table]:
+    """Rows ``(key, id, priority, signature)`` of the candidates among `own` rows (without the signature when
+    nothing verifies), shuffled to each partition that asked for them (a key may be a candidate in several).
+    `cand_keys` sorted; `own` keys ascending."""
     keys = own.column("key").to_numpy()
     if keys.size == 0 or cand_keys.size == 0:
         return {}
@@ -197,7 +234,8 @@ def gather_signatures(own: pa.Table, cand_keys: npt.NDArray[np.int64],
     ck, cp = ck[hit], cp[hit]
     if ck.size == 0:
         return {}
-    rows = own.select(["key", "signature"]).take(pa.array(np.searchsorted(keys, ck)))
+    rows = own.select([*FACT_COLUMNS, *(["signature"] if signatures else [])]).take(
+        pa.array(np.searchsorted(keys, ck)))
     return shuffle_rows(rows, cp.astype(np.int64))
 
 
@@ -205,7 +243,7 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     """Drop near-duplicates, keeping one record per cluster."""
 
     name: ClassVar[str] = "near_dedup"
-    version: ClassVar[int] = 3  # candidate signatures gathered by shuffle, pairs per partition; decisions unchanged
+    version: ClassVar[int] = 4  # links carry both ends' survivor facts: the resolve reads no shard; decisions unchanged
     config_model: ClassVar[type[StepConfig]] = NearDedupConfig
     stages: ClassVar[tuple[Stage, ...]] = (Stage("signatures", "map"), Stage("candidates", "partition"),
                                            Stage("gather", "map"), Stage("pairs", "partition"),
@@ -239,7 +277,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table | dict[int, pa.Table]:
         if stage == "gather":
-            return gather_signatures(pa.Table.from_batches([batch]), self._cand_keys, self._cand_parts)
+            return gather_signatures(pa.Table.from_batches([batch]), self._cand_keys, self._cand_parts,
+                                     signatures=self.config.minhash.verify)
         p = self.config.minhash
         table = pa.Table.from_batches([batch])
         sig = minhash_signatures(conversation_texts(table), num_perm=p.num_perm, ngram=p.ngram, seed=p.seed,
@@ -256,9 +295,6 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         verify = self.config.minhash.verify
-        if stage == "candidates" and not verify:  # no signature is needed: nothing to find or gather
-            return PartitionResult(route_candidates(np.zeros(0, dtype=np.int64), partition), 0,
-                                   {"candidate_keys": 0.0})
         # `candidates` only reads the index; `pairs` links against it and commits.
         index = PartitionIndex.open(artifacts, "signatures", "pairs", partition, self.num_shards,
                                     with_links=stage == "pairs")
@@ -270,28 +306,28 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
             return PartitionResult(route_candidates(members, partition), rows_in,
                                    {"candidate_keys": float(members.size)})
         verifier = None
-        gathered = 0
+        sigs = concat_or_empty(artifacts.shuffled("gather", partition), FACTS)
+        gathered = sigs.num_rows
         if verify:
-            sigs = concat_or_empty(artifacts.shuffled("gather", partition), pa.schema([("key", pa.int64())]))
-            gathered = sigs.num_rows
             keyed = KeyedColumns(sigs["key"].to_numpy(), signature_matrix(sigs) if gathered else
                                  np.zeros((0, 1), dtype=np.uint32))
             verifier = jaccard_verifier(keyed, self.config.minhash.threshold)
         links = candidate_pairs(rows, verify=verifier, max_rounds=CENTRES).cast(LINKS_SCHEMA)
         # Links between two old keys are the index's already (a member links only to keys below it).
         new_links = links.filter(pa.array(~np.isin(links["key"].to_numpy(), old_keys)))
+        new_links = with_facts(new_links, sigs.select(FACT_COLUMNS))
         index.commit(centres, new_links, new_rows.num_rows, BUCKET_ORDER)
-        all_links = index.all_links(new_links)
+        all_links = sorted_links([t for t in (index.base_links, new_links) if t is not None], FACT_LINKS)
         return PartitionResult(all_links, rows_in, {"signatures_gathered": float(gathered),
                                                     "links": float(all_links.num_rows),
                                                     **index.counters(new_rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the links only; the survivor of each (highest reward, then smallest key)."""
-        drops, records, clusters = resolve_links(
-            artifacts, links_stage="pairs", rows_stage="signatures", columns=["priority"],
-            priority=lambda r: r["priority"].to_numpy(),
-            protected=self.protected)
+        links = concat_or_empty(artifacts.iter_tables("pairs"), FACT_LINKS)
+        drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
+                                            priority=lambda r: r["priority"].to_numpy(), protected=self.protected)
+        records = artifacts.records_in("signatures")
         return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
 
 
