@@ -81,6 +81,27 @@ def test_metrics() -> None:
     assert non_text_ratio("★★") == 1.0
 
 
+def test_ascii_fast_paths_equal_the_regex_paths() -> None:
+    """`words` and `non_text_ratio` take a translate table for ASCII text; on every ASCII character (controls,
+    separators, punctuation) and mixed strings they must give what the regexes give."""
+    import random
+    import re
+
+    from operators.steps.filters.rules import _TEXT_CHARS
+    from operators.text.normalize import words
+
+    rng = random.Random(4)
+    alphabet = [chr(c) for c in range(128)] + ["é", "ß", "中", "İ", "\u2028", "★"]
+    samples = ["".join(rng.choice(alphabet[:128] if k % 2 else alphabet) for _ in range(rng.randint(0, 60)))
+               for k in range(3000)]
+    samples += [chr(c) * 3 for c in range(128)] + ["Don't  STOP_now!\x1fok\x00", "x\x7fy\x1c\x1dz"]
+    for text in samples:
+        assert words(text) == re.findall(r"\w+", text.lower()), repr(text)
+        want = len(_TEXT_CHARS.sub("", text)) / len(text) if text else 0.0
+        assert non_text_ratio(text) == want, repr(text)
+    assert any(non_text_ratio(t) > 0 for t in samples if t.isascii())  # controls count as non-text
+
+
 def test_bad_config_names_the_problem() -> None:
     with pytest.raises(ValidationError, match="min_turns"):
         FilterConfig(min_turns=5, max_turns=2)

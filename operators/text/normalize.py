@@ -32,9 +32,17 @@ def normalize_text_general(text: str) -> str:
     return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
 
 
+# ASCII characters that are not word characters (`\w`): for ASCII text, a translate to spaces and a split give
+# the regex's tokens at twice its speed (the filters tokenize every answer).
+_ASCII_NON_WORD = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
+
+
 def words(text: str) -> list[str]:
-    """Lowercase word tokens."""
-    return _WORD.findall(text.lower())
+    """Lowercase word tokens (runs of word characters)."""
+    low = text.lower()
+    if low.isascii():
+        return low.translate(_ASCII_NON_WORD).split()
+    return _WORD.findall(low)
 
 
 # -- tokens for benchmark matching (decontamination) -------------------------------------------------

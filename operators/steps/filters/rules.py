@@ -145,10 +145,17 @@ def check_repetition(turns: Turns, s: RuleSettings) -> Verdict:
 _TEXT_CHARS = re.compile(r"""[\w\s.,;:!?'"()\[\]{}<>/=+*#`%&|\\$@^~-]+""")
 
 
+# The ASCII characters `_TEXT_CHARS` matches, deleted by a translate: for ASCII text that leaves exactly the
+# non-text characters, several times faster than the regex.
+_ASCII_TEXT_DELETE = str.maketrans({chr(c): None for c in range(128) if _TEXT_CHARS.fullmatch(chr(c))})
+
+
 def non_text_ratio(text: str) -> float:
     """Fraction of characters that are neither letters, digits, whitespace nor common punctuation."""
     if not text:
         return 0.0
+    if text.isascii():
+        return len(text.translate(_ASCII_TEXT_DELETE)) / len(text)
     return len(_TEXT_CHARS.sub("", text)) / len(text)
 
 
