@@ -44,7 +44,7 @@ import json
 import math
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,11 @@ class Task:
 # 1. Measure
 
 
-def _bytes_under(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.parquet"))
+def _kept_bytes(step_dir: Path) -> int:
+    """Bytes of a step's kept parts: what the next step reads and plans its shards by. Not its dropped parts,
+    nor its stages' side tables (dedup hash rows and signatures would make a step after them look 4x bigger
+    per record, and so project 4x its real shard count)."""
+    return sum(p.stat().st_size for p in step_dir.glob("part-*.parquet"))
 
 
 def _run_wave(step: str, wave: str, cmds: list[list[str]], per_shard: bool, driver: float, parallel: int,
@@ -119,23 +122,27 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     ingest = {"source_name": "bench", "target_shard_bytes": raw_bytes // shards + 1}
     run_child([sys.executable, "-m", "operators", "run", "ingest", "--config", json.dumps(ingest),
                "--input", str(raw), "--output", str(run / "ingest")]).check("ingest")
-    shard_bytes = _bytes_under(run / "ingest") // shards + 1
+    shard_bytes = _kept_bytes(run / "ingest") // shards + 1
     probe_dir = work / "probe"
     probe_dir.mkdir(parents=True, exist_ok=True)
     prev = run / "ingest"
     tasks: list[Task] = []
     waves: list[dict[str, Any]] = []
     steps: dict[str, dict[str, Any]] = {}
-    for step, extra in STEPS:
+    upstream: str | None = None  # as the DAG's chain runs it: each plan commits the step before it
+    for i, (step, extra) in enumerate(STEPS):
         out = run / step
         cfg: dict[str, Any] = {**extra, "target_shard_bytes": shard_bytes}
         if step == "select":
             cfg["dsir_dir"] = str(run / "dsir")
-        records_in = int(json.loads((prev / "stats.json").read_text())["records_kept"])
-        input_bytes = _bytes_under(prev / "data") if (prev / "data").exists() else _bytes_under(prev)
         args: dict[str, Any] = {"config": cfg, "inputs": [str(prev)], "output": str(out)}
-        plan_wall, plan_tasks, plan_out = _run_wave(step, "plan", [step_arguments("plan", step, **args)], False,
-                                                    records_in, parallel, probe_dir)
+        plan_wall, plan_tasks, plan_out = _run_wave(step, "plan", [step_arguments("plan", step, after=upstream,
+                                                                                  **args)], False,
+                                                    0.0, parallel, probe_dir)
+        # The upstream's stats exist once this plan has committed it.
+        records_in = int(json.loads((prev / "stats.json").read_text())["records_kept"])
+        input_bytes = _kept_bytes(prev)
+        plan_tasks = [replace(t, driver=records_in) for t in plan_tasks]
         n_shards = len(last_json_line(plan_out[0])["shards"])
         per_task = records_in / n_shards
         waves.append({"step": step, "wave": "plan", "tasks": 1, "seconds": plan_wall})
@@ -147,12 +154,14 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
                                                    **args) for k in (range(n_shards) if mapped else [0])],
                           mapped))
         later.append(("run", [step_arguments("run", step, shard=k, **args) for k in range(n_shards)], True))
-        later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False))
+        if i == len(STEPS) - 1:  # the chain's last step keeps its own reduce task
+            later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False))
         for wave, cmds, mapped in later:
             wall, done, _ = _run_wave(step, wave, cmds, mapped, per_task if mapped else records_in, parallel,
                                       probe_dir)
             waves.append({"step": step, "wave": wave, "tasks": len(cmds), "seconds": wall})
             tasks += done
+        upstream = step
         steps[step] = {"records_in": records_in, "shards": n_shards, "input_bytes": input_bytes,
                        "bytes_per_record": input_bytes / max(records_in, 1)}
         prev = out
@@ -172,7 +181,7 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
                                   parallel, probe_dir)
         waves.append({"step": "export", "wave": wave, "tasks": len(cmds), "seconds": wall})
         tasks += done
-    select_bytes = _bytes_under(prev / "data")
+    select_bytes = _kept_bytes(prev)
     steps["export"] = {"records_in": selected, "shards": n_tail, "input_bytes": select_bytes,
                        "bytes_per_record": select_bytes / max(selected, 1), "shards_of": "select"}
     tail_cmds = {

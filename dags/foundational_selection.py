@@ -96,11 +96,9 @@ def foundational_selection() -> None:
         "select": {"budgets": "{{ params.budgets }}", "source_caps": "{{ params.source_caps }}",
                    "replay_fraction": "{{ params.replay_fraction }}", "dsir_dir": f"{RUN}/dsir"},
     }
-    scored = step_chain(STEPS[:-1], configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
-                        common=sharding_config(), profiles={"semantic_dedup": ENCODER_PROFILE,
-                                                             "decontaminate_paraphrase": ENCODER_PROFILE})
-    last = step_chain(["select"], configs=configs, inputs=[f"{RUN}/dsir"], run=RUN, common=sharding_config(),
-                      after=scored)
+    last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
+                      common=sharding_config(), profiles={"semantic_dedup": ENCODER_PROFILE,
+                                                           "decontaminate_paraphrase": ENCODER_PROFILE})
     # The DSIR-vs-random ablation: the same select over the same scored pool, ranked by a seeded id hash, taking
     # as many records per domain as the DSIR selection did (so it runs after it).
     ablation = step_group("select", config={**configs["select"], **sharding_config(), "ranking": "random",

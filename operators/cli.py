@@ -99,6 +99,14 @@ def _emit(result: dict[str, Any], xcom_file: str | None) -> None:
     print(line, flush=True)
 
 
+def _reduce(step: str, output: str) -> dict[str, Any]:
+    """Commit step `step` at `output` (its reduce; nothing when the step is off); its summary."""
+    if read_off(output) is not None and read_manifest(step_manifest_uri(output)) is None:
+        return {"step": step, "output": output, "off": True}
+    m = reduce_step(step, output)
+    return {"step": step, "output": output, **m.stats.model_dump(mode="json")}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m operators", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--shard", type=int, default=None)
         if cmd == "stage":
             sp.add_argument("--stage", required=True)
+        if cmd == "plan":
+            sp.add_argument("--after", default=None, metavar="STEP",
+                            help="first commit STEP, the upstream step whose output is the one --input (its "
+                                 "reduce, in this task: one task and one pod start fewer per step)")
     vp = sub.add_parser("validate")
     vp.add_argument("--output", required=True, help="committed step directory to validate")
     vp.add_argument("--xcom-file", default=None)
@@ -383,13 +395,15 @@ def main(argv: list[str] | None = None) -> int:
             _emit(write_report(args.output, run, args.index), args.xcom_file)
             return 0
         if args.command == "reduce":
-            if read_off(args.output) is not None and read_manifest(step_manifest_uri(args.output)) is None:
-                _emit({"step": args.step, "output": args.output, "off": True}, args.xcom_file)
-                return 0
-            m = reduce_step(args.step, args.output)
-            _emit({"step": args.step, "output": args.output, **m.stats.model_dump(mode="json")}, args.xcom_file)
+            _emit(_reduce(args.step, args.output), args.xcom_file)
             return 0
         step = build_step(args.step, load_config_arg(args.config))
+        if args.command == "plan" and args.after:
+            if len(args.input) != 1:
+                raise ConfigError("plan --after needs exactly one --input: the upstream step's output")
+            upstream = _reduce(args.after, args.input[0])
+            log.info("upstream step %s committed: %s", args.after,
+                     {k: upstream.get(k) for k in ("records_in", "records_kept", "off") if k in upstream})
         if args.command in ("plan", "run") and getattr(args, "shard", None) is None:
             if not args.input:
                 raise ConfigError(f"{args.command} needs at least one --input")

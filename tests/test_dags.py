@@ -71,6 +71,25 @@ def test_a_step_group_commits_through_its_reduce_even_when_its_shard_tasks_skip(
     assert dag.get_task("exact_dedup.plan").trigger_rule == "all_success"
 
 
+def test_a_chain_commits_each_step_in_the_next_steps_plan() -> None:
+    """In a chain, step k's reduce runs inside step k+1's plan (`plan --after k`): no reduce task but the last
+    one's, and the fused plan waits on step k's shard tasks and its plan with the reduce's trigger rule."""
+    from airflow.sdk import DAG
+
+    from operators.orchestration.dag_builder import step_chain
+
+    with DAG("chain_shape", schedule=None) as dag:
+        step_chain(["filter", "exact_dedup", "near_dedup"], configs={}, inputs=["/in"], run="/run")
+    reduces = sorted(t.task_id for t in dag.tasks if t.task_id.endswith(".reduce"))
+    assert reduces == ["near_dedup.reduce"]
+    plan = dag.get_task("exact_dedup.plan")
+    assert plan.upstream_task_ids == {"filter.plan", "filter.run"}
+    assert plan.trigger_rule == "none_failed_min_one_success" and plan.after_step == "filter"
+    assert dag.get_task("filter.plan").after_step is None
+    assert dag.get_task("filter.plan").trigger_rule == "all_success"
+    assert dag.get_task("near_dedup.plan").after_step == "exact_dedup"
+
+
 def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,28 @@ def test_partition_tasks_cover_every_partition_once_and_resume(tmp_path: Path) -
     assert again.attempt == first.attempt  # skipped: the committed output stands
     committed = read_manifest(shard_manifest_uri(stage_dir(out, "resolve"), 1))
     assert committed is not None and committed.attempt == first.attempt
+
+
+def test_a_plan_commits_its_upstream_step_first(tmp_path: Path) -> None:
+    """`plan --after STEP` (how a chain runs: one task, one pod start fewer per step) commits the upstream step
+    whose output is its input, then plans; an upstream with an uncommitted shard fails it naming the shard, and
+    nothing is planned."""
+    from operators.core.runner import load_plan
+    from tests.conftest import run_cli
+
+    src = write_shards(tmp_path / "in", _random_corpus(5, shards=2))
+    up, down = str(tmp_path / "filter"), str(tmp_path / "exact")
+    cfg = ["--config", json.dumps({"target_shard_bytes": 1})]
+    assert run_cli("plan", "filter", *cfg, "--input", src, "--output", up).returncode == 0
+    assert run_cli("run", "filter", *cfg, "--shard", "0", "--output", up).returncode == 0
+    early = run_cli("plan", "exact_dedup", *cfg, "--after", "filter", "--input", up, "--output", down)
+    assert early.returncode == 1 and "shard(s) [1] not committed" in early.stderr
+    assert not (tmp_path / "exact" / "_plan.json").exists()
+    assert run_cli("run", "filter", *cfg, "--shard", "1", "--output", up).returncode == 0
+    r = run_cli("plan", "exact_dedup", *cfg, "--after", "filter", "--input", up, "--output", down)
+    assert r.returncode == 0, r.stderr[-2000:]
+    committed = read_manifest(step_manifest_uri(storage.validate_uri(up)))
+    assert committed is not None and committed.stats.records_in == 120
+    assert len(load_plan(storage.validate_uri(down)).shards) == 2
+    two = run_cli("plan", "exact_dedup", *cfg, "--after", "filter", "--input", up, "--input", src, "--output", down)
+    assert two.returncode == 2 and "exactly one --input" in two.stderr

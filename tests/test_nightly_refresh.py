@@ -133,9 +133,10 @@ def test_nights_ingest_only_new_files_and_redo_only_new_shards(airflow_home: dic
     print(f"nightly dags test, night without new files: {time.perf_counter() - t0:.1f}s")
     assert not Path(night_dir("tiny", "2026-01-03", str(data))).exists()
     assert _committed_state(data) == before
-    # It cost each step its plan and reduce: the plans found the steps committed, so the stage and shard tasks
-    # mapped over nothing and never started; the export's plan found it committed for this very step output, so
-    # no export shard task ran (no validation, no export written again) and its commit found `_EXPORT.json`.
+    # It cost each step its plan (which commits the step before it): the plans found the steps committed, so the
+    # stage and shard tasks mapped over nothing and never started; the export's plan found it committed for this
+    # very step output, so no export shard task ran (no validation, no export written again) and its commit found
+    # `_EXPORT.json`.
     log = r.stdout + r.stderr
     assert [s for s in PHASE1 if f"step {s}: already committed under this plan" in log] == list(PHASE1)
     assert not re.search(r"shard \d+: already committed|stage \w+: already committed", log)

@@ -3,7 +3,9 @@
     plan -> [stage tasks: map and partition stages mapped over shards, reduce stages once] -> run[shard] -> reduce
 
 Every task is a StepOperator running the same CLI; the shard list is the plan task's XCom, empty when the step
-is already committed under the plan (then only the plan and the reduce run).
+is already committed under the plan (then only the plan and the reduce run). In a chain of steps a step's
+reduce runs inside the next step's plan (`plan --after`): the commit and the plan that reads it are one task,
+one pod start and one scheduling round instead of two, and a 116M-record run has one wave fewer per step.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ def step_group(
     output_uri: str,
     profile: str = "cpu",
     group_id: str | None = None,
+    after_step: str | None = None,
+    commit: bool = True,
 ) -> TaskGroup:
     """A TaskGroup that plans, runs every stage and shard of `step`, and commits it.
 
+    `after_step`: the upstream step whose output is `inputs`; the plan commits it first (its reduce, fused).
+    `commit` False: no reduce task; the next step's plan commits this one (`step_chain`).
     In kubernetes mode its whole-step tasks run in `profile` pods, its per-shard tasks in
     `shard_profile(profile)` pods (one core for the CPU steps)."""
     stages = step_class(step).stages
@@ -38,7 +44,11 @@ def step_group(
     # Per-shard tasks get the one-core pod of `shard_profile`; whole-step tasks keep `profile`.
     whole, per_shard = {**common, "profile": profile}, {**common, "profile": shard_profile(profile)}
     with TaskGroup(group_id=group_id or step, tooltip=f"step {step}") as group:
-        plan = StepOperator(task_id="plan", action="plan", **whole)
+        # A fused plan runs when the upstream's plan found it committed and its shard tasks skipped, as a
+        # reduce does.
+        fused: dict[str, Any] = {"after_step": after_step, "trigger_rule": "none_failed_min_one_success"} \
+            if after_step else {}
+        plan = StepOperator(task_id="plan", action="plan", **whole, **fused)
         prev: Any = plan
         for st in stages:
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
@@ -50,6 +60,8 @@ def step_group(
             prev = task
         run = StepOperator.mapped(task_id="run", action="run", **per_shard).expand(shard=plan.output)
         prev >> run
+        if not commit:
+            return group
         # When the plan found the step already committed, its stage and shard tasks map over no shards and
         # skip; the reduce still runs (it finds the commit), so what follows the group runs as usual. It also
         # waits on the plan directly, so a plan that was itself skipped skips the reduce too.
@@ -74,14 +86,22 @@ def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inpu
                common: dict[str, Any] | None = None, after: Any = None,
                profiles: dict[str, str] | None = None) -> Any:
     """Step groups in order, each reading the previous one's output under `run`; returns the last group.
-    `profiles` names the pod profile of a step whose default `cpu` does not fit (an encoder on a GPU)."""
-    previous = after
-    for step in steps:
+    `profiles` names the pod profile of a step whose default `cpu` does not fit (an encoder on a GPU).
+
+    Each step but the last is committed by the next one's plan (`plan --after`); only the last group has a
+    reduce task. The next plan waits on the shard tasks and on the plan of the step it commits, so it runs
+    (and commits) when that step was up to date and mapped no shard task."""
+    previous, previous_plan, previous_step = after, None, None
+    for i, step in enumerate(steps):
         group = step_group(step, config={**configs.get(step, {}), **(common or {})}, inputs=inputs,
-                           output_uri=f"{run}/{step}", profile=(profiles or {}).get(step, "cpu"))
+                           output_uri=f"{run}/{step}", profile=(profiles or {}).get(step, "cpu"),
+                           after_step=previous_step, commit=i == len(steps) - 1)
         if previous is not None:
             previous >> group
-        previous, inputs = group, [f"{run}/{step}"]
+        plan = group.children[f"{group.group_id}.plan"]
+        if previous_plan is not None:
+            previous_plan >> plan
+        previous, previous_plan, previous_step, inputs = group, plan, step, [f"{run}/{step}"]
     return previous
 
 

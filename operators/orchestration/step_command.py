@@ -32,8 +32,10 @@ def step_arguments(
     xcom_file: str | None = None,
     run_context: dict[str, str] | None = None,
     index: str | None = None,
+    after: str | None = None,
 ) -> list[str]:
-    """The CLI arguments after `python -m operators` for one step action."""
+    """The CLI arguments after `python -m operators` for one step action (`after`: for a plan, the upstream step
+    whose output is the one input, committed first in the same task)."""
     xcom = ["--xcom-file", xcom_file] if xcom_file else []
     if action == "report":
         ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
@@ -70,6 +72,8 @@ def step_arguments(
         args += ["--stage", stage]
     if action in ("run", "stage") and shard is not None:
         args += ["--shard", str(int(shard))]
+    if action == "plan" and after:
+        args += ["--after", after]
     if xcom_file:
         args += ["--xcom-file", xcom_file]
     return args
