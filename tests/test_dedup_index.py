@@ -239,7 +239,7 @@ def test_near_dedup_nights_link_only_new_band_rows_and_gather_only_needed_signat
     def stage_manifests(step_dir: str, stage: str) -> list:
         return [read_manifest(u) for u in storage.list_files(storage.join(stage_dir(step_dir, stage), SHARDS_DIR))]
 
-    links = {s: concat_or_empty(StorageArtifacts(d).iter_tables("pairs"), LINKS_SCHEMA).sort_by("key").to_pylist()
+    links = {s: concat_or_empty(StorageArtifacts(d).iter_tables("links"), LINKS_SCHEMA).sort_by("key").to_pylist()
              for s, d in (("got", got), ("full", full))}
     assert links["got"] == links["full"] != []
     pairs = {k: sum(m.stats.counters[k] for m in stage_manifests(got, "pairs")) for k in

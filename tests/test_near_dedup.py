@@ -153,6 +153,11 @@ def test_shuffled_resolve_equals_the_whole_set_resolve(tmp_path: Path, partition
     # Only candidates' signatures moved: one per (candidate key, partition), never the whole corpus's.
     assert m.stats.counters["pairs.signatures_gathered"] == m.stats.counters["candidates.candidate_keys"]
     assert m.stats.counters["candidates.candidate_keys"] > 0
+    # A pair linked in several band partitions reaches the resolve once: `links` keeps each link of a shard once.
+    c = m.stats.counters
+    assert c["links.links"] + c["links.repeats"] == c["pairs.links"] and c["links.partitions"] == 4
+    if partitions > 1:
+        assert c["links.repeats"] > 0
     if partitions == 1:
         assert m.stats.counters["candidates.candidate_keys"] < m.stats.records_in
 

@@ -306,6 +306,9 @@ class Step(ABC, Generic[C]):
     input_suffixes: ClassVar[tuple[str, ...]] = (".parquet",)
     # Auxiliary stages that must complete, in order, before the record transform runs.
     stages: ClassVar[tuple[Stage, ...]] = ()
+    # Partition stages whose partitions are the plan's shards (rows gathered back to their own shard): their
+    # width follows the shard count, so a night's new shards must not change a first map stage's content key.
+    per_shard_partitions: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -433,7 +436,7 @@ class Step(ABC, Generic[C]):
             return None
         widths = []
         for st in self.stages:
-            if st.kind == "partition":
+            if st.kind == "partition" and st.name not in self.per_shard_partitions:
                 widths.append(f"{st.name}={self.stage_partitions(st.name)}")
         return ",".join(widths)
 

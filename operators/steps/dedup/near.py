@@ -12,9 +12,13 @@ Stages (each resumable on its own; no task holds the whole corpus):
   pairs (partition)      per band partition: candidate pairs from equal band hashes (star links per
                          bucket), verified by estimated Jaccard against the gathered signatures; emits the
                          verified links (key, linked_key) with both ends' ids and priorities
-  resolve (reduce)       connected components over the links only (records without a link never enter
-                         it, and no shard is read: the links carry the facts); each component keeps its
-                         highest-reward record (then the smallest key); per-shard drop lists
+                         shuffled to the shard of the linking key: a pair that collides in several bands is
+                         linked in several partitions
+  links (partition)      per shard: its keys' links, each once (at 116M records the band partitions emit
+                         about five links per near-duplicate; the resolve would hold them all)
+  resolve (reduce)       connected components over the distinct links only (records without a link never
+                         enter it, and no shard is read: the links carry the facts); each component keeps
+                         its highest-reward record (then the smallest key); per-shard drop lists
   transform              drop listed rows with reason `near_duplicate` (detail: the kept record's id)
 Partition stages run one task per shard, each over the partitions ``k mod shards``, one partition at a time.
 Peak memory per task: one band partition (~20 bytes x bands x records / band_partitions) and the signatures
@@ -207,6 +211,16 @@ def linked_facts(links: pa.Table) -> pa.Table:
     return both.take(pa.array(order[first]))
 
 
+def distinct_links(links: pa.Table) -> PartitionResult:
+    """Each link of one shard's keys once (the band partitions that found it each sent it), sorted. Pure."""
+    t = links.sort_by([("key", "ascending"), ("linked_key", "ascending")])
+    k, lk = t["key"].to_numpy(), t["linked_key"].to_numpy()
+    first = np.ones(t.num_rows, dtype=bool)
+    first[1:] = (k[1:] != k[:-1]) | (lk[1:] != lk[:-1])
+    out = t.filter(pa.array(first)) if t.num_rows else t
+    return PartitionResult(out, t.num_rows, {"links": float(out.num_rows), "repeats": float(t.num_rows - out.num_rows)})
+
+
 def signature_matrix(table: pa.Table) -> npt.NDArray[np.uint32]:
     """The `signature` column of `table` as an ``(n, num_perm)`` matrix."""
     col = table.column("signature").combine_chunks()
@@ -247,7 +261,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     config_model: ClassVar[type[StepConfig]] = NearDedupConfig
     stages: ClassVar[tuple[Stage, ...]] = (Stage("signatures", "map"), Stage("candidates", "partition"),
                                            Stage("gather", "map"), Stage("pairs", "partition"),
-                                           Stage("resolve", "reduce"))
+                                           Stage("links", "partition"), Stage("resolve", "reduce"))
+    per_shard_partitions: ClassVar[frozenset[str]] = frozenset({"links"})
     drop_reason: ClassVar[str] = REASON
     detail_prefix: ClassVar[str] = "near duplicate of"
 
@@ -257,7 +272,10 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         self._cand_parts = np.zeros(0, dtype=np.int32)
 
     def stage_partitions(self, stage: str) -> int:
-        # `candidates` reads band partitions; `pairs` reads what `gather` shuffled to the same partitions.
+        # `candidates` reads band partitions; `pairs` reads what `gather` shuffled to the same partitions;
+        # `links` reads what `pairs` shuffled to each shard.
+        if stage == "links":
+            return self.num_shards
         return shuffle_partitions(self.config.band_partitions, self.num_shards)
 
     def map_input(self, stage: str, artifacts: Artifacts, shard: ShardSpec) -> Iterator[pa.RecordBatch]:
@@ -294,6 +312,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         return {SHARD_ROWS: own, **shuffled}
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
+        if stage == "links":
+            return distinct_links(concat_or_empty(artifacts.shuffled("pairs", partition), FACT_LINKS))
         verify = self.config.minhash.verify
         # `candidates` only reads the index; `pairs` links against it and commits.
         index = PartitionIndex.open(artifacts, "signatures", "pairs", partition, self.num_shards,
@@ -318,13 +338,14 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         new_links = with_facts(new_links, sigs.select(FACT_COLUMNS))
         index.commit(centres, new_links, new_rows.num_rows, BUCKET_ORDER)
         all_links = sorted_links([t for t in (index.base_links, new_links) if t is not None], FACT_LINKS)
-        return PartitionResult(all_links, rows_in, {"signatures_gathered": float(gathered),
-                                                    "links": float(all_links.num_rows),
-                                                    **index.counters(new_rows.num_rows)})
+        by_shard = shuffle_rows(all_links, (all_links["key"].to_numpy() >> KEY_SHIFT).astype(np.int64))
+        return PartitionResult(by_shard, rows_in, {"signatures_gathered": float(gathered),
+                                                   "links": float(all_links.num_rows),
+                                                   **index.counters(new_rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the links only; the survivor of each (highest reward, then smallest key)."""
-        links = concat_or_empty(artifacts.iter_tables("pairs"), FACT_LINKS)
+        links = concat_or_empty(artifacts.iter_tables("links"), FACT_LINKS)
         drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
                                             priority=lambda r: r["priority"].to_numpy(), protected=self.protected)
         records = artifacts.records_in("signatures")
