@@ -63,6 +63,7 @@ from bench._common import (
 from bench.phase1 import STEPS  # the same Phase 1 configs as the per-step benchmark
 
 TAIL = ("publish", "report")  # whole-run tasks after the export group
+TAIL_TRIES = 3
 FLAT = 0.15  # a kind whose cost moves less than this while its driver doubles is "constant"
 
 
@@ -184,13 +185,19 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     select_bytes = _kept_bytes(prev)
     steps["export"] = {"records_in": selected, "shards": n_tail, "input_bytes": select_bytes,
                        "bytes_per_record": select_bytes / max(selected, 1), "shards_of": "select"}
-    tail_cmds = {
-        "publish": step_arguments("publish", "foundational", inputs=[str(prev)], output=str(run),
-                                  config={"keep": 3}, index=str(root)),
-        "report": step_arguments("report", "report", output=str(run)),
-    }
+    def tail_cmd(wave: str, k: int) -> list[str]:
+        if wave == "report":
+            return step_arguments("report", "report", output=str(run))
+        # Each try publishes into its own data root: a second publish of one output would be skipped.
+        return step_arguments("publish", "foundational", inputs=[str(prev)], output=str(run), config={"keep": 3},
+                              index=str(root / f"try{k}"))
+
     for wave in TAIL:
-        wall, done, _ = _run_wave("tail", wave, [tail_cmds[wave]], False, records, parallel, probe_dir)
+        # One task each on the critical path, a second or two, projected 100x: the median of three tries, so
+        # one slow try does not become minutes.
+        tries = [_run_wave("tail", wave, [tail_cmd(wave, k)], False, records, parallel, probe_dir)
+                 for k in range(TAIL_TRIES)]
+        wall, done, _ = sorted(tries, key=lambda t: t[1][0].cpu_seconds)[TAIL_TRIES // 2]
         waves.append({"step": "tail", "wave": wave, "tasks": 1, "seconds": wall})
         tasks += done
     return {"records": records, "shards": shards, "parallel": parallel, "selected": selected,

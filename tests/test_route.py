@@ -131,6 +131,17 @@ def test_vectorized_route_equals_the_per_record_reference(cfg: dict[str, Any]) -
     assert 300 < ascii_safe(joined_text(values, offsets, 4000)).sum() < 550  # both paths are exercised
 
 
+def test_one_alternation_finds_the_rows_any_pattern_matches() -> None:
+    """The prefilter: rows where any pattern matches, from one pass of their alternation."""
+    from operators.steps.route.step import _any_pattern
+
+    texts = pa.array(["def f(x):", "no signal", "$x$ and ```", "", "SELECT a\nFROM t"])
+    assert _any_pattern(texts, [r"```", r"\bdef \w+\(", r"\bSELECT\b.+\bFROM\b"]).tolist() == [0, 2, 4]
+    assert _any_pattern(texts, [r"zzz"]).tolist() == []
+    assert _any_pattern(texts, []).tolist() == []
+    assert _any_pattern(texts, [r"^\$", r"t$"]).tolist() == [2, 4]  # anchors stay per pattern
+
+
 def test_re2_equivalence_check() -> None:
     from operators.steps.route.step import re2_equivalent
 

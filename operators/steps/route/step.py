@@ -95,14 +95,14 @@ def route(conv: list[dict[str, str]], labels: list[str], rules: dict[str, Compil
     """(domain, reason) of one record. Pure."""
     best, best_score, best_why = GENERAL, 0, ["no domain signals"]
     order = priority + [d for d in rules if d not in priority]
+    scores: dict[str, int] = {}
     for domain in order:
         score, why = rules[domain].score(conv, labels)
+        scores[domain] = score
         if score >= min_score and score > best_score:
             best, best_score, best_why = domain, score, why
-    if best == GENERAL and best_score == 0:
-        scores = {d: rules[d].score(conv, labels)[0] for d in order}
-        if any(scores.values()):
-            best_why = [f"below min_score {min_score}: {scores}"]
+    if best == GENERAL and best_score == 0 and any(scores.values()):
+        best_why = [f"below min_score {min_score}: {scores}"]
     return best, "; ".join(best_why[:6])
 
 
@@ -219,6 +219,13 @@ def _search(texts: pa.Array, pattern: str) -> npt.NDArray[np.bool_]:
                       .to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def _any_pattern(texts: pa.Array, patterns: list[str]) -> npt.NDArray[np.int64]:
+    """Rows of `texts` where any of `patterns` matches, from one pass of their alternation. Pure."""
+    if not patterns:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(_search(texts, "(?is)" + "|".join(f"(?:{p})" for p in patterns)))
+
+
 def re2_escape(text: str) -> str:
     """`text` as an RE2 literal (re.escape writes escapes such as "\\ " that RE2 rejects)."""
     return "".join("\\" + c if c in string.punctuation else c for c in text)
@@ -288,9 +295,16 @@ def route_batch(table: pa.Table, rules: dict[str, CompiledRule], config: RouteCo
         col = ColumnRule(config.rules[d], rules[d])
         counts, label_why = _label_hits(table.column("label"), rules[d].labels)
         pats: list[tuple[str, npt.NDArray[np.bool_]]] = []
+        # One alternation finds the texts with any of the domain's patterns (most have none); only those are
+        # searched pattern by pattern.
+        hits = _any_pattern(text, [p for p, ok in col.patterns if ok])
+        some_text = text.take(pa.array(hits, pa.int64()))
         for pattern, ok in col.patterns:
             if ok:
-                pats.append((pattern, _search(text, "(?is)" + pattern)))
+                found = np.zeros(n, dtype=bool)
+                if hits.size:
+                    found[hits] = _search(some_text, "(?is)" + pattern)
+                pats.append((pattern, found))
             else:
                 slow |= True  # a pattern RE2 cannot decide: the reference routes every record
                 pats.append((pattern, np.zeros(n, dtype=bool)))
