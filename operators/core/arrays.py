@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ScalarT = TypeVar("ScalarT", bound=np.generic)
 
@@ -45,3 +46,16 @@ def replace_column(table: pa.Table, name: str, values: pa.Array | list[Any], typ
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, arr)
     return table.append_column(name, arr)
+
+
+def list_matrix(column: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    """A column of equal-length integer lists (per-shard count vectors) as an ``(n, width)`` int64 matrix,
+    straight from Arrow's buffers: as Python lists they cost a boxed int per element."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.int64)
+    if not len(arr):
+        return values.reshape(0, 0)
+    lengths = np.asarray(pc.list_value_length(arr).to_numpy(zero_copy_only=False))
+    if (lengths != lengths[0]).any():
+        raise ValueError(f"lists of unequal length ({lengths.min()} to {lengths.max()}) cannot form a matrix")
+    return values.reshape(len(arr), -1)

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from operators.benchmarks.loaders import PACKAGED_HUMANEVAL, load_prompts
 from operators.benchmarks.synthetic import BUILTIN_MATH
+from operators.core.arrays import list_matrix
 from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, keep_all
 from operators.dsir.core import NUM_BUCKETS, DSIRModel, gumbel_keys, hashed_ngram_counts, log_importance_weights
 from operators.steps.decontam.step import BenchmarkSource
@@ -98,8 +99,8 @@ class DSIRStep(Step[DSIRConfig]):
         raw: dict[str, np.ndarray] = {}
         pool: dict[str, int] = {}
         for t in artifacts.iter_tables("counts"):
-            for d, n, c in zip(t["domain"].to_pylist(), t["n"].to_pylist(), t["counts"].to_pylist(), strict=True):
-                raw[d] = raw.get(d, np.zeros(self.config.num_buckets, np.int64)) + np.asarray(c, np.int64)
+            for d, n, c in zip(t["domain"].to_pylist(), t["n"].to_pylist(), list_matrix(t["counts"]), strict=True):
+                raw[d] = raw.get(d, np.zeros(self.config.num_buckets, np.int64)) + c
                 pool[d] = pool.get(d, 0) + n
         models: dict[str, Any] = {}
         target_counts: dict[str, list[int]] = {}

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import xxhash
 from pydantic import Field, field_validator
 
+from operators.core.arrays import list_matrix
 from operators.core.step import (
     SHARD_ROWS,
     Artifacts,
@@ -577,9 +578,9 @@ class SelectStep(Step[SelectConfig]):
             return {}
         sums: dict[tuple[str, str], np.ndarray] = {}
         for t in artifacts.iter_tables("kl_counts"):
-            for d, kind, c in zip(t["domain"].to_pylist(), t["kind"].to_pylist(), t["counts"].to_pylist(),
+            for d, kind, c in zip(t["domain"].to_pylist(), t["kind"].to_pylist(), list_matrix(t["counts"]),
                                   strict=True):
-                sums[(d, kind)] = sums.get((d, kind), 0) + np.asarray(c, np.int64)
+                sums[(d, kind)] = sums.get((d, kind), 0) + c
         summary: dict[str, dict[str, float]] = {"kl_selected": {}, "kl_random": {}, "kl_reduction": {}}
         for d, target in fit["target_counts"].items():
             if (d, "selected") in sums and (d, "random") in sums:
