@@ -108,26 +108,24 @@ def type_json(d: Any, field: Any, value: Any) -> None:
     quotes itself and types over them, so the result is checked by parsing it."""
     from selenium.webdriver.common.keys import Keys
 
+    from selenium.webdriver.common.action_chains import ActionChains
+
     text = json.dumps(value, separators=(",", ":"))
-    target = None
-    for css in (".cm-content", "textarea", "[contenteditable=true]"):
-        found = field.find_elements("css selector", css) if field.tag_name != "textarea" else [field]
-        if found:
-            target = found[0]
-            break
-    assert target is not None, "no editable element in the JSON editor"
+    # Typed key by key, the editor's bracket closing, and the form resetting an emptied editor to `{}`, garble the
+    # text; a user pastes it: select all, paste (one edit).
+    origin = d.execute_script("return location.origin")
+    d.execute_cdp_cmd("Browser.grantPermissions", {"origin": origin,
+                                                   "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
     for _ in range(3):
         d.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
-        try:
-            field.click()
-        except Exception:
-            d.execute_script("arguments[0].focus()", target)
-        target.send_keys(Keys.CONTROL, "a")
-        target.send_keys(Keys.DELETE)
-        for chunk in (text[i:i + 20] for i in range(0, len(text), 20)):
-            target.send_keys(chunk)
-            time.sleep(0.05)
-        time.sleep(0.5)
+        lines = field.find_elements("css selector", ".view-lines, .cm-content")
+        (lines[0] if lines else field).click()
+        time.sleep(0.3)
+        d.execute_async_script("navigator.clipboard.writeText(arguments[0]).then(arguments[1], e => arguments[1](String(e)))",
+                               text)
+        ActionChains(d).key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).perform()
+        ActionChains(d).key_down(Keys.CONTROL).send_keys("v").key_up(Keys.CONTROL).perform()
+        time.sleep(1)
         try:
             if json.loads(editor_text(d, field)) == value:
                 return
@@ -159,7 +157,12 @@ def fill_form(d: Any, schema: dict[str, Any], values: dict[str, Any]) -> None:
 
     wait = WebDriverWait(d, 60)
     for name, value in values.items():
-        field = wait.until(ec.presence_of_element_located((By.ID, f"element_{name}")))
+        # Chakra's ids: the field itself, or its switch / number-input root
+        ids = (f"element_{name}", f"switch:element_{name}", f"number-input:element_{name}")
+        wait.until(lambda drv: any(drv.find_elements(By.ID, i) for i in ids))
+        field = next(e for i in ids for e in d.find_elements(By.ID, i))
+        if field.get_attribute("id").startswith("number-input:"):
+            field = field.find_element(By.TAG_NAME, "input")
         d.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
         s = schema[name]
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
@@ -175,7 +178,7 @@ def fill_form(d: Any, schema: dict[str, Any], values: dict[str, Any]) -> None:
         print(f"  {name} = {json.dumps(value)}", flush=True)
 
 
-def trigger(api: Api, dag: str, values: dict[str, Any], shots: Path | None = None) -> str:
+def trigger(api: Api, dag: str, values: dict[str, Any], shots: Path | None = None, submit: bool = True) -> str:
     """Open the DAG's trigger form, fill the fields, press Trigger; returns the new run's id."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -191,12 +194,14 @@ def trigger(api: Api, dag: str, values: dict[str, Any], shots: Path | None = Non
         d.get(f"{api.base}/dags/{dag}")
         wait.until(ec.element_to_be_clickable((By.XPATH, "//button[contains(., 'Trigger')]"))).click()
         wait.until(ec.presence_of_element_located((By.XPATH, "//*[@role='dialog']")))
-        wait.until(ec.presence_of_element_located((By.ID, f"element_{next(iter(values))}")))
+        wait.until(ec.presence_of_element_located((By.ID, "element_run_name")))
         fill_form(d, schema, values)
         if shots:
             d.save_screenshot(str(shots / f"trigger_{dag}.png"))
         buttons = d.find_elements(By.XPATH, "//*[@role='dialog']//button[contains(normalize-space(.), 'Trigger')]")
         assert buttons and buttons[-1].is_enabled(), "the Trigger button is disabled: the form is not valid"
+        if not submit:
+            return ""
         buttons[-1].click()
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -265,7 +270,8 @@ def main() -> int:
     t = sub.add_parser("trigger")
     t.add_argument("dag")
     t.add_argument("params", help="JSON object: Param name -> value, typed into the form in this order")
-    t.add_argument("--shots", type=Path)
+    t.add_argument("--shots", type=Path, help="folder for a screenshot of the filled form")
+    t.add_argument("--no-submit", action="store_true", help="fill the form, do not press Trigger")
     w = sub.add_parser("wait")
     w.add_argument("dag")
     w.add_argument("run_id")
@@ -280,7 +286,7 @@ def main() -> int:
     pw_file = Path(a.airflow_home) / "simple_auth_manager_passwords.json.generated"
     api = Api(a.base, a.user, str(json.loads(pw_file.read_text())[a.user]))
     if a.cmd == "trigger":
-        trigger(api, a.dag, json.loads(a.params), a.shots)
+        trigger(api, a.dag, json.loads(a.params), a.shots, submit=not a.no_submit)
     elif a.cmd == "wait":
         run = wait_run(api, a.dag, a.run_id, a.timeout)
         print(json.dumps({k: run.get(k) for k in ("state", "start_date", "end_date")}))

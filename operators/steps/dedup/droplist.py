@@ -24,13 +24,14 @@ from pydantic import Field
 
 from operators.core.arrays import unique_sorted
 from operators.core.step import (
+    DETAIL,
+    REASON,
     Artifacts,
     BatchResult,
     StageOutput,
     Step,
     StepConfig,
     concat_or_empty,
-    dropped_table,
     partition_by_shard,
     table_digest,
 )
@@ -203,7 +204,8 @@ class DropListStep(Step[N]):
     def __init__(self, config: N) -> None:
         super().__init__(config)
         self._row = 0
-        self._drops: dict[int, str] = {}
+        self._drop_rows = np.zeros(0, dtype=np.int64)  # sorted
+        self._drop_details = pa.array([], pa.string())  # "duplicate of <kept id>", in `_drop_rows` order
 
     def begin_shard(self, shard: int) -> None:
         self._row = 0
@@ -229,13 +231,23 @@ class DropListStep(Step[N]):
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
         t = self.drop_list(artifacts, shard)
-        self._drops = {} if t is None else dict(zip(t["row"].to_pylist(), t["kept_id"].to_pylist(), strict=True))
+        if t is None or t.num_rows == 0:
+            self._drop_rows, self._drop_details = np.zeros(0, dtype=np.int64), pa.array([], pa.string())
+            return
+        t = t.sort_by("row")
+        self._drop_rows = t["row"].to_numpy()
+        self._drop_details = pc.binary_join_element_wise(self.detail_prefix, t["kept_id"].combine_chunks(), " ")
 
     def transform(self, batch: pa.RecordBatch) -> BatchResult:
+        # Vectorized: the batch's rows are a range, the drop list sorted rows; a binary search finds the listed.
         table = pa.Table.from_batches([batch])
-        rows = range(self._row, self._row + table.num_rows)
+        lo, hi = np.searchsorted(self._drop_rows, [self._row, self._row + table.num_rows])
         self._row += table.num_rows
-        mask = pa.array([r in self._drops for r in rows], pa.bool_())
-        details = [f"{self.detail_prefix} {self._drops[r]}" for r in rows if r in self._drops]
-        return BatchResult(kept=table.filter(pc.invert(mask)),
-                           dropped=dropped_table(table.filter(mask), [self.drop_reason] * len(details), details))
+        mask = np.zeros(table.num_rows, dtype=bool)
+        mask[self._drop_rows[lo:hi] - (self._row - table.num_rows)] = True
+        dropped = table.filter(pa.array(mask))
+        details = self._drop_details.slice(int(lo), int(hi - lo))
+        return BatchResult(kept=table.filter(pa.array(~mask)),
+                           dropped=dropped.append_column(REASON, pa.array([self.drop_reason] * dropped.num_rows,
+                                                                          pa.string()))
+                           .append_column(DETAIL, details.cast(pa.string())))
