@@ -102,6 +102,28 @@ def test_ascii_fast_paths_equal_the_regex_paths() -> None:
     assert any(non_text_ratio(t) > 0 for t in samples if t.isascii())  # controls count as non-text
 
 
+def test_the_distinct_token_bound_decides_like_the_ngrams() -> None:
+    """check_repetition skips building n-grams when the distinct-token bound already keeps a text under the
+    limit: on random texts (few to many repeats, every n and limit) its verdict and the reported ratio are
+    those of the exact n-gram count."""
+    import random
+
+    from operators.steps.filters.rules import _ngram_ratio
+    from operators.text.normalize import words
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        vocab = [f"w{j}" for j in range(rng.randint(1, 40))]
+        toks = words(" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 80))))
+        n, limit = rng.randint(1, 4), rng.choice([0.0, 0.1, 0.35, 0.6, 1.0])
+        exact = _ngram_ratio(toks, n)
+        fast = _ngram_ratio(toks, n, limit)
+        assert (fast > limit) == (exact > limit)
+        if exact > limit:
+            assert fast == exact
+        assert fast >= exact - 1e-12  # the bound never understates
+
+
 def test_bad_config_names_the_problem() -> None:
     with pytest.raises(ValidationError, match="min_turns"):
         FilterConfig(min_turns=5, max_turns=2)

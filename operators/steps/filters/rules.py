@@ -123,20 +123,31 @@ def check_template_residue(turns: Turns, s: RuleSettings) -> Verdict:
 REPETITION_WINDOW = 20_000  # characters: degenerate loops show up early, and this bounds the cost
 
 
-def repeated_ngram_ratio(text: str, n: int) -> float:
-    """Fraction of word n-grams that repeat an earlier n-gram (0 for texts shorter than 2n words)."""
-    toks = words(text[:REPETITION_WINDOW])
+def _ngram_ratio(toks: list[str], n: int, at_most: float = -1.0) -> float:
+    """`repeated_ngram_ratio` of tokens `toks`; with `at_most`, any value up to it may stand for a ratio that
+    is at most `at_most` (a cheap bound decides most texts)."""
     if len(toks) < 2 * n:
         return 0.0
     total = len(toks) - n + 1
+    # n-grams that start with different tokens differ, and all but the last n - 1 tokens start one: there are
+    # at least (distinct tokens - (n - 1)) distinct n-grams. When that bound already keeps the ratio under the
+    # limit, the n-grams need not be built (one set of tokens instead of one of tuples).
+    bound = 1.0 - (len(set(toks)) - (n - 1)) / total
+    if bound <= at_most:
+        return bound
     # zip over shifted views builds the n-grams in C instead of slicing per position.
     return 1.0 - len(set(zip(*(toks[i:] for i in range(n)), strict=False))) / total
+
+
+def repeated_ngram_ratio(text: str, n: int) -> float:
+    """Fraction of word n-grams that repeat an earlier n-gram (0 for texts shorter than 2n words)."""
+    return _ngram_ratio(words(text[:REPETITION_WINDOW]), n)
 
 
 def check_repetition(turns: Turns, s: RuleSettings) -> Verdict:
     for i, t in enumerate(turns):
         if t["from"] == "gpt":
-            r = repeated_ngram_ratio(t["value"], s.repetition_ngram)
+            r = _ngram_ratio(words(t["value"][:REPETITION_WINDOW]), s.repetition_ngram, s.max_repetition_ratio)
             if r > s.max_repetition_ratio:
                 return "repetition", f"answer {i}: {r:.2f} of its {s.repetition_ngram}-grams repeat"
     return None
