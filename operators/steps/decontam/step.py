@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -93,17 +95,15 @@ class DecontamStep(Step[DecontamConfig]):
 def decontaminate(table: pa.Table, index: ContaminationIndex, check_answers: bool) -> BatchResult:
     """Pure transform: drop records whose turns match the benchmark index (first matching turn wins)."""
     roles = ("human", "gpt") if check_answers else ("human",)
-    texts: list[str] = []
-    where: list[tuple[int, int]] = []  # (record, turn) of each checked text
-    for r, conv in enumerate(table.column("conversations").to_pylist()):
-        for t, turn in enumerate(conv):
-            if turn["from"] in roles:
-                texts.append(turn["value"])
-                where.append((r, t))
+    # The checked turns straight from the Arrow columns: only their texts become Python strings (not the
+    # answers a prompt-only check never reads).
+    record, turn, values = turns_of(table.column("conversations"), roles)
+    texts: list[str] = values.to_pylist()
+    where = list(zip(record.tolist(), turn.tolist(), strict=True))  # (record, turn) of each checked text
     hits: dict[int, tuple[int, Match]] = {}
     counters: dict[str, float] = {}
     for k, m in enumerate(index.match_many(texts)):
-        r, t = where[k]
+        r = where[k][0]
         if m is not None and r not in hits:
             hits[r] = (k, m)
     details = []
@@ -111,9 +111,27 @@ def decontaminate(table: pa.Table, index: ContaminationIndex, check_answers: boo
         k, m = hits[r]
         details.append(drop_detail(index, m, texts[k], where[k][1]))
         counters[f"match.{m.kind}"] = counters.get(f"match.{m.kind}", 0.0) + 1
-    mask = pa.array([r not in hits for r in range(table.num_rows)], pa.bool_())
+    hit = np.zeros(table.num_rows, dtype=bool)
+    hit[list(hits)] = True
+    mask = pa.array(~hit)
     return BatchResult(kept=table.filter(mask), counters=counters,
                        dropped=dropped_table(table.filter(pc.invert(mask)), [REASON] * len(details), details))
+
+
+def turns_of(conversations: pa.ChunkedArray | pa.Array, roles: tuple[str, ...]
+             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], pa.Array]:
+    """(record, turn index, text) of every turn whose speaker is in `roles`, in record then turn order. Pure."""
+    conv = conversations.combine_chunks() if isinstance(conversations, pa.ChunkedArray) else conversations
+    flat = pc.list_flatten(conv)
+    if len(flat) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), pa.array([], pa.string())
+    parents = np.asarray(pc.list_parent_indices(conv).to_numpy(zero_copy_only=False), np.int64)
+    # Turns are flattened in record order: a turn's index is its distance from its record's first turn.
+    position = np.arange(len(flat), dtype=np.int64)
+    first = np.searchsorted(parents, parents, side="left")
+    wanted = np.flatnonzero(np.asarray(pc.is_in(flat.field("from"), value_set=pa.array(list(roles)))
+                                       .fill_null(False).to_numpy(zero_copy_only=False), bool))
+    return parents[wanted], (position - first)[wanted], pc.fill_null(flat.field("value").take(pa.array(wanted)), "")
 
 
 def drop_detail(index: ContaminationIndex, m: Match, text: str, turn: int) -> str:
