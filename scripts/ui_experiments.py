@@ -235,10 +235,9 @@ def wait_run(api: Api, dag: str, run_id: str, timeout: float) -> dict[str, Any]:
     raise TimeoutError(f"{dag} {run_id} still {last} after {timeout:.0f} s")
 
 
-def shot(api: Api, dag: str, run_id: str, anchor: str, out: Path, until: str | None = None,
-         height: int = 1000) -> None:
-    """Open the run's Report tab, scroll its frame to the section `anchor` and save the window as a PNG (the
-    window is `height` tall; `until`, an element id, is scrolled into view too when given, to check it fits)."""
+def shot(api: Api, dag: str, run_id: str, anchor: str, out: Path, above: int = 0, height: int = 1000) -> None:
+    """Open the run's Report tab, scroll its frame to the section `anchor` (and `above` pixels further up, to show
+    what precedes it) and save the window, `height` pixels tall, as a PNG."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -252,7 +251,8 @@ def shot(api: Api, dag: str, run_id: str, anchor: str, out: Path, until: str | N
         frame = wait.until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
         d.switch_to.frame(frame)
         section = wait.until(ec.presence_of_element_located((By.ID, anchor)))
-        d.execute_script("arguments[0].scrollIntoView({block: 'start'})", section)
+        d.execute_script("arguments[0].scrollIntoView({block: 'start'}); window.scrollBy(0, -arguments[1])",
+                         section, above)
         time.sleep(1)
         d.switch_to.default_content()
         d.save_screenshot(str(out))
@@ -281,7 +281,8 @@ def main() -> int:
     s.add_argument("run_id")
     s.add_argument("anchor")
     s.add_argument("out", type=Path)
-    s.add_argument("--height", type=int, default=1000)
+    s.add_argument("--above", type=int, default=0, help="pixels above the section to show too")
+    s.add_argument("--height", type=int, default=1000, help="browser window height")
     a = ap.parse_args()
     pw_file = Path(a.airflow_home) / "simple_auth_manager_passwords.json.generated"
     api = Api(a.base, a.user, str(json.loads(pw_file.read_text())[a.user]))
@@ -292,7 +293,7 @@ def main() -> int:
         print(json.dumps({k: run.get(k) for k in ("state", "start_date", "end_date")}))
         return 0 if run["state"] == "success" else 1
     else:
-        shot(api, a.dag, a.run_id, a.anchor, a.out, height=a.height)
+        shot(api, a.dag, a.run_id, a.anchor, a.out, above=a.above, height=a.height)
     return 0
 
 

@@ -125,9 +125,10 @@ def test_vectorized_route_equals_the_per_record_reference(cfg: dict[str, Any]) -
     domains, reasons = route_batch(table, rules, config)
     assert list(zip(domains, reasons, strict=True)) == expected
     assert len(set(domains)) >= 2 and len(set(reasons)) > 20  # the fixture exercises many signals
-    from operators.steps.route.step import _turn_columns, ascii_safe, joined_text
+    from operators.steps.route.step import ascii_safe, joined_text
+    from operators.text.turns import turn_columns
 
-    _, values, offsets = _turn_columns(table.column("conversations"))
+    _, values, offsets = turn_columns(table.column("conversations"))
     assert 300 < ascii_safe(joined_text(values, offsets, 4000)).sum() < 550  # both paths are exercised
 
 

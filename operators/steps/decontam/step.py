@@ -14,7 +14,6 @@ import json
 from typing import ClassVar
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,6 +22,7 @@ from operators.benchmarks.loaders import FORMATS, load_prompts
 from operators.core.step import Artifacts, BatchResult, Step, StepConfig, dropped_table
 from operators.steps.decontam.index import ContaminationIndex, Match
 from operators.text.normalize import match_token_spans, match_tokens
+from operators.text.turns import turns_by_role
 
 REASON = "contamination"
 
@@ -97,7 +97,7 @@ def decontaminate(table: pa.Table, index: ContaminationIndex, check_answers: boo
     roles = ("human", "gpt") if check_answers else ("human",)
     # The checked turns straight from the Arrow columns: only their texts become Python strings (not the
     # answers a prompt-only check never reads).
-    record, turn, values = turns_of(table.column("conversations"), roles)
+    record, turn, values = turns_by_role(table.column("conversations"), roles)
     texts: list[str] = values.to_pylist()
     where = list(zip(record.tolist(), turn.tolist(), strict=True))  # (record, turn) of each checked text
     hits: dict[int, tuple[int, Match]] = {}
@@ -116,22 +116,6 @@ def decontaminate(table: pa.Table, index: ContaminationIndex, check_answers: boo
     mask = pa.array(~hit)
     return BatchResult(kept=table.filter(mask), counters=counters,
                        dropped=dropped_table(table.filter(pc.invert(mask)), [REASON] * len(details), details))
-
-
-def turns_of(conversations: pa.ChunkedArray | pa.Array, roles: tuple[str, ...]
-             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], pa.Array]:
-    """(record, turn index, text) of every turn whose speaker is in `roles`, in record then turn order. Pure."""
-    conv = conversations.combine_chunks() if isinstance(conversations, pa.ChunkedArray) else conversations
-    flat = pc.list_flatten(conv)
-    if len(flat) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), pa.array([], pa.string())
-    parents = np.asarray(pc.list_parent_indices(conv).to_numpy(zero_copy_only=False), np.int64)
-    # Turns are flattened in record order: a turn's index is its distance from its record's first turn.
-    position = np.arange(len(flat), dtype=np.int64)
-    first = np.searchsorted(parents, parents, side="left")
-    wanted = np.flatnonzero(np.asarray(pc.is_in(flat.field("from"), value_set=pa.array(list(roles)))
-                                       .fill_null(False).to_numpy(zero_copy_only=False), bool))
-    return parents[wanted], (position - first)[wanted], pc.fill_null(flat.field("value").take(pa.array(wanted)), "")
 
 
 def drop_detail(index: ContaminationIndex, m: Match, text: str, turn: int) -> str:

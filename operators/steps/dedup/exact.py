@@ -49,6 +49,7 @@ from operators.steps.dedup.droplist import (
 )
 from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
 from operators.text.normalize import normalize_text
+from operators.text.turns import first_turn, role_chars, turn_columns
 
 Scope = Literal["conversation", "first_human"]
 DEFAULT_SCOPES: tuple[Scope, ...] = ("conversation", "first_human")
@@ -86,22 +87,23 @@ def record_hashes(conversations: list[list[dict[str, str]]], scope: Scope) -> li
     """Normalized-text hash (16 bytes) of each record in `scope`: the first human turn (empty when there is
     none), or every turn's speaker and text, each turn normalized on its own so that turn boundaries count.
     Pure."""
-    digest = xxhash.xxh3_128_digest
     if scope == "conversation":
+        digest = xxhash.xxh3_128_digest
         return [digest(_TURN.join(f"{t['from']}{_FIELD}{normalize_text(t['value'])}" for t in conv).encode())
                 for conv in conversations]
-    return [digest(normalize_text(next((t["value"] for t in conv if t["from"] == "human"), "")).encode())
-            for conv in conversations]
+    return prompt_hashes([next((t["value"] for t in conv if t["from"] == "human"), "") for conv in conversations])
+
+
+def prompt_hashes(prompts: list[str]) -> list[bytes]:
+    """The first-human scope's hash of each first human turn (`record_hashes`). Pure."""
+    digest = xxhash.xxh3_128_digest
+    return [digest(normalize_text(p).encode()) for p in prompts]
 
 
 def hash_words(digests: list[bytes]) -> npt.NDArray[np.uint64]:
     """128-bit digests as an ``(n, 2)`` uint64 matrix (sorts and compares fast; all 128 bits kept)."""
     return np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2) if digests else \
         np.zeros((0, 2), dtype=np.uint64)
-
-
-def answer_lengths(conversations: list[list[dict[str, str]]]) -> list[int]:
-    return [sum(len(t["value"]) for t in conv if t["from"] == "gpt") for conv in conversations]
 
 
 # A record's hash row carries the facts that choose a survivor, so the partition that holds its group decides.
@@ -223,11 +225,14 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
         return shuffle_partitions(self.config.partitions, self.num_shards)
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> dict[int, pa.Table]:
-        convs = batch.column("conversations").to_pylist()
-        h = hash_words(record_hashes(convs, effective_scope(self.config.scopes)))
-        rows = pa.table({"key": pa.array(self.next_keys(shard, len(convs))), "h1": pa.array(h[:, 0]),
+        roles, values, offsets = turn_columns(batch.column("conversations"))
+        if effective_scope(self.config.scopes) == "first_human":  # only the prompts become Python strings
+            h = hash_words(prompt_hashes(first_turn(roles, values, offsets, "human").to_pylist()))
+        else:
+            h = hash_words(record_hashes(batch.column("conversations").to_pylist(), "conversation"))
+        rows = pa.table({"key": pa.array(self.next_keys(shard, batch.num_rows)), "h1": pa.array(h[:, 0]),
                          "h2": pa.array(h[:, 1]), "reward": batch.column("reward").cast(pa.float64()),
-                         "answer_len": pa.array(answer_lengths(convs), pa.int64()),
+                         "answer_len": pa.array(role_chars(roles, values, offsets, "gpt"), pa.int64()),
                          "id": batch.column("id").cast(pa.string())}, schema=HASH_ROWS)
         part = (h[:, 0] % np.uint64(self.stage_partitions("resolve"))).astype(np.int64)
         return shuffle_rows(rows, part)

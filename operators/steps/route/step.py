@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core.step import BatchResult, Step, StepConfig, keep_all
+from operators.text.turns import first_turn, turn_columns
 
 GENERAL = "general"
 
@@ -184,15 +185,6 @@ def ascii_safe(texts: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
     return np.asarray(pc.and_(ascii_, pc.invert(odd)).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _turn_columns(conversations: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array, npt.NDArray[np.int64]]:
-    """The flattened turns' `from` and `value` columns and the list offsets of each record's turns."""
-    conv = conversations.combine_chunks() if isinstance(conversations, pa.ChunkedArray) else conversations
-    conv = pc.fill_null(conv, pa.scalar([], conv.type)) if conv.null_count else conv
-    offsets = np.asarray(conv.offsets.to_numpy(), dtype=np.int64)
-    turns = conv.values.slice(offsets[0], offsets[-1] - offsets[0])
-    return turns.field("from"), turns.field("value"), offsets - offsets[0]
-
-
 def joined_text(values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) -> pa.Array:
     """Each record's turns, each cut to `limit` characters, joined by newlines (the reference's `text`)."""
     cut = pc.utf8_slice_codeunits(pc.fill_null(values, ""), 0, limit)
@@ -201,17 +193,7 @@ def joined_text(values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) ->
 
 def first_prompt(roles: pa.Array, values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) -> pa.Array:
     """Each record's first human turn, cut to `limit` characters and lowercased ("" without one)."""
-    n = len(offsets) - 1
-    human = np.asarray(pc.equal(roles, "human").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-    pos = np.where(human, np.arange(human.size), human.size)
-    first = np.full(n, human.size, dtype=np.int64)
-    nonempty = offsets[1:] > offsets[:-1]
-    if nonempty.any():
-        first[nonempty] = np.minimum.reduceat(pos, offsets[:-1][nonempty]) if pos.size else human.size
-    has = (first < np.minimum(offsets[1:], human.size)) & nonempty
-    prompts = pc.take(values, pa.array(np.where(has, first, 0))) if len(values) else pa.nulls(n, pa.string())
-    prompts = pc.if_else(pa.array(has), pc.fill_null(prompts, ""), "")
-    return pc.utf8_lower(pc.utf8_slice_codeunits(prompts, 0, limit))
+    return pc.utf8_lower(pc.utf8_slice_codeunits(first_turn(roles, values, offsets, "human"), 0, limit))
 
 
 def _search(texts: pa.Array, pattern: str) -> npt.NDArray[np.bool_]:
@@ -285,7 +267,7 @@ def route_batch(table: pa.Table, rules: dict[str, CompiledRule], config: RouteCo
     """(domains, reasons) of every record of `table`: equal to `route` record by record. Pure."""
     n = table.num_rows
     order = config.priority + [d for d in rules if d not in config.priority]
-    roles, values, offsets = _turn_columns(table.column("conversations"))
+    roles, values, offsets = turn_columns(table.column("conversations"))
     text = joined_text(values, offsets, 4000)
     prompt = first_prompt(roles, values, offsets, 2000)
     slow = ~ascii_safe(text)  # records the reference routes, whole
