@@ -22,6 +22,14 @@ def turn_columns(conversations: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, p
     return turns.field("from"), turns.field("value"), offsets - offsets[0]
 
 
+def joined_turns(values: pa.Array, offsets: npt.NDArray[np.int64], limit: int | None = None) -> pa.Array:
+    """Each record's turns (each cut to `limit` characters when given) joined by newlines. Pure."""
+    texts = pc.fill_null(values, "")
+    if limit is not None:
+        texts = pc.utf8_slice_codeunits(texts, 0, limit)
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), texts), "\n")
+
+
 def first_turn(roles: pa.Array, values: pa.Array, offsets: npt.NDArray[np.int64], role: str) -> pa.Array:
     """Each record's first turn by `role` ("" for a record without one). Pure."""
     n = len(offsets) - 1

@@ -79,6 +79,7 @@ from operators.steps.dedup.droplist import (
     sorted_links,
 )
 from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
+from operators.text.turns import joined_turns, turn_columns
 
 REASON = "near_duplicate"
 BAND_ROWS = pa.schema([("key", pa.int64()), ("band", pa.int32()), ("band_hash", pa.uint64())])
@@ -101,9 +102,11 @@ class NearDedupConfig(NoChurnConfig):
                     "Default: one per shard, at least 64, so a partition stays about a shard's size.")
 
 
-def conversation_texts(table: pa.Table) -> list[str]:
-    """The text compared for near-duplicates: every turn, in order."""
-    return ["\n".join(t["value"] for t in conv) for conv in table.column("conversations").to_pylist()]
+def conversation_texts(table: pa.Table) -> pa.Array:
+    """The text compared for near-duplicates: every turn, in order, joined by newlines (an Arrow column: the
+    signatures read its buffers, no Python string is made)."""
+    _, values, offsets = turn_columns(table.column("conversations"))
+    return joined_turns(values, offsets)
 
 
 def band_partition(band_hash: npt.NDArray[np.uint64], partitions: int) -> npt.NDArray[np.int64]:

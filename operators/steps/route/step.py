@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core.step import BatchResult, Step, StepConfig, keep_all
-from operators.text.turns import first_turn, turn_columns
+from operators.text.turns import first_turn, joined_turns, turn_columns
 
 GENERAL = "general"
 
@@ -187,8 +187,7 @@ def ascii_safe(texts: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
 
 def joined_text(values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) -> pa.Array:
     """Each record's turns, each cut to `limit` characters, joined by newlines (the reference's `text`)."""
-    cut = pc.utf8_slice_codeunits(pc.fill_null(values, ""), 0, limit)
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), cut), "\n")
+    return joined_turns(values, offsets, limit)
 
 
 def first_prompt(roles: pa.Array, values: pa.Array, offsets: npt.NDArray[np.int64], limit: int) -> pa.Array:
