@@ -7,7 +7,14 @@ import random
 import pyarrow as pa
 
 from operators.schema import CANONICAL_SCHEMA
-from operators.text.turns import first_turn, joined_turns, role_chars, turn_columns, turns_by_role
+from operators.text.turns import (
+    first_turn,
+    joined_role_turns,
+    joined_turns,
+    role_chars,
+    turn_columns,
+    turns_by_role,
+)
 
 
 def _conversations(seed: int) -> pa.ChunkedArray:
@@ -40,4 +47,6 @@ def test_turn_helpers_equal_the_python_reading() -> None:
         [(r, i, t["value"]) for r, c in enumerate(convs) for i, t in enumerate(c) if t["from"] in ("human", "system")]
     assert joined_turns(values, offsets).to_pylist() == ["\n".join(t["value"] for t in c) for c in convs]
     assert joined_turns(values, offsets, 3).to_pylist() == ["\n".join(t["value"][:3] for t in c) for c in convs]
+    assert joined_role_turns(col, "human").to_pylist() == \
+        ["\n".join(t["value"] for t in c if t["from"] == "human") for c in convs]
     assert any(not c for c in convs) and len(set(record.tolist())) > 100  # empty and null records are exercised

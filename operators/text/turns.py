@@ -63,3 +63,11 @@ def turns_by_role(conversations: pa.ChunkedArray | pa.Array, roles: tuple[str, .
                                        .fill_null(False).to_numpy(zero_copy_only=False), bool))
     record = np.searchsorted(offsets, wanted, side="right") - 1
     return record, wanted - offsets[record], pc.fill_null(values.take(pa.array(wanted, pa.int64())), "")
+
+
+def joined_role_turns(conversations: pa.ChunkedArray | pa.Array, role: str) -> pa.Array:
+    """Each record's turns by `role`, joined by newlines ("" without one). Pure."""
+    n = len(conversations)
+    record, _, texts = turns_by_role(conversations, (role,))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(record, minlength=n))]) if n else np.zeros(1, np.int64)
+    return joined_turns(texts, offsets)

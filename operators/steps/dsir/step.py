@@ -26,6 +26,7 @@ from operators.core.arrays import list_matrix
 from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, keep_all
 from operators.dsir.core import NUM_BUCKETS, DSIRModel, gumbel_keys, hashed_ngram_counts, log_importance_weights
 from operators.steps.decontam.step import BenchmarkSource
+from operators.text.turns import joined_role_turns
 
 DOMAIN = "domain"
 HIST_EDGES = (-500.0, -200.0, -100.0, -50.0, -20.0, -10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
@@ -51,10 +52,10 @@ class DSIRConfig(StepConfig):
         "incremental refresh's setting. False: refit from every shard's counts each run.")
 
 
-def prompt_texts(table: pa.Table) -> list[str]:
-    """The text DSIR featurizes: the human turns of each conversation (what the target sets are)."""
-    return ["\n".join(t["value"] for t in conv if t["from"] == "human")
-            for conv in table.column("conversations").to_pylist()]
+def prompt_texts(table: pa.Table) -> pa.Array:
+    """The text DSIR featurizes: the human turns of each conversation (what the target sets are), joined by
+    newlines, as an Arrow column (the n-gram hashing reads its bytes)."""
+    return joined_role_turns(table.column("conversations"), "human")
 
 
 def histogram(values: np.ndarray, domain: str) -> dict[str, float]:
@@ -88,7 +89,7 @@ class DSIRStep(Step[DSIRConfig]):
         rows: dict[str, list[Any]] = {"domain": [], "n": [], "counts": []}
         for d in sorted(set(domains.tolist())):
             idx = np.flatnonzero(domains == d)
-            feats = hashed_ngram_counts([texts[i] for i in idx], self.config.num_buckets, seed=self.config.seed)
+            feats = hashed_ngram_counts(texts.take(pa.array(idx)), self.config.num_buckets, seed=self.config.seed)
             rows["domain"].append(d)
             rows["n"].append(len(idx))
             rows["counts"].append(feats.total_counts().astype(np.int64).tolist())
@@ -144,7 +145,7 @@ class DSIRStep(Step[DSIRConfig]):
             idx = np.flatnonzero(domains == d)
             model = self._models.get(d)
             if model is not None:
-                feats = hashed_ngram_counts([texts[i] for i in idx], model.num_buckets, seed=self.config.seed)
+                feats = hashed_ngram_counts(texts.take(pa.array(idx)), model.num_buckets, seed=self.config.seed)
                 log_w[idx] = log_importance_weights(feats, model.log_p_target, model.log_p_raw)
                 counters.update(histogram(log_w[idx], d))
         keys = gumbel_keys(log_w, self.config.seed, ids)

@@ -344,7 +344,7 @@ class SelectStep(Step[SelectConfig]):
         for d in sorted(set(dom.tolist()) & set(fit["target_counts"])):
             for kind, mask in (("selected", selected), ("random", u < rate)):
                 idx = np.flatnonzero(mask & (dom == d))
-                feats = hashed_ngram_counts([texts[i] for i in idx], len(fit["target_counts"][d]),
+                feats = hashed_ngram_counts(texts.take(pa.array(idx)), len(fit["target_counts"][d]),
                                             seed=int(fit["models"][d]["seed"]))
                 out["domain"].append(d)
                 out["kind"].append(kind)
