@@ -168,6 +168,28 @@ def test_the_gates_change_no_finding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pii, "_IPV4_GATE", everything)
     assert [pii.find_pii(t) for t in texts] == gated
 
+def test_the_batch_secret_gates_change_no_finding() -> None:
+    """`secret_gates` (two RE2 passes over a batch) lets a text skip the token and secret-name searches only when
+    they would find nothing: the same findings on the planted values, the look-alikes, random text and secret
+    names in odd cases and scripts (a Kelvin sign lowers to "k"); and most plain text does skip."""
+    import pyarrow as pa
+
+    from operators.text import pii
+
+    odd = ["API_KEY = Xk9#mQ2vL8pZ", "Pass\u212Aey: hunter2Zx", "\u212Aey: Tr0ub4dor&3",
+           "TOKEN=ghp_abcdefghij1234567890ABCDEFGHIJklmnop",
+           "Authorization: Bearer abc.def.ghi", "PASSWORD: 'S3cr3t!x'", "naïve password = Zz9!zz9!", "sk-proj-1234abcd"]
+    texts = [_planted(t)[0] for _, _, t in PLANTED] + DECOYS + _fuzz_texts(2000, seed=6) + odd
+    hint, name = pii.secret_gates(pa.array(texts))
+    assert [pii.find_pii(t, token_hint=bool(h), secret_name=bool(n)) for t, h, n in zip(texts, hint, name,
+                                                                                       strict=True)] == \
+        [pii.find_pii(t) for t in texts]
+    assert any(f.type == "secret" for t in odd for f in pii.find_pii(t))
+    plain = _fuzz_texts(500, seed=7)
+    h, n = pii.secret_gates(pa.array(plain))
+    assert (~h).mean() > 0.5 and (~n).mean() > 0.5
+
+
 def test_masks_never_contain_the_value() -> None:
     for _, _, text in PLANTED:
         plain, value = _planted(text)

@@ -17,6 +17,11 @@ import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
 PII_TYPES = ("email", "phone", "ip_address", "credit_card", "iban", "us_ssn", "secret")
 
 # When two findings overlap, the more specific type wins: a token that holds digits is a secret, not a
@@ -385,8 +390,8 @@ def _made_up(value: str) -> bool:
 _HINTS = tuple((h, k) for k, (_, hints, _) in enumerate(_TOKENS) for h in hints)
 
 
-def _secrets(text: str) -> Iterator[Finding]:
-    for k in sorted({k for h, k in _HINTS if h in text}):
+def _secrets(text: str, token_hint: bool = True, secret_name: bool = True) -> Iterator[Finding]:
+    for k in sorted({k for h, k in _HINTS if h in text}) if token_hint else ():
         subtype, _, pattern = _TOKENS[k]
         for m in pattern.finditer(text):
             if subtype == "openai_key" and not any(c.isdigit() for c in m.group()):
@@ -398,7 +403,22 @@ def _secrets(text: str) -> Iterator[Finding]:
         for m in _URL_PASSWORD.finditer(text):
             if not _placeholder(m.group(1)):
                 yield Finding("secret", m.start(1), m.end(1), m.group(1), "url_password")
-    yield from _assignments(text)
+    if secret_name:
+        yield from _assignments(text)
+
+
+def secret_gates(texts: pa.Array | pa.ChunkedArray) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """For a column of texts, one RE2 pass each: (may hold a token hint, may hold a secret's name).
+
+    Both are necessary conditions of what `_secrets` searches one text at a time with twenty substring tests and
+    seven keyword scans, so a text that fails one skips that part with the same findings. Hints are literal,
+    case-sensitive ASCII, so their pass is exact on any text; names are found case-insensitively, which RE2
+    and `str.lower` agree on for ASCII text only: any other text is sent through."""
+    hint = pc.match_substring_regex(texts, pattern="|".join(re.escape(h) for h, _ in _HINTS))
+    name = pc.or_(pc.match_substring_regex(texts, pattern="(?i)" + "|".join(_KEYWORDS)),
+                  pc.invert(pc.string_is_ascii(texts)))
+    return (np.asarray(hint.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool),
+            np.asarray(name.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool))
 
 
 def _keyword_starts(lower: str) -> list[int]:
@@ -453,9 +473,11 @@ _GATES: dict[str, re.Pattern[str]] = {"phone": _LONG_NUMBER, "credit_card": _LON
                                       "iban": _IBAN_START}
 
 
-def find_pii(text: str, types: Collection[str] = PII_TYPES) -> list[Finding]:
+def find_pii(text: str, types: Collection[str] = PII_TYPES, *, token_hint: bool = True,
+             secret_name: bool = True) -> list[Finding]:
     """Every personal value and secret in `text` of the given `types`, sorted by position, none overlapping
-    (where two overlap, the more specific type wins, then the longer)."""
+    (where two overlap, the more specific type wins, then the longer). `token_hint` / `secret_name` False: the
+    caller knows (`secret_gates`) that the text holds no token hint / no secret's name."""
     if not text:
         return []
     has_digit = _HAS_DIGIT.search(text) is not None
@@ -470,7 +492,7 @@ def find_pii(text: str, types: Collection[str] = PII_TYPES) -> list[Finding]:
                 gates[gate] = gate.search(text) is not None
             if not gates[gate]:
                 continue
-        found.extend(detect(text))
+        found.extend(_secrets(text, token_hint, secret_name) if kind == "secret" else detect(text))
     if len(found) < 2:
         return found
     found.sort(key=lambda f: (_PRIORITY[f.type], -(f.end - f.start), f.start))

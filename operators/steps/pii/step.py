@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
-from operators.text.pii import PII_TYPES, Finding, find_pii, mask, redact
+from operators.text.pii import PII_TYPES, Finding, find_pii, mask, redact, secret_gates
 
 Action = Literal["redact", "drop", "flag", "off"]
 PII_COLUMN = "pii"
@@ -74,6 +74,8 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
     convs = table.column("conversations").combine_chunks()
     turns = convs.flatten()
     values = turns.field("value").to_pylist()
+    # Two RE2 passes over the batch's texts tell which may hold a token or a secret's name at all.
+    token_hint, secret_name = secret_gates(turns.field("value")) if "secret" in types else (None, None)
     speakers = turns.field("from").to_pylist() if roles else None
     offsets = convs.offsets.to_numpy()
     offsets = offsets - offsets[0]
@@ -89,7 +91,8 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
     for i, text in enumerate(values):
         if not text or (speakers is not None and speakers[i] not in roles):
             continue
-        found = find_pii(text, types)
+        found = find_pii(text, types) if token_hint is None or secret_name is None else \
+            find_pii(text, types, token_hint=bool(token_hint[i]), secret_name=bool(secret_name[i]))
         if not found:
             continue
         row = int(parents[i])
