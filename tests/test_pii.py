@@ -190,6 +190,23 @@ def test_the_batch_secret_gates_change_no_finding() -> None:
     assert (~h).mean() > 0.5 and (~n).mean() > 0.5
 
 
+def test_the_batch_digit_and_gate_passes_change_no_finding() -> None:
+    """`absent_gates` marks a text free of digits or of a gate's shape only where Python's pattern would say so:
+    ASCII separators Python counts as space and RE2 does not (\\v, \\x1c-\\x1f), no-break spaces and other
+    scripts' digits are in the fixture; the findings equal the ungated ones, and the passes do skip texts."""
+    import pyarrow as pa
+
+    from operators.text import pii
+
+    odd = ["call 415\x1c555\x1d0134 now", "card 4242\x0b4242\x0b4242\x0b4242", "ssn 078\u00a005\u00a01120",
+           "\u0664\u0661\u0665 555 0134 ok", "DE89 3704 0044 0532 0130 00", "no digits at all here"]
+    texts = [_planted(t)[0] for _, _, t in PLANTED] + DECOYS + _fuzz_texts(2000, seed=8) + odd
+    absent = pii.absent_gates(pa.array(texts))
+    got = [pii.find_pii(t, absent=[p for p, a in absent.items() if a[i]]) for i, t in enumerate(texts)]
+    assert got == [pii.find_pii(t) for t in texts]
+    assert all(a.any() for a in absent.values())
+
+
 def test_masks_never_contain_the_value() -> None:
     for _, _, text in PLANTED:
         plain, value = _planted(text)

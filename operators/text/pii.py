@@ -473,15 +473,32 @@ _GATES: dict[str, re.Pattern[str]] = {"phone": _LONG_NUMBER, "credit_card": _LON
                                       "iban": _IBAN_START}
 
 
+# The digit test and the gates in RE2, equal to Python's on ASCII text (where `\s` is these characters and `\d`
+# is [0-9]): a batch runs each once over all its texts (`absent_gates`).
+_ASCII_SPACE = r"\t\n\x0b\x0c\r \x1c-\x1f"
+_RE2_GATES = {_HAS_DIGIT: "[0-9]", _LONG_NUMBER: f"[0-9](?:[{_ASCII_SPACE}.()/-]{{0,2}}[0-9]){{6}}",
+              _IBAN_START: "[A-Z]{2}[0-9][0-9]"}
+
+
+def absent_gates(texts: pa.Array | pa.ChunkedArray) -> dict[re.Pattern[str], npt.NDArray[np.bool_]]:
+    """For the digit test and each gate: per text, True where one RE2 pass over the batch proves it absent
+    (ASCII texts only; any other text is left to the Python pattern)."""
+    ascii_ = np.asarray(pc.string_is_ascii(texts).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    return {pat: ascii_ & ~np.asarray(pc.match_substring_regex(texts, pattern=re2).fill_null(False)
+                                      .to_numpy(zero_copy_only=False), dtype=bool)
+            for pat, re2 in _RE2_GATES.items()}
+
+
 def find_pii(text: str, types: Collection[str] = PII_TYPES, *, token_hint: bool = True,
-             secret_name: bool = True) -> list[Finding]:
+             secret_name: bool = True, absent: Collection[re.Pattern[str]] = ()) -> list[Finding]:
     """Every personal value and secret in `text` of the given `types`, sorted by position, none overlapping
-    (where two overlap, the more specific type wins, then the longer). `token_hint` / `secret_name` False: the
-    caller knows (`secret_gates`) that the text holds no token hint / no secret's name."""
+    (where two overlap, the more specific type wins, then the longer). What the caller knows from batch passes:
+    `token_hint` / `secret_name` False, the text holds no token hint / no secret's name (`secret_gates`);
+    `absent`, the digit test and gates that do not match it (`absent_gates`)."""
     if not text:
         return []
-    has_digit = _HAS_DIGIT.search(text) is not None
-    gates: dict[re.Pattern[str], bool] = {}
+    has_digit = _HAS_DIGIT not in absent and _HAS_DIGIT.search(text) is not None
+    gates: dict[re.Pattern[str], bool] = {p: False for p in absent}
     found: list[Finding] = []
     for kind, detect in _DETECTORS.items():
         if kind not in types or not (has_digit or kind not in _NUMERIC or (kind == "ip_address" and "::" in text)):

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
-from operators.text.pii import PII_TYPES, Finding, find_pii, mask, redact, secret_gates
+from operators.text.pii import PII_TYPES, Finding, absent_gates, find_pii, mask, redact, secret_gates
 
 Action = Literal["redact", "drop", "flag", "off"]
 PII_COLUMN = "pii"
@@ -74,8 +74,10 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
     convs = table.column("conversations").combine_chunks()
     turns = convs.flatten()
     values = turns.field("value").to_pylist()
-    # Two RE2 passes over the batch's texts tell which may hold a token or a secret's name at all.
+    # RE2 passes over the batch's texts tell which may hold a token or a secret's name at all, and which hold
+    # no digit or fail a gate: most texts then skip most of the per-text patterns.
     token_hint, secret_name = secret_gates(turns.field("value")) if "secret" in types else (None, None)
+    absent = absent_gates(turns.field("value"))
     speakers = turns.field("from").to_pylist() if roles else None
     offsets = convs.offsets.to_numpy()
     offsets = offsets - offsets[0]
@@ -91,8 +93,9 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
     for i, text in enumerate(values):
         if not text or (speakers is not None and speakers[i] not in roles):
             continue
-        found = find_pii(text, types) if token_hint is None or secret_name is None else \
-            find_pii(text, types, token_hint=bool(token_hint[i]), secret_name=bool(secret_name[i]))
+        known = [p for p, a in absent.items() if a[i]]
+        found = find_pii(text, types, absent=known) if token_hint is None or secret_name is None else \
+            find_pii(text, types, token_hint=bool(token_hint[i]), secret_name=bool(secret_name[i]), absent=known)
         if not found:
             continue
         row = int(parents[i])
