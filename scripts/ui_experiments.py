@@ -3,13 +3,16 @@ run's Report tab: how docs/ui/replay_sweep.png and docs/ui/selection_ablation.pn
 
 Needs a running `make airflow` (or scripts/airflow.sh) and Debian's chromium + chromium-driver (Selenium).
 
-  python scripts/ui_experiments.py --base http://127.0.0.1:8080 trigger foundational_selection \\
+  python scripts/ui_experiments.py trigger foundational_selection \\
       '{"sources": ["sharegpt_demo"], "run_name": "demo-ablation", "selection_ablation": true}'
-  python scripts/ui_experiments.py --base ... wait foundational_selection <run_id>
-  python scripts/ui_experiments.py --base ... shot foundational_selection <run_id> selection-ablation out.png
+  python scripts/ui_experiments.py wait foundational_selection <run_id>
+  python scripts/ui_experiments.py shot foundational_selection <run_id> selection-ablation out.png --above 190
+
+`--base` (default http://127.0.0.1:8080) names another UI. The exact Params of the README's screenshots are in
+docs/experiments.md.
 
 Every Param given is typed into its form field (text and number inputs key by key, lists of strings as lines,
-switches clicked, objects and lists of numbers into the field's JSON editor); the run's conf is then read back
+switches clicked, objects and lists of numbers pasted into the field's JSON editor); the run's conf is then read back
 from the REST API and compared with what was asked, so a field the form mangled fails loudly.
 The password is read from $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated (default .airflow/demo).
 """
@@ -79,13 +82,16 @@ def type_keys(d: Any, field: Any, text: str) -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def typed(n: int) -> Any:
+        return lambda _: len(field.get_attribute("value") or "") >= n
+
     for _ in range(3):
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys(Keys.DELETE)
         for i, ch in enumerate(text, 1):
             field.send_keys(Keys.ENTER if ch == "\n" else ch)
             try:
-                WebDriverWait(d, 3).until(lambda _, n=i: len(field.get_attribute("value") or "") >= n)
+                WebDriverWait(d, 3).until(typed(i))
             except Exception:
                 break
         if (field.get_attribute("value") or "") == text:
@@ -104,11 +110,9 @@ def editor_text(d: Any, field: Any) -> str:
 
 
 def type_json(d: Any, field: Any, value: Any) -> None:
-    """Replace a JSON editor's text with `value` (compact JSON, typed as keys); the editor closes brackets and
-    quotes itself and types over them, so the result is checked by parsing it."""
-    from selenium.webdriver.common.keys import Keys
-
+    """Replace a JSON editor's text with `value` (compact JSON, pasted), checked by parsing the editor's text."""
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
 
     text = json.dumps(value, separators=(",", ":"))
     # Typed key by key, the editor's bracket closing, and the form resetting an emptied editor to `{}`, garble the
@@ -121,8 +125,8 @@ def type_json(d: Any, field: Any, value: Any) -> None:
         lines = field.find_elements("css selector", ".view-lines, .cm-content")
         (lines[0] if lines else field).click()
         time.sleep(0.3)
-        d.execute_async_script("navigator.clipboard.writeText(arguments[0]).then(arguments[1], e => arguments[1](String(e)))",
-                               text)
+        d.execute_async_script("navigator.clipboard.writeText(arguments[0])"
+                               ".then(arguments[1], e => arguments[1](String(e)))", text)
         ActionChains(d).key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).perform()
         ActionChains(d).key_down(Keys.CONTROL).send_keys("v").key_up(Keys.CONTROL).perform()
         time.sleep(1)
@@ -152,14 +156,13 @@ def set_switch(d: Any, field: Any, on: bool) -> None:
 def fill_form(d: Any, schema: dict[str, Any], values: dict[str, Any]) -> None:
     """Type each value into its Param's form field, chosen by the Param's JSON schema."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(d, 60)
     for name, value in values.items():
         # Chakra's ids: the field itself, or its switch / number-input root
         ids = (f"element_{name}", f"switch:element_{name}", f"number-input:element_{name}")
-        wait.until(lambda drv: any(drv.find_elements(By.ID, i) for i in ids))
+        wait.until(lambda drv: any(drv.find_elements(By.ID, i) for i in ids))  # noqa: B023 (used at once)
         field = next(e for i in ids for e in d.find_elements(By.ID, i))
         if field.get_attribute("id").startswith("number-input:"):
             field = field.find_element(By.TAG_NAME, "input")
