@@ -203,8 +203,11 @@ def _ablation(ab: dict[str, Any]) -> str:
              *[r.get(f"{k}.kl") for k in ("selection", *ab["others"])]) for r in ab["rows"]]
     return ("<h3 id='selection-ablation'>Selection ablation: DSIR against random (same size per domain)</h3>"
             "<p class='muted'>Both chose from the same pool under the same budgets; a lower KL divergence to the "
-            "domain's target means the selection looks more like it. Training on each: the fine-tune run's "
-            "report (two_stage_finetune with <code>ablation_foundational</code>).</p>" + table(head, rows))
+            "domain's target means the selection looks more like it (a domain without a DSIR target has no KL). "
+            "The random column here is the ablation's own selection; the KL table above compares with a random "
+            "sample that <code>select</code> draws to estimate it, so their random figures differ a little. "
+            "Training on each: the fine-tune run's report (two_stage_finetune with "
+            "<code>ablation_foundational</code>).</p>" + table(head, rows))
 
 
 def _phase2(report: dict[str, Any]) -> str:
