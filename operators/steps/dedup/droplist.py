@@ -131,13 +131,15 @@ def resolve_links(artifacts: Artifacts, *, links_stage: str, rows_stage: str, co
 
 
 def decide_components(links: pa.Table, rows: pa.Table, priority: Callable[[pa.Table], npt.ArrayLike],
-                      protected: Callable[[pa.Table], npt.NDArray[np.bool_]] | None = None) -> tuple[pa.Table, int]:
+                      protected: Callable[[pa.Table], npt.NDArray[np.bool_]] | None = None,
+                      ids_of: Callable[[Keys], pa.Array] | None = None) -> tuple[pa.Table, int]:
     """Components of `links` (``key``, ``linked_key``) and the drop list they imply.
 
-    `rows` holds every linked key once, sorted by key, with ``id`` and what `priority` reads. The survivor of
-    a component has the smallest ``priority(rows)``, then the smallest key. Rows that `protected` marks
-    (published records) survive first and are never dropped, even when one component holds several.
-    Returns (drops as ``shard, row, kept_id``; components)."""
+    `rows` holds every linked key once, sorted by key, with what `priority` reads and ``id`` (not needed when
+    nothing is `protected` and `ids_of` gives the ids of the sorted distinct survivor keys it is asked for).
+    The survivor of a component has the smallest ``priority(rows)``, then the smallest key. Rows that
+    `protected` marks (published records) survive first and are never dropped, even when one component holds
+    several. Returns (drops as ``shard, row, kept_id``; components)."""
     empty = pa.table({"shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
                       "kept_id": pa.array([], pa.string())})
     if links.num_rows == 0:
@@ -163,7 +165,12 @@ def decide_components(links: pa.Table, rows: pa.Table, priority: Callable[[pa.Ta
         dropped = pc.and_(dropped, pa.array(~keep_always[np.searchsorted(keys_sorted, comps["key"].to_numpy())]))
     drops = comps.filter(dropped)
     keys = drops["key"].to_numpy()
-    kept_ids = rows["id"].take(pa.array(np.searchsorted(keys_sorted, drops["keep_key"].to_numpy())))
+    keep_keys = drops["keep_key"].to_numpy()
+    if ids_of is None:
+        kept_ids = rows["id"].take(pa.array(np.searchsorted(keys_sorted, keep_keys)))
+    else:
+        survivors = unique_sorted(keep_keys)
+        kept_ids = ids_of(survivors).take(pa.array(np.searchsorted(survivors, keep_keys)))
     table = pa.table({"shard": pa.array((keys >> KEY_SHIFT).astype(np.int32)),
                       "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
     return table, int(comps.filter(comps["keep"]).num_rows)

@@ -203,10 +203,12 @@ def with_facts(links: pa.Table, facts: pa.Table) -> pa.Table:
 
 
 def linked_facts(links: pa.Table) -> pa.Table:
-    """Each linked key once, sorted, with its id and priority, from links that carry both ends' facts. Pure."""
+    """Each linked key once, sorted, with its priority (and its id when the links carry ids), from links that
+    carry both ends' facts. Pure."""
+    mine = [c for c in ("key", "id", "priority") if c in links.column_names]
     both = pa.concat_tables([
-        links.select(["key", "id", "priority"]),
-        links.select(["linked_key", "linked_id", "linked_priority"]).rename_columns(["key", "id", "priority"])])
+        links.select(mine), links.select([f"linked_{c}" if c != "key" else "linked_key" for c in mine])
+        .rename_columns(mine)])
     keys = both["key"].to_numpy()
     order = np.argsort(keys, kind="stable")
     first = np.ones(order.size, dtype=bool)
@@ -222,6 +224,26 @@ def distinct_links(links: pa.Table) -> PartitionResult:
     first[1:] = (k[1:] != k[:-1]) | (lk[1:] != lk[:-1])
     out = t.filter(pa.array(first)) if t.num_rows else t
     return PartitionResult(out, t.num_rows, {"links": float(out.num_rows), "repeats": float(t.num_rows - out.num_rows)})
+
+
+def survivor_ids(artifacts: Artifacts, survivors: npt.NDArray[np.int64]) -> pa.Array:
+    """The ids of `survivors` (sorted, distinct linked keys), from a pass over the `links` stage's id columns
+    that keeps only theirs. Every linked key is an end of some link, so each is found."""
+    found: list[pa.Table] = []
+    for t in artifacts.iter_tables("links", columns=["key", "id", "linked_key", "linked_id"]):
+        for k, i in (("key", "id"), ("linked_key", "linked_id")):
+            hit = np.isin(t[k].to_numpy(), survivors)
+            if hit.any():
+                found.append(t.filter(pa.array(hit)).select([k, i]).rename_columns(["key", "id"]))
+    t = concat_or_empty(found, FACTS.remove(FACTS.get_field_index("priority")))
+    keys = t["key"].to_numpy()
+    order = np.argsort(keys, kind="stable")
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    t = t.take(pa.array(order[first]))
+    if t.num_rows != survivors.size or not np.array_equal(t["key"].to_numpy(), survivors):
+        raise ValueError("a survivor key has no id among the links")  # a bug or a torn stage: fail loudly
+    return t["id"].combine_chunks()
 
 
 def signature_matrix(table: pa.Table) -> npt.NDArray[np.uint32]:
@@ -347,10 +369,23 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
                                                    **index.counters(new_rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
-        """Components over the links only; the survivor of each (highest reward, then smallest key)."""
-        links = concat_or_empty(artifacts.iter_tables("links"), FACT_LINKS)
-        drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
-                                            priority=lambda r: r["priority"].to_numpy(), protected=self.protected)
+        """Components over the links only; the survivor of each (highest reward, then smallest key).
+
+        Without a published version to protect, the components need only keys and priorities: the links' ids
+        are read in a second pass, and only the survivors' are kept (a third of the memory per link)."""
+        def prio(r: pa.Table) -> npt.NDArray[np.float64]:
+            return np.asarray(r["priority"].to_numpy(), dtype=np.float64)
+
+        if self.config.published is not None:  # the no-churn rule reads every linked record's id
+            links = concat_or_empty(artifacts.iter_tables("links"), FACT_LINKS)
+            drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
+                                                priority=prio, protected=self.protected)
+        else:
+            cols = ["key", "linked_key", "priority", "linked_priority"]
+            links = concat_or_empty(artifacts.iter_tables("links", columns=cols), pa.schema(
+                [FACT_LINKS.field(c) for c in cols]))
+            drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
+                                                priority=prio, ids_of=lambda keys: survivor_ids(artifacts, keys))
         records = artifacts.records_in("signatures")
         return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
 
