@@ -97,19 +97,18 @@ def decontaminate(table: pa.Table, index: ContaminationIndex, check_answers: boo
     roles = ("human", "gpt") if check_answers else ("human",)
     # The checked turns straight from the Arrow columns: only their texts become Python strings (not the
     # answers a prompt-only check never reads).
-    record, turn, values = turns_by_role(table.column("conversations"), roles)
+    record, turn, values = turns_by_role(table.column("conversations"), roles)  # of each checked text
     texts: list[str] = values.to_pylist()
-    where = list(zip(record.tolist(), turn.tolist(), strict=True))  # (record, turn) of each checked text
     hits: dict[int, tuple[int, Match]] = {}
     counters: dict[str, float] = {}
     for k, m in enumerate(index.match_many(texts)):
-        r = where[k][0]
+        r = int(record[k])
         if m is not None and r not in hits:
             hits[r] = (k, m)
     details = []
     for r in sorted(hits):
         k, m = hits[r]
-        details.append(drop_detail(index, m, texts[k], where[k][1]))
+        details.append(drop_detail(index, m, texts[k], int(turn[k])))
         counters[f"match.{m.kind}"] = counters.get(f"match.{m.kind}", 0.0) + 1
     hit = np.zeros(table.num_rows, dtype=bool)
     hit[list(hits)] = True

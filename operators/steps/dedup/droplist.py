@@ -24,14 +24,13 @@ from pydantic import Field
 
 from operators.core.arrays import unique_sorted
 from operators.core.step import (
-    DETAIL,
-    REASON,
     Artifacts,
     BatchResult,
     StageOutput,
     Step,
     StepConfig,
     concat_or_empty,
+    dropped_table,
     partition_by_shard,
     table_digest,
 )
@@ -253,8 +252,6 @@ class DropListStep(Step[N]):
         mask = np.zeros(table.num_rows, dtype=bool)
         mask[self._drop_rows[lo:hi] - (self._row - table.num_rows)] = True
         dropped = table.filter(pa.array(mask))
-        details = self._drop_details.slice(int(lo), int(hi - lo))
+        details = self._drop_details.slice(int(lo), int(hi - lo)).to_pylist()
         return BatchResult(kept=table.filter(pa.array(~mask)),
-                           dropped=dropped.append_column(REASON, pa.array([self.drop_reason] * dropped.num_rows,
-                                                                          pa.string()))
-                           .append_column(DETAIL, details.cast(pa.string())))
+                           dropped=dropped_table(dropped, [self.drop_reason] * dropped.num_rows, details))

@@ -5,7 +5,7 @@ human turn. Equal conversations have equal first human turns, so with both scope
 exactly a group of records with one normalized first human turn: the step hashes only the coarser scope
 (`effective_scope`), every cluster is one hash group, and no connected components are needed. Shuffled by
 that hash, every cluster lies whole in one partition, so survivors are chosen there and no task sees more
-than its partition (docs/decisions.md, "exact dedup resolves per partition").
+than its partition (docs/architecture.md, "Exact dedup decides per partition").
 
 Stages (each resumable on its own; no task holds the whole corpus or grows with it):
   keys (map)           per record: a 128-bit hash of its normalized text in the effective scope, its key
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import xxhash
 from pydantic import Field
 
-from operators.core.arrays import unique_sorted
+from operators.core.arrays import run_starts, unique_sorted
 from operators.core.step import (
     Artifacts,
     PartitionResult,
@@ -187,10 +187,8 @@ def choose_in_groups(members: pa.Table, protected: npt.NDArray[np.bool_]) -> pa.
         sub = pa.table({"id": members["id"].take(pa.array(at)), "key": keys[at]})
         first = pc.sort_indices(sub, sort_keys=[("id", "ascending"), ("key", "ascending")]).to_numpy()
         ids = sub["id"].take(pa.array(first)).to_numpy(zero_copy_only=False)
-        one = np.ones(first.size, dtype=bool)
-        one[1:] = ids[1:] != ids[:-1]
         protected = np.zeros(members.num_rows, dtype=bool)
-        protected[at[first[one]]] = True
+        protected[at[first[run_starts(ids)]]] = True
     reward = members["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
     # Protected records rank by key alone: their facts must not reorder them.
     order = pc.sort_indices(pa.table({
@@ -200,9 +198,7 @@ def choose_in_groups(members: pa.Table, protected: npt.NDArray[np.bool_]) -> pa.
         "id": pc.if_else(pa.array(protected), "", members["id"]), "key": members["key"]}),
         sort_keys=[("group", "ascending"), ("tier", "ascending"), ("r", "descending"), ("a", "descending"),
                    ("id", "ascending"), ("key", "ascending")]).to_numpy()
-    group = members["group"].to_numpy()[order]
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = group[1:] != group[:-1]
+    first = run_starts(members["group"].to_numpy()[order])
     keeper = order[np.maximum.accumulate(np.where(first, np.arange(order.size), 0))]
     drop = ~first & ~protected[order]
     dropped, kept = order[drop], keeper[drop]

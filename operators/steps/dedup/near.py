@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.core.arrays import unique_sorted
+from operators.core.arrays import run_starts, unique_sorted
 from operators.core.step import (
     SHARD_ROWS,
     Artifacts,
@@ -209,11 +209,14 @@ def linked_facts(links: pa.Table) -> pa.Table:
     both = pa.concat_tables([
         links.select(mine), links.select([f"linked_{c}" if c != "key" else "linked_key" for c in mine])
         .rename_columns(mine)])
-    keys = both["key"].to_numpy()
+    return first_per_key(both)
+
+
+def first_per_key(table: pa.Table) -> pa.Table:
+    """The first row of each ``key`` of `table`, sorted by key. Pure."""
+    keys = table["key"].to_numpy()
     order = np.argsort(keys, kind="stable")
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = keys[order][1:] != keys[order][:-1]
-    return both.take(pa.array(order[first]))
+    return table.take(pa.array(order[run_starts(keys[order])]))
 
 
 def distinct_links(links: pa.Table) -> PartitionResult:
@@ -235,12 +238,7 @@ def survivor_ids(artifacts: Artifacts, survivors: npt.NDArray[np.int64]) -> pa.A
             hit = np.isin(t[k].to_numpy(), survivors)
             if hit.any():
                 found.append(t.filter(pa.array(hit)).select([k, i]).rename_columns(["key", "id"]))
-    t = concat_or_empty(found, FACTS.remove(FACTS.get_field_index("priority")))
-    keys = t["key"].to_numpy()
-    order = np.argsort(keys, kind="stable")
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = keys[order][1:] != keys[order][:-1]
-    t = t.take(pa.array(order[first]))
+    t = first_per_key(concat_or_empty(found, FACTS.remove(FACTS.get_field_index("priority"))))
     if t.num_rows != survivors.size or not np.array_equal(t["key"].to_numpy(), survivors):
         raise ValueError("a survivor key has no id among the links")  # a bug or a torn stage: fail loudly
     return t["id"].combine_chunks()
