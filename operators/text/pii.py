@@ -407,18 +407,24 @@ def _secrets(text: str, token_hint: bool = True, secret_name: bool = True) -> It
         yield from _assignments(text)
 
 
-def secret_gates(texts: pa.Array | pa.ChunkedArray) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+def ascii_texts(texts: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
+    """Which texts are ASCII, where the batch gates' RE2 patterns read exactly like Python's."""
+    return np.asarray(pc.string_is_ascii(texts).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def secret_gates(texts: pa.Array | pa.ChunkedArray, ascii_: npt.NDArray[np.bool_] | None = None
+                 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """For a column of texts, one RE2 pass each: (may hold a token hint, may hold a secret's name).
 
     Both are necessary conditions of what `_secrets` searches one text at a time with twenty substring tests and
     seven keyword scans, so a text that fails one skips that part with the same findings. Hints are literal,
     case-sensitive ASCII, so their pass is exact on any text; names are found case-insensitively, which RE2
     and `str.lower` agree on for ASCII text only: any other text is sent through."""
+    ascii_ = ascii_texts(texts) if ascii_ is None else ascii_
     hint = pc.match_substring_regex(texts, pattern="|".join(re.escape(h) for h, _ in _HINTS))
-    name = pc.or_(pc.match_substring_regex(texts, pattern="(?i)" + "|".join(_KEYWORDS)),
-                  pc.invert(pc.string_is_ascii(texts)))
+    name = pc.match_substring_regex(texts, pattern="(?i)" + "|".join(_KEYWORDS))
     return (np.asarray(hint.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool),
-            np.asarray(name.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool))
+            np.asarray(name.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool) | ~ascii_)
 
 
 def _keyword_starts(lower: str) -> list[int]:
@@ -480,10 +486,11 @@ _RE2_GATES = {_HAS_DIGIT: "[0-9]", _LONG_NUMBER: f"[0-9](?:[{_ASCII_SPACE}.()/-]
               _IBAN_START: "[A-Z]{2}[0-9][0-9]"}
 
 
-def absent_gates(texts: pa.Array | pa.ChunkedArray) -> dict[re.Pattern[str], npt.NDArray[np.bool_]]:
+def absent_gates(texts: pa.Array | pa.ChunkedArray, ascii_: npt.NDArray[np.bool_] | None = None
+                 ) -> dict[re.Pattern[str], npt.NDArray[np.bool_]]:
     """For the digit test and each gate: per text, True where one RE2 pass over the batch proves it absent
     (ASCII texts only; any other text is left to the Python pattern)."""
-    ascii_ = np.asarray(pc.string_is_ascii(texts).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    ascii_ = ascii_texts(texts) if ascii_ is None else ascii_
     return {pat: ascii_ & ~np.asarray(pc.match_substring_regex(texts, pattern=re2).fill_null(False)
                                       .to_numpy(zero_copy_only=False), dtype=bool)
             for pat, re2 in _RE2_GATES.items()}

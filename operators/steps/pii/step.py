@@ -20,7 +20,16 @@ from pydantic import Field, field_validator
 
 from operators.core.arrays import replace_column
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
-from operators.text.pii import PII_TYPES, Finding, absent_gates, find_pii, mask, redact, secret_gates
+from operators.text.pii import (
+    PII_TYPES,
+    Finding,
+    absent_gates,
+    ascii_texts,
+    find_pii,
+    mask,
+    redact,
+    secret_gates,
+)
 
 Action = Literal["redact", "drop", "flag", "off"]
 PII_COLUMN = "pii"
@@ -76,8 +85,9 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
     values = turns.field("value").to_pylist()
     # RE2 passes over the batch's texts tell which may hold a token or a secret's name at all, and which hold
     # no digit or fail a gate: most texts then skip most of the per-text patterns.
-    token_hint, secret_name = secret_gates(turns.field("value")) if "secret" in types else (None, None)
-    absent = absent_gates(turns.field("value"))
+    ascii_ = ascii_texts(turns.field("value"))
+    token_hint, secret_name = secret_gates(turns.field("value"), ascii_) if "secret" in types else (None, None)
+    absent = absent_gates(turns.field("value"), ascii_)
     speakers = turns.field("from").to_pylist() if roles else None
     offsets = convs.offsets.to_numpy()
     offsets = offsets - offsets[0]
