@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from operators.core import storage
+from operators.core.fusion import Then, adopt_heads, run_then
 from operators.core.manifest import clear_off, read_manifest, read_off, step_manifest_uri, write_off
 from operators.core.registry import STEPS, UnknownStepError, step_class
 from operators.core.runner import (
@@ -90,6 +91,24 @@ def build_step(name: str, config: dict[str, Any]) -> Step[Any]:
     return cls(cfg)
 
 
+def _then_steps(value: str | None) -> list[tuple[Then, Step[Any]]]:
+    """`run --then`: the steps to fuse after the shard, validated (steps, configs, output URIs) before any work."""
+    if value is None or not value.strip():
+        return []
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--then is not valid JSON: {e}") from e
+    if not isinstance(raw, list):
+        raise ConfigError("--then must be a JSON list of {step, config, output}")
+    out = []
+    for item in raw:
+        then = _validated(Then, item, "--then")
+        storage.validate_uri(then.output)
+        out.append((then, build_step(then.step, then.config)))
+    return out
+
+
 def _emit(result: dict[str, Any], xcom_file: str | None) -> None:
     line = json.dumps(result, sort_keys=True)
     if xcom_file:
@@ -121,12 +140,21 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--input", action="append", default=[], help="input URI (repeatable)")
         if cmd in ("run", "stage"):
             sp.add_argument("--shard", type=int, default=None)
+        if cmd == "run":
+            sp.add_argument("--then", default=None, metavar="JSON",
+                            help="with --shard: the chain's next steps, a JSON list of {step, config, output}; "
+                                 "after the shard, their record-local work on it runs in this task "
+                                 "(operators/core/fusion.py)")
         if cmd == "stage":
             sp.add_argument("--stage", required=True)
         if cmd == "plan":
             sp.add_argument("--after", default=None, metavar="STEP",
                             help="first commit STEP, the upstream step whose output is the one --input (its "
-                                 "reduce, in this task: one task and one pod start fewer per step)")
+                                 "reduce, in this task: one task and one pod start fewer per step); plan aligned "
+                                 "to its shards and commit what its fused shard tasks prepared")
+            sp.add_argument("--fold-head", action="store_true",
+                            help="with --after: the DAG has no task for this step's first map stage; run what "
+                                 "the upstream's shard tasks did not prepare here")
     vp = sub.add_parser("validate")
     vp.add_argument("--output", required=True, help="committed step directory to validate")
     vp.add_argument("--xcom-file", default=None)
@@ -398,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             _emit(_reduce(args.step, args.output), args.xcom_file)
             return 0
         step = build_step(args.step, load_config_arg(args.config))
+        if getattr(args, "then", None) and args.shard is None:
+            raise ConfigError("run --then needs --shard: it goes on with one shard")
+        if args.command == "plan" and args.fold_head and not args.after:
+            raise ConfigError("plan --fold-head needs --after")
         if args.command == "plan" and args.after:
             if len(args.input) != 1:
                 raise ConfigError("plan --after needs exactly one --input: the upstream step's output")
@@ -414,9 +446,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             clear_off(args.output)
         if args.command == "plan":
-            plan = make_plan(step, args.input, args.output)
-            _emit({"shards": [s.index for s in plan.shards], "to_run": shards_to_run(plan, args.output),
-                   "config_hash": plan.config_hash}, args.xcom_file)
+            plan = make_plan(step, args.input, args.output, aligned=bool(args.after))
+            to_run, adopted = shards_to_run(plan, args.output), 0
+            if args.after:
+                to_run, adopted = adopt_heads(step, args.output, plan, to_run, fold_head=args.fold_head)
+            _emit({"shards": [s.index for s in plan.shards], "to_run": to_run, "config_hash": plan.config_hash,
+                   "prepared": adopted}, args.xcom_file)
             return 0
         if args.command == "stage":
             plan = load_plan(args.output)
@@ -437,10 +472,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.input:
                 raise ConfigError("run needs at least one --input")
             m = run_all(step, args.input, args.output)
+            fused: list[dict[str, Any]] = []
         else:
+            then = _then_steps(args.then)
             m = run_shard(step, args.output, load_plan(args.output), args.shard)
+            fused = run_then(then, args.output, args.shard) if then else []
         _emit({"step": args.step, "output": args.output, "shard": args.shard,
-               **m.stats.model_dump(mode="json")}, args.xcom_file)
+               **m.stats.model_dump(mode="json"), **({"then": fused} if fused else {})}, args.xcom_file)
         return 0
     except storage.StorageFull as e:  # retryable: an operator frees space, the task's retry completes the step
         log.error("%s", e)

@@ -28,6 +28,7 @@ from operators.core.manifest import (
     Manifest,
     config_hash,
     read_manifest,
+    read_off,
     shard_manifest_uri,
     stage_dir,
     step_manifest_uri,
@@ -40,6 +41,7 @@ from operators.core.step import (
     Stage,
     StageRows,
     Step,
+    aligned_groups,
     extend_shards,
     shard_key,
     shuffle_dir,
@@ -54,6 +56,9 @@ PLAN_NAME = "_plan.json"
 # step can keep earlier decisions (select's and dsir's `freeze`); removed once the new output is committed.
 PREVIOUS_NAME = "_PREVIOUS.json"
 PROGRESS_EVERY_S = 10.0
+# Config hash prefix of an output a fused task computed before its step was planned (`operators.core.fusion`):
+# the plan commits it under its own hash when the content keys agree.
+PREPARED = "prepared:"
 
 
 class StepFailed(RuntimeError):
@@ -64,11 +69,13 @@ def plan_uri(step_dir: str) -> str:
     return storage.join(step_dir, PLAN_NAME)
 
 
-def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
+def make_plan(step: Step[Any], inputs: list[str], step_dir: str, aligned: bool = False) -> Plan:
     """List the inputs, group them into shards and persist the plan so every shard task agrees on it.
 
-    A committed step output with a different config hash is stale: its step manifest is removed so the
-    reduce will commit afresh (shard outputs are replaced shard by shard).
+    `aligned` (a step in a chain, reading one committed upstream step): shard k is the upstream's shard k's
+    output, so that a fused task can run shard k of both (`operators.core.fusion`) and every step of a chain
+    has the chain head's shard count. A committed step output with a different config hash is stale: its step
+    manifest is removed so the reduce will commit afresh (shard outputs are replaced shard by shard).
     """
     step_dir = storage.validate_uri(step_dir)
     files = step.resolve_inputs(inputs)
@@ -76,7 +83,10 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
     base = config_hash(step.name, step.version, cfg, [])
     shards = None
     previous = _previous_plan(step_dir)
-    if previous is not None and previous.base_hash == base:
+    upstream = upstream_shard_count(inputs) if aligned else None
+    if upstream is not None:
+        shards = aligned_groups(files, upstream)
+    elif previous is not None and previous.base_hash == base:
         # Same code and config over more inputs (a night's new files): old shards keep their files and
         # indices, so their committed outputs are reused by content key; only new shards do work.
         shards = extend_shards(previous.shards, files, step.group_shards)
@@ -95,6 +105,28 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str) -> Plan:
     log.info("step %s: planned %d shard(s) over %d file(s), %.1f MiB, config hash %s",
              step.name, len(shards), len(files), total / 2**20, chash)
     return plan
+
+
+def committed_upstream(inputs: list[str]) -> str | None:
+    """The one committed step directory `inputs` read (through steps that are off), or None (several inputs,
+    or not a committed step: raw files, a source folder)."""
+    seen: set[str] = set()
+    while len(inputs) == 1 and inputs[0] not in seen:
+        uri = storage.validate_uri(inputs[0])
+        seen.add(uri)
+        if read_manifest(step_manifest_uri(uri)) is not None:
+            return uri
+        passed_on = read_off(uri)
+        if passed_on is None:
+            return None
+        inputs = passed_on
+    return None
+
+
+def upstream_shard_count(inputs: list[str]) -> int | None:
+    """How many shards the one committed upstream step of `inputs` planned, or None (see `committed_upstream`)."""
+    upstream = committed_upstream(inputs)
+    return None if upstream is None else len(load_plan(upstream).shards)
 
 
 def shards_to_run(plan: Plan, step_dir: str) -> list[int]:
@@ -135,10 +167,17 @@ def _reuse(m_uri: str, existing: Manifest | None, key: str | None, plan: Plan, f
         return None
     if not all(_file_ok(folder, f) for f in existing.files):
         return None
-    reused = existing.model_copy(update={"config_hash": plan.config_hash,
-                                         "reused_from": existing.reused_from or existing.config_hash})
+    # Work a fused task did ahead of this plan (`operators.core.fusion`) was done for it: no reuse to report,
+    # unless that task itself reused an earlier commit.
+    prepared = existing.config_hash.startswith(PREPARED)
+    reused = existing.model_copy(update={
+        "config_hash": plan.config_hash,
+        "reused_from": existing.reused_from if prepared else existing.reused_from or existing.config_hash})
     storage.write_bytes(m_uri, reused.to_bytes())
-    log.info("%s: input and config unchanged (key %s): reusing its committed output", what, key)
+    if prepared:
+        log.info("%s: prepared by the upstream's shard task (key %s): committing it", what, key)
+    else:
+        log.info("%s: input and config unchanged (key %s): reusing its committed output", what, key)
     return reused
 
 
@@ -210,22 +249,11 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     step_dir = storage.validate_uri(step_dir)
     if not 0 <= shard_index < len(plan.shards):
         raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
-    _bind_plan(step, step_dir, plan)
-    m_uri = shard_manifest_uri(step_dir, shard_index)
-    existing = read_manifest(m_uri)
-    if existing is not None and existing.config_hash == plan.config_hash:
-        log.info("step %s shard %d: already committed (%d kept), skipping",
-                 step.name, shard_index, existing.stats.records_kept)
-        return existing
-    _require_stages(step, step_dir, plan)
+    m_uri, done, key = _open_shard(step, step_dir, plan, shard_index)
+    if done is not None:
+        return done
+    storage.delete(m_uri)  # a stale commit (another plan's, or a prepared one whose key differs)
     artifacts = StorageArtifacts(step_dir)
-    digest = step.transform_digest(artifacts, shard_index)
-    key = None if digest is None else shard_key(plan, plan.shards[shard_index], "transform", digest)
-    reused = _reuse(m_uri, existing, key, plan, step_dir, f"step {step.name} shard {shard_index}")
-    if reused is not None:
-        return reused
-    if existing is not None:
-        storage.delete(m_uri)
     step.begin_shard(shard_index)
     step.bind(artifacts, shard_index)
     attempt = uuid.uuid4().hex[:8]
@@ -235,6 +263,32 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
             return _run_open_shard(step, step_dir, plan, shard_index, attempt, m_uri, key)
     finally:
         step.close_shard()
+
+
+def _open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int
+                ) -> tuple[str, Manifest | None, str | None]:
+    """Checks before a shard's transform: (manifest URI, its commit under `plan` if done or reusable by content
+    key, the shard's content key)."""
+    _bind_plan(step, step_dir, plan)
+    m_uri = shard_manifest_uri(step_dir, shard_index)
+    existing = read_manifest(m_uri)
+    if existing is not None and existing.config_hash == plan.config_hash:
+        log.info("step %s shard %d: already committed (%d kept), skipping",
+                 step.name, shard_index, existing.stats.records_kept)
+        return m_uri, existing, existing.shard_key
+    _require_stages(step, step_dir, plan)
+    digest = step.transform_digest(StorageArtifacts(step_dir), shard_index)
+    key = None if digest is None else shard_key(plan, plan.shards[shard_index], "transform", digest)
+    return m_uri, _reuse(m_uri, existing, key, plan, step_dir, f"step {step.name} shard {shard_index}"), key
+
+
+def adopt_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int, stage: str | None = None) -> bool:
+    """Whether the shard's head (its record transform, or map stage `stage`) is committed under `plan` once this
+    returns: already, or now, because a fused task prepared it (or an earlier plan committed it) under the same
+    content key. False: it still has to run. Reads and commits manifests only."""
+    if stage is None:
+        return _open_shard(step, step_dir, plan, shard_index)[1] is not None
+    return _open_stage_shard(step, step_dir, plan, stage, "map", shard_index, delete=False)[2] is not None
 
 
 @contextmanager
@@ -581,7 +635,7 @@ def _commit(uri: str, manifest: Manifest, folder: str, what: str, owns_files: bo
 
 
 def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, kind: str,
-                      shard_index: int) -> tuple[str, str, Manifest | None, str | None]:
+                      shard_index: int, delete: bool = True) -> tuple[str, str, Manifest | None, str | None]:
     """Checks before a per-shard stage task: (stage dir, manifest URI, the committed manifest if done, the
     shard's content key for this stage).
 
@@ -605,7 +659,7 @@ def _open_stage_shard(step: Step[Any], step_dir: str, plan: Plan, stage: str, ki
     reused = _reuse(m_uri, existing, key, plan, sdir, f"step {step.name} stage {stage} shard {shard_index}")
     if reused is not None:
         return sdir, m_uri, reused, key
-    if existing is not None:
+    if existing is not None and delete:
         storage.delete(m_uri)
     return sdir, m_uri, None, key
 

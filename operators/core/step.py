@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators.core import storage
 from operators.core.manifest import Manifest, read_manifest, read_off, step_manifest_uri
+from operators.core.writer import part_shard
 
 REASON = "reason"
 DETAIL = "detail"
@@ -118,6 +119,18 @@ def balanced_groups(files: list[tuple[str, int]], n: int) -> list[ShardSpec]:
             cur, cur_bytes = [], 0
     out.append(ShardSpec(index=len(out), uris=cur, bytes=cur_bytes))
     return out
+
+
+def aligned_groups(files: list[tuple[str, int]], n: int) -> list[ShardSpec]:
+    """`n` shards of an upstream step's part files, shard k holding the parts upstream shard k wrote (part
+    names carry their shard: `operators.core.writer.part_name`), in order; a shard that kept nothing is empty."""
+    groups: list[list[tuple[str, int]]] = [[] for _ in range(n)]
+    for uri, size in files:
+        k = part_shard(uri)
+        if not 0 <= k < n:
+            raise ValueError(f"part {uri} names shard {k}, outside the upstream's {n} shard(s)")
+        groups[k].append((uri, size))
+    return [ShardSpec(index=k, uris=[u for u, _ in g], bytes=sum(b for _, b in g)) for k, g in enumerate(groups)]
 
 
 def extend_shards(previous: list[ShardSpec], files: list[tuple[str, int]],

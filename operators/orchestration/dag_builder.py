@@ -18,6 +18,7 @@ from airflow.sdk import Asset, TaskGroup
 
 from operators.core.registry import FOUNDATIONAL_STEPS as FOUNDATIONAL_STEPS  # the DAGs' chain, re-exported
 from operators.core.registry import step_class
+from operators.orchestration.chain import chain_steps
 from operators.orchestration.pod_spec import shard_profile
 from operators.orchestration.step_operator import StepOperator
 
@@ -32,11 +33,16 @@ def step_group(
     group_id: str | None = None,
     after_step: str | None = None,
     commit: bool = True,
+    then: Sequence[dict[str, Any]] = (),
+    fold_head: bool = False,
 ) -> TaskGroup:
     """A TaskGroup that plans, runs every stage and shard of `step`, and commits it.
 
     `after_step`: the upstream step whose output is `inputs`; the plan commits it first (its reduce, fused).
     `commit` False: no reduce task; the next step's plan commits this one (`step_chain`).
+    `then`: the chain's next steps whose record-local work each shard task runs after its own (fused,
+    operators/core/fusion.py); `fold_head`: no task for this step's first map stage, the upstream's shard tasks
+    run it (and the plan what they did not).
     In kubernetes mode its whole-step tasks run in `profile` pods, its per-shard tasks in
     `shard_profile(profile)` pods (one core for the CPU steps)."""
     stages = step_class(step).stages
@@ -46,11 +52,13 @@ def step_group(
     with TaskGroup(group_id=group_id or step, tooltip=f"step {step}") as group:
         # A fused plan runs when the upstream's plan found it committed and its shard tasks skipped, as a
         # reduce does.
-        fused: dict[str, Any] = {"after_step": after_step, "trigger_rule": "none_failed_min_one_success"} \
-            if after_step else {}
+        fused: dict[str, Any] = {"after_step": after_step, "trigger_rule": "none_failed_min_one_success",
+                                 "fold_head": fold_head} if after_step else {}
         plan = StepOperator(task_id="plan", action="plan", **whole, **fused)
         prev: Any = plan
-        for st in stages:
+        for i, st in enumerate(stages):
+            if i == 0 and fold_head and after_step:
+                continue
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
                 task: Any = StepOperator.mapped(task_id=st.name, action="stage", stage=st.name,
                                                  **per_shard).expand(shard=plan.output)
@@ -58,7 +66,7 @@ def step_group(
                 task = StepOperator(task_id=st.name, action="stage", stage=st.name, **whole)
             prev >> task
             prev = task
-        run = StepOperator.mapped(task_id="run", action="run", **per_shard).expand(shard=plan.output)
+        run = StepOperator.mapped(task_id="run", action="run", then=list(then), **per_shard).expand(shard=plan.output)
         prev >> run
         if not commit:
             return group
@@ -90,18 +98,23 @@ def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inpu
 
     Each step but the last is committed by the next one's plan (`plan --after`); only the last group has a
     reduce task. The next plan waits on the shard tasks and on the plan of the step it commits, so it runs
-    (and commits) when that step was up to date and mapped no shard task."""
-    previous, previous_plan, previous_step = after, None, None
-    for i, step in enumerate(steps):
-        group = step_group(step, config={**configs.get(step, {}), **(common or {})}, inputs=inputs,
-                           output_uri=f"{run}/{step}", profile=(profiles or {}).get(step, "cpu"),
-                           after_step=previous_step, commit=i == len(steps) - 1)
+    (and commits) when that step was up to date and mapped no shard task.
+
+    Fused: each step after the first is planned aligned to the one before, so every shard task also runs the
+    next steps' record-local work on its shard (`chain.fused_then`), and their plans commit it instead of mapping
+    tasks for it (operators/core/fusion.py)."""
+    previous, previous_plan = after, None
+    for i, link in enumerate(chain_steps(steps, configs=configs, inputs=inputs, run=run, common=common,
+                                         profiles=profiles)):
+        group = step_group(link.step, config=link.config, inputs=link.inputs, output_uri=link.output,
+                           profile=link.profile, after_step=link.after, commit=i == len(steps) - 1, then=link.then,
+                           fold_head=link.fold_head)
         if previous is not None:
             previous >> group
         plan = group.children[f"{group.group_id}.plan"]
         if previous_plan is not None:
             previous_plan >> plan
-        previous, previous_plan, previous_step, inputs = group, plan, step, [f"{run}/{step}"]
+        previous, previous_plan = group, plan
     return previous
 
 

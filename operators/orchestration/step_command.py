@@ -33,9 +33,13 @@ def step_arguments(
     run_context: dict[str, str] | None = None,
     index: str | None = None,
     after: str | None = None,
+    then: Sequence[dict[str, Any]] = (),
+    fold_head: bool = False,
 ) -> list[str]:
     """The CLI arguments after `python -m operators` for one step action (`after`: for a plan, the upstream step
-    whose output is the one input, committed first in the same task)."""
+    whose output is the one input, committed first in the same task; `fold_head`: that plan also runs the step's
+    first map stage where the upstream's shard tasks did not; `then`: for a shard's run, the chain's next steps
+    whose record-local work runs after it in the same task, `operators/core/fusion.py`)."""
     xcom = ["--xcom-file", xcom_file] if xcom_file else []
     if action == "report":
         ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
@@ -73,7 +77,9 @@ def step_arguments(
     if action in ("run", "stage") and shard is not None:
         args += ["--shard", str(int(shard))]
     if action == "plan" and after:
-        args += ["--after", after]
+        args += ["--after", after, *(["--fold-head"] if fold_head else [])]
+    if action == "run" and shard is not None and then:
+        args += ["--then", json.dumps(list(then), sort_keys=True, separators=(",", ":"))]
     if xcom_file:
         args += ["--xcom-file", xcom_file]
     return args

@@ -41,7 +41,7 @@ class StepOperator(BaseOperator):
     """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
 
     # `profile` is templated so a DAG can put LLM steps on GPU pods by a Param (e.g. cpu | vllm).
-    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes")
+    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes", "then")
     ui_color = "#d6eaff"
 
     def __init__(
@@ -58,6 +58,8 @@ class StepOperator(BaseOperator):
         mode: Literal["local", "kubernetes"] | None = None,
         timeout_minutes: float | str = TIMEOUT_PARAM,
         after_step: str | None = None,
+        then: Sequence[dict[str, Any]] = (),
+        fold_head: bool = False,
         **kwargs: Any,
     ) -> None:
         for key, value in task_retry_policy().items():
@@ -75,6 +77,10 @@ class StepOperator(BaseOperator):
         self.timeout_minutes = timeout_minutes
         # A plan that first commits the upstream step (its reduce, fused here: one wave fewer per step).
         self.after_step = after_step
+        # A shard's run that goes on with the chain's next steps on that shard (operators/core/fusion.py), and a
+        # plan that runs its step's first map stage where those did not (the DAG has no task for it).
+        self.then = list(then)
+        self.fold_head = fold_head
 
     @classmethod
     def mapped(cls, **kwargs: Any) -> Any:
@@ -98,6 +104,8 @@ class StepOperator(BaseOperator):
         `target_shard_bytes` (one big file can make a larger shard: the limit's fixed allowance covers that)."""
         if self.action not in ("run", "stage") or self.shard is None:
             return None
+        # A fused run does its steps' work on the same shard: about one shard's time per step.
+        pieces = 1 + (len(self.then) if self.action == "run" else 0)
         value = _rendered(dict(self.config).get("target_shard_bytes"))
         if value is None:
             from operators.core.registry import STEPS, step_class
@@ -105,7 +113,7 @@ class StepOperator(BaseOperator):
             field = step_class(self.step).config_model.model_fields.get("target_shard_bytes") \
                 if self.step in STEPS else None
             value = field.default if field is not None else None
-        return int(value) if value is not None else None
+        return int(value) * pieces if value is not None else None
 
     def _is_llm_step(self) -> bool:
         from operators.core.registry import STEPS, step_class
@@ -130,12 +138,17 @@ class StepOperator(BaseOperator):
 
     def _execute(self, context: Any) -> Any:
         # A Params field left empty renders to None: it means "the step's default", so drop it.
-        self.config = {k: v for k, v in dict(self.config).items() if v is not None}
+        self.config = _defaults_dropped(self.config)
+        # The fused steps' configs as their own groups pass them (their plans must compute the same content keys).
+        self.then = [{**dict(piece), "config": _defaults_dropped(dict(piece).get("config") or {})}
+                     for piece in self.then or []]
         mode = self.mode or os.environ.get("IIP_EXECUTION_MODE", "local")
         if self.action in ("plan", "stage", "run"):
             from operators.cli import build_step  # validate before any work: a bad config fails here
 
             build_step(self.step, dict(self.config))
+            for piece in self.then:
+                build_step(str(piece["step"]), piece["config"])
         if self.action in ("train", "evaluate"):
             from operators.cli import ConfigError, _validated
             from operators.train.config import TwoStageConfig
@@ -195,6 +208,7 @@ class StepOperator(BaseOperator):
     def _execute_local(self, context: Any = None) -> Any:
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage, after=self.after_step,
+                              then=self.then, fold_head=self.fold_head,
                               **self._report_context(context))
         secrets = secret_values()
         self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
@@ -255,6 +269,7 @@ class StepOperator(BaseOperator):
                                "train", "evaluate")
         args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage, after=self.after_step,
+                              then=self.then, fold_head=self.fold_head,
                               xcom_file=XCOM_FILE if xcom else None, **self._report_context(context))
         ti = context.get("ti") if hasattr(context, "get") else None
         run_id = str(context.get("run_id", "")) if hasattr(context, "get") else ""
@@ -334,6 +349,12 @@ def _pod_gone(exc: BaseException) -> str | None:
             return str(getattr(cur, "reason", "") or "Not Found") + ": " + str(getattr(cur, "body", "") or "")[:200]
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _defaults_dropped(config: Any) -> dict[str, Any]:
+    """A rendered step config without its None values: a Params field left empty renders to None, and means "the
+    step's default"."""
+    return {k: v for k, v in dict(config).items() if v is not None}
 
 
 def _rendered(value: Any) -> Any:

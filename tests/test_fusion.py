@@ -1,0 +1,144 @@
+"""Fused shard tasks (operators/core/fusion.py): Phase 1 run as the DAG runs it, fused and unfused, over a
+corpus with several shards and shuffle partitions, writes the same outputs, stats and ledgers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench._common import write_instruction_corpus
+from operators.cli import main as cli_main
+from operators.core import storage
+from operators.core.manifest import read_manifest, shard_manifest_uri, stage_dir, step_manifest_uri
+from operators.core.registry import step_class
+from operators.core.writer import part_shard
+from operators.orchestration.chain import ChainLink, chain_steps
+from operators.orchestration.step_command import step_arguments
+
+PHASE1 = ("filter", "pii", "exact_dedup", "near_dedup", "decontaminate", "route", "dsir", "select")
+CONFIGS: dict[str, dict[str, Any]] = {"filter": {"languages": []},
+                                      "select": {"budgets": {"math": 0.5, "code": 0.5, "general": 0.3}}}
+SHARDS = 5
+
+
+def cli(args: list[str]) -> dict[str, Any]:
+    """One task, in this process: its JSON summary (fails on a non-zero exit)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(args)
+    assert rc == 0, f"{' '.join(args[:2])} exited {rc}"
+    return dict(json.loads(out.getvalue().strip().splitlines()[-1]))
+
+
+def run_chain(links: list[ChainLink]) -> dict[str, dict[str, int]]:
+    """Run a chain's tasks in the DAG's order: each plan (committing the step before it), the stage tasks the
+    chain has, the shard tasks over the plan's list (with their fused work), the last step's reduce. Per step, how
+    many shard tasks its head wave ran and how many heads its plan found prepared."""
+    head_tasks, prepared = {}, {}
+    for link in links:
+        common: dict[str, Any] = {"output": link.output, "config": link.config}
+        plan = cli(step_arguments("plan", link.step, inputs=link.inputs, after=link.after, fold_head=link.fold_head,
+                                  **common))
+        shards = plan["to_run"]
+        prepared[link.step] = plan["prepared"]
+        stages = {st.name: st.kind for st in step_class(link.step).stages}
+        for name in link.stage_tasks():
+            for k in (shards if stages[name] != "reduce" else [None]):
+                cli(step_arguments("stage", link.step, stage=name, shard=k, **common))
+        for k in shards:
+            cli(step_arguments("run", link.step, shard=k, then=link.then, **common))
+        head_tasks[link.step] = len(shards) if not stages else (
+            0 if link.fold_head else len(shards))
+    cli(step_arguments("reduce", links[-1].step, output=links[-1].output))
+    return {"head_tasks": head_tasks, "prepared": prepared}
+
+
+def shard_tables(step_dir: str, kind: str) -> dict[int, pa.Table]:
+    """A committed step's `kind` parts ("data" or "dropped"), per shard, in order."""
+    m = read_manifest(step_manifest_uri(step_dir))
+    assert m is not None, f"{step_dir} is not committed"
+    out: dict[int, list[pa.Table]] = {}
+    for f in m.files:
+        if f.kind == kind:
+            with storage.open_input(storage.join(step_dir, f.path)) as fh:
+                out.setdefault(part_shard(f.path), []).append(pq.read_table(fh))
+    return {k: pa.concat_tables(v) for k, v in out.items()}
+
+
+def comparable_stats(step_dir: str) -> dict[str, Any]:
+    """A committed step's stats without what timing changes."""
+    m = read_manifest(step_manifest_uri(step_dir))
+    assert m is not None
+    return m.stats.model_dump(exclude={"seconds", "peak_rss_mb"})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("fusion")
+    write_instruction_corpus(tmp / "raw", 1500, n_files=SHARDS, seed=7, near_dup_rate=0.1)
+    ingest = str(tmp / "ingest")
+    cli(["run", "ingest", "--config", json.dumps({"source_name": "bench", "target_shard_bytes": 1}),
+         "--input", str(tmp / "raw"), "--output", ingest])
+    common = {"target_shard_bytes": 1, "shard_multiple": SHARDS}
+    out: dict[str, Any] = {}
+    for name, fuse in (("unfused", False), ("fused", True)):
+        run = storage.validate_uri(str(tmp / name))
+        links = chain_steps(PHASE1, configs=CONFIGS, inputs=[ingest], run=run, common=common, fuse=fuse)
+        out[name] = {"run": run, "links": links, **run_chain(links)}
+    return out
+
+
+def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any]) -> None:
+    """Every Phase 1 step's kept and dropped records, shard by shard, its stats (counters and ledger included) and
+    its stages' per-shard commits are equal with and without fusion, while the fused run has no task for the
+    record-local work it fused."""
+    fused, unfused = runs["fused"], runs["unfused"]
+    for step in PHASE1:
+        a, b = f"{unfused['run']}/{step}", f"{fused['run']}/{step}"
+        for kind in ("data", "dropped"):
+            ta, tb = shard_tables(a, kind), shard_tables(b, kind)
+            assert ta.keys() == tb.keys(), (step, kind)
+            for k in ta:
+                assert ta[k].equals(tb[k]), f"{step} {kind} shard {k} differs"
+        sa, sb = comparable_stats(a), comparable_stats(b)
+        assert sa == sb, step
+        assert sb["records_in"] == sb["records_kept"] + sum(sb["dropped_by_reason"].values()), step
+        for st in step_class(step).stages:
+            if st.kind == "reduce":
+                continue
+            for k in range(SHARDS):
+                ma = read_manifest(shard_manifest_uri(stage_dir(a, st.name), k))
+                mb = read_manifest(shard_manifest_uri(stage_dir(b, st.name), k))
+                assert ma is not None and mb is not None, (step, st.name, k)
+                assert (ma.stats.records_in, ma.stats.records_kept) == (mb.stats.records_in, mb.stats.records_kept)
+                assert mb.config_hash == read_manifest(step_manifest_uri(b)).config_hash  # adopted, not prepared
+    # The corpus exercised what is compared: several shards, drops in the dedup steps, a selection.
+    assert len(shard_tables(f"{fused['run']}/filter", "data")) == SHARDS
+    for step in ("exact_dedup", "near_dedup"):
+        assert sum(comparable_stats(f"{fused['run']}/{step}")["dropped_by_reason"].values()) > 0, step
+    assert comparable_stats(f"{fused['run']}/select")["records_kept"] > 0
+    # Fused, the heads of pii, decontaminate and route ran in the upstream's shard tasks; unfused, in their own.
+    for step in ("pii", "decontaminate", "route"):
+        assert unfused["head_tasks"][step] == SHARDS and fused["head_tasks"][step] == 0, step
+    for step in ("exact_dedup", "near_dedup", "dsir", "select"):
+        assert fused["head_tasks"][step] == 0 and unfused["head_tasks"][step] == SHARDS, step
+    # ... and each plan committed what they prepared (none ran in a plan: that is the slow fallback).
+    for step in PHASE1[1:]:
+        assert fused["prepared"][step] == SHARDS and unfused["prepared"][step] == 0, step
+
+
+def test_every_chain_step_has_the_heads_shard_count(runs: dict[str, Any]) -> None:
+    """Aligned planning: each step after the first plans one shard per upstream shard, so a fused task's shard k
+    is every step's shard k (even where a step's output got much smaller than its input)."""
+    from operators.core.runner import load_plan
+
+    for step in PHASE1:
+        plan = load_plan(f"{runs['fused']['run']}/{step}")
+        assert len(plan.shards) == SHARDS, step
