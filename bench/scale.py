@@ -9,8 +9,11 @@
 
 1. **Measure.** At each size it writes a synthetic corpus (bench._common: four formats, malformed lines, near
    duplicates), ingests it (setup, not Phase 1), and runs `foundational_selection`'s Phase 1 the way the DAG
-   runs it: per step `plan`, every stage (map and partition stages once per shard, reduce stages once), `run`
-   per shard and `reduce`, then the tail: the export group (its plan, a shard task per select shard that
+   runs it (operators/orchestration/chain.py): per step `plan` (committing the step before it), its stage tasks
+   (map and partition stages once per shard, reduce stages once) and `run` per shard, where each shard task goes
+   on to the next steps' record-local work on its shard (fused; `--unfused` measures without) and a wave whose
+   every shard the fused tasks did maps no task (projected at one scheduler cost); the chain's last `reduce`;
+   then the tail: the export group (its plan, a shard task per select shard that
    validates and exports its parts, the commit), publish and report. Every task is its own
    `python -m operators` process (through bench._task_probe), `--parallel` at a time, so each task's wall
    time, CPU seconds, peak RSS, bytes read and written, and storage calls are its own. Both sizes use the
@@ -112,9 +115,12 @@ def _run_wave(step: str, wave: str, cmds: list[list[str]], per_shard: bool, driv
     return wall, tasks, [r.stdout for r in done]
 
 
-def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 1234) -> dict[str, Any]:
-    """Phase 1 over `records` synthetic records in about `shards` shards per step, task by task."""
+def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 1234, fuse: bool = True
+            ) -> dict[str, Any]:
+    """Phase 1 over `records` synthetic records in about `shards` shards per step, task by task (`fuse`: with the
+    DAG's fused shard tasks)."""
     from operators.core.registry import step_class
+    from operators.orchestration.chain import chain_steps
     from operators.orchestration.step_command import step_arguments
 
     raw, run, root = work / "raw", work / "run", work / "data"
@@ -130,41 +136,47 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     tasks: list[Task] = []
     waves: list[dict[str, Any]] = []
     steps: dict[str, dict[str, Any]] = {}
-    upstream: str | None = None  # as the DAG's chain runs it: each plan commits the step before it
-    for i, (step, extra) in enumerate(STEPS):
-        out = run / step
-        cfg: dict[str, Any] = {**extra, "target_shard_bytes": shard_bytes}
-        if step == "select":
-            cfg["dsir_dir"] = str(run / "dsir")
-        args: dict[str, Any] = {"config": cfg, "inputs": [str(prev)], "output": str(out)}
-        plan_wall, plan_tasks, plan_out = _run_wave(step, "plan", [step_arguments("plan", step, after=upstream,
-                                                                                  **args)], False,
-                                                    0.0, parallel, probe_dir)
+    configs: dict[str, dict[str, Any]] = {step: dict(extra) for step, extra in STEPS}
+    configs["select"]["dsir_dir"] = str(run / "dsir")
+    # As the DAG's chain runs it (operators/orchestration/chain.py): each plan commits the step before it and plans
+    # aligned to it; shard tasks go on to the next steps' record-local work, which then has no tasks of its own.
+    links = chain_steps([step for step, _ in STEPS], configs=configs, inputs=[str(prev)], run=str(run),
+                        common={"target_shard_bytes": shard_bytes}, fuse=fuse)
+    for i, link in enumerate(links):
+        step, out = link.step, Path(link.output)
+        args: dict[str, Any] = {"config": link.config, "inputs": link.inputs, "output": link.output}
+        plan_wall, plan_tasks, plan_out = _run_wave(step, "plan", [step_arguments(
+            "plan", step, after=link.after, fold_head=link.fold_head, **args)], False, 0.0, parallel, probe_dir)
         # The upstream's stats exist once this plan has committed it.
         records_in = int(json.loads((prev / "stats.json").read_text())["records_kept"])
         input_bytes = _kept_bytes(prev)
         plan_tasks = [replace(t, driver=records_in) for t in plan_tasks]
-        n_shards = len(last_json_line(plan_out[0])["shards"])
+        planned = last_json_line(plan_out[0])
+        n_shards, to_run = len(planned["shards"]), planned["to_run"]
         per_task = records_in / n_shards
         waves.append({"step": step, "wave": "plan", "tasks": 1, "seconds": plan_wall})
         tasks += plan_tasks
+        kinds = {st.name: st.kind for st in step_class(step).stages}
         later: list[tuple[str, list[list[str]], bool]] = []
-        for st in step_class(step).stages:
-            mapped = st.kind != "reduce"
-            later.append((st.name, [step_arguments("stage", step, stage=st.name, shard=k if mapped else None,
-                                                   **args) for k in (range(n_shards) if mapped else [0])],
-                          mapped))
-        later.append(("run", [step_arguments("run", step, shard=k, **args) for k in range(n_shards)], True))
-        if i == len(STEPS) - 1:  # the chain's last step keeps its own reduce task
+        for name in link.stage_tasks():
+            mapped = kinds[name] != "reduce"
+            later.append((name, [step_arguments("stage", step, stage=name, shard=k if mapped else None, **args)
+                                 for k in (to_run if mapped else [0])], mapped))
+        later.append(("run", [step_arguments("run", step, shard=k, then=link.then, **args) for k in to_run], True))
+        if i == len(links) - 1:  # the chain's last step keeps its own reduce task
             later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False))
+        empty = 0
         for wave, cmds, mapped in later:
+            if not cmds:  # every shard's work was done by the upstream's fused tasks: the wave maps no task
+                empty += 1
+                continue
             wall, done, _ = _run_wave(step, wave, cmds, mapped, per_task if mapped else records_in, parallel,
                                       probe_dir)
             waves.append({"step": step, "wave": wave, "tasks": len(cmds), "seconds": wall})
             tasks += done
-        upstream = step
         steps[step] = {"records_in": records_in, "shards": n_shards, "input_bytes": input_bytes,
-                       "bytes_per_record": input_bytes / max(records_in, 1)}
+                       "bytes_per_record": input_bytes / max(records_in, 1), "empty_waves": empty,
+                       **({"aligned_to": links[0].step} if link.after else {})}
         prev = out
     selected = int(json.loads((prev / "stats.json").read_text())["records_kept"])
     # The tail's export group as the DAG runs it: its plan, a shard task per select shard, the commit.
@@ -333,7 +345,12 @@ def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records
             shards = math.ceil(shards / shard_multiple) * shard_multiple
         if st.get("shards_of"):  # the export group has a task per shard of the step it exports
             shards = shard_counts[st["shards_of"]]
+        elif st.get("aligned_to"):  # planned aligned to the chain: the head's shard count
+            shards = shard_counts[st["aligned_to"]]
         shard_counts[step] = shards
+        for k in range(st.get("empty_waves", 0)):  # a mapped task over no shard: the scheduler skips it, no pod
+            waves.append({"name": f"{step}.skipped{k}", "tasks": 0, "rounds": 0, "task_seconds": 0.0,
+                          "max_task_seconds": 0.0, "task_rss_mb": 0.0, "seconds": sched_cost})
         for (s, wave), g in model.items():
             if s != step:
                 continue
@@ -408,6 +425,8 @@ def main() -> None:
     ap.add_argument("--check", type=int, default=0, help="also run this many records and compare")
     ap.add_argument("--from-json", default=None, help="a saved measurement (--save) to project from")
     ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
+    ap.add_argument("--unfused", action="store_true", help="measure without fused shard tasks (every step's "
+                    "record-local work in its own tasks)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     print_machine_load()
@@ -421,14 +440,14 @@ def main() -> None:
         with scratch_dir("iip-scale-", args.keep) as tmp:
             runs = []
             for n in sizes:
-                runs.append(measure(n, shards, args.parallel, Path(tempfile.mkdtemp(dir=tmp))))
+                runs.append(measure(n, shards, args.parallel, Path(tempfile.mkdtemp(dir=tmp)), fuse=not args.unfused))
                 print(f"measured {n:,} records: {runs[-1]['wall_seconds']:.0f} s, {len(runs[-1]['tasks'])} tasks",
                       flush=True)
             small, large = runs
             if args.check:
                 factor = args.check / large["records"]
                 checked = measure(args.check, max(1, round(shards * factor)), args.parallel,
-                                  Path(tempfile.mkdtemp(dir=tmp)))
+                                  Path(tempfile.mkdtemp(dir=tmp)), fuse=not args.unfused)
                 print(f"measured {args.check:,} records: {checked['wall_seconds']:.0f} s", flush=True)
         if args.save:
             Path(args.save).write_text(json.dumps({"small": small, "large": large, "check": checked}))

@@ -62,6 +62,7 @@ def run_chain(links: list[ChainLink]) -> dict[str, dict[str, int]]:
 
 def shard_tables(step_dir: str, kind: str) -> dict[int, pa.Table]:
     """A committed step's `kind` parts ("data" or "dropped"), per shard, in order."""
+    step_dir = storage.validate_uri(step_dir)
     m = read_manifest(step_manifest_uri(step_dir))
     assert m is not None, f"{step_dir} is not committed"
     out: dict[int, list[pa.Table]] = {}
@@ -74,7 +75,7 @@ def shard_tables(step_dir: str, kind: str) -> dict[int, pa.Table]:
 
 def comparable_stats(step_dir: str) -> dict[str, Any]:
     """A committed step's stats without what timing changes."""
-    m = read_manifest(step_manifest_uri(step_dir))
+    m = read_manifest(step_manifest_uri(storage.validate_uri(step_dir)))
     assert m is not None
     return m.stats.model_dump(exclude={"seconds", "peak_rss_mb"})
 
@@ -89,7 +90,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     common = {"target_shard_bytes": 1, "shard_multiple": SHARDS}
     out: dict[str, Any] = {}
     for name, fuse in (("unfused", False), ("fused", True)):
-        run = storage.validate_uri(str(tmp / name))
+        run = str(tmp / name) if fuse else storage.validate_uri(str(tmp / name))  # paths and URIs both work
         links = chain_steps(PHASE1, configs=CONFIGS, inputs=[ingest], run=run, common=common, fuse=fuse)
         out[name] = {"run": run, "links": links, **run_chain(links)}
     return out
@@ -101,7 +102,7 @@ def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any]) 
     record-local work it fused."""
     fused, unfused = runs["fused"], runs["unfused"]
     for step in PHASE1:
-        a, b = f"{unfused['run']}/{step}", f"{fused['run']}/{step}"
+        a, b = f"{unfused['run']}/{step}", storage.validate_uri(f"{fused['run']}/{step}")
         for kind in ("data", "dropped"):
             ta, tb = shard_tables(a, kind), shard_tables(b, kind)
             assert ta.keys() == tb.keys(), (step, kind)

@@ -62,6 +62,7 @@ def head(step: type[Step[Any]]) -> str | None:
 def aligned_spec(upstream_dir: str, shard: int) -> ShardSpec:
     """Shard `shard` of a step planned aligned to `upstream_dir`: the data parts the upstream's committed shard
     `shard` wrote, in order (what `aligned_groups` makes of the upstream's whole output)."""
+    upstream_dir = storage.validate_uri(upstream_dir)  # as the plan names its input files: the keys must agree
     m = read_manifest(shard_manifest_uri(upstream_dir, shard))
     if m is None:
         raise ValueError(f"shard {shard} of {upstream_dir} is not committed")
