@@ -65,9 +65,8 @@ def step_group(
             else:
                 # Right after the plan (the map stage before it folded away), nothing mapped over no shard makes
                 # it skip when the step is up to date: it reads the plan's shard list itself.
-                gate = {"only_with_shards": f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}') }}}}"} \
-                    if prev is plan else {}
-                task = StepOperator(task_id=st.name, action="stage", stage=st.name, **whole, **gate)
+                gate = f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}') }}}}" if prev is plan else None
+                task = StepOperator(task_id=st.name, action="stage", stage=st.name, only_with_shards=gate, **whole)
             prev >> task
             prev = task
         run = StepOperator.mapped(task_id="run", action="run", then=list(then), **per_shard).expand(shard=plan.output)
