@@ -69,12 +69,19 @@ def load_config_arg(value: str | None) -> dict[str, Any]:
     if value is None or not value.strip():
         return {}
     text = value if value.lstrip().startswith("{") else storage.read_bytes(value).decode()
+    data = _json_arg(text, "config", dict)
+    assert isinstance(data, dict)
+    return data
+
+
+def _json_arg(text: str, what: str, kind: type[dict[str, Any]] | type[list[Any]]) -> Any:
+    """`text` parsed as JSON of type `kind`, or ConfigError naming argument `what`."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError("config must be a JSON object")
+        raise ConfigError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(data, kind):
+        raise ConfigError(f"{what} must be a JSON {'object' if kind is dict else 'list'}")
     return data
 
 
@@ -95,14 +102,8 @@ def _then_steps(value: str | None) -> list[tuple[Then, Step[Any]]]:
     """`run --then`: the steps to fuse after the shard, validated (steps, configs, output URIs) before any work."""
     if value is None or not value.strip():
         return []
-    try:
-        raw = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--then is not valid JSON: {e}") from e
-    if not isinstance(raw, list):
-        raise ConfigError("--then must be a JSON list of {step, config, output}")
     out = []
-    for item in raw:
+    for item in _json_arg(value, "--then (a list of {step, config, output})", list):
         then = _validated(Then, item, "--then")
         storage.validate_uri(then.output)
         out.append((then, build_step(then.step, then.config)))

@@ -142,3 +142,18 @@ def test_every_chain_step_has_the_heads_shard_count(runs: dict[str, Any]) -> Non
     for step in PHASE1:
         plan = load_plan(f"{runs['fused']['run']}/{step}")
         assert len(plan.shards) == SHARDS, step
+
+
+def test_bad_fusion_arguments_are_refused_before_any_work(tmp_path: Path) -> None:
+    """`run --then` validates its steps, configs and outputs, and needs a shard; `plan --fold-head` needs
+    `--after`: each refused with exit code 2 and nothing written."""
+    out = str(tmp_path / "filter")
+    cfg = ["--config", "{}", "--input", str(tmp_path), "--output", out]
+    then = json.dumps([{"step": "pii", "config": {}, "output": str(tmp_path / "pii")}])
+    assert cli_main(["run", "filter", *cfg, "--then", then]) == 2  # no --shard
+    assert cli_main(["run", "filter", *cfg, "--shard", "0", "--then", "{not json"]) == 2
+    assert cli_main(["run", "filter", *cfg, "--shard", "0", "--then", '{"step": "pii"}']) == 2  # not a list
+    bad = json.dumps([{"step": "pii", "config": {"no_such_field": 1}, "output": str(tmp_path / "pii")}])
+    assert cli_main(["run", "filter", *cfg, "--shard", "0", "--then", bad]) == 2
+    assert cli_main(["plan", "filter", *cfg, "--fold-head"]) == 2
+    assert not (tmp_path / "filter").exists() and not (tmp_path / "pii").exists()
