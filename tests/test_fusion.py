@@ -83,7 +83,7 @@ def comparable_stats(step_dir: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("fusion")
-    write_instruction_corpus(tmp / "raw", 1500, n_files=SHARDS, seed=7, near_dup_rate=0.1)
+    write_instruction_corpus(tmp / "raw", 800, n_files=SHARDS, seed=7, near_dup_rate=0.1)
     ingest = str(tmp / "ingest")
     cli(["run", "ingest", "--config", json.dumps({"source_name": "bench", "target_shard_bytes": 1}),
          "--input", str(tmp / "raw"), "--output", ingest])

@@ -249,10 +249,11 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
     step_dir = storage.validate_uri(step_dir)
     if not 0 <= shard_index < len(plan.shards):
         raise StepFailed(f"shard {shard_index} out of range: plan has {len(plan.shards)} shard(s)")
-    m_uri, done, key = _open_shard(step, step_dir, plan, shard_index)
+    m_uri, done, key, stale = _open_shard(step, step_dir, plan, shard_index)
     if done is not None:
         return done
-    storage.delete(m_uri)  # a stale commit (another plan's, or a prepared one whose key differs)
+    if stale:  # another plan's commit, or a prepared one whose key differs (never a concurrent attempt's new one)
+        storage.delete(m_uri)
     artifacts = StorageArtifacts(step_dir)
     step.begin_shard(shard_index)
     step.bind(artifacts, shard_index)
@@ -266,20 +267,21 @@ def run_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int) -> M
 
 
 def _open_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int
-                ) -> tuple[str, Manifest | None, str | None]:
+                ) -> tuple[str, Manifest | None, str | None, bool]:
     """Checks before a shard's transform: (manifest URI, its commit under `plan` if done or reusable by content
-    key, the shard's content key)."""
+    key, the shard's content key, whether a stale commit is in the way)."""
     _bind_plan(step, step_dir, plan)
     m_uri = shard_manifest_uri(step_dir, shard_index)
     existing = read_manifest(m_uri)
     if existing is not None and existing.config_hash == plan.config_hash:
         log.info("step %s shard %d: already committed (%d kept), skipping",
                  step.name, shard_index, existing.stats.records_kept)
-        return m_uri, existing, existing.shard_key
+        return m_uri, existing, existing.shard_key, False
     _require_stages(step, step_dir, plan)
     digest = step.transform_digest(StorageArtifacts(step_dir), shard_index)
     key = None if digest is None else shard_key(plan, plan.shards[shard_index], "transform", digest)
-    return m_uri, _reuse(m_uri, existing, key, plan, step_dir, f"step {step.name} shard {shard_index}"), key
+    reused = _reuse(m_uri, existing, key, plan, step_dir, f"step {step.name} shard {shard_index}")
+    return m_uri, reused, key, reused is None and existing is not None
 
 
 def adopt_shard(step: Step[Any], step_dir: str, plan: Plan, shard_index: int, stage: str | None = None) -> bool:

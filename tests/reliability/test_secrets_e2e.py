@@ -375,7 +375,7 @@ def test_no_credential_in_anything_the_run_wrote(run: Run) -> None:
     # What the scan covered (a scan of nothing would pass too). `airflow dags test` writes every task's log
     # to its own output, not to files: each step task's log is there, with the step process's lines.
     tasks_logged = sum(text.count("running: python -m operators") for text in run.outputs.values())
-    assert tasks_logged > 40, tasks_logged
+    assert tasks_logged > 30, tasks_logged  # fused shard tasks: a record-local step's work has no task of its own
     assert sc.sqlite_rows.get("xcom", 0) > 20 and sc.sqlite_rows.get("rendered_task_instance_fields", 0) > 40, \
         sc.sqlite_rows
     assert sc.sqlite_rows.get("dag_run", 0) >= 2 and sc.sqlite_rows.get("task_instance", 0) > 40
