@@ -376,7 +376,7 @@ def test_no_credential_in_anything_the_run_wrote(run: Run) -> None:
     # to its own output, not to files: each step task's log is there, with the step process's lines.
     tasks_logged = sum(text.count("running: python -m operators") for text in run.outputs.values())
     assert tasks_logged > 30, tasks_logged  # fused shard tasks: a record-local step's work has no task of its own
-    assert sc.sqlite_rows.get("xcom", 0) > 20 and sc.sqlite_rows.get("rendered_task_instance_fields", 0) > 40, \
+    assert sc.sqlite_rows.get("xcom", 0) > 20 and sc.sqlite_rows.get("rendered_task_instance_fields", 0) > 30, \
         sc.sqlite_rows
     assert sc.sqlite_rows.get("dag_run", 0) >= 2 and sc.sqlite_rows.get("task_instance", 0) > 40
     names = {k.rsplit("/", 1)[-1] for k in keys}
