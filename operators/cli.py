@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             fused: list[dict[str, Any]] = []
         else:
             then = _then_steps(args.then)
-            m = run_shard(step, args.output, load_plan(args.output), args.shard)
-            fused = run_then(then, args.output, args.shard) if then else []
+            plan = load_plan(args.output)
+            m = run_shard(step, args.output, plan, args.shard)
+            fused = run_then(then, args.output, args.shard, len(plan.shards)) if then else []
         _emit({"step": args.step, "output": args.output, "shard": args.shard,
                **m.stats.model_dump(mode="json"), **({"then": fused} if fused else {})}, args.xcom_file)
         return 0

@@ -30,8 +30,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from operators.core import storage
-from operators.core.manifest import Manifest, config_hash, read_manifest, shard_manifest_uri
-from operators.core.runner import PREPARED, StorageArtifacts, load_plan, run_map_stage, run_shard
+from operators.core.manifest import Manifest, read_manifest, shard_manifest_uri
+from operators.core.runner import PREPARED, StorageArtifacts, adopt_shard, run_map_stage, run_shard, step_identity
 from operators.core.step import Plan, ShardSpec, Step
 
 log = logging.getLogger("operators.fusion")
@@ -75,8 +75,7 @@ def provisional_plan(step: Step[Any], upstream_dir: str, shard: int, num_shards:
     """The plan a fused task runs shard `shard` of `step` under, before the step is planned: the real plan's
     config and shard count, this shard's aligned files, and a `PREPARED` config hash of both (a retry of the
     task finds its commit; another input or config does not)."""
-    cfg = step.config.model_dump(mode="json")
-    base = config_hash(step.name, step.version, cfg, [])
+    cfg, base = step_identity(step)
     spec = aligned_spec(upstream_dir, shard)
     digest = hashlib.sha256("\n".join([base, str(num_shards), str(spec.bytes), *spec.uris]).encode()).hexdigest()
     shards = [spec if k == shard else ShardSpec(index=k, uris=[], bytes=0) for k in range(num_shards)]
@@ -103,10 +102,11 @@ def prepare_head(step: Step[Any], step_dir: str, upstream_dir: str, shard: int, 
     return run_map_stage(step, step_dir, plan, work, shard)
 
 
-def run_then(steps: list[tuple[Then, Step[Any]]], upstream_dir: str, shard: int) -> list[dict[str, Any]]:
-    """After shard `shard` of the step at `upstream_dir` committed: prepare the heads of `steps` (the chain's next
-    steps, in order) on that shard, until one has global work next. What each did, for the task's summary."""
-    num_shards = len(load_plan(upstream_dir).shards)
+def run_then(steps: list[tuple[Then, Step[Any]]], upstream_dir: str, shard: int, num_shards: int
+             ) -> list[dict[str, Any]]:
+    """After shard `shard` of the step at `upstream_dir` (planned in `num_shards` shards, as is every aligned step
+    after it) committed: prepare the heads of `steps` (the chain's next steps, in order) on that shard, until one
+    has global work next. What each did, for the task's summary."""
     done: list[dict[str, Any]] = []
     for then, step in steps:
         if step.is_off():  # its plan will pass `upstream_dir` on: the next step reads that
@@ -138,8 +138,6 @@ def adopt_heads(step: Step[Any], step_dir: str, plan: Plan, shards: list[int], f
     `fold_head`: the DAG has no task for this step's first map stage (the upstream's shard tasks prepare it), so
     the plan runs what was not prepared itself (a cleared or failed fused task; slow, and logged)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from operators.core.runner import adopt_shard
 
     work = head(type(step))
     if work is None or not shards:

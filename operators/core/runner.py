@@ -79,8 +79,7 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str, aligned: bool =
     """
     step_dir = storage.validate_uri(step_dir)
     files = step.resolve_inputs(inputs)
-    cfg = step.config.model_dump(mode="json")
-    base = config_hash(step.name, step.version, cfg, [])
+    cfg, base = step_identity(step)
     shards = None
     previous = _previous_plan(step_dir)
     upstream = upstream_shard_count(inputs) if aligned else None
@@ -105,6 +104,13 @@ def make_plan(step: Step[Any], inputs: list[str], step_dir: str, aligned: bool =
     log.info("step %s: planned %d shard(s) over %d file(s), %.1f MiB, config hash %s",
              step.name, len(shards), len(files), total / 2**20, chash)
     return plan
+
+
+def step_identity(step: Step[Any]) -> tuple[dict[str, Any], str]:
+    """A step's config as plans record it, and the hash of its code and config without inputs (`Plan.base_hash`):
+    a plan and a fused task's provisional plan must agree on both for their content keys to agree."""
+    cfg = step.config.model_dump(mode="json")
+    return cfg, config_hash(step.name, step.version, cfg, [])
 
 
 def committed_upstream(inputs: list[str]) -> str | None:
