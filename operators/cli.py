@@ -21,7 +21,9 @@
 
 Multi-stage steps (dedup, DSIR) run their auxiliary stages with `stage` after `plan` and before `run`:
 map and partition stages once per shard (`--shard K`; a partition stage's task K reduces shuffle partitions
-K, K + shards, ...), reduce stages once. `run` without `--shard` plans, runs every stage and
+K, K + shards, ...), reduce stages once. `--shard K --of SLOTS` (stage, run, export) is task K of a grouped
+wave: the light per-shard work a DAG runs in at most SLOTS tasks, each doing shards K, K + G, ... in turn (G =
+min(SLOTS, shards)), each committed as its own task would. `run` without `--shard` plans, runs every stage and
 shard and reduces in one process. The last stdout line is a
 JSON summary; `--xcom-file` also writes it where Airflow's KubernetesPodOperator collects XComs.
 Exit codes: 0 done, 1 step failed, 2 bad config or arguments (nothing was written).
@@ -34,13 +36,14 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from typing import Any
 
 from pydantic import ValidationError
 
 from operators.core import storage
 from operators.core.fusion import Then, adopt_heads, run_then
-from operators.core.manifest import clear_off, read_manifest, read_off, step_manifest_uri, write_off
+from operators.core.manifest import Manifest, clear_off, read_manifest, read_off, step_manifest_uri, write_off
 from operators.core.registry import STEPS, UnknownStepError, step_class
 from operators.core.runner import (
     StepFailed,
@@ -55,7 +58,7 @@ from operators.core.runner import (
     shards_to_run,
 )
 from operators.core.stats import LedgerError
-from operators.core.step import Step
+from operators.core.step import Step, slot_members
 
 log = logging.getLogger("operators")
 
@@ -119,6 +122,24 @@ def _emit(result: dict[str, Any], xcom_file: str | None) -> None:
     print(line, flush=True)
 
 
+def _members(shard: int, of: int | None, num_shards: int) -> list[int]:
+    """The shards a task does: `shard` alone, or with `--of`, its members in a grouped wave (`slot_members`)."""
+    if of is None:
+        return [shard]
+    try:
+        return slot_members(shard, of, num_shards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _summed(manifests: list[Manifest]) -> dict[str, Any]:
+    """One task's summary over the shards it committed: one shard's stats, or several shards' summed counts."""
+    if len(manifests) == 1:
+        return manifests[0].stats.model_dump(mode="json")
+    return {"records_in": sum(m.stats.records_in for m in manifests),
+            "records_kept": sum(m.stats.records_kept for m in manifests)}
+
+
 def _reduce(step: str, output: str) -> dict[str, Any]:
     """Commit step `step` at `output` (its reduce; nothing when the step is off); its summary."""
     if read_off(output) is not None and read_manifest(step_manifest_uri(output)) is None:
@@ -141,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--input", action="append", default=[], help="input URI (repeatable)")
         if cmd in ("run", "stage"):
             sp.add_argument("--shard", type=int, default=None)
+            sp.add_argument("--of", type=int, default=None, metavar="SLOTS",
+                            help="with --shard K: this task is task K of a grouped wave of SLOTS tasks; it does "
+                                 "shards K, K + G, K + 2G, ... (G = min(SLOTS, shards)), each committed on its own")
         if cmd == "run":
             sp.add_argument("--then", default=None, metavar="JSON",
                             help="with --shard: the chain's next steps, a JSON list of {step, config, output}; "
@@ -167,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     part = ep.add_mutually_exclusive_group()
     part.add_argument("--plan", action="store_true", help="print the tail's shard list (the DAG maps over it)")
     part.add_argument("--shard", type=int, default=None, help="one shard task of the tail")
+    ep.add_argument("--of", type=int, default=None, metavar="SLOTS",
+                    help="with --shard K: task K of a grouped wave of SLOTS tasks (as for `stage`)")
     part.add_argument("--commit", action="store_true", help="commit the shard tasks' work (_EXPORT.json)")
     ep.add_argument("--validate", action="store_true", help="run the great-expectations suite (validation.json)")
     ep.add_argument("--run", default=None, help="run root: also index its dedup steps' survivors (for publish)")
@@ -325,9 +351,16 @@ def _export_command(args: argparse.Namespace) -> int:
             _emit({"shards": tail_to_run(args.input, args.output, formats, args.validate)}, args.xcom_file)
             return 0
         if args.shard is not None:
-            s = tail_shard(args.input, args.output, args.shard, formats=formats, run_root=args.run,
-                           validate=args.validate)
-            _emit({"shard": s["shard"], "of": s["of"], "counts": s["counts"]}, args.xcom_file)
+            from operators.tail import tail_shards
+
+            counts: Counter[str] = Counter()
+            done = []
+            for k in _members(args.shard, args.of, len(tail_shards(args.input))):
+                s = tail_shard(args.input, args.output, k, formats=formats, run_root=args.run,
+                               validate=args.validate)
+                counts.update(s["counts"])
+                done.append(s["shard"])
+            _emit({"shard": args.shard, "shards": done, "of": s["of"], "counts": dict(counts)}, args.xcom_file)
             return 0
         if args.commit:
             summary = tail_commit(args.input, args.output, formats=formats, name=args.name, validate=args.validate)
@@ -463,9 +496,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.shard is None:
                     raise ConfigError(f"{kinds[args.stage]} stage {args.stage!r} needs --shard")
                 run_one = run_map_stage if kinds[args.stage] == "map" else run_partition_stage
-                m = run_one(step, args.output, plan, args.stage, args.shard)
-            else:
-                m = run_reduce_stage(step, args.output, plan, args.stage)
+                members = _members(args.shard, args.of, len(plan.shards))
+                ms = [run_one(step, args.output, plan, args.stage, k) for k in members]
+                _emit({"step": args.step, "stage": args.stage, "shard": args.shard,
+                       **_summed(ms), **({"shards": members} if args.of else {})}, args.xcom_file)
+                return 0
+            if args.of is not None:
+                raise ConfigError(f"reduce stage {args.stage!r} runs once: --of is for per-shard stages")
+            m = run_reduce_stage(step, args.output, plan, args.stage)
             _emit({"step": args.step, "stage": args.stage, "shard": args.shard, **m.stats.model_dump(mode="json")},
                   args.xcom_file)
             return 0
@@ -473,14 +511,20 @@ def main(argv: list[str] | None = None) -> int:
             if not args.input:
                 raise ConfigError("run needs at least one --input")
             m = run_all(step, args.input, args.output)
+            summary: dict[str, Any] = m.stats.model_dump(mode="json")
             fused: list[dict[str, Any]] = []
         else:
             then = _then_steps(args.then)
             plan = load_plan(args.output)
-            m = run_shard(step, args.output, plan, args.shard)
-            fused = run_then(then, args.output, args.shard, len(plan.shards)) if then else []
+            done: list[Manifest] = []
+            fused = []
+            members = _members(args.shard, args.of, len(plan.shards))
+            for k in members:
+                done.append(run_shard(step, args.output, plan, k))
+                fused += run_then(then, args.output, k, len(plan.shards)) if then else []
+            summary = {**_summed(done), **({"shards": members} if args.of else {})}
         _emit({"step": args.step, "output": args.output, "shard": args.shard,
-               **m.stats.model_dump(mode="json"), **({"then": fused} if fused else {})}, args.xcom_file)
+               **summary, **({"then": fused} if fused else {})}, args.xcom_file)
         return 0
     except storage.StorageFull as e:  # retryable: an operator frees space, the task's retry completes the step
         log.error("%s", e)

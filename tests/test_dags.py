@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,18 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
             "target_shard_mb": 0.001, "semantic_dedup": True, "semantic_threshold": 0.999,
             "selection_ablation": True}
-    r = dags_test(airflow_home, "foundational_selection", "-c", json.dumps(conf))
+    # One task of this DAG at a time: each light wave (grouped stages, select's run, the export's shard tasks) is
+    # one task doing both shards, as 157 shards on 64 pods are 64 tasks.
+    r = dags_test({**airflow_home, "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1"}, "foundational_selection", "-c",
+                  json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    log = r.stdout + r.stderr
+    for grouped, tasks in (("stage exact_dedup --stage resolve", 1), ("stage near_dedup --stage pairs", 1),
+                           ("run select", 2), ("stage select --stage kl_counts", 2), ("tail_shard select", 1)):
+        # (select_random, the ablation, is a second select step)
+        assert len(re.findall(rf"running: python -m operators {grouped} \(task 0 of 1 slots, 2 shard", log)) == tasks, \
+            grouped
+    assert len(re.findall(r"running: python -m operators run filter \(shard", log)) == 2  # heavy: one per shard
     run = data_root / "runs" / "t1"
     # With semantic_dedup switched on by its Param; decontaminate_paraphrase stays off and passes its input
     # on (its tasks are exercised in tests/reliability/test_crash_anywhere.py and its own tests).

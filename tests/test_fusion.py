@@ -37,27 +37,41 @@ def cli(args: list[str]) -> dict[str, Any]:
     return dict(json.loads(out.getvalue().strip().splitlines()[-1]))
 
 
-def run_chain(links: list[ChainLink]) -> dict[str, dict[str, int]]:
+def run_chain(links: list[ChainLink], slots: int | None = None) -> dict[str, dict[str, int]]:
     """Run a chain's tasks in the DAG's order: each plan (committing the step before it), the stage tasks the
-    chain has, the shard tasks over the plan's list (with their fused work), the last step's reduce. Per step, how
-    many shard tasks its head wave ran and how many heads its plan found prepared."""
-    head_tasks, prepared = {}, {}
+    chain has, the shard tasks over the plan's list (with their fused work), the last step's reduce. `slots`: the
+    light waves grouped as a DAG with that many task slots runs them (`--shard j --of slots`). Per step, how
+    many shard tasks its head wave ran and how many heads its plan found prepared, and how many tasks each
+    grouped wave ran."""
+    head_tasks, prepared, grouped = {}, {}, {}
     for link in links:
         common: dict[str, Any] = {"output": link.output, "config": link.config}
         plan = cli(step_arguments("plan", link.step, inputs=link.inputs, after=link.after, fold_head=link.fold_head,
                                   **common))
         shards = plan["to_run"]
         prepared[link.step] = plan["prepared"]
-        stages = {st.name: st.kind for st in step_class(link.step).stages}
+        cls = step_class(link.step)
+        stages = {st.name: st for st in cls.stages}
+
+        def wave(light: bool, shards: list[int] = shards, common: dict[str, Any] = common, **kw: Any) -> int:
+            of = slots if light and slots else None
+            tasks = shards[:of] if of else shards  # the DAG zips the shard list with its slots
+            for k in tasks:
+                cli(step_arguments(shard=k, of=of, **kw, **common))
+            return len(tasks)
+
         for name in link.stage_tasks():
-            for k in (shards if stages[name] != "reduce" else [None]):
-                cli(step_arguments("stage", link.step, stage=name, shard=k, **common))
-        for k in shards:
-            cli(step_arguments("run", link.step, shard=k, then=link.then, **common))
+            if stages[name].kind == "reduce":
+                cli(step_arguments("stage", link.step, stage=name, **common))
+            else:
+                grouped[f"{link.step}.{name}"] = wave(stages[name].grouped, action="stage", step=link.step,
+                                                      stage=name)
+        grouped[f"{link.step}.run"] = wave(cls.grouped_run and not link.then, action="run", step=link.step,
+                                           then=link.then)
         head_tasks[link.step] = len(shards) if not stages else (
             0 if link.fold_head else len(shards))
     cli(step_arguments("reduce", links[-1].step, output=links[-1].output))
-    return {"head_tasks": head_tasks, "prepared": prepared}
+    return {"head_tasks": head_tasks, "prepared": prepared, "tasks": grouped}
 
 
 def shard_tables(step_dir: str, kind: str) -> dict[int, pa.Table]:
@@ -89,18 +103,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
          "--input", str(tmp / "raw"), "--output", ingest])
     common = {"target_shard_bytes": 1, "shard_multiple": SHARDS}
     out: dict[str, Any] = {}
-    for name, fuse in (("unfused", False), ("fused", True)):
+    for name, fuse, slots in (("unfused", False, None), ("fused", True, None), ("grouped", True, 2)):
         run = str(tmp / name) if fuse else storage.validate_uri(str(tmp / name))  # paths and URIs both work
         links = chain_steps(PHASE1, configs=CONFIGS, inputs=[ingest], run=run, common=common, fuse=fuse)
-        out[name] = {"run": run, "links": links, **run_chain(links)}
+        out[name] = {"run": run, "links": links, **run_chain(links, slots)}
     return out
 
 
-def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("variant", ["fused", "grouped"])
+def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any], variant: str) -> None:
     """Every Phase 1 step's kept and dropped records, shard by shard, its stats (counters and ledger included) and
-    its stages' per-shard commits are equal with and without fusion, while the fused run has no task for the
-    record-local work it fused."""
-    fused, unfused = runs["fused"], runs["unfused"]
+    its stages' per-shard commits are equal with and without fusion, and with the light waves grouped into two
+    tasks, while the fused run has no task for the record-local work it fused."""
+    fused, unfused = runs[variant], runs["unfused"]
     for step in PHASE1:
         a, b = f"{unfused['run']}/{step}", storage.validate_uri(f"{fused['run']}/{step}")
         for kind in ("data", "dropped"):
@@ -133,6 +148,24 @@ def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any]) 
     # ... and each plan committed what they prepared (none ran in a plan: that is the slow fallback).
     for step in PHASE1[1:]:
         assert fused["prepared"][step] == SHARDS and unfused["prepared"][step] == 0, step
+
+
+def test_grouped_waves_run_in_as_many_tasks_as_slots(runs: dict[str, Any]) -> None:
+    """Grouped, each light wave over 5 shards ran 2 tasks (shards 0, 2, 4 and 1, 3); heavy waves one per shard."""
+    tasks = runs["grouped"]["tasks"]
+    light = {f"{s}.{st.name}" for s in PHASE1 for st in step_class(s).stages if st.grouped} | {"select.run"}
+    assert {k for k, n in tasks.items() if n == 2} == light & set(tasks)
+    assert {"exact_dedup.resolve", "near_dedup.pairs", "select.boundary", "select.run"} <= light & set(tasks)
+    assert all(n == SHARDS for k, n in tasks.items() if k not in light and n)
+    assert runs["fused"]["tasks"]["select.run"] == SHARDS
+
+
+def test_a_grouped_task_number_outside_its_wave_is_refused(runs: dict[str, Any]) -> None:
+    """Task 2 of a wave of 2 does not exist (exit 2), and neither does a wave of 0 slots."""
+    link = runs["grouped"]["links"][-1]
+    common: dict[str, Any] = {"output": link.output, "config": link.config}
+    assert cli_main(step_arguments("stage", "select", stage="boundary", shard=2, of=2, **common)) == 2
+    assert cli_main(step_arguments("run", "select", shard=0, of=0, **common)) == 2
 
 
 def test_every_chain_step_has_the_heads_shard_count(runs: dict[str, Any]) -> None:

@@ -97,6 +97,22 @@ def test_partition_stage_pod_runs_one_task_of_the_stage() -> None:
     assert pod["metadata"]["labels"]["iip/shard"] == "5"
 
 
+def test_a_grouped_wave_task_pod_does_its_slot_of_the_shards() -> None:
+    """A grouped (light) wave maps over (shard, slot) pairs: task j's pod runs `--shard j --of G`, and its time
+    limit covers each shard it does."""
+    op = StepOperator(task_id="pairs", step="near_dedup", action="stage", stage="pairs",
+                      output_uri="s3://bucket/runs/r1/near_dedup", config={}, mode="kubernetes",
+                      shard=[5, {"slot": 5, "of": 8}])  # type: ignore[arg-type]
+    one = StepOperator(task_id="one", step="near_dedup", action="stage", stage="pairs",
+                       output_uri="s3://bucket/runs/r1/near_dedup", config={}, mode="kubernetes", shard=5)
+    op._take_slot({"ti": None})
+    args = render(op)["spec"]["containers"][0]["args"]
+    assert args[args.index("--shard") + 1] == "5" and args[args.index("--of") + 1] == "8"
+    assert "--of" not in render(one)["spec"]["containers"][0]["args"]
+    op.members = 3  # 20 shards on 8 slots: task 5 does shards 5, 13
+    assert op.timeout_s() > one.timeout_s()
+
+
 @pytest.mark.parametrize(("step", "action", "stage"), [("pii", "run", None), ("semantic_dedup", "stage", "embed"),
                                                     ("semantic_dedup", "stage", "pairs"),
                                                     ("decontaminate_paraphrase", "run", None)])

@@ -180,10 +180,15 @@ class Stage:
     shard, so an orchestrator maps it like a map stage) handles the shuffle partitions ``p`` with
     ``p % num_shards == k`` (`slot_partitions`) and emits its own rows, read later with `iter_tables`.
     A task then holds one partition's rows, about corpus / partitions, never the whole corpus.
+
+    `grouped`: a light per-shard stage (seconds per shard at any corpus size). A DAG runs it in at most as many
+    tasks as it runs at once, each task doing several shards' work one after another (`slot_members`), instead
+    of one task, pod start and scheduling round per shard.
     """
 
     name: str
     kind: Literal["map", "reduce", "partition"]
+    grouped: bool = False
 
 
 @dataclass
@@ -222,6 +227,19 @@ def concat_or_empty(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
 def slot_partitions(slot: int, num_shards: int, partitions: int) -> list[int]:
     """The shuffle partitions that task `slot` of a `partition` stage handles (round robin over shards)."""
     return list(range(slot, partitions, max(1, num_shards)))
+
+
+def slot_members(slot: int, slots: int, num_shards: int) -> list[int]:
+    """The shards that task `slot` of a grouped wave of `slots` tasks handles: every `slots`-th shard from `slot`.
+
+    A wave over `num_shards` shards has min(slots, num_shards) tasks (Airflow zips the shard list with the slot
+    list), so with at least as many slots as shards each task has exactly its own shard, as an ungrouped wave."""
+    if slots < 1 or slot < 0:
+        raise ValueError(f"task {slot} of {slots}: need slots >= 1 and a slot >= 0")
+    tasks = min(slots, num_shards)
+    if slot >= tasks:
+        raise ValueError(f"task {slot} of a wave of {tasks} task(s) over {num_shards} shard(s) does not exist")
+    return list(range(slot, num_shards, tasks))
 
 
 def shuffle_partitions(configured: int | None, num_shards: int, floor: int = 64) -> int:
@@ -319,6 +337,9 @@ class Step(ABC, Generic[C]):
     input_suffixes: ClassVar[tuple[str, ...]] = (".parquet",)
     # Auxiliary stages that must complete, in order, before the record transform runs.
     stages: ClassVar[tuple[Stage, ...]] = ()
+    # Whether the record transform of one shard is light (seconds at any corpus size): a DAG groups its shard
+    # tasks like a `grouped` stage's. A fused run (`then`) is never light.
+    grouped_run: ClassVar[bool] = False
     # Partition stages whose partitions are the plan's shards (rows gathered back to their own shard): their
     # width follows the shard count, so a night's new shards must not change a first map stage's content key.
     per_shard_partitions: ClassVar[frozenset[str]] = frozenset()

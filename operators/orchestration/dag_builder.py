@@ -2,6 +2,11 @@
 
     plan -> [stage tasks: map and partition stages mapped over shards, reduce stages once] -> run[shard] -> reduce
 
+Light per-shard waves (a `grouped` stage, a `grouped_run`, the export's shard tasks) map over the plan's shard
+list zipped with the DAG's `slots` task: at most as many tasks as the DAG runs at once, each doing every G-th
+shard, so 157 shards on 64 pods are 64 tasks in one round instead of 157 in three, each paying a pod start
+(docs/architecture.md#grouped-waves).
+
 Every task is a StepOperator running the same CLI; the shard list is the plan task's XCom, empty when the step
 is already committed under the plan (then only the plan and the reduce run). In a chain of steps a step's
 reduce runs inside the next step's plan (`plan --after`): the commit and the plan that reads it are one task,
@@ -14,13 +19,43 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import Asset, TaskGroup
+from airflow.sdk import Asset, TaskGroup, XComArg, task
+from airflow.sdk.definitions._internal.contextmanager import DagContext
 
 from operators.core.registry import FOUNDATIONAL_STEPS as FOUNDATIONAL_STEPS  # the DAGs' chain, re-exported
 from operators.core.registry import step_class
 from operators.orchestration.chain import chain_steps
 from operators.orchestration.pod_spec import shard_profile
 from operators.orchestration.step_operator import StepOperator
+
+SLOTS_TASK = "slots"
+
+
+@task(task_id=SLOTS_TASK)
+def _slots(**context: Any) -> list[dict[str, int]]:
+    """[{"slot": j, "of": G}] for j < G: G is how many of this DAG's tasks run at once (its `max_active_tasks`,
+    on Kubernetes the chart's `stepPods`), so a grouped wave never has more tasks than one round runs."""
+    slots = max(1, int(context["dag"].max_active_tasks))
+    return [{"slot": j, "of": slots} for j in range(slots)]
+
+
+def task_slots() -> Any:
+    """The XCom of the DAG's one `slots` task, made on first use: grouped waves zip the plan's shards with it."""
+    dag = DagContext.get_current()
+    if dag is None:
+        raise RuntimeError("grouped tasks are made inside a DAG")
+    if SLOTS_TASK not in dag.task_dict:  # at the DAG's top level, whichever task group asks first
+        return _slots.override(task_group=dag.task_group)()
+    return XComArg(dag.task_dict[SLOTS_TASK])
+
+
+def per_shard_tasks(plan: StepOperator, *, grouped: bool, **kwargs: Any) -> Any:
+    """A mapped StepOperator over `plan`'s shard list: one task per shard, or, `grouped` (light work), one per slot
+    of the DAG, each doing every G-th shard (the zip stops at the shorter list: min(shards, slots) tasks, none
+    when the plan found its step committed)."""
+    if not grouped:
+        return StepOperator.mapped(**kwargs).expand(shard=plan.output)
+    return StepOperator.mapped(plan_task_id=plan.task_id, **kwargs).expand(shard=plan.output.zip(task_slots()))
 
 
 def step_group(
@@ -45,7 +80,8 @@ def step_group(
     run it (and the plan what they did not).
     In kubernetes mode its whole-step tasks run in `profile` pods, its per-shard tasks in
     `shard_profile(profile)` pods (one core for the CPU steps)."""
-    stages = step_class(step).stages
+    cls = step_class(step)
+    stages = cls.stages
     common: dict[str, Any] = {"step": step, "config": config, "inputs": inputs, "output_uri": output_uri}
     # Per-shard tasks get the one-core pod of `shard_profile`; whole-step tasks keep `profile`.
     whole, per_shard = {**common, "profile": profile}, {**common, "profile": shard_profile(profile)}
@@ -60,8 +96,8 @@ def step_group(
             if i == 0 and fold_head and after_step:
                 continue
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
-                task: Any = StepOperator.mapped(task_id=st.name, action="stage", stage=st.name,
-                                                 **per_shard).expand(shard=plan.output)
+                task: Any = per_shard_tasks(plan, grouped=st.grouped, task_id=st.name, action="stage",
+                                            stage=st.name, **per_shard)
             else:
                 # Right after the plan (the map stage before it folded away), nothing mapped over no shard makes
                 # it skip when the step is up to date: it reads the plan's shard list itself.
@@ -69,7 +105,8 @@ def step_group(
                 task = StepOperator(task_id=st.name, action="stage", stage=st.name, only_with_shards=gate, **whole)
             prev >> task
             prev = task
-        run = StepOperator.mapped(task_id="run", action="run", then=list(then), **per_shard).expand(shard=plan.output)
+        run = per_shard_tasks(plan, grouped=cls.grouped_run and not then, task_id="run", action="run",
+                              then=list(then), **per_shard)
         prev >> run
         if not commit:
             return group
@@ -141,8 +178,9 @@ def tail_group(step: str, step_dir: str, run: str, name: str) -> TaskGroup:
                             "config": {"validate": True, "run": run, "name": name}}
     with TaskGroup(group_id="export", tooltip=f"validate and export {step}") as group:
         plan = StepOperator(task_id="plan", action="tail_plan", **tail)
-        shards = StepOperator.mapped(task_id="shard", action="tail_shard", profile=shard_profile("cpu"),
-                                     **tail).expand(shard=plan.output)
+        # Each shard validates and writes a few MiB per format: light, grouped.
+        shards = per_shard_tasks(plan, grouped=True, task_id="shard", action="tail_shard",
+                                 profile=shard_profile("cpu"), **tail)
         # As a step's reduce: it runs when the plan found the export committed and mapped no shard task.
         commit = StepOperator(task_id="commit", action="tail_commit", trigger_rule="none_failed_min_one_success",
                               **tail)

@@ -35,11 +35,14 @@ def step_arguments(
     after: str | None = None,
     then: Sequence[dict[str, Any]] = (),
     fold_head: bool = False,
+    of: int | None = None,
 ) -> list[str]:
     """The CLI arguments after `python -m operators` for one step action (`after`: for a plan, the upstream step
     whose output is the one input, committed first in the same task; `fold_head`: that plan also runs the step's
     first map stage where the upstream's shard tasks did not; `then`: for a shard's run, the chain's next steps
-    whose record-local work runs after it in the same task, `operators/core/fusion.py`)."""
+    whose record-local work runs after it in the same task, `operators/core/fusion.py`; `of`: with `shard`, the
+    task is task `shard` of a grouped wave of `of` tasks, `step.slot_members`)."""
+    grouped = ["--of", str(int(of))] if of is not None and shard is not None else []
     xcom = ["--xcom-file", xcom_file] if xcom_file else []
     if action == "report":
         ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
@@ -52,7 +55,8 @@ def step_arguments(
         if action == "tail_shard" and shard is None:
             raise ValueError("action 'tail_shard' needs a shard")
         cfg = config or {}
-        mode = TAIL_MODES[action] + ([str(int(shard))] if action == "tail_shard" and shard is not None else [])
+        mode = TAIL_MODES[action] + ([str(int(shard)), *grouped] if action == "tail_shard" and shard is not None
+                                     else [])
         opts = (["--validate"] if cfg.get("validate") else []) + \
             [a for key in ("run", "name", "formats") if cfg.get(key) for a in (f"--{key}", str(cfg[key]))]
         return ["export", "--input", inputs[0], "--output", output, *mode, *opts, *xcom]
@@ -75,7 +79,7 @@ def step_arguments(
             raise ValueError("action 'stage' needs a stage name")
         args += ["--stage", stage]
     if action in ("run", "stage") and shard is not None:
-        args += ["--shard", str(int(shard))]
+        args += ["--shard", str(int(shard)), *grouped]
     if action == "plan" and after:
         args += ["--after", after, *(["--fold-head"] if fold_head else [])]
     if action == "run" and shard is not None and then:

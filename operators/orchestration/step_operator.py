@@ -8,6 +8,7 @@ task executes so one DAG file serves both a laptop and a cluster.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,6 +63,7 @@ class StepOperator(BaseOperator):
         then: Sequence[dict[str, Any]] = (),
         fold_head: bool = False,
         only_with_shards: str | list[int] | None = None,
+        plan_task_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         for key, value in task_retry_policy().items():
@@ -86,6 +88,11 @@ class StepOperator(BaseOperator):
         # A whole-step task that has nothing to do when its step's plan mapped no shard (the step is up to date):
         # the plan's shard list (templated), so the task skips without starting the step.
         self.only_with_shards = only_with_shards
+        # A grouped wave's task (`dag_builder.grouped`): `shard` arrives as (shard, {"slot", "of"}) and the task
+        # does task `slot` of `of`'s shards; the plan's shard list (`plan_task_id`'s XCom) says how many.
+        self.plan_task_id = plan_task_id
+        self.of: int | None = None
+        self.members = 1
 
     @classmethod
     def mapped(cls, **kwargs: Any) -> Any:
@@ -109,8 +116,9 @@ class StepOperator(BaseOperator):
         `target_shard_bytes` (one big file can make a larger shard: the limit's fixed allowance covers that)."""
         if self.action not in ("run", "stage") or self.shard is None:
             return None
-        # A fused run does its steps' work on the same shard: about one shard's time per step.
-        pieces = 1 + (len(self.then) if self.action == "run" else 0)
+        # A fused run does its steps' work on the same shard: about one shard's time per step; a grouped task
+        # does it for each of its shards.
+        pieces = (1 + (len(self.then) if self.action == "run" else 0)) * self.members
         value = _rendered(dict(self.config).get("target_shard_bytes"))
         if value is None:
             from operators.core.registry import STEPS, step_class
@@ -146,6 +154,8 @@ class StepOperator(BaseOperator):
             from airflow.sdk.exceptions import AirflowSkipException
 
             raise AirflowSkipException(f"step {self.step}: its plan found it committed, nothing to do")
+        if isinstance(self.shard, (list, tuple)):
+            self._take_slot(context)
         # A Params field left empty renders to None: it means "the step's default", so drop it.
         self.config = _defaults_dropped(self.config)
         # The fused steps' configs as their own groups pass them (their plans must compute the same content keys).
@@ -190,6 +200,15 @@ class StepOperator(BaseOperator):
             self._record_asset_events(context, result)
         return result
 
+    def _take_slot(self, context: Any) -> None:
+        """A grouped wave's task: mapped over the plan's shard list zipped with the DAG's slots, it is given
+        (shard, {"slot": j, "of": G}) and does task j of G (`step.slot_members`), each shard committed on its own."""
+        _, slot = self.shard  # type: ignore[misc]
+        self.shard, self.of = int(slot["slot"]), int(slot["of"])
+        shards = context["ti"].xcom_pull(task_ids=self.plan_task_id) if self.plan_task_id else None
+        n = len(shards) if isinstance(shards, list) else self.of
+        self.members = max(1, math.ceil(n / max(1, min(self.of, n))))
+
     def _record_asset_events(self, context: Any, result: Any) -> None:
         """Attach the published version to this task's asset events (`extra`), so the event says which version
         it announces and a DAG scheduled on the asset can read it from `triggering_asset_events`."""
@@ -214,14 +233,20 @@ class StepOperator(BaseOperator):
                "logical_date": logical.isoformat() if logical is not None else ""}
         return {"run_context": run, "index": data_root()} if run["run_id"] else {}
 
-    def _execute_local(self, context: Any = None) -> Any:
-        args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
+    def _arguments(self, context: Any, xcom_file: str | None = None) -> list[str]:
+        """The task's `python -m operators` arguments, the same in a local process and in a pod."""
+        return step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage, after=self.after_step,
-                              then=self.then, fold_head=self.fold_head,
+                              then=self.then, fold_head=self.fold_head, of=self.of, xcom_file=xcom_file,
                               **self._report_context(context))
+
+    def _execute_local(self, context: Any = None) -> Any:
+        args = self._arguments(context)
         secrets = secret_values()
-        self.log.info("running: python -m operators %s %s (shard %s) -> %s", self.action, self.step,
-                      self.shard, redact(self.output_uri, secrets))
+        where = f"shard {self.shard}" if self.of is None else \
+            f"task {self.shard} of {self.of} slots, {self.members} shard(s)"
+        self.log.info("running: python -m operators %s %s%s (%s) -> %s", self.action, self.step,
+                      f" --stage {self.stage}" if self.stage else "", where, redact(self.output_uri, secrets))
         limit = self.timeout_s()
         # Its own process group: a timeout stops the step and everything it started (an LLM engine, a pool).
         proc = subprocess.Popen(
@@ -276,10 +301,7 @@ class StepOperator(BaseOperator):
             raise ValueError(f"unknown pod profile {self.profile!r}; known: {sorted(profiles)}")
         xcom = self.action in ("plan", "reduce", "report", "validate", "export", "tail_plan", "tail_commit", "publish",
                                "train", "evaluate")
-        args = step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
-                              inputs=self._inputs(), shard=self.shard, stage=self.stage, after=self.after_step,
-                              then=self.then, fold_head=self.fold_head,
-                              xcom_file=XCOM_FILE if xcom else None, **self._report_context(context))
+        args = self._arguments(context, XCOM_FILE if xcom else None)
         ti = context.get("ti") if hasattr(context, "get") else None
         run_id = str(context.get("run_id", "")) if hasattr(context, "get") else ""
         labels = pod_labels(self.dag_id or "", self.task_id, run_id, self.step, self.shard)

@@ -213,7 +213,7 @@ class ExactDedupStep(DropListStep[ExactDedupConfig]):
     name: ClassVar[str] = "exact_dedup"
     version: ClassVar[int] = 3  # one hash per record in the coarsest scope; survivors chosen per partition
     config_model: ClassVar[type[StepConfig]] = ExactDedupConfig
-    stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("resolve", "partition"))
+    stages: ClassVar[tuple[Stage, ...]] = (Stage("keys", "map"), Stage("resolve", "partition", grouped=True))
     drop_reason: ClassVar[str] = REASON
     detail_prefix: ClassVar[str] = "duplicate of"
 

@@ -282,9 +282,11 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     name: ClassVar[str] = "near_dedup"
     version: ClassVar[int] = 4  # links carry both ends' survivor facts: the resolve reads no shard; decisions unchanged
     config_model: ClassVar[type[StepConfig]] = NearDedupConfig
-    stages: ClassVar[tuple[Stage, ...]] = (Stage("signatures", "map"), Stage("candidates", "partition"),
-                                           Stage("gather", "map"), Stage("pairs", "partition"),
-                                           Stage("links", "partition"), Stage("resolve", "reduce"))
+    stages: ClassVar[tuple[Stage, ...]] = (
+        Stage("signatures", "map"), Stage("candidates", "partition", grouped=True),
+        Stage("gather", "map", grouped=True), Stage("pairs", "partition", grouped=True),
+        Stage("links", "partition", grouped=True),
+        Stage("resolve", "reduce"))
     per_shard_partitions: ClassVar[frozenset[str]] = frozenset({"links"})
     drop_reason: ClassVar[str] = REASON
     detail_prefix: ClassVar[str] = "near duplicate of"
