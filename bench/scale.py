@@ -30,7 +30,9 @@
    that step's input). Waves follow the DAG: a wave of T tasks runs in ceil(T / P) rounds, each task paying
    its fitted seconds plus `--pod-start` plus `--sched-cost` (the scheduler's cost of one task: 3.1 s
    median no-op task measured by bench/load.py, less the 0.9 s process start already in every measured
-   task; docs/reliability.md#load). The critical path is the waves in order; nothing in Phase 1 runs two
+   task; docs/reliability.md#load). A light (grouped) wave has min(shards, P) tasks in one round, each
+   handling ceil(shards / tasks) shards in turn (measured the same way: `--parallel` tasks with `--of`,
+   docs/architecture.md#grouped-waves). The critical path is the waves in order; nothing in Phase 1 runs two
    waves at once.
 4. **Check** (`--check N`): run N for real with the larger size's records per shard, project N with the
    measured run's own settings (P = `--parallel`, no pod start, no scheduler), and print the error.
@@ -85,6 +87,7 @@ class Task:
     read_mb: float
     written_mb: float
     storage_calls: int
+    grouped: bool = False  # a light wave's task: several shards in turn (`--of`), `driver` counts them all
 
 
 
@@ -99,9 +102,11 @@ def _kept_bytes(step_dir: Path) -> int:
     return sum(p.stat().st_size for p in step_dir.glob("part-*.parquet"))
 
 
-def _run_wave(step: str, wave: str, cmds: list[list[str]], per_shard: bool, driver: float, parallel: int,
-              probe_dir: Path) -> tuple[float, list[Task], list[str]]:
-    """Run one wave's tasks through the probe; its wall seconds, its tasks' costs, their stdouts."""
+def _run_wave(step: str, wave: str, cmds: list[list[str]], per_shard: bool, driver: float | list[float],
+              parallel: int, probe_dir: Path, grouped: bool = False) -> tuple[float, list[Task], list[str]]:
+    """Run one wave's tasks through the probe; its wall seconds, its tasks' costs, their stdouts (`driver`: the
+    records each task handles, one figure for all or one per task)."""
+    drivers = driver if isinstance(driver, list) else [driver] * len(cmds)
     results = [probe_dir / f"{step}.{wave}.{k}.json" for k in range(len(cmds))]
     wall, done = run_children([[sys.executable, "-m", "bench._task_probe", str(r), *c]
                                for r, c in zip(results, cmds, strict=True)], parallel=parallel)
@@ -109,9 +114,9 @@ def _run_wave(step: str, wave: str, cmds: list[list[str]], per_shard: bool, driv
     for k, (res, path) in enumerate(zip(done, results, strict=True)):
         res.check(f"{step} {wave}")
         probe = json.loads(path.read_text())
-        tasks.append(Task(step, wave, per_shard, k, driver, res.seconds, res.cpu_seconds, res.peak_rss_mb,
+        tasks.append(Task(step, wave, per_shard, k, drivers[k], res.seconds, res.cpu_seconds, res.peak_rss_mb,
                           round(probe["read_bytes"] / 2**20, 2), round(probe["written_bytes"] / 2**20, 2),
-                          int(probe["storage_calls"])))
+                          int(probe["storage_calls"]), grouped))
     return wall, tasks, [r.stdout for r in done]
 
 
@@ -156,22 +161,26 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
         per_task = records_in / n_shards
         waves.append({"step": step, "wave": "plan", "tasks": 1, "seconds": plan_wall})
         tasks += plan_tasks
-        kinds = {st.name: st.kind for st in step_class(step).stages}
-        later: list[tuple[str, list[list[str]], bool]] = []
+        cls = step_class(step)
+        stages = {st.name: st for st in cls.stages}
+        later: list[tuple[str, list[list[str]], bool, list[float] | None]] = []
         for name in link.stage_tasks():
-            mapped = kinds[name] != "reduce"
-            later.append((name, [step_arguments("stage", step, stage=name, shard=k if mapped else None, **args)
-                                 for k in (to_run if mapped else [0])], mapped))
-        later.append(("run", [step_arguments("run", step, shard=k, then=link.then, **args) for k in to_run], True))
+            if stages[name].kind == "reduce":
+                later.append((name, [step_arguments("stage", step, stage=name, **args)], False, None))
+            else:
+                later.append((name, *_shard_wave(stages[name].grouped, to_run, parallel, per_task, action="stage",
+                                                 step=step, stage=name, **args)))
+        later.append(("run", *_shard_wave(cls.grouped_run and not link.then, to_run, parallel, per_task,
+                                          action="run", step=step, then=link.then, **args)))
         if i == len(links) - 1:  # the chain's last step keeps its own reduce task
-            later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False))
+            later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False, None))
         empty = 0
-        for wave, cmds, mapped in later:
+        for wave, cmds, mapped, grouped in later:
             if not cmds:  # every shard's work was done by the upstream's fused tasks: the wave maps no task
                 empty += 1
                 continue
-            wall, done, _ = _run_wave(step, wave, cmds, mapped, per_task if mapped else records_in, parallel,
-                                      probe_dir)
+            wall, done, _ = _run_wave(step, wave, cmds, mapped, grouped or (per_task if mapped else records_in),
+                                      parallel, probe_dir, grouped is not None)
             waves.append({"step": step, "wave": wave, "tasks": len(cmds), "seconds": wall})
             tasks += done
         steps[step] = {"records_in": records_in, "shards": n_shards, "input_bytes": input_bytes,
@@ -187,11 +196,12 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     n_tail = len(last_json_line(plan_out[0])["shards"])
     waves.append({"step": "export", "wave": "plan", "tasks": 1, "seconds": plan_wall})
     tasks += plan_tasks
-    for wave, cmds, mapped in (
-            ("shard", [step_arguments("tail_shard", "select", shard=k, **targs) for k in range(n_tail)], True),
-            ("commit", [step_arguments("tail_commit", "select", **targs)], False)):
-        wall, done, _ = _run_wave("export", wave, cmds, mapped, selected / n_tail if mapped else selected,
-                                  parallel, probe_dir)
+    for wave, cmds, mapped, grouped in (
+            ("shard", *_shard_wave(True, list(range(n_tail)), parallel, selected / n_tail, action="tail_shard",
+                                   step="select", **targs)),
+            ("commit", [step_arguments("tail_commit", "select", **targs)], False, None)):
+        wall, done, _ = _run_wave("export", wave, cmds, mapped, grouped or selected, parallel, probe_dir,
+                                  grouped is not None)
         waves.append({"step": "export", "wave": wave, "tasks": len(cmds), "seconds": wall})
         tasks += done
     select_bytes = _kept_bytes(prev)
@@ -217,6 +227,21 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
             "tasks": [asdict(t) for t in tasks]}
 
 
+def _shard_wave(grouped: bool, shards: list[int], parallel: int, per_shard: float, **kwargs: Any
+                ) -> tuple[list[list[str]], bool, list[float] | None]:
+    """A per-shard wave's commands as the DAG maps it: a task per shard, or, `grouped` (a light wave), the
+    shard list zipped with `parallel` slots, task j doing every G-th shard (`--of`); with each grouped task's
+    driver (its shards' records), or None."""
+    from operators.core.step import slot_members
+    from operators.orchestration.step_command import step_arguments
+
+    if not grouped:
+        return [step_arguments(shard=k, **kwargs) for k in shards], True, None
+    tasks = shards[:parallel]
+    drivers = [per_shard * len(slot_members(j, parallel, len(shards))) for j in tasks]
+    return [step_arguments(shard=j, of=parallel, **kwargs) for j in tasks], True, drivers
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. Fit
 
@@ -236,6 +261,7 @@ class Growth:
     rss_b: float
     grows: str  # "constant", "with its shard" (bounded by the shard size) or "with the corpus"
     measured: list[dict[str, float]]
+    grouped: bool = False  # a light wave: min(shards, pods) tasks, each doing ceil(shards / tasks) shards
 
     def seconds(self, driver: float) -> float:
         """Projected seconds of the mean task handling `driver` records."""
@@ -297,7 +323,8 @@ def fit(small: dict[str, Any], large: dict[str, Any]) -> dict[tuple[str, str], G
             sa, sb = max(s1["seconds"], s2["seconds"]), 0.0
             ma, mb = max(s1["max_seconds"], s2["max_seconds"]), 0.0
             ra, rb = max(s1["rss_mb"], s2["rss_mb"]), 0.0
-        model[key] = Growth(key[0], key[1], per_shard, sa, sb, ma, mb, ra, rb, grows, [s1, s2])
+        model[key] = Growth(key[0], key[1], per_shard, sa, sb, ma, mb, ra, rb, grows, [s1, s2],
+                            bool(tasks2[0].get("grouped", False)))
     return model
 
 
@@ -354,8 +381,9 @@ def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records
         for (s, wave), g in model.items():
             if s != step:
                 continue
-            n = shards if g.per_shard else 1
-            driver = records_in / shards if g.per_shard else records_in
+            n = (min(shards, pods) if g.grouped else shards) if g.per_shard else 1
+            # A grouped task handles ceil(shards / n) shards in turn; any other per-shard task one.
+            driver = math.ceil(shards / n) * records_in / shards if g.per_shard else records_in
             waves.append(_wave(step, wave, n, g, driver, pods, pod_start, sched_cost))
     for wave in TAIL:
         waves.append(_wave("tail", wave, 1, model[("tail", wave)], records, pods, pod_start, sched_cost))

@@ -65,3 +65,26 @@ def test_growth_is_fitted_per_kind_and_projected_wave_by_wave() -> None:
     run_wave = {w["name"]: w for w in r["waves"]}["filter.run"]
     assert (run_wave["tasks"], run_wave["rounds"]) == (12, 3)
     assert run_wave["task_seconds"] == pytest.approx(0.5 + 0.001 * 10_000 / 12, abs=0.01)
+
+
+def test_a_grouped_wave_is_projected_as_one_round_of_at_most_pods_tasks() -> None:
+    """A light (grouped) wave has min(shards, pods) tasks, each doing ceil(shards / tasks) shards in turn: 10
+    export shards on 4 pods are 4 tasks of 3 shards (1,500 records) in one round, not 10 tasks in 3 rounds."""
+    def grouped(m: dict[str, Any]) -> dict[str, Any]:
+        # As measured: 2 tasks (the measuring run's parallelism) over the 4 shards, 2 shards' records each.
+        per = m["records"] / m["shards"] / 2
+        tasks = [t for t in m["tasks"] if (t["step"], t["wave"]) != ("export", "shard")]
+        tasks += [{**_task("export", "shard", True, 2 * per, 0.2 + 0.01 * 2 * per, 150.0), "grouped": True}
+                  for _ in range(2)]
+        return {**m, "tasks": tasks}
+
+    small, large = grouped(_measured(2000, 4)), grouped(_measured(4000, 4))
+    model = fit(small, large)
+    assert model[("export", "shard")].grouped and not model[("filter", "run")].grouped
+    p = project(model, large, 10_000, pods=4, shard_mb=None, pod_start=10.0, sched_cost=2.0,
+                records_per_shard={"filter": 1000.0})
+    wave = {w["name"]: w for w in p["waves"]}["export.shard"]
+    assert (wave["tasks"], wave["rounds"]) == (4, 1)
+    assert wave["task_seconds"] == pytest.approx(0.2 + 0.01 * 3 * 500)
+    assert wave["seconds"] == pytest.approx(15.2 + 12.0)
+    assert {w["name"]: w for w in p["waves"]}["filter.run"]["tasks"] == 10  # heavy: a task per shard
