@@ -132,12 +132,14 @@ def _members(shard: int, of: int | None, num_shards: int) -> list[int]:
         raise ConfigError(str(e)) from None
 
 
-def _summed(manifests: list[Manifest]) -> dict[str, Any]:
-    """One task's summary over the shards it committed: one shard's stats, or several shards' summed counts."""
+def _summed(manifests: list[Manifest], of: int | None, members: list[int]) -> dict[str, Any]:
+    """One task's summary over the shards it committed: one shard's stats, or several shards' summed counts; a
+    grouped task (`--of`) also lists its shards."""
+    listed = {"shards": members} if of is not None else {}
     if len(manifests) == 1:
-        return manifests[0].stats.model_dump(mode="json")
+        return {**manifests[0].stats.model_dump(mode="json"), **listed}
     return {"records_in": sum(m.stats.records_in for m in manifests),
-            "records_kept": sum(m.stats.records_kept for m in manifests)}
+            "records_kept": sum(m.stats.records_kept for m in manifests), **listed}
 
 
 def _reduce(step: str, output: str) -> dict[str, Any]:
@@ -355,7 +357,9 @@ def _export_command(args: argparse.Namespace) -> int:
 
             counts: Counter[str] = Counter()
             done = []
-            for k in _members(args.shard, args.of, len(tail_shards(args.input))):
+            # Only a grouped task needs the shard count (an ungrouped one would list the step's parts for nothing).
+            num_shards = len(tail_shards(args.input)) if args.of is not None else 0
+            for k in _members(args.shard, args.of, num_shards):
                 s = tail_shard(args.input, args.output, k, formats=formats, run_root=args.run,
                                validate=args.validate)
                 counts.update(s["counts"])
@@ -499,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 members = _members(args.shard, args.of, len(plan.shards))
                 ms = [run_one(step, args.output, plan, args.stage, k) for k in members]
                 _emit({"step": args.step, "stage": args.stage, "shard": args.shard,
-                       **_summed(ms), **({"shards": members} if args.of else {})}, args.xcom_file)
+                       **_summed(ms, args.of, members)}, args.xcom_file)
                 return 0
             if args.of is not None:
                 raise ConfigError(f"reduce stage {args.stage!r} runs once: --of is for per-shard stages")
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in members:
                 done.append(run_shard(step, args.output, plan, k))
                 fused += run_then(then, args.output, k, len(plan.shards)) if then else []
-            summary = {**_summed(done), **({"shards": members} if args.of else {})}
+            summary = _summed(done, args.of, members)
         _emit({"step": args.step, "output": args.output, "shard": args.shard,
                **summary, **({"then": fused} if fused else {})}, args.xcom_file)
         return 0

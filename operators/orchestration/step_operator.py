@@ -8,7 +8,6 @@ task executes so one DAG file serves both a laptop and a cluster.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any, Literal
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from operators.core.step import slot_members
 from operators.orchestration.pod_spec import load_profiles, pod_labels, pod_operator_kwargs
 from operators.orchestration.settings import step_timeout_s, task_retry_policy
 from operators.orchestration.step_command import Action, redact, secret_values, step_arguments
@@ -88,7 +88,7 @@ class StepOperator(BaseOperator):
         # A whole-step task that has nothing to do when its step's plan mapped no shard (the step is up to date):
         # the plan's shard list (templated), so the task skips without starting the step.
         self.only_with_shards = only_with_shards
-        # A grouped wave's task (`dag_builder.grouped`): `shard` arrives as (shard, {"slot", "of"}) and the task
+        # A grouped wave's task (`dag_builder.per_shard_tasks`): `shard` arrives as (shard, {"slot", "of"}) and the task
         # does task `slot` of `of`'s shards; the plan's shard list (`plan_task_id`'s XCom) says how many.
         self.plan_task_id = plan_task_id
         self.of: int | None = None
@@ -206,8 +206,8 @@ class StepOperator(BaseOperator):
         _, slot = self.shard  # type: ignore[misc]
         self.shard, self.of = int(slot["slot"]), int(slot["of"])
         shards = context["ti"].xcom_pull(task_ids=self.plan_task_id) if self.plan_task_id else None
-        n = len(shards) if isinstance(shards, list) else self.of
-        self.members = max(1, math.ceil(n / max(1, min(self.of, n))))
+        self.members = len(slot_members(self.shard, self.of, len(shards) if isinstance(shards, list) and shards
+                                        else self.of))
 
     def _record_asset_events(self, context: Any, result: Any) -> None:
         """Attach the published version to this task's asset events (`extra`), so the event says which version
