@@ -357,7 +357,8 @@ def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records
 
     A step's shard count is its input over the records one shard holds: `shard_mb` of the step's measured
     bytes per record, or `records_per_shard[step]` when given (the check's measured-like setting); rounded up
-    to a multiple of `shard_multiple` when set (the step config's `shard_multiple`: smaller shards, full waves)."""
+    to a multiple of `shard_multiple` when set and more than one round (the step config's `shard_multiple`, which
+    the DAGs set to their slots: smaller shards, full waves)."""
     waves: list[dict[str, Any]] = []
     max_rss = (0.0, "")
     max_sec = (0.0, "")
@@ -368,7 +369,7 @@ def project(model: dict[tuple[str, str], Growth], large: dict[str, Any], records
         per_shard = (records_per_shard[step] if records_per_shard and step in records_per_shard
                      else (shard_mb or 256) * 2**20 / max(st["bytes_per_record"], 1e-9))
         shards = max(1, math.ceil(records_in / max(per_shard, 1.0)))
-        if shard_multiple > 1:
+        if shard_multiple > 1 and shards > shard_multiple:  # as Step.group_shards: past one round only
             shards = math.ceil(shards / shard_multiple) * shard_multiple
         if st.get("shards_of"):  # the export group has a task per shard of the step it exports
             shards = shard_counts[st["shards_of"]]
@@ -448,8 +449,9 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=float, default=256.0, help="target shard size of the projected run")
     ap.add_argument("--pod-start", type=float, default=10.0, help="seconds from a task's start to its process")
     ap.add_argument("--sched-cost", type=float, default=2.2, help="scheduler seconds per task (bench/load.py)")
-    ap.add_argument("--shard-multiple", type=int, default=0,
-                    help="round each step's shard count up to a multiple of this (the steps' `shard_multiple`)")
+    ap.add_argument("--shard-multiple", type=int, default=None,
+                    help="round a step's shard count past one round up to a multiple of this (the steps' "
+                    "`shard_multiple`); default: --pods, as the DAGs set it to their slots; 0: off")
     ap.add_argument("--check", type=int, default=0, help="also run this many records and compare")
     ap.add_argument("--from-json", default=None, help="a saved measurement (--save) to project from")
     ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
@@ -457,6 +459,8 @@ def main() -> None:
                     "record-local work in its own tasks)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    if args.shard_multiple is None:
+        args.shard_multiple = args.pods
     print_machine_load()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())

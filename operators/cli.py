@@ -180,8 +180,9 @@ def _parser() -> argparse.ArgumentParser:
                                  "reduce, in this task: one task and one pod start fewer per step); plan aligned "
                                  "to its shards and commit what its fused shard tasks prepared")
             sp.add_argument("--fold-head", action="store_true",
-                            help="with --after: the DAG has no task for this step's first map stage; run what "
-                                 "the upstream's shard tasks did not prepare here")
+                            help="with --after: the DAG has no task for this step's first map stage nor for a "
+                                 "reduce stage right after it; run what the upstream's shard tasks did not "
+                                 "prepare, and that reduce stage, here")
     vp = sub.add_parser("validate")
     vp.add_argument("--output", required=True, help="committed step directory to validate")
     vp.add_argument("--xcom-file", default=None)

@@ -127,7 +127,9 @@ def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any], 
         assert sa == sb, step
         assert sb["records_in"] == sb["records_kept"] + sum(sb["dropped_by_reason"].values()), step
         for st in step_class(step).stages:
-            if st.kind == "reduce":
+            if st.kind == "reduce":  # committed under the step's plan, by its own task or (folded) by the plan
+                mb = read_manifest(step_manifest_uri(stage_dir(b, st.name)))
+                assert mb is not None and mb.config_hash == read_manifest(step_manifest_uri(b)).config_hash
                 continue
             for k in range(SHARDS):
                 ma = read_manifest(shard_manifest_uri(stage_dir(a, st.name), k))
@@ -145,6 +147,10 @@ def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any], 
         assert unfused["head_tasks"][step] == SHARDS and fused["head_tasks"][step] == 0, step
     for step in ("exact_dedup", "near_dedup", "dsir", "select"):
         assert fused["head_tasks"][step] == 0 and unfused["head_tasks"][step] == SHARDS, step
+    # The reduce stage right after a folded head ran in the plan: no task of its own.
+    tasks = {link.step: link.stage_tasks() for link in fused["links"]}
+    assert tasks["dsir"] == [] and tasks["select"][0] == "boundary", tasks
+    assert {link.step: link.stage_tasks() for link in unfused["links"]}["dsir"] == ["counts", "fit"]
     # ... and each plan committed what they prepared (none ran in a plan: that is the slow fallback).
     for step in PHASE1[1:]:
         assert fused["prepared"][step] == SHARDS and unfused["prepared"][step] == 0, step

@@ -44,17 +44,34 @@ def _corpus(folder: Path, files: int, rows: int) -> str:
 def test_shard_count_is_a_multiple_of_the_pods_and_the_output_is_the_same(tmp_path: Path) -> None:
     src = _corpus(tmp_path / "in", files=10, rows=20)
     size = (tmp_path / "in" / "p00.parquet").stat().st_size
-    base = {"languages": [], "target_shard_bytes": 3 * size + 1}  # three files a shard: 4 shards
     counts = {}
-    for multiple in (0, 1, 4, 3, 8, 16):
-        out = storage.validate_uri(str(tmp_path / f"out{multiple}"))
-        counts[multiple] = len(make_plan(build_step("filter", {**base, "shard_multiple": multiple}), [src], out).shards)
-    assert counts == {0: 4, 1: 4, 4: 4, 3: 6, 8: 8, 16: 10}  # never more shards than files
+    for per_shard, multiple in ((3, 0), (3, 1), (3, 2), (3, 3), (3, 4), (3, 8), (2, 3), (1, 4)):
+        # `per_shard` files a shard: 4 shards (3), 5 (2) or 10 (1).
+        base = {"languages": [], "target_shard_bytes": per_shard * size + 1}
+        out = storage.validate_uri(str(tmp_path / f"out{per_shard}-{multiple}"))
+        step = build_step("filter", {**base, "shard_multiple": multiple})
+        counts[per_shard, multiple] = len(make_plan(step, [src], out).shards)
+    # Past one round: up to the next multiple (never more shards than files); within one round: unchanged.
+    assert counts == {(3, 0): 4, (3, 1): 4, (3, 2): 4, (3, 3): 6, (3, 4): 4, (3, 8): 4, (2, 3): 6, (1, 4): 10}
 
     kept = []
-    for multiple in (0, 8):
+    base = {"languages": [], "target_shard_bytes": 3 * size + 1}
+    for multiple in (0, 3):
         out = storage.validate_uri(str(tmp_path / f"run{multiple}"))
         run_all(build_step("filter", {**base, "shard_multiple": multiple}), [src], out)
         kept.append(sorted(read_step_table(out)["id"].to_pylist()))
-        assert len(load_plan(out).shards) == (4 if multiple == 0 else 8)
+        assert len(load_plan(out).shards) == (4 if multiple == 0 else 6)
     assert kept[0] == kept[1] and len(kept[0]) == 200
+
+
+def test_the_dags_default_multiple_is_their_slots() -> None:
+    """The selection DAGs' `shard_multiple` Param 0 renders as the DAG's max_active_tasks (the `slots` task's G)."""
+    from airflow.sdk import DAG
+
+    from operators.orchestration.params import sharding_config
+
+    template = sharding_config()["shard_multiple"]
+    with DAG("sharding_template", schedule=None, max_active_tasks=64) as dag:
+        env = dag.get_template_env()
+        assert env.from_string(template).render(params={"shard_multiple": 0}, dag=dag) == "64"
+        assert env.from_string(template).render(params={"shard_multiple": 8}, dag=dag) == "8"

@@ -31,7 +31,15 @@ from pydantic import BaseModel, ConfigDict
 
 from operators.core import storage
 from operators.core.manifest import Manifest, read_manifest, shard_manifest_uri
-from operators.core.runner import PREPARED, StorageArtifacts, adopt_shard, run_map_stage, run_shard, step_identity
+from operators.core.runner import (
+    PREPARED,
+    StorageArtifacts,
+    adopt_shard,
+    run_map_stage,
+    run_reduce_stage,
+    run_shard,
+    step_identity,
+)
 from operators.core.step import Plan, ShardSpec, Step
 
 log = logging.getLogger("operators.fusion")
@@ -57,6 +65,20 @@ def head(step: type[Step[Any]]) -> str | None:
         return "run"
     first = step.stages[0]
     return first.name if first.kind == "map" else None
+
+
+def folded_stages(step: type[Step[Any]]) -> list[str]:
+    """The stages a folded plan (`plan --after --fold-head`) runs itself, so the DAG has no task for them: the
+    step's map head, which the upstream's shard tasks prepare, and the reduce stage right after it when there is
+    one (`dsir`'s fit, `select`'s cutoffs: a constant-cost task that would otherwise pay a pod start of its own
+    only to read what the plan just committed)."""
+    work = head(step)
+    if work is None or work == "run":
+        return []
+    stages = [work]
+    if len(step.stages) > 1 and step.stages[1].kind == "reduce":
+        stages.append(step.stages[1].name)
+    return stages
 
 
 def aligned_spec(upstream_dir: str, shard: int) -> ShardSpec:
@@ -136,7 +158,8 @@ def adopt_heads(step: Step[Any], step_dir: str, plan: Plan, shards: list[int], f
     stages, those whose transform still has to run) and how many heads were committed without running.
 
     `fold_head`: the DAG has no task for this step's first map stage (the upstream's shard tasks prepare it), so
-    the plan runs what was not prepared itself (a cleared or failed fused task; slow, and logged)."""
+    the plan runs what was not prepared itself (a cleared or failed fused task; slow, and logged), and then the
+    reduce stage after it (`folded_stages`), unless the step is up to date (`shards` empty)."""
     from concurrent.futures import ThreadPoolExecutor
 
     work = head(type(step))
@@ -153,4 +176,7 @@ def adopt_heads(step: Step[Any], step_dir: str, plan: Plan, shards: list[int], f
                     step.name, len(pending), stage)
         for k in pending:
             run_map_stage(step, step_dir, plan, stage, k)
+    if fold_head:
+        for later in folded_stages(type(step))[1:]:
+            run_reduce_stage(step, step_dir, plan, later)
     return (pending if stage is None else list(shards)), len(shards) - len(pending)

@@ -39,9 +39,10 @@ class StepConfig(BaseModel):
         1 << 30, ge=1, description="Input files are grouped into shards of about this many bytes."
     )
     shard_multiple: int = Field(
-        0, ge=0, description="Round the shard count up to a multiple of this (the pods a wave runs on), so that "
-        "no wave ends with a few tasks on an otherwise idle cluster: the files are then regrouped, in order, "
-        "into that many shards of about equal bytes (never more shards than files). 0: off.")
+        0, ge=0, description="The pods a wave runs on: a shard count past one round of them is rounded up to a "
+        "multiple of this, so that no wave ends with a few tasks on an otherwise idle cluster; the files are then "
+        "regrouped, in order, into that many shards of about equal bytes (never more shards than files). A "
+        "count within one round stays (its wave is one round already). 0: off.")
 
 
 C = TypeVar("C", bound=StepConfig)
@@ -402,7 +403,7 @@ class Step(ABC, Generic[C]):
             # shard: the step commits an empty output and downstream steps run as usual.
             shards.append(ShardSpec(index=len(shards), uris=cur, bytes=cur_bytes))
         m = self.config.shard_multiple
-        if m > 1 and len(shards) % m and len(files) > len(shards):
+        if m > 1 and len(shards) > m and len(shards) % m and len(files) > len(shards):
             shards = balanced_groups(files, min(len(files), math.ceil(len(shards) / m) * m))
         return shards
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.core.fusion import head
+from operators.core.fusion import folded_stages, head
 from operators.core.registry import step_class
 from operators.core.step import Step
 
@@ -27,12 +27,14 @@ class ChainLink:
     profile: str = "cpu"
     after: str | None = None  # the upstream step its plan commits first (`plan --after`)
     then: list[dict[str, Any]] = field(default_factory=list)  # its shard tasks' fused work (`run --then`)
-    fold_head: bool = False  # no task for its first map stage: the upstream's shard tasks run it
+    fold_head: bool = False  # no task for its first map stage (the upstream's shard tasks run it) nor for a
+    # reduce stage right after it (the plan runs it): `fusion.folded_stages`
 
     def stage_tasks(self) -> list[str]:
         """The step's stages that have tasks of their own, in order."""
-        stages = [st.name for st in step_class(self.step).stages]
-        return stages[1:] if self.fold_head else stages
+        cls = step_class(self.step)
+        folded = folded_stages(cls) if self.fold_head else []
+        return [st.name for st in cls.stages if st.name not in folded]
 
 
 def chain_steps(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inputs: list[str] | str, run: str,

@@ -22,6 +22,7 @@ from typing import Any
 from airflow.sdk import Asset, TaskGroup, XComArg, task
 from airflow.sdk.definitions._internal.contextmanager import DagContext
 
+from operators.core.fusion import folded_stages
 from operators.core.registry import FOUNDATIONAL_STEPS as FOUNDATIONAL_STEPS  # the DAGs' chain, re-exported
 from operators.core.registry import step_class
 from operators.orchestration.chain import chain_steps
@@ -77,7 +78,7 @@ def step_group(
     `commit` False: no reduce task; the next step's plan commits this one (`step_chain`).
     `then`: the chain's next steps whose record-local work each shard task runs after its own (fused,
     operators/core/fusion.py); `fold_head`: no task for this step's first map stage, the upstream's shard tasks
-    run it (and the plan what they did not).
+    run it (and the plan what they did not), nor for a reduce stage right after it, which the plan runs.
     In kubernetes mode its whole-step tasks run in `profile` pods, its per-shard tasks in
     `shard_profile(profile)` pods (one core for the CPU steps)."""
     cls = step_class(step)
@@ -92,8 +93,9 @@ def step_group(
                                  "fold_head": fold_head} if after_step else {}
         plan = StepOperator(task_id="plan", action="plan", **whole, **fused)
         prev: Any = plan
-        for i, st in enumerate(stages):
-            if i == 0 and fold_head and after_step:
+        folded = folded_stages(cls) if fold_head and after_step else []
+        for st in stages:
+            if st.name in folded:  # the plan runs it
                 continue
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
                 task: Any = per_shard_tasks(plan, grouped=st.grouped, task_id=st.name, action="stage",

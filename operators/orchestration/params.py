@@ -44,9 +44,9 @@ def selection_params(shard_mb: float = 256) -> dict[str, Param]:
         "target_shard_mb": param(shard_mb, type="number", exclusiveMinimum=0,
                                  description="Inputs are grouped into parallel shards of about this size."),
         "shard_multiple": param(0, type="integer", minimum=0,
-                                description="Round every step's shard count up to a multiple of this: the pods "
-                                "one wave runs on (on Kubernetes, the chart's parallelism), so no wave ends "
-                                "with a few tasks. 0: off."),
+                                description="The pods one wave runs on: a step with more shards than this rounds "
+                                "its shard count up to a multiple of it, so no wave ends with a few tasks. 0: the "
+                                "DAG's max_active_tasks (on Kubernetes, the chart's stepPods)."),
         **pii_param(),
         **keep_versions_param(),
         **task_timeout_param(),
@@ -108,7 +108,9 @@ SHARD_BYTES = "{{ (params.target_shard_mb * 1048576) | int }}"  # the `target_sh
 
 def sharding_config() -> dict[str, str]:
     """The step config fields every step of a selection DAG takes from `selection_params` (templated)."""
-    return {"target_shard_bytes": SHARD_BYTES, "shard_multiple": "{{ params.shard_multiple }}"}
+    # 0 means the DAG's own slots: the pods a wave runs on are the tasks it runs at once (`slots` task).
+    return {"target_shard_bytes": SHARD_BYTES,
+            "shard_multiple": "{{ params.shard_multiple or dag.max_active_tasks }}"}
 
 
 def task_timeout_param() -> dict[str, Param]:

@@ -39,9 +39,10 @@ def step_arguments(
 ) -> list[str]:
     """The CLI arguments after `python -m operators` for one step action (`after`: for a plan, the upstream step
     whose output is the one input, committed first in the same task; `fold_head`: that plan also runs the step's
-    first map stage where the upstream's shard tasks did not; `then`: for a shard's run, the chain's next steps
-    whose record-local work runs after it in the same task, `operators/core/fusion.py`; `of`: with `shard`, the
-    task is task `shard` of a grouped wave of `of` tasks, `step.slot_members`)."""
+    first map stage where the upstream's shard tasks did not, and a reduce stage right after it; `then`: for a
+    shard's run, the chain's next steps whose record-local work runs after it in the same task,
+    `operators/core/fusion.py`; `of`: with `shard`, the task is task `shard` of a grouped wave of `of` tasks,
+    `step.slot_members`)."""
     grouped = ["--of", str(int(of))] if of is not None and shard is not None else []
     xcom = ["--xcom-file", xcom_file] if xcom_file else []
     if action == "report":
