@@ -396,6 +396,19 @@ def test_connected_components_equal_a_python_union_find() -> None:
     assert (connected_components(10_000, chain[::-1], chain[::-1] + 1) == 0).all()
 
 
+def test_edges_joined_in_batches_end_where_all_at_once_does() -> None:
+    """`join_edges` one batch at a time (what a streamed resolve does) gives the labels of one call."""
+    from operators.dedup.unionfind import join_edges
+
+    rng = np.random.default_rng(11)
+    for n, m, batches in [(50, 40, 3), (2000, 3000, 7), (5000, 4000, 1)]:
+        src, dst = rng.integers(0, n, m), rng.integers(0, n, m)
+        parent = np.arange(n, dtype=np.int64)
+        for cut in np.array_split(np.arange(m), batches):
+            parent = join_edges(parent, src[cut], dst[cut])
+        assert parent.tolist() == connected_components(n, src, dst).tolist()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parameters
 

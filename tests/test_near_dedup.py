@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,37 @@ def test_crashed_map_attempt_leaves_no_shuffled_files(tmp_path: Path) -> None:
     run_map_stage(step, out, plan, "signatures", 0)
     assert not orphan.exists() and other.exists()
     assert any((stage / "p00002").glob("part-00000-*"))
+
+
+def test_streamed_components_decide_what_the_whole_link_table_decides() -> None:
+    """The resolve's streamed components (links read a table at a time, twice) drop the records, and name the
+    survivors, that `decide_components` over every link at once does: ties on priority broken by key, repeats
+    and links across tables included."""
+    import numpy as np
+
+    from operators.steps.dedup.droplist import decide_components, streamed_components
+    from operators.steps.dedup.near import linked_facts
+
+    rng = np.random.default_rng(5)
+    for nodes, links, tables in [(30, 20, 3), (400, 500, 5), (3000, 2500, 9)]:
+        keys = np.sort(rng.choice(1 << 40, nodes, replace=False)).astype(np.int64)
+        prio = rng.integers(0, 4, nodes).astype(np.float64)  # few values: many ties
+        prio[rng.random(nodes) < 0.1] = np.inf  # no reward
+        a, b = rng.integers(0, nodes, links), rng.integers(0, nodes, links)
+        t = pa.table({"key": keys[a], "linked_key": keys[b], "id": [f"id{k}" for k in keys[a]],
+                      "priority": prio[a], "linked_id": [f"id{k}" for k in keys[b]], "linked_priority": prio[b]})
+        parts = [t.slice(int(lo), int(hi - lo)) for lo, hi in
+                 pairwise(np.linspace(0, links, tables + 1).astype(int))]
+        facts = linked_facts(t)
+        id_of = dict(zip(facts["key"].to_pylist(), facts["id"].to_pylist(), strict=True))
+
+        def ids_of(survivors: np.ndarray, id_of: dict[int, str] = id_of) -> pa.Array:
+            return pa.array([id_of[k] for k in survivors.tolist()])
+
+        expected, clusters = decide_components(t.select(["key", "linked_key"]), facts,
+                                               priority=lambda r: r["priority"].to_numpy(), ids_of=ids_of)
+        got, got_clusters = streamed_components(
+            lambda cols, parts=parts: (p.select(cols) for p in parts), ids_of=ids_of)
+        assert got.sort_by([("shard", "ascending"), ("row", "ascending")]).equals(
+            expected.sort_by([("shard", "ascending"), ("row", "ascending")]))
+        assert got_clusters == clusters and got.num_rows > 0

@@ -33,6 +33,15 @@ def unique_sorted(values: npt.NDArray[ScalarT]) -> npt.NDArray[ScalarT]:
     return s[run_starts(s)]
 
 
+def in_sorted(values: npt.NDArray[ScalarT], sorted_set: npt.NDArray[ScalarT]) -> npt.NDArray[np.bool_]:
+    """`np.isin(values, sorted_set)` for an ascending, distinct `sorted_set`: a binary search per value, no
+    sort of either (numpy 2's `isin` sorts both, or hashes)."""
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return np.asarray(sorted_set[pos] == values)
+
+
 def count_repeats(values: npt.NDArray[np.generic]) -> int:
     """How many elements repeat an earlier one (`len(values) - len(np.unique(values))`)."""
     s = np.sort(values.ravel())

@@ -32,7 +32,14 @@ def connected_components(n: int, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntA
     order, and a node without edges is its own label. Runs in O((n + edges) * rounds); with the star
     edges that LSH buckets produce, rounds stay at two or three.
     """
-    parent = np.arange(n, dtype=np.int64)
+    return join_edges(np.arange(n, dtype=np.int64), src, dst)
+
+
+def join_edges(parent: IntArray, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntArray:
+    """`parent` (every node pointing at its root, the smallest node of its component) with the undirected edges
+    ``src[i] - dst[i]`` joined in; the same form back. Edges may come in any number of batches: joining them
+    one batch at a time ends where joining them all at once does, so a caller holds one batch of edges."""
+    n = parent.size
     u = np.asarray(src, dtype=np.int64)
     v = np.asarray(dst, dtype=np.int64)
     if u.shape != v.shape:

@@ -7,13 +7,14 @@ Both run as map -> shuffle -> partitioned reduce -> resolve -> transform:
   resolve      connected components over the links only (a record without a duplicate never enters it),
                the survivor of each component, and per-shard drop lists (`resolve_links`)
   transform    drop exactly the listed rows (`DropListStep.transform`)
-A partition task holds one partition's hash rows; the resolve holds a few hundred bytes per duplicate
-record, never per corpus record.
+A partition task holds one partition's hash rows; the resolve holds about a hundred bytes per duplicate
+record (near_dedup's `streamed_components`; a few hundred with a published version to protect), never per
+corpus record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.core.arrays import unique_sorted
+from operators.core.arrays import run_starts, unique_sorted
 from operators.core.step import (
     Artifacts,
     BatchResult,
@@ -35,6 +36,7 @@ from operators.core.step import (
     table_digest,
 )
 from operators.dedup.minhash import components_from_links
+from operators.dedup.unionfind import choose_keepers, join_edges
 
 N = TypeVar("N", bound="NoChurnConfig")
 
@@ -170,9 +172,74 @@ def decide_components(links: pa.Table, rows: pa.Table, priority: Callable[[pa.Ta
     else:
         survivors = unique_sorted(keep_keys)
         kept_ids = ids_of(survivors).take(pa.array(np.searchsorted(survivors, keep_keys)))
-    table = pa.table({"shard": pa.array((keys >> KEY_SHIFT).astype(np.int32)),
-                      "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
-    return table, int(comps.filter(comps["keep"]).num_rows)
+    return drop_rows(keys, kept_ids), int(comps.filter(comps["keep"]).num_rows)
+
+
+def drop_rows(keys: Keys, kept_ids: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The drop list ``shard, row, kept_id`` of the dropped record `keys`, each with its survivor's id."""
+    return pa.table({"shard": pa.array((keys >> KEY_SHIFT).astype(np.int32)),
+                     "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
+
+
+def link_nodes(links: Iterable[pa.Table]) -> tuple[Keys, npt.NDArray[np.float64]]:
+    """Every end of `links` (``key``, ``priority``, ``linked_key``, ``linked_priority``: links that carry both
+    ends' priorities) once, sorted by key, with its priority; one table of links at a time, so what is held is
+    the distinct ends so far and the tables read since they were last merged in (at most as many again), never
+    every link."""
+    keys, prio = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    pending: list[tuple[Keys, npt.NDArray[np.float64]]] = []
+    held = 0
+    for t in links:
+        pending.append(_distinct_ends(
+            np.concatenate([t["key"].to_numpy(), t["linked_key"].to_numpy()]),
+            np.concatenate([np.asarray(t["priority"].to_numpy(), np.float64),
+                            np.asarray(t["linked_priority"].to_numpy(), np.float64)])))
+        held += pending[-1][0].size
+        # A record is an end of links in many tables (a centre, in every shard that links to it): merge once
+        # the pending ends outgrow the distinct ones, so memory stays a small multiple of the linked records.
+        if held > max(keys.size, 1 << 20):
+            keys, prio = _distinct_ends(np.concatenate([keys, *(k for k, _ in pending)]),
+                                        np.concatenate([prio, *(p for _, p in pending)]))
+            pending, held = [], 0
+    if pending:
+        keys, prio = _distinct_ends(np.concatenate([keys, *(k for k, _ in pending)]),
+                                    np.concatenate([prio, *(p for _, p in pending)]))
+    return keys, prio
+
+
+def _distinct_ends(keys: Keys, prio: npt.NDArray[np.float64]) -> tuple[Keys, npt.NDArray[np.float64]]:
+    """`keys` sorted and distinct, each with its first priority (a record's priority is the same on every link)."""
+    order = np.argsort(keys, kind="stable")
+    first = order[run_starts(keys[order])]
+    return keys[first], prio[first]
+
+
+def streamed_components(links: Callable[[list[str]], Iterable[pa.Table]],
+                        ids_of: Callable[[Keys], pa.Array]) -> tuple[pa.Table, int]:
+    """`decide_components` without a published version, holding per linked record a few machine words
+    instead of every link: `links(columns)` reads the links (both ends' priorities on each) one table at a
+    time, and is read twice, once for the linked records and once to join the links into components.
+    Survivors as `decide_components` picks them (smallest priority, then smallest key); `ids_of` gives the
+    ids of the sorted distinct survivor keys it is asked for. Returns (drops as ``shard, row, kept_id``;
+    components)."""
+    keys, prio = link_nodes(links(["key", "priority", "linked_key", "linked_priority"]))
+    parent = np.arange(keys.size, dtype=np.int64)
+    for t in links(["key", "linked_key"]):
+        parent = join_edges(parent, np.searchsorted(keys, t["key"].to_numpy()),
+                            np.searchsorted(keys, t["linked_key"].to_numpy()))
+    rank = np.empty(keys.size, dtype=np.int64)
+    rank[np.lexsort((keys, prio))] = np.arange(keys.size, dtype=np.int64)  # by priority, then key
+    del prio
+    keepers = choose_keepers(parent, rank)
+    del parent, rank
+    own = np.arange(keys.size, dtype=np.int64)
+    dropped = keepers != own
+    components = int(keys.size - np.count_nonzero(dropped))
+    drop_keys, keep_keys = keys[dropped], keys[keepers[dropped]]
+    del keepers, own, dropped, keys
+    survivors = unique_sorted(keep_keys)
+    kept_ids = ids_of(survivors).take(pa.array(np.searchsorted(survivors, keep_keys)))
+    return drop_rows(drop_keys, kept_ids), components
 
 
 CLUSTER_BINS = ((2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, None))

@@ -22,7 +22,8 @@ Stages (each resumable on its own; no task holds the whole corpus):
   transform              drop listed rows with reason `near_duplicate` (detail: the kept record's id)
 Partition stages run one task per shard, each over the partitions ``k mod shards``, one partition at a time.
 Peak memory per task: one band partition (~20 bytes x bands x records / band_partitions) and the signatures
-of its candidates (~0.5 KB each), or one shard's signature rows; the resolve holds a few hundred bytes per duplicate.
+of its candidates (~0.5 KB each), or one shard's signature rows; the resolve reads the links a shard's table at a
+time and holds about a hundred bytes per linked record (`streamed_components`), never per corpus record.
 Data moved: each signature is read once by its own shard's gather task and sent only where it is a
 candidate, so I/O grows with the corpus, not with corpus x tasks.
 The decisions equal the in-memory `duplicate_components` on the whole set: every bucket is
@@ -47,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.core.arrays import run_starts, unique_sorted
+from operators.core.arrays import in_sorted, run_starts, unique_sorted
 from operators.core.step import (
     SHARD_ROWS,
     Artifacts,
@@ -77,6 +78,7 @@ from operators.steps.dedup.droplist import (
     drop_lists,
     shuffle_rows,
     sorted_links,
+    streamed_components,
 )
 from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
 from operators.text.turns import joined_turns, turn_columns
@@ -235,9 +237,9 @@ def survivor_ids(artifacts: Artifacts, survivors: npt.NDArray[np.int64]) -> pa.A
     found: list[pa.Table] = []
     for t in artifacts.iter_tables("links", columns=["key", "id", "linked_key", "linked_id"]):
         for k, i in (("key", "id"), ("linked_key", "linked_id")):
-            hit = np.isin(t[k].to_numpy(), survivors)
-            if hit.any():
-                found.append(t.filter(pa.array(hit)).select([k, i]).rename_columns(["key", "id"]))
+            hit = in_sorted(t[k].to_numpy(), survivors)
+            if hit.any():  # each survivor once per table: a centre is an end of many links
+                found.append(first_per_key(t.filter(pa.array(hit)).select([k, i]).rename_columns(["key", "id"])))
     t = first_per_key(concat_or_empty(found, FACTS.remove(FACTS.get_field_index("priority"))))
     if t.num_rows != survivors.size or not np.array_equal(t["key"].to_numpy(), survivors):
         raise ValueError("a survivor key has no id among the links")  # a bug or a torn stage: fail loudly
@@ -371,8 +373,9 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the links only; the survivor of each (highest reward, then smallest key).
 
-        Without a published version to protect, the components need only keys and priorities: the links' ids
-        are read in a second pass, and only the survivors' are kept (a third of the memory per link)."""
+        Without a published version to protect, the components need only keys and priorities, and the links
+        are read one shard's table at a time (`streamed_components`: a few machine words per linked record);
+        the survivors' ids come from a last pass."""
         def prio(r: pa.Table) -> npt.NDArray[np.float64]:
             return np.asarray(r["priority"].to_numpy(), dtype=np.float64)
 
@@ -381,11 +384,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
             drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
                                                 priority=prio, protected=self.protected)
         else:
-            cols = ["key", "linked_key", "priority", "linked_priority"]
-            links = concat_or_empty(artifacts.iter_tables("links", columns=cols), pa.schema(
-                [FACT_LINKS.field(c) for c in cols]))
-            drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
-                                                priority=prio, ids_of=lambda keys: survivor_ids(artifacts, keys))
+            drops, clusters = streamed_components(lambda cols: artifacts.iter_tables("links", columns=cols),
+                                                  ids_of=lambda keys: survivor_ids(artifacts, keys))
         records = artifacts.records_in("signatures")
         return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
 
