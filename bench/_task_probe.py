@@ -43,9 +43,9 @@ def _counted(calls: Counter[str], name: str, fn: Callable[..., Any]) -> Callable
 def main() -> None:
     """Run the task given on the command line and write its counters to the result file."""
     result_path, argv = Path(sys.argv[1]), sys.argv[2:]
-    from operators.core.startup import exit_process, skip_pandas_probe
+    from operators.core.startup import exit_process, start_process
 
-    skip_pandas_probe()
+    start_process()
     from operators.cli import main as cli_main
     from operators.core import storage
 

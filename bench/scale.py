@@ -143,6 +143,11 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     steps: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {step: dict(extra) for step, extra in STEPS}
     configs["select"]["dsir_dir"] = str(run / "dsir")
+    # The shuffles at the projected scale: there, the default of about one partition per shard (a power of two)
+    # is past its floor of 64, so a partition task holds about a shard's rows whatever the corpus. Here, with
+    # 8-24 shards, the floor would put 1/64 of a growing corpus in each partition: a growth 116M never sees.
+    for step, field in (("exact_dedup", "partitions"), ("near_dedup", "band_partitions")):
+        configs[step][field] = 1 << (2 * shards - 1).bit_length()
     # As the DAG's chain runs it (operators/orchestration/chain.py): each plan commits the step before it and plans
     # aligned to it; shard tasks go on to the next steps' record-local work, which then has no tasks of its own.
     links = chain_steps([step for step, _ in STEPS], configs=configs, inputs=[str(prev)], run=str(run),

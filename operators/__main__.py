@@ -1,8 +1,8 @@
 """Entry point for `python -m operators`."""
 
-from operators.core.startup import exit_process, skip_pandas_probe
+from operators.core.startup import exit_process, start_process
 
-skip_pandas_probe()
+start_process()
 
 from operators.cli import main  # noqa: E402  (after the probe: importing a step may build Arrow arrays)
 

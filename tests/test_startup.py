@@ -64,3 +64,26 @@ def test_exit_waits_for_a_running_worker_thread() -> None:
         exit_process(0)
     """)
     assert r.returncode == 0 and "the thread finished" in r.stdout, r.stderr
+
+
+def test_a_step_process_allocates_from_jemalloc_unless_told_otherwise() -> None:
+    """`python -m operators` picks Arrow's jemalloc pool before pyarrow loads (it returns freed memory; the
+    wheel's mimalloc default kept it, so a task's peak grew with what it had read); an operator's
+    ARROW_DEFAULT_MEMORY_POOL still wins."""
+    import os
+
+    code = """
+        from operators.core.startup import choose_memory_pool
+        choose_memory_pool()
+        import pyarrow as pa
+        print(pa.default_memory_pool().backend_name)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "jemalloc", r.stderr
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**env, "ARROW_DEFAULT_MEMORY_POOL": "system"})
+    assert r.returncode == 0 and r.stdout.strip() == "system", r.stderr
+    main = (ROOT / "operators" / "__main__.py").read_text()
+    assert main.index("start_process()") < main.index("from operators.cli")  # before pyarrow's import
