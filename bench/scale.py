@@ -88,7 +88,7 @@ class Task:
     written_mb: float
     storage_calls: int
     grouped: bool = False  # a light wave's task: several shards in turn (`--of`), `driver` counts them all
-
+    records: int = 0  # a shard task's own shard's records, when its summary says (0: not known)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,8 +184,13 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
             if not cmds:  # every shard's work was done by the upstream's fused tasks: the wave maps no task
                 empty += 1
                 continue
-            wall, done, _ = _run_wave(step, wave, cmds, mapped, grouped or (per_task if mapped else records_in),
-                                      parallel, probe_dir, grouped is not None)
+            wall, done, outs = _run_wave(step, wave, cmds, mapped, grouped or (per_task if mapped else records_in),
+                                         parallel, probe_dir, grouped is not None)
+            if wave == "run" and mapped and grouped is None:
+                # A shard task's own records: this corpus's shards are uneven (files grouped by bytes), the
+                # projected run's are not (regrouped to equal bytes), so its slowest task is fitted per record.
+                done = [replace(t, records=int(last_json_line(o)["records_in"]))
+                        for t, o in zip(done, outs, strict=True)]
             waves.append({"step": step, "wave": wave, "tasks": len(cmds), "seconds": wall})
             tasks += done
         steps[step] = {"records_in": records_in, "shards": n_shards, "input_bytes": input_bytes,
@@ -292,9 +297,13 @@ def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
 
 def _kind_summary(tasks: list[dict[str, Any]]) -> dict[str, float]:
     """One kind's tasks at one size: the driver, the mean task's seconds (what a wave of them costs), and the
-    largest task's seconds and RSS (what sizes a pod)."""
+    largest task's seconds and RSS (what sizes a pod). A shard task that knows its own records (`records`) has
+    its seconds scaled to the wave's mean driver for the largest: the projected run's shards hold equal bytes,
+    so a task that was slow here only because its shard was big is not the projection's largest."""
     core = [max(t["seconds"], t["cpu_seconds"]) for t in tasks]
-    return {"driver": max(t["driver"] for t in tasks), "seconds": sum(core) / len(core), "max_seconds": max(core),
+    driver = max(t["driver"] for t in tasks)
+    scaled = [c * driver / t["records"] if t.get("records") else c for c, t in zip(core, tasks, strict=True)]
+    return {"driver": driver, "seconds": sum(core) / len(core), "max_seconds": max(scaled),
             "rss_mb": max(t["rss_mb"] for t in tasks), "tasks": len(tasks),
             "read_mb": max(t["read_mb"] for t in tasks), "written_mb": max(t["written_mb"] for t in tasks),
             "storage_calls": max(t["storage_calls"] for t in tasks)}
