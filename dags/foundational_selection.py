@@ -5,8 +5,9 @@ filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (M
 -> decontaminate_paraphrase (rephrased benchmark prompts; off unless `paraphrase_decontam` is on) -> route
 -> dsir (importance weights toward each domain's target)
 -> select (budgets, caps, replay, KL reduction) -> export -> publish -> report
--> select_random after select (off unless `selection_ablation` is on): as many records per domain as select
-   chose, from the same pool, at random (`ablation_seed`); `<run>/select_random`, for the fine-tune's ablation
+-> select_random after select, beside the export, before publish (off unless `selection_ablation` is on): as
+   many records per domain as select chose, from the same pool, at random (`ablation_seed`);
+   `<run>/select_random`, for the fine-tune's ablation
 export validates and writes the formats in shard tasks, then commits (operators/tail.py); publish makes the next
 version of the `foundational` dataset from it and emits an event on its asset.
 Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
@@ -105,7 +106,10 @@ def foundational_selection() -> None:
                                             "seed": "{{ params.ablation_seed }}", "match_selection": f"{RUN}/select",
                                             "enabled": "{{ params.selection_ablation }}"},
                           inputs=[f"{RUN}/dsir"], output_uri=f"{RUN}/select_random", group_id="select_random")
-    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
-    last >> ablation >> first
+    # Beside the export rather than before it: it needs only select's commit, and the export's waves need nothing
+    # of it, so an ablation (or, off, its plan and reduce: two pod starts) is off the critical path; the
+    # publish, whose event may start the next DAG, still waits for it.
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational", beside=[ablation])
+    last >> [ablation, first]
 
 foundational_selection()

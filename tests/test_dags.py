@@ -91,6 +91,19 @@ def test_a_chain_commits_each_step_in_the_next_steps_plan() -> None:
     assert dag.get_task("near_dedup.plan").after_step == "exact_dedup"
 
 
+def test_the_selection_ablation_runs_beside_the_export_and_before_publish() -> None:
+    """select_random needs only select's commit: the export does not wait for it (off, its plan and reduce are
+    two pod starts off the critical path), while publish (the dataset's event) and the report do."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags" / "foundational_selection.py"))
+    dag = bag.dags["foundational_selection"]
+    assert dag.get_task("select_random.plan").upstream_task_ids == {"select.reduce"}
+    assert dag.get_task("export.plan").upstream_task_ids == {"select.reduce"}
+    assert "select_random.reduce" in dag.get_task("publish").upstream_task_ids
+    assert "select_random.reduce" in dag.get_task("report").get_flat_relative_ids(upstream=True)
+
+
 def test_ingest_source_dag_runs_end_to_end(airflow_home: dict[str, str], tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -192,21 +192,27 @@ def tail_group(step: str, step_dir: str, run: str, name: str) -> TaskGroup:
 
 
 def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None,
-                  keep: Any = "{{ params.keep_versions }}") -> tuple[TaskGroup, StepOperator]:
+                  keep: Any = "{{ params.keep_versions }}", beside: Sequence[Any] = ()
+                  ) -> tuple[TaskGroup, StepOperator]:
     """export (validate and export, spread over shard tasks) -> publish -> report for a final step output;
     returns (first, last).
 
     `publish` makes version N+1 of `dataset` under <data root>/datasets from the committed export (copies,
     not rewrites) and emits an event on its asset; `keep` (templated, a Param) is how many versions retention
-    keeps. The report stays last: a teardown."""
+    keeps. The report stays last: a teardown. `beside`: work that runs next to the export (the caller wires its
+    start) and that publish, and so the dataset's event and the report, wait for."""
     export = tail_group(step, step_dir, run, dataset or step)
     report = report_task(run)
     if dataset is None:
         export >> report
+        for task in beside:
+            task >> report
         return export, report
     publish = StepOperator(task_id="publish", action="publish", step=dataset, inputs=[step_dir], output_uri=run,
                            config={"keep": keep}, outlets=[dataset_asset(dataset)])
     export >> publish >> report
+    for task in beside:
+        task >> publish
     return export, report
 
 
