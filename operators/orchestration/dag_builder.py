@@ -100,11 +100,8 @@ def step_group(
             if st.kind in ("map", "partition"):  # a partition stage's task k reduces shuffle partitions k mod shards
                 task: Any = per_shard_tasks(plan, grouped=st.grouped, task_id=st.name, action="stage",
                                             stage=st.name, **per_shard)
-            else:
-                # Right after the plan (the map stage before it folded away), nothing mapped over no shard makes
-                # it skip when the step is up to date: it reads the plan's shard list itself.
-                gate = f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}') }}}}" if prev is plan else None
-                task = StepOperator(task_id=st.name, action="stage", stage=st.name, only_with_shards=gate, **whole)
+            else:  # never right after the plan: a reduce stage there follows a folded head and folds with it
+                task = StepOperator(task_id=st.name, action="stage", stage=st.name, **whole)
             prev >> task
             prev = task
         run = per_shard_tasks(plan, grouped=cls.grouped_run and not then, task_id="run", action="run",
@@ -203,16 +200,14 @@ def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None
     start) and that publish, and so the dataset's event and the report, wait for."""
     export = tail_group(step, step_dir, run, dataset or step)
     report = report_task(run)
-    if dataset is None:
-        export >> report
-        for task in beside:
-            task >> report
-        return export, report
-    publish = StepOperator(task_id="publish", action="publish", step=dataset, inputs=[step_dir], output_uri=run,
-                           config={"keep": keep}, outlets=[dataset_asset(dataset)])
-    export >> publish >> report
-    for task in beside:
-        task >> publish
+    last: Any = export
+    if dataset is not None:
+        last = StepOperator(task_id="publish", action="publish", step=dataset, inputs=[step_dir], output_uri=run,
+                            config={"keep": keep}, outlets=[dataset_asset(dataset)])
+        export >> last
+    for work in beside:  # before publish (and so its event), or, without a dataset, before the report
+        work >> (report if dataset is None else last)
+    last >> report
     return export, report
 
 

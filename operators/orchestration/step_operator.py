@@ -42,8 +42,7 @@ class StepOperator(BaseOperator):
     """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
 
     # `profile` is templated so a DAG can put LLM steps on GPU pods by a Param (e.g. cpu | vllm).
-    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes", "then",
-                                      "only_with_shards")
+    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes", "then")
     ui_color = "#d6eaff"
 
     def __init__(
@@ -62,7 +61,6 @@ class StepOperator(BaseOperator):
         after_step: str | None = None,
         then: Sequence[dict[str, Any]] = (),
         fold_head: bool = False,
-        only_with_shards: str | list[int] | None = None,
         plan_task_id: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -85,9 +83,6 @@ class StepOperator(BaseOperator):
         # plan that runs its step's first map stage where those did not (the DAG has no task for it).
         self.then = list(then)
         self.fold_head = fold_head
-        # A whole-step task that has nothing to do when its step's plan mapped no shard (the step is up to date):
-        # the plan's shard list (templated), so the task skips without starting the step.
-        self.only_with_shards = only_with_shards
         # A grouped wave's task (`dag_builder.per_shard_tasks`): `shard` arrives as (shard, {"slot", "of"}) and the task
         # does task `slot` of `of`'s shards; the plan's shard list (`plan_task_id`'s XCom) says how many.
         self.plan_task_id = plan_task_id
@@ -150,10 +145,6 @@ class StepOperator(BaseOperator):
             raise InvalidStepRequest(str(e)) from e
 
     def _execute(self, context: Any) -> Any:
-        if self.only_with_shards is not None and not _shard_list(self.only_with_shards):
-            from airflow.sdk.exceptions import AirflowSkipException
-
-            raise AirflowSkipException(f"step {self.step}: its plan found it committed, nothing to do")
         if isinstance(self.shard, (list, tuple)):
             self._take_slot(context)
         # A Params field left empty renders to None: it means "the step's default", so drop it.
@@ -380,13 +371,6 @@ def _pod_gone(exc: BaseException) -> str | None:
             return str(getattr(cur, "reason", "") or "Not Found") + ": " + str(getattr(cur, "body", "") or "")[:200]
         cur = cur.__cause__ or cur.__context__
     return None
-
-
-def _shard_list(value: str | list[int]) -> list[int]:
-    """A plan's shard list as a template renders it: a list (native rendering) or its JSON text."""
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip() else []
-    return [int(v) for v in value or []]
 
 
 def _defaults_dropped(config: Any) -> dict[str, Any]:

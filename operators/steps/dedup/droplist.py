@@ -189,6 +189,11 @@ def link_nodes(links: Iterable[pa.Table]) -> tuple[Keys, npt.NDArray[np.float64]
     keys, prio = np.zeros(0, np.int64), np.zeros(0, np.float64)
     pending: list[tuple[Keys, npt.NDArray[np.float64]]] = []
     held = 0
+
+    def merged() -> tuple[Keys, npt.NDArray[np.float64]]:
+        return _distinct_ends(np.concatenate([keys, *(k for k, _ in pending)]),
+                              np.concatenate([prio, *(p for _, p in pending)]))
+
     for t in links:
         pending.append(_distinct_ends(
             np.concatenate([t["key"].to_numpy(), t["linked_key"].to_numpy()]),
@@ -198,13 +203,9 @@ def link_nodes(links: Iterable[pa.Table]) -> tuple[Keys, npt.NDArray[np.float64]
         # A record is an end of links in many tables (a centre, in every shard that links to it): merge once
         # the pending ends outgrow the distinct ones, so memory stays a small multiple of the linked records.
         if held > max(keys.size, 1 << 20):
-            keys, prio = _distinct_ends(np.concatenate([keys, *(k for k, _ in pending)]),
-                                        np.concatenate([prio, *(p for _, p in pending)]))
+            keys, prio = merged()
             pending, held = [], 0
-    if pending:
-        keys, prio = _distinct_ends(np.concatenate([keys, *(k for k, _ in pending)]),
-                                    np.concatenate([prio, *(p for _, p in pending)]))
-    return keys, prio
+    return merged() if pending else (keys, prio)
 
 
 def _distinct_ends(keys: Keys, prio: npt.NDArray[np.float64]) -> tuple[Keys, npt.NDArray[np.float64]]:
