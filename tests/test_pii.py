@@ -311,3 +311,22 @@ def test_a_second_pass_adds_to_the_pii_column() -> None:
                                         _table([[("human", "call +1 (415) 555-0132"), ("gpt", "ok")]])
                                         .column("conversations")), PiiConfig().action_of()).kept
     assert [e["type"] for e in again.column("pii").to_pylist()[0]] == ["email", "phone"]
+
+
+def test_the_batch_candidate_pass_skips_only_texts_without_findings() -> None:
+    """`candidate_texts` (one RE2 pass) marks False only texts where `find_pii` finds nothing, for every type and
+    for each type alone (its pattern is built from the types asked for); plain prose is mostly skipped."""
+    import pyarrow as pa
+
+    from operators.text import pii
+
+    odd = ["Pass\u212Aey: hunter2Zx", "call 415\x1c555\x1d0134 now", "\u0664\u0661\u0665 555 0134 ok",
+           "host fe80::1 and 2a03:2880::25de", "ssh root@81.2.69.142", "postgres://app:Xk9mQ2vL@db.internal/x"]
+    texts = [_planted(t)[0] for _, _, t in PLANTED] + DECOYS + _fuzz_texts(2000, seed=9) + odd
+    for types in [PII_TYPES, *((t,) for t in PII_TYPES)]:
+        candidates = pii.candidate_texts(pa.array(texts), types)
+        missed = [t for t, c in zip(texts, candidates, strict=True) if not c and pii.find_pii(t, types)]
+        assert missed == [], (types, missed[:3])
+        assert any(pii.find_pii(t, types) for t in texts)
+    plain = ["The mitochondria is the powerhouse of the cell, and 42 is an answer.", "Sort the list in place."] * 50
+    assert not pii.candidate_texts(pa.array(plain), PII_TYPES).any()

@@ -496,6 +496,40 @@ def absent_gates(texts: pa.Array | pa.ChunkedArray, ascii_: npt.NDArray[np.bool_
             for pat, re2 in _RE2_GATES.items()}
 
 
+# Where an IP address may start: the IPv4 gate (`_IPV4_GATE`, in RE2 for ASCII text) or the IPv6 hint, whose
+# classes are ASCII in both engines.
+_RE2_IP_GATE = r"\.[0-9]{1,3}\.[0-9]|" + _IPV6_HINT.pattern
+
+
+def _candidate_pattern(types: Collection[str]) -> str:
+    """One RE2 pattern that every text holding a finding of `types` matches, if it is ASCII: the alternation of
+    each detector's necessary shapes, as `find_pii` tests them before its patterns."""
+    parts = []
+    if "secret" in types:  # a token's hint, a secret's name, a connection string
+        parts += [re.escape(h) for h, _ in _HINTS] + ["(?i:" + "|".join(_KEYWORDS) + ")", "://"]
+    if "email" in types:
+        parts.append("@")
+    if "iban" in types:
+        parts.append(_RE2_GATES[_IBAN_START])
+    if {"credit_card", "us_ssn", "phone"} & set(types):
+        parts.append(_RE2_GATES[_LONG_NUMBER])
+    if "ip_address" in types:
+        parts.append(_RE2_IP_GATE)
+    return "|".join(parts)
+
+
+def candidate_texts(texts: pa.Array | pa.ChunkedArray, types: Collection[str]) -> npt.NDArray[np.bool_]:
+    """Per text, whether any detector of `types` may find something in it, in one RE2 pass over the batch (and
+    every non-ASCII text, where RE2's classes and case folding differ from Python's). A text this marks False
+    has no finding, so a batch calls `find_pii`, and its finer batch gates, only on the others: most
+    conversational text holds none of the shapes."""
+    pattern = _candidate_pattern(types)
+    if not pattern:
+        return np.zeros(len(texts), dtype=bool)
+    hit = pc.match_substring_regex(texts, pattern=pattern).fill_null(False)
+    return np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool) | ~ascii_texts(texts)
+
+
 def find_pii(text: str, types: Collection[str] = PII_TYPES, *, token_hint: bool = True,
              secret_name: bool = True, absent: Collection[re.Pattern[str]] = ()) -> list[Finding]:
     """Every personal value and secret in `text` of the given `types`, sorted by position, none overlapping

@@ -25,6 +25,7 @@ from operators.text.pii import (
     Finding,
     absent_gates,
     ascii_texts,
+    candidate_texts,
     find_pii,
     mask,
     redact,
@@ -82,30 +83,35 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
     types = [t for t, a in actions.items() if a != "off"]
     convs = table.column("conversations").combine_chunks()
     turns = convs.flatten()
-    values = turns.field("value").to_pylist()
-    # RE2 passes over the batch's texts tell which may hold a token or a secret's name at all, and which hold
-    # no digit or fail a gate: most texts then skip most of the per-text patterns.
-    ascii_ = ascii_texts(turns.field("value"))
-    token_hint, secret_name = secret_gates(turns.field("value"), ascii_) if "secret" in types else (None, None)
-    absent = absent_gates(turns.field("value"), ascii_)
-    speakers = turns.field("from").to_pylist() if roles else None
+    texts = turns.field("value")
+    # One RE2 pass over the batch's texts tells which may hold anything at all (most hold none of the shapes);
+    # on those, finer passes tell which may hold a token or a secret's name, which hold no digit or fail a gate.
+    # The per-text patterns then run where they may find something.
+    candidates = candidate_texts(texts, types)
+    if roles:
+        candidates &= np.asarray(pc.is_in(turns.field("from"), pa.array(sorted(roles), pa.string()))
+                                 .fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    scanned = np.flatnonzero(candidates)
+    sub = texts.take(pa.array(scanned))
+    ascii_ = ascii_texts(sub)
+    secret = secret_gates(sub, ascii_) if "secret" in types else None
+    absent = absent_gates(sub, ascii_)
     offsets = convs.offsets.to_numpy()
     offsets = offsets - offsets[0]
     n = len(table)
     entries: list[list[dict[str, object]]] = [[] for _ in range(n)]
     drop = np.zeros(n, dtype=bool)
     counters: Counter[str] = Counter()
-    new_values = list(values)
-    changed = False
+    redacted: dict[int, str] = {}
     parents = np.repeat(np.arange(n), np.diff(offsets))
     names: dict[tuple[str, str], str] = {}
     last_row = -1
-    for i, text in enumerate(values):
-        if not text or (speakers is not None and speakers[i] not in roles):
+    for j, (i, text) in enumerate(zip(scanned.tolist(), sub.to_pylist(), strict=True)):
+        if not text:
             continue
-        known = [p for p, a in absent.items() if a[i]]
-        found = find_pii(text, types, absent=known) if token_hint is None or secret_name is None else \
-            find_pii(text, types, token_hint=bool(token_hint[i]), secret_name=bool(secret_name[i]), absent=known)
+        known = [p for p, a in absent.items() if a[j]]
+        found = find_pii(text, types, absent=known) if secret is None else \
+            find_pii(text, types, token_hint=bool(secret[0][j]), secret_name=bool(secret[1][j]), absent=known)
         if not found:
             continue
         row = int(parents[i])
@@ -121,18 +127,20 @@ def scan_batch(table: pa.Table, actions: dict[str, Action], roles: frozenset[str
             drop[row] |= act == "drop"
         to_redact: list[Finding] = [f for f in found if actions[f.type] == "redact"]
         if to_redact:
-            new_values[i] = redact(text, to_redact, names)
-            changed = True
-    for row in range(n):
-        acts = {e["action"] for e in entries[row]}
-        if drop[row]:
+            redacted[i] = redact(text, to_redact, names)
+    for row, found_in_row in enumerate(entries):
+        if not found_in_row or drop[row]:
             continue
+        acts = {e["action"] for e in found_in_row}
         if "redact" in acts:
             counters["records_redacted"] += 1
         if "flag" in acts:
             counters["records_flagged"] += 1
-    if changed:
-        table = replace_column(table, "conversations", _with_values(convs, turns, offsets, new_values))
+    if redacted:
+        values = texts.to_pylist()
+        for i, text in redacted.items():
+            values[i] = text
+        table = replace_column(table, "conversations", _with_values(convs, turns, offsets, values))
     found_col = pa.array(entries, pa.list_(PII_ENTRY))
     if PII_COLUMN in table.column_names:  # a second pass (the synthesized set) adds to what the first found
         found_col = _concat_lists(table.column(PII_COLUMN).combine_chunks(), found_col)
