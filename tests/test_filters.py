@@ -131,3 +131,78 @@ def test_bad_config_names_the_problem() -> None:
         FilterConfig(placeholders=["(unclosed"])
     with pytest.raises(ValidationError, match="max_repetition_ratio"):
         FilterConfig(max_repetition_ratio=2)
+
+
+def _fuzz_records(count: int, seed: int) -> list[dict[str, Any]]:
+    """Records built from pieces that sit on the batch gates' edges: whitespace only Python strips (\\x1c, \\x85,
+    U+3000) around answers, echoes in other case, refusals with curly quotes, a Kelvin sign or a dotted capital
+    I, phrases past an answer's head, placeholders, symbol soup, other scripts, system turns, missing languages."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = [GOOD_A, GOOD_Q, "I’M SORRY, BUT I CAN’T do that.", "As an AI language \u212aodel", "AS AN AI LANGUAGE MODEL",
+              "x" * 390 + " i'm sorry, but i can't", "Fill in {input} please", "[INSERT NAME]", "< insert text >",
+              "★☆♥♦♣♠" * 5, "#$%^&*" * 8, "金黄的落叶铺满小路，风一吹便沙沙作响。", "\u0130'm sorry, but \u0130 can't",
+              "ΟΔΟΣ ΣΑΣ", "the cat sat on the mat. " * 12, "ok", "   ", "\x1c\x85\u3000", "{x} <b> [1]", "İ" * 3]
+    spaces = ["", " ", "\n", "\x1c", "\x85", "\u3000", "\u00a0", "\t "]
+    clean = [(GOOD_Q, GOOD_A), ("写一个关于秋天的短句，要求有画面感。", "金黄的落叶铺满小路，风一吹便沙沙作响。" * 3),
+             ("Why is the sky blue? " * 3, "Sunlight scatters off the air, and blue light scatters most. " + GOOD_A),
+             ("Ring the bell.", "\x07\x08\x1b" * 20 + " " + GOOD_A), ("Say it.", GOOD_A + " I\u2019m sorry, but I can\u2019t."),
+             ("Who are you?", "AS AN A\u0130. " + GOOD_A)]
+    records = []
+    for i in range(count):
+        turns: list[tuple[str, str]] = [("system", rng.choice(pieces))] if rng.random() < 0.2 else []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            q, a = rng.choice(clean)
+            if rng.random() < 0.4:  # about half the records stay clean: the gates must clear them
+                q = rng.choice(pieces) + rng.choice(["", " " + rng.choice(pieces)])
+                a = rng.choice([q.upper(), q.lower() + "!", rng.choice(pieces) + " " + rng.choice(pieces), a])
+            turns += [("human", rng.choice(spaces) + q), ("gpt", rng.choice(spaces) + a + rng.choice(spaces))]
+        r = rec(turns, source=rng.choice(["src"] * 8 + ["spam", "web"]), lang=rng.choice(["en"] * 5 + ["zh", None]))
+        r["id"] = f"r{i}"
+        records.append(r)
+    return records
+
+
+@pytest.mark.parametrize("cfg", [
+    {},
+    {"languages": [], "min_answer_chars": 5, "max_non_text_ratio": 0.1, "max_repetition_ratio": 0.2},
+    # Python lowers "Aİ" to "ai" and a combining dot: "as an ai" is in it, a case-insensitive RE2 "ai" is not.
+    {"sources_allow": ["src"], "refusals": ["抱歉", "CAN'T"], "template_residue": ["ΣΑΣ", "as an ai"]},
+    {"placeholders": [r"\binsert\b", r"todo"], "min_chars": 0, "max_turns": 3},
+    {"placeholders": [], "refusals": [], "template_residue": []},
+])
+def test_batch_verdicts_equal_the_rules_record_by_record(cfg: dict[str, Any]) -> None:
+    """The batch gates decide only where the rules look: every record's verdict (kept, or the first failing
+    rule with its detail) equals `judge` on that record alone."""
+    from operators.steps.filters.gates import may_fail, placeholder_gate
+    from operators.steps.filters.rules import judge
+    from operators.steps.filters.step import filter_batch
+
+    records = _fuzz_records(600, seed=len(str(cfg)))
+    config = FilterConfig(sources_deny=["spam"], **cfg)
+    table = pa.Table.from_pylist(records, schema=CANONICAL_SCHEMA)
+    flagged, python_non_text = may_fail(table, config.settings())
+    if placeholder_gate(config.settings().placeholders) or not config.placeholders:  # else every prompt is read
+        assert (~flagged).sum() > len(records) / 8 and (~flagged & python_non_text).any()  # both paths are taken
+    res = filter_batch(table, config.settings())
+    expected = {r["id"]: judge(r["conversations"], r["source"], r["langdetect"], config.settings()) for r in records}
+    assert sorted(res.kept["id"].to_pylist()) == sorted(k for k, v in expected.items() if v is None)
+    got = {i: (reason, detail) for i, reason, detail in zip(res.dropped["id"].to_pylist(),
+                                                             res.dropped["reason"].to_pylist(),
+                                                             res.dropped["detail"].to_pylist(), strict=True)}
+    assert got == {k: v for k, v in expected.items() if v is not None}
+    assert 0 < len(got) < len(records)
+
+
+def test_gates_know_the_characters_python_reads_differently() -> None:
+    """The case-insensitive pass flags the dotted capital I (Python lowers it to two characters); the default
+    placeholders start with `<`, `[` or `{`; a pattern that starts with a word has no gate."""
+    import re
+
+    from operators.steps.filters.gates import fold_unsafe, placeholder_gate
+
+    assert "\u0130" in fold_unsafe() and "\u212a" not in fold_unsafe() and "\u03a3" not in fold_unsafe()
+    assert placeholder_gate(FilterConfig().settings().placeholders) == "<[{"
+    assert placeholder_gate((re.compile(r"\binsert\b"),)) is None
+    assert placeholder_gate((re.compile(r"(?:\{\{|<<)x"),)) == "<{"

@@ -6,17 +6,23 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
+from operators.steps.filters.gates import may_fail
 from operators.steps.filters.rules import (
     DEFAULT_PLACEHOLDERS,
     DEFAULT_REFUSALS,
     DEFAULT_TEMPLATE_RESIDUE,
     RuleSettings,
+    Verdict,
+    answer_repetition,
+    check_non_text,
     judge,
+    repetitive,
 )
 
 
@@ -81,19 +87,48 @@ class FilterStep(Step[FilterConfig]):
 
 
 def filter_batch(table: pa.Table, settings: RuleSettings) -> BatchResult:
-    """Pure transform: split canonical records into kept and dropped-with-reason."""
-    convs = table.column("conversations").to_pylist()
-    sources = table.column("source").to_pylist()
-    langs = table.column("langdetect").to_pylist()
-    keep: list[bool] = []
-    reasons: list[str] = []
-    details: list[str] = []
-    for turns, source, lang in zip(convs, sources, langs, strict=True):
-        verdict = judge(turns, source or "", lang, settings)
-        keep.append(verdict is None)
-        if verdict is not None:
-            reasons.append(verdict[0])
-            details.append(verdict[1])
+    """Pure transform: split canonical records into kept and dropped-with-reason.
+
+    Batch passes (`gates.may_fail`) clear most records of every rule but repetition; those get the repetition
+    rule on their answers (and the non-text rule, where a text is not ASCII), every other record the whole
+    `judge`. Either way the verdict is the rules' own."""
+    n = len(table)
+    flagged, non_ascii = may_fail(table, settings)
+    convs = table.column("conversations").combine_chunks()
+    starts = convs.offsets.to_numpy().astype(np.int64)
+    starts -= starts[0]
+    turn_row = np.repeat(np.arange(n), np.diff(starts))
+    turns = convs.flatten()
+    speaker, value = turns.field("from"), turns.field("value")
+    verdicts: dict[int, Verdict] = {}
+    # Flagged records: every rule, in order.
+    rows = np.flatnonzero(flagged)
+    if len(rows):
+        picked = pa.array(rows)
+        turn_idx = np.flatnonzero(flagged[turn_row])
+        speakers, values = (a.take(pa.array(turn_idx)).to_pylist() for a in (speaker, value))
+        at = [*np.searchsorted(turn_idx, starts[rows]).tolist(), len(turn_idx)]
+        for j, (row, source, lang) in enumerate(zip(rows.tolist(), table.column("source").take(picked).to_pylist(),
+                                                    table.column("langdetect").take(picked).to_pylist(), strict=True)):
+            record = [{"from": speakers[k], "value": values[k]} for k in range(at[j], at[j + 1])]
+            verdicts[row] = judge(record, source or "", lang, settings)
+    # The others: repetition on their answers, then non-text where a text is not ASCII.
+    answer_idx = np.flatnonzero(~flagged[turn_row] & np.asarray(pc.equal(speaker, "gpt").fill_null(False)))
+    answers = value.take(pa.array(answer_idx)).to_pylist()
+    for pos in repetitive(answers, settings):
+        k = int(answer_idx[pos])
+        row = int(turn_row[k])
+        if row not in verdicts:
+            verdicts[row] = answer_repetition(k - int(starts[row]), answers[pos], settings)
+    for row in np.flatnonzero(non_ascii & ~flagged).tolist():
+        if row not in verdicts:
+            texts = value.slice(int(starts[row]), int(starts[row + 1] - starts[row])).to_pylist()
+            verdicts[row] = check_non_text([{"value": t} for t in texts], settings)
+    dropped_rows = sorted(row for row, v in verdicts.items() if v is not None)
+    keep = np.ones(n, dtype=bool)
+    keep[dropped_rows] = False
+    failed = [v for row in dropped_rows if (v := verdicts[row]) is not None]
     mask = pa.array(keep, pa.bool_())
     return BatchResult(kept=table.filter(mask),
-                       dropped=dropped_table(table.filter(pc.invert(mask)), reasons, details))
+                       dropped=dropped_table(table.filter(pc.invert(mask)), [v[0] for v in failed],
+                                             [v[1] for v in failed]))
