@@ -64,8 +64,23 @@ def _match_fold(text: str) -> str:
     return _MATCH_MARKS.sub("", unicodedata.normalize("NFD", _MATCH_DELETE.sub("", text)))
 
 
+# For ASCII text (NFKC leaves it as it is, casefold is lower): letters lowered, digits kept, every other byte a
+# separator, and the apostrophe and backtick deleted (`_ASCII_MATCH_DELETE`): one bytes translate and a split,
+# several times faster than the regex over the folded text. Both paths must give the same tokens
+# (tests/test_normalize.py).
+_ASCII_MATCH = bytes(c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
+_ASCII_MATCH_DELETE = b"'`"
+
+
 def match_tokens(text: str) -> list[str]:
     """Tokens for benchmark matching: 'Don’t  SHOUT—café!' -> ['dont', 'shout', 'cafe']."""
+    if text.isascii():
+        return text.encode().translate(_ASCII_MATCH, _ASCII_MATCH_DELETE).decode().split()
+    return match_tokens_general(text)
+
+
+def match_tokens_general(text: str) -> list[str]:
+    """`match_tokens` for any text: the folding, then the token regex."""
     return _MATCH_TOKEN.findall(_match_fold(text))
 
 
