@@ -176,7 +176,7 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
             else:
                 later.append((name, *_shard_wave(stages[name].grouped, to_run, parallel, per_task, action="stage",
                                                  step=step, stage=name, **args)))
-        later.append(("run", *_shard_wave(cls.grouped_run and not link.then, to_run, parallel, per_task,
+        later.append(("run", *_shard_wave(link.grouped_run(), to_run, parallel, per_task,
                                           action="run", step=step, then=link.then, **args)))
         if i == len(links) - 1:  # the chain's last step keeps its own reduce task
             later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False, None))

@@ -171,14 +171,15 @@ def test_foundational_selection_dag_runs_end_to_end(airflow_home: dict[str, str]
     conf = {"sources": ["tiny"], "run_name": "t1", "budgets": {"math": 10, "code": 0.5, "general": 1.0},
             "target_shard_mb": 0.001, "semantic_dedup": True, "semantic_threshold": 0.999,
             "selection_ablation": True}
-    # One task of this DAG at a time: each light wave (grouped stages, select's run, the export's shard tasks) is
+    # One task of this DAG at a time: each light wave (grouped stages, dsir and select runs, the export shard tasks) is
     # one task doing both shards, as 157 shards on 64 pods are 64 tasks.
     r = dags_test({**airflow_home, "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1"}, "foundational_selection", "-c",
                   json.dumps(conf))
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     log = r.stdout + r.stderr
     for grouped, tasks in (("stage exact_dedup --stage resolve", 1), ("stage near_dedup --stage pairs", 1),
-                           ("run select", 2), ("stage select --stage kl_counts", 2), ("tail_shard select", 1)):
+                           ("run select", 2), ("stage select --stage kl_counts", 2), ("tail_shard select", 1),
+                           ("run dsir", 1)):  # fused with select's candidates, light too (fusion.grouped_run)
         # (select_random, the ablation, is a second select step)
         assert len(re.findall(rf"running: python -m operators {grouped} \(task 0 of 1 slots, 2 shard", log)) == tasks, \
             grouped

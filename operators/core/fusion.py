@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -65,6 +66,22 @@ def head(step: type[Step[Any]]) -> str | None:
         return "run"
     first = step.stages[0]
     return first.name if first.kind == "map" else None
+
+
+def light_head(step: type[Step[Any]]) -> bool:
+    """Whether `step`'s head is light work (seconds per shard at any corpus size): a `grouped_run` for a step
+    without stages, a `grouped` map stage otherwise."""
+    work = head(step)
+    if work == "run":
+        return step.grouped_run
+    return any(st.grouped for st in step.stages if st.name == work)
+
+
+def grouped_run(step: type[Step[Any]], then: Sequence[type[Step[Any]]]) -> bool:
+    """Whether the shard tasks of `step`'s run form a grouped wave (at most one task per slot, each doing several
+    shards in turn): its run is light, and so is every head its tasks go on to (`then`). A light fused wave is
+    one round instead of several, each of which pays a pod start."""
+    return step.grouped_run and all(light_head(t) for t in then)
 
 
 def folded_stages(step: type[Step[Any]]) -> list[str]:

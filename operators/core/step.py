@@ -339,7 +339,8 @@ class Step(ABC, Generic[C]):
     # Auxiliary stages that must complete, in order, before the record transform runs.
     stages: ClassVar[tuple[Stage, ...]] = ()
     # Whether the record transform of one shard is light (seconds at any corpus size): a DAG groups its shard
-    # tasks like a `grouped` stage's. A fused run (`then`) is never light.
+    # tasks like a `grouped` stage's; a fused run (`then`) only when every head it goes on to is light too
+    # (`fusion.grouped_run`).
     grouped_run: ClassVar[bool] = False
     # Partition stages whose partitions are the plan's shards (rows gathered back to their own shard): their
     # width follows the shard count, so a night's new shards must not change a first map stage's content key.

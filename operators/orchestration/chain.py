@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.core.fusion import folded_stages, head
+from operators.core.fusion import folded_stages, grouped_run, head
 from operators.core.registry import step_class
 from operators.core.step import Step
 
@@ -29,6 +29,10 @@ class ChainLink:
     then: list[dict[str, Any]] = field(default_factory=list)  # its shard tasks' fused work (`run --then`)
     fold_head: bool = False  # no task for its first map stage (the upstream's shard tasks run it) nor for a
     # reduce stage right after it (the plan runs it): `fusion.folded_stages`
+
+    def grouped_run(self) -> bool:
+        """Whether its run's shard tasks form a grouped wave (`fusion.grouped_run`)."""
+        return grouped_run(step_class(self.step), [step_class(t["step"]) for t in self.then])
 
     def stage_tasks(self) -> list[str]:
         """The step's stages that have tasks of their own, in order."""

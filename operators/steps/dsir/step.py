@@ -73,6 +73,7 @@ class DSIRStep(Step[DSIRConfig]):
     name: ClassVar[str] = "dsir"
     config_model: ClassVar[type[StepConfig]] = DSIRConfig
     stages: ClassVar[tuple[Stage, ...]] = (Stage("counts", "map"), Stage("fit", "reduce"))
+    grouped_run: ClassVar[bool] = True  # a shard's run scores its records with the fitted models: seconds per shard
 
     def __init__(self, config: DSIRConfig) -> None:
         super().__init__(config)

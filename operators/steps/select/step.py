@@ -199,7 +199,7 @@ class SelectStep(Step[SelectConfig]):
     version: ClassVar[int] = 2  # bounded stages; decisions unchanged
     config_model: ClassVar[type[StepConfig]] = SelectConfig
     stages: ClassVar[tuple[Stage, ...]] = (
-        Stage("candidates", "map"), Stage("cutoffs", "reduce"), Stage("boundary", "map", grouped=True),
+        Stage("candidates", "map", grouped=True), Stage("cutoffs", "reduce"), Stage("boundary", "map", grouped=True),
         Stage("decide", "reduce"), Stage("kl_counts", "map", grouped=True), Stage("kl", "reduce"))
     grouped_run: ClassVar[bool] = True  # a shard's run keeps or drops by the decided lists: seconds per shard
 
