@@ -16,7 +16,7 @@ import numpy.typing as npt
 IntArray = npt.NDArray[np.int64]
 
 
-def _compress(parent: IntArray) -> IntArray:
+def _compress(parent: npt.NDArray[np.signedinteger]) -> npt.NDArray[np.signedinteger]:
     """Point every node straight at its root (pointer jumping: depth halves each pass)."""
     while True:
         grand = parent[parent]
@@ -35,13 +35,15 @@ def connected_components(n: int, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntA
     return join_edges(np.arange(n, dtype=np.int64), src, dst)
 
 
-def join_edges(parent: IntArray, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntArray:
+def join_edges(parent: npt.NDArray[np.signedinteger], src: npt.ArrayLike, dst: npt.ArrayLike
+               ) -> npt.NDArray[np.signedinteger]:
     """`parent` (every node pointing at its root, the smallest node of its component) with the undirected edges
-    ``src[i] - dst[i]`` joined in; the same form back. Edges may come in any number of batches: joining them
-    one batch at a time ends where joining them all at once does, so a caller holds one batch of edges."""
+    ``src[i] - dst[i]`` joined in; the same form back, the same integer type (`node_dtype`). Edges may come in
+    any number of batches: joining them one batch at a time ends where joining them all at once does, so a
+    caller holds one batch of edges."""
     n = parent.size
-    u = np.asarray(src, dtype=np.int64)
-    v = np.asarray(dst, dtype=np.int64)
+    u = np.asarray(src, dtype=parent.dtype)
+    v = np.asarray(dst, dtype=parent.dtype)
     if u.shape != v.shape:
         raise ValueError(f"src and dst differ in length: {u.shape} vs {v.shape}")
     if u.size and (min(u.min(), v.min()) < 0 or max(u.max(), v.max()) >= n):
@@ -62,19 +64,25 @@ def join_edges(parent: IntArray, src: npt.ArrayLike, dst: npt.ArrayLike) -> IntA
     return parent
 
 
-def choose_keepers(labels: IntArray, rank: IntArray) -> IntArray:
+def node_dtype(n: int) -> type[np.signedinteger]:
+    """The narrowest index type for `n` nodes: int32 below 2**31 (half the memory of a whole-corpus resolve)."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def choose_keepers(labels: npt.NDArray[np.signedinteger], rank: npt.NDArray[np.signedinteger]
+                   ) -> npt.NDArray[np.signedinteger]:
     """For each node, the node its component keeps: the member with the smallest ``rank``.
 
     ``rank`` is a permutation of ``0..n-1`` (a total order of the nodes, e.g. by priority then id),
-    which makes the choice independent of edge order, sharding and retries.
+    which makes the choice independent of edge order, sharding and retries. Integer arrays of any width
+    (`node_dtype`); the result has the labels' type.
     """
-    labels = np.asarray(labels, dtype=np.int64)
-    rank = np.asarray(rank, dtype=np.int64)
+    labels, rank = np.asarray(labels), np.asarray(rank)
     if labels.shape != rank.shape:
         raise ValueError("labels and rank must have the same shape")
     n = labels.size
-    best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    best = np.full(n, np.iinfo(rank.dtype).max, dtype=rank.dtype)
     np.minimum.at(best, labels, rank)  # best rank per component, indexed by the component label
-    node_of_rank = np.empty(n, dtype=np.int64)
-    node_of_rank[rank] = np.arange(n, dtype=np.int64)
+    node_of_rank = np.empty(n, dtype=labels.dtype)
+    node_of_rank[rank] = np.arange(n, dtype=labels.dtype)
     return node_of_rank[best[labels]]

@@ -36,7 +36,7 @@ from operators.core.step import (
     table_digest,
 )
 from operators.dedup.minhash import components_from_links
-from operators.dedup.unionfind import choose_keepers, join_edges
+from operators.dedup.unionfind import choose_keepers, join_edges, node_dtype
 
 N = TypeVar("N", bound="NoChurnConfig")
 
@@ -181,63 +181,68 @@ def drop_rows(keys: Keys, kept_ids: pa.Array | pa.ChunkedArray) -> pa.Table:
                      "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
 
 
-def link_nodes(links: Iterable[pa.Table]) -> tuple[Keys, npt.NDArray[np.float64]]:
-    """Every end of `links` (``key``, ``priority``, ``linked_key``, ``linked_priority``: links that carry both
-    ends' priorities) once, sorted by key, with its priority; one table of links at a time, so what is held is
+def link_keys(links: Iterable[pa.Table]) -> Keys:
+    """Every end of `links` (``key``, ``linked_key``) once, sorted; one table of links at a time, so what is held is
     the distinct ends so far and the tables read since they were last merged in (at most as many again), never
     every link."""
-    keys, prio = np.zeros(0, np.int64), np.zeros(0, np.float64)
-    pending: list[tuple[Keys, npt.NDArray[np.float64]]] = []
+    keys = np.zeros(0, np.int64)
+    pending: list[Keys] = []
     held = 0
-
-    def merged() -> tuple[Keys, npt.NDArray[np.float64]]:
-        return _distinct_ends(np.concatenate([keys, *(k for k, _ in pending)]),
-                              np.concatenate([prio, *(p for _, p in pending)]))
-
     for t in links:
-        pending.append(_distinct_ends(
-            np.concatenate([t["key"].to_numpy(), t["linked_key"].to_numpy()]),
-            np.concatenate([np.asarray(t["priority"].to_numpy(), np.float64),
-                            np.asarray(t["linked_priority"].to_numpy(), np.float64)])))
-        held += pending[-1][0].size
+        pending.append(unique_sorted(np.concatenate([t["key"].to_numpy(), t["linked_key"].to_numpy()])))
+        held += pending[-1].size
         # A record is an end of links in many tables (a centre, in every shard that links to it): merge once
         # the pending ends outgrow the distinct ones, so memory stays a small multiple of the linked records.
         if held > max(keys.size, 1 << 20):
-            keys, prio = merged()
-            pending, held = [], 0
-    return merged() if pending else (keys, prio)
+            keys, pending, held = _merged(keys, pending), [], 0
+    return _merged(keys, pending) if pending else keys
 
 
-def _distinct_ends(keys: Keys, prio: npt.NDArray[np.float64]) -> tuple[Keys, npt.NDArray[np.float64]]:
-    """`keys` sorted and distinct, each with its first priority (a record's priority is the same on every link)."""
-    order = np.argsort(keys, kind="stable")
-    first = order[run_starts(keys[order])]
-    return keys[first], prio[first]
+def _merged(keys: Keys, pending: list[Keys]) -> Keys:
+    merged = np.concatenate([keys, *pending])
+    merged.sort()  # in place: no second copy of every end
+    return merged[run_starts(merged)]
+
+
+def link_ranks(keys: Keys, links: Iterable[pa.Table], index: type[np.signedinteger]) -> npt.NDArray[np.signedinteger]:
+    """Each of `keys` (sorted, every end of `links`) ranked by its priority, then its key, as `index` integers:
+    the priorities (``priority``, ``linked_priority``: a record's is the same on every link) are read one table
+    at a time into one array, turned into ranks and let go."""
+    prio = np.empty(keys.size, dtype=np.float64)
+    for t in links:
+        prio[np.searchsorted(keys, t["key"].to_numpy())] = t["priority"].to_numpy()
+        prio[np.searchsorted(keys, t["linked_key"].to_numpy())] = t["linked_priority"].to_numpy()
+    rank = np.empty(keys.size, dtype=index)
+    # `keys` ascend, so a stable sort by priority orders by priority, then key.
+    rank[np.argsort(prio, kind="stable")] = np.arange(keys.size, dtype=index)
+    return rank
 
 
 def streamed_components(links: Callable[[list[str]], Iterable[pa.Table]],
                         ids_of: Callable[[Keys], pa.Array]) -> tuple[pa.Table, int]:
     """`decide_components` without a published version, holding per linked record a few machine words
     instead of every link: `links(columns)` reads the links (both ends' priorities on each) one table at a
-    time, and is read twice, once for the linked records and once to join the links into components.
+    time, and is read three times: for the linked records, their priorities, and to join the links into
+    components.
     Survivors as `decide_components` picks them (smallest priority, then smallest key); `ids_of` gives the
     ids of the sorted distinct survivor keys it is asked for. Returns (drops as ``shard, row, kept_id``;
     components)."""
-    keys, prio = link_nodes(links(["key", "priority", "linked_key", "linked_priority"]))
-    parent = np.arange(keys.size, dtype=np.int64)
+    # Three reads of the links: their ends, their ends' priorities (turned into ranks at once), their edges.
+    # Indices are in the narrowest type (int32 below 2**31 linked records), so a linked record costs its key,
+    # a rank and a parent (16 bytes) after the first read, where keys with their priorities, merged, took 90.
+    keys = link_keys(links(["key", "linked_key"]))
+    index = node_dtype(keys.size)
+    rank = link_ranks(keys, links(["key", "priority", "linked_key", "linked_priority"]), index)
+    parent = np.arange(keys.size, dtype=index)
     for t in links(["key", "linked_key"]):
         parent = join_edges(parent, np.searchsorted(keys, t["key"].to_numpy()),
                             np.searchsorted(keys, t["linked_key"].to_numpy()))
-    rank = np.empty(keys.size, dtype=np.int64)
-    rank[np.lexsort((keys, prio))] = np.arange(keys.size, dtype=np.int64)  # by priority, then key
-    del prio
     keepers = choose_keepers(parent, rank)
     del parent, rank
-    own = np.arange(keys.size, dtype=np.int64)
-    dropped = keepers != own
+    dropped = keepers != np.arange(keys.size, dtype=index)
     components = int(keys.size - np.count_nonzero(dropped))
     drop_keys, keep_keys = keys[dropped], keys[keepers[dropped]]
-    del keepers, own, dropped, keys
+    del keepers, dropped, keys
     survivors = unique_sorted(keep_keys)
     kept_ids = ids_of(survivors).take(pa.array(np.searchsorted(survivors, keep_keys)))
     return drop_rows(drop_keys, kept_ids), components
