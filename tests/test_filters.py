@@ -140,14 +140,16 @@ def _fuzz_records(count: int, seed: int) -> list[dict[str, Any]]:
     import random
 
     rng = random.Random(seed)
-    pieces = [GOOD_A, GOOD_Q, "I’M SORRY, BUT I CAN’T do that.", "As an AI language \u212aodel", "AS AN AI LANGUAGE MODEL",
+    pieces = [GOOD_A, GOOD_Q, "I’M SORRY, BUT I CAN’T do that.", "As an AI language \u212aodel",
+              "AS AN AI LANGUAGE MODEL",
               "x" * 390 + " i'm sorry, but i can't", "Fill in {input} please", "[INSERT NAME]", "< insert text >",
               "★☆♥♦♣♠" * 5, "#$%^&*" * 8, "金黄的落叶铺满小路，风一吹便沙沙作响。", "\u0130'm sorry, but \u0130 can't",
               "ΟΔΟΣ ΣΑΣ", "the cat sat on the mat. " * 12, "ok", "   ", "\x1c\x85\u3000", "{x} <b> [1]", "İ" * 3]
     spaces = ["", " ", "\n", "\x1c", "\x85", "\u3000", "\u00a0", "\t "]
     clean = [(GOOD_Q, GOOD_A), ("写一个关于秋天的短句，要求有画面感。", "金黄的落叶铺满小路，风一吹便沙沙作响。" * 3),
              ("Why is the sky blue? " * 3, "Sunlight scatters off the air, and blue light scatters most. " + GOOD_A),
-             ("Ring the bell.", "\x07\x08\x1b" * 20 + " " + GOOD_A), ("Say it.", GOOD_A + " I\u2019m sorry, but I can\u2019t."),
+             ("Ring the bell.", "\x07\x08\x1b" * 20 + " " + GOOD_A),
+             ("Say it.", GOOD_A + " I\u2019m sorry, but I can\u2019t."),
              ("Who are you?", "AS AN A\u0130. " + GOOD_A)]
     records = []
     for i in range(count):
