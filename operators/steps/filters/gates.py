@@ -161,17 +161,22 @@ def _byte_counts(value: pa.StringArray, table: bytes) -> tuple[npt.NDArray[np.in
     return non_text, slots, ((first | last) & _SPACE) > 0, sizes
 
 
+def flat_turns(table: pa.Table) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], pa.Array, pa.Array]:
+    """A batch's turns flattened: each record's first turn (one past the end last), each turn's record, and the
+    turns' speakers and texts."""
+    convs = table.column("conversations").combine_chunks()
+    starts = convs.offsets.to_numpy().astype(np.int64)
+    starts -= starts[0]
+    turns = convs.flatten()
+    return starts, np.repeat(np.arange(len(table)), np.diff(starts)), turns.field("from"), turns.field("value")
+
+
 def may_fail(table: pa.Table, s: RuleSettings) -> tuple[Mask, Mask]:
     """Per record: whether a rule other than repetition and non-text may fail it (False proves that every such
     rule passes; True sends the record to `rules.judge`), and whether the non-text rule must be computed in
     Python (a non-ASCII text; for the others it is decided here, a failure flagged)."""
     n = len(table)
-    convs = table.column("conversations").combine_chunks()
-    starts = convs.offsets.to_numpy().astype(np.int64)
-    starts -= starts[0]
-    turn_row = np.repeat(np.arange(n), np.diff(starts))
-    turns = convs.flatten()
-    speaker, value = turns.field("from"), turns.field("value")
+    starts, turn_row, speaker, value = flat_turns(table)
     turn_flag = _bools(pc.is_null(value)) | _bools(pc.is_null(speaker))
     value = value.fill_null("")
     # The lists and the language: exact.

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from operators.core.step import BatchResult, Step, StepConfig, dropped_table
-from operators.steps.filters.gates import may_fail
+from operators.steps.filters.gates import flat_turns, may_fail
 from operators.steps.filters.rules import (
     DEFAULT_PLACEHOLDERS,
     DEFAULT_REFUSALS,
@@ -94,12 +94,7 @@ def filter_batch(table: pa.Table, settings: RuleSettings) -> BatchResult:
     `judge`. Either way the verdict is the rules' own."""
     n = len(table)
     flagged, non_ascii = may_fail(table, settings)
-    convs = table.column("conversations").combine_chunks()
-    starts = convs.offsets.to_numpy().astype(np.int64)
-    starts -= starts[0]
-    turn_row = np.repeat(np.arange(n), np.diff(starts))
-    turns = convs.flatten()
-    speaker, value = turns.field("from"), turns.field("value")
+    starts, turn_row, speaker, value = flat_turns(table)
     verdicts: dict[int, Verdict] = {}
     # Flagged records: every rule, in order.
     rows = np.flatnonzero(flagged)
