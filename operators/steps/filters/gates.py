@@ -39,17 +39,25 @@ def _re2_class(chars: str) -> str:
     return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in chars) + "]"
 
 
-@functools.cache
+# Every character `str.strip()` removes (`str.isspace`), for Arrow's `utf8_trim`; and the characters a
+# case-insensitive RE2 literal may miss where `str.lower` then `in` finds it (the dotted capital I lowers to two
+# characters). Both follow from the Unicode tables of the pinned Python and pyarrow; constants, because computing
+# them costs every filter process half a second, and tests/test_filters.py recomputes them (`python_whitespace`,
+# `fold_unsafe`), so an upgrade that moves either fails there.
+PYTHON_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                     "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+FOLD_UNSAFE = "\u0130"
+
+
 def python_whitespace() -> str:
-    """Every character `str.strip()` removes (`str.isspace`), for Arrow's `utf8_trim`."""
+    """Every character `str.strip()` removes, from the installed tables (`PYTHON_WHITESPACE` is this)."""
     return "".join(c for c in map(chr, range(0x110000)) if c.isspace())
 
 
-@functools.cache
 def fold_unsafe() -> str:
     """The characters a case-insensitive RE2 literal may miss where Python's `str.lower` then `in` finds it: those
-    that lower to several characters (the Turkish dotted I) or to one outside their RE2 case-folding orbit,
-    with the Unicode tables installed. In a text free of them, every phrase `str.lower` finds, `(?i)` finds."""
+    that lower to several characters or to one outside their RE2 case-folding orbit, with the Unicode tables
+    installed (`FOLD_UNSAFE` is this). In a text free of them, every phrase `str.lower` finds, `(?i)` finds."""
     unsafe = []
     for c in map(chr, range(0x110000)):
         low = c.lower()
@@ -202,7 +210,7 @@ def may_fail(table: pa.Table, s: RuleSettings) -> tuple[Mask, Mask]:
     stripped = chars.copy()
     edged = np.flatnonzero(edge_space)
     if len(edged):
-        trimmed = pc.utf8_trim(value.take(pa.array(edged)), python_whitespace())
+        trimmed = pc.utf8_trim(value.take(pa.array(edged)), PYTHON_WHITESPACE)
         stripped[edged] = pc.utf8_length(trimmed).to_numpy(zero_copy_only=False)
     last_human = np.maximum.accumulate(np.where(human, np.arange(len(human)), -1)) if len(human) else turn_row
     prompt = np.where(last_human >= starts[turn_row], stripped[np.maximum(last_human, 0)], 0)
@@ -210,7 +218,7 @@ def may_fail(table: pa.Table, s: RuleSettings) -> tuple[Mask, Mask]:
     # Refusals and template residue in answers: a case-insensitive literal pass finds every phrase `str.lower`
     # finds, and more (anywhere in an answer, not only its head), unless a text holds a character it may miss.
     phrases = _folded_literals(s.refusals + s.template_residue)
-    unsafe = fold_unsafe()
+    unsafe = FOLD_UNSAFE
     pattern = "|".join(x for x in ("(?i)" + phrases if phrases else "", _re2_class(unsafe) if unsafe else "") if x)
     turn_flag |= gpt & _matches(value, pattern)
     # Unfilled placeholders in prompts: a match starts with one of the gate's characters, or every prompt is
