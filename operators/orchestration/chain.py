@@ -31,14 +31,20 @@ class ChainLink:
     # reduce stage right after it (the plan runs it): `fusion.folded_stages`
 
     def grouped_run(self) -> bool:
-        """Whether its run's shard tasks form a grouped wave (`fusion.grouped_run`)."""
-        return grouped_run(step_class(self.step), [step_class(t["step"]) for t in self.then])
+        """Whether its run's shard tasks form a grouped wave (`run_grouped`)."""
+        return run_grouped(self.step, self.then)
 
     def stage_tasks(self) -> list[str]:
         """The step's stages that have tasks of their own, in order."""
         cls = step_class(self.step)
         folded = folded_stages(cls) if self.fold_head else []
         return [st.name for st in cls.stages if st.name not in folded]
+
+
+def run_grouped(step: str, then: Sequence[dict[str, Any]]) -> bool:
+    """Whether `step`'s run, going on to the fused work `then` (`run --then`), is a grouped wave
+    (`fusion.grouped_run`)."""
+    return grouped_run(step_class(step), [step_class(t["step"]) for t in then])
 
 
 def chain_steps(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inputs: list[str] | str, run: str,

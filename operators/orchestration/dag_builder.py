@@ -22,10 +22,10 @@ from typing import Any
 from airflow.sdk import Asset, TaskGroup, XComArg, task
 from airflow.sdk.definitions._internal.contextmanager import DagContext
 
-from operators.core.fusion import folded_stages, grouped_run
+from operators.core.fusion import folded_stages
 from operators.core.registry import FOUNDATIONAL_STEPS as FOUNDATIONAL_STEPS  # the DAGs' chain, re-exported
 from operators.core.registry import step_class
-from operators.orchestration.chain import chain_steps
+from operators.orchestration.chain import chain_steps, run_grouped
 from operators.orchestration.pod_spec import shard_profile
 from operators.orchestration.step_operator import StepOperator
 
@@ -104,8 +104,8 @@ def step_group(
                 task = StepOperator(task_id=st.name, action="stage", stage=st.name, **whole)
             prev >> task
             prev = task
-        light = grouped_run(cls, [step_class(t["step"]) for t in then])
-        run = per_shard_tasks(plan, grouped=light, task_id="run", action="run", then=list(then), **per_shard)
+        run = per_shard_tasks(plan, grouped=run_grouped(step, then), task_id="run", action="run", then=list(then),
+                              **per_shard)
         prev >> run
         if not commit:
             return group

@@ -144,17 +144,17 @@ def _byte_classes(slot_starts: str) -> bytes:
 
 
 def _byte_counts(value: pa.StringArray, table: bytes) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64],
-                                                                npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+                                                                npt.NDArray[np.bool_]]:
     """Per text: its non-text bytes and its bytes that open a placeholder (both rare, so counted from their
-    positions), whether its first or last byte may be whitespace, and its length in bytes."""
+    positions), and whether its first or last byte may be whitespace."""
     width = np.int64 if pa.types.is_large_string(value.type) else np.int32
-    offsets = np.frombuffer(value.buffers()[1], dtype=width)[value.offset:value.offset + len(value) + 1]
-    offsets = offsets.astype(np.int64) - int(offsets[0])
-    start = int(np.frombuffer(value.buffers()[1], dtype=width)[value.offset])
+    bounds = np.frombuffer(value.buffers()[1], dtype=width)[value.offset:value.offset + len(value) + 1]
+    start = int(bounds[0])
+    offsets = bounds.astype(np.int64) - start
     n = len(value)
     if n == 0 or offsets[-1] == 0:
         zeros = np.zeros(n, dtype=np.int64)
-        return zeros, zeros, np.zeros(n, dtype=bool), zeros
+        return zeros, zeros, np.zeros(n, dtype=bool)
     data = value.buffers()[2]
     codes = np.frombuffer(bytes(memoryview(data)[start:start + int(offsets[-1])]).translate(table), dtype=np.uint8)
     where = np.flatnonzero(codes & (_NON_TEXT | _OPENS_SLOT))
@@ -162,11 +162,10 @@ def _byte_counts(value: pa.StringArray, table: bytes) -> tuple[npt.NDArray[np.in
     flags = codes[where]
     non_text = np.bincount(text_of, weights=flags & _NON_TEXT, minlength=n).astype(np.int64)
     slots = np.bincount(text_of, weights=flags & _OPENS_SLOT, minlength=n).astype(np.int64)
-    sizes = np.diff(offsets)
-    nonempty = sizes > 0
+    nonempty = offsets[1:] > offsets[:-1]
     first = np.where(nonempty, codes[np.minimum(offsets[:-1], len(codes) - 1)], 0)
     last = np.where(nonempty, codes[np.maximum(offsets[1:] - 1, 0)], 0)
-    return non_text, slots, ((first | last) & _SPACE) > 0, sizes
+    return non_text, slots, ((first | last) & _SPACE) > 0
 
 
 def flat_turns(table: pa.Table) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], pa.Array, pa.Array]:
@@ -204,7 +203,7 @@ def may_fail(table: pa.Table, s: RuleSettings) -> tuple[Mask, Mask]:
     n_chars = _per_row(chars, turn_row, n)
     flag |= (n_turns < s.min_turns) | (n_turns > s.max_turns) | (n_chars < s.min_chars) | (n_chars > s.max_chars)
     gate = placeholder_gate(s.placeholders) if s.placeholders else None
-    non_text, slots, edge_space, _ = _byte_counts(value, _byte_classes(gate or ""))
+    non_text, slots, edge_space = _byte_counts(value, _byte_classes(gate or ""))
     # Answers: empty ones exactly; an echo is possible only when an answer's length is near its prompt's.
     # Stripped lengths: a text whose first and last bytes cannot be whitespace strips to itself.
     stripped = chars.copy()
@@ -218,8 +217,7 @@ def may_fail(table: pa.Table, s: RuleSettings) -> tuple[Mask, Mask]:
     # Refusals and template residue in answers: a case-insensitive literal pass finds every phrase `str.lower`
     # finds, and more (anywhere in an answer, not only its head), unless a text holds a character it may miss.
     phrases = _folded_literals(s.refusals + s.template_residue)
-    unsafe = FOLD_UNSAFE
-    pattern = "|".join(x for x in ("(?i)" + phrases if phrases else "", _re2_class(unsafe) if unsafe else "") if x)
+    pattern = "|".join(x for x in ("(?i)" + phrases if phrases else "", _re2_class(FOLD_UNSAFE)) if x)
     turn_flag |= gpt & _matches(value, pattern)
     # Unfilled placeholders in prompts: a match starts with one of the gate's characters, or every prompt is
     # searched.

@@ -145,6 +145,7 @@ _ASCII_NON_WORD_BYTES = bytes(c if chr(c).isalnum() or c == 95 else 32 for c in 
 
 
 def _window_tokens(text: str) -> list[str] | list[bytes]:
+    """The word tokens of `text`'s first `REPETITION_WINDOW` characters (bytes for ASCII text, `words` otherwise)."""
     text = text[:REPETITION_WINDOW]
     if text.isascii():
         return text.encode().lower().translate(_ASCII_NON_WORD_BYTES).split()
@@ -153,7 +154,7 @@ def _window_tokens(text: str) -> list[str] | list[bytes]:
 
 def repeated_ngram_ratio(text: str, n: int) -> float:
     """Fraction of word n-grams that repeat an earlier n-gram (0 for texts shorter than 2n words)."""
-    return _ngram_ratio(words(text[:REPETITION_WINDOW]), n)
+    return _ngram_ratio(_window_tokens(text), n)
 
 
 def answer_repetition(i: int, answer: str, s: RuleSettings) -> Verdict:
@@ -170,10 +171,7 @@ def repetitive(answers: Sequence[str], s: RuleSettings) -> list[int]:
     n, limit = s.repetition_ngram, s.max_repetition_ratio
     failed = []
     for pos, text in enumerate(answers):
-        window = text[:REPETITION_WINDOW]
-        toks = window.encode().lower().translate(_ASCII_NON_WORD_BYTES).split() if window.isascii() else \
-            words(window)
-        if len(toks) >= 2 * n and _ngram_ratio(toks, n, limit) > limit:
+        if _ngram_ratio(_window_tokens(text), n, limit) > limit:
             failed.append(pos)
     return failed
 
