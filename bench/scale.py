@@ -12,15 +12,16 @@
    runs it (operators/orchestration/chain.py): per step `plan` (committing the step before it), its stage tasks
    (map and partition stages once per shard, reduce stages once) and `run` per shard, where each shard task goes
    on to the next steps' record-local work on its shard (fused; `--unfused` measures without) and a wave whose
-   every shard the fused tasks did maps no task (projected at one scheduler cost); the chain's last `reduce`;
-   then the tail: the export group (its plan, a shard task per select shard that
+   every shard the fused tasks did maps no task (projected at one scheduler cost); a stage-less step those tasks
+   always run has no tasks (the next plan commits it: `--through`); then the tail: the export group (its plan,
+   which commits select, a shard task per select shard that
    validates and exports its parts, the commit), publish and report. Every task is its own
    `python -m operators` process (through bench._task_probe), `--parallel` at a time, so each task's wall
    time, CPU seconds, peak RSS, bytes read and written, and storage calls are its own. Both sizes use the
    same number of shards, so the records per shard-task double with the corpus.
 2. **Fit.** A task kind is (step, wave). Its driver is the records it handles: a per-shard task (map,
    partition, run) handles its shard's share of the step's input, a whole-step task (plan, reduce stages,
-   the step's reduce, the tail) the whole input. Each kind's mean task seconds (the larger of wall and CPU: a
+   the tail) the whole input. Each kind's mean task seconds (the larger of wall and CPU: a
    pod has one core), slowest task seconds and largest peak RSS are fitted as `a + b * driver` through the two
    sizes, `b >= 0`. A kind is "constant" when its cost moved less than 15% (or 0.5 s and 16 MiB) while its
    driver doubled; else it grows "with its shard" (a per-shard task: bounded by the shard size) or "with the
@@ -154,10 +155,13 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     links = chain_steps([step for step, _ in STEPS], configs=configs, inputs=[str(prev)], run=str(run),
                         common={"target_shard_bytes": shard_bytes}, fuse=fuse)
     for i, link in enumerate(links):
-        step, out = link.step, Path(link.output)
+        # Its input: the step before it, committed by this plan (with any stage-less steps between, which have
+        # no tasks: `ChainLink.through`).
+        step, out, prev = link.step, Path(link.output), Path(link.inputs[0])
         args: dict[str, Any] = {"config": link.config, "inputs": link.inputs, "output": link.output}
         plan_wall, plan_tasks, plan_out = _run_wave(step, "plan", [step_arguments(
-            "plan", step, after=link.after, fold_head=link.fold_head, **args)], False, 0.0, parallel, probe_dir)
+            "plan", step, after=link.after, fold_head=link.fold_head, through=link.through, **args)], False, 0.0,
+            parallel, probe_dir)
         # The upstream's stats exist once this plan has committed it.
         records_in = int(json.loads((prev / "stats.json").read_text())["records_kept"])
         input_bytes = _kept_bytes(prev)
@@ -178,8 +182,6 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
                                                  step=step, stage=name, **args)))
         later.append(("run", *_shard_wave(link.grouped_run(), to_run, parallel, per_task,
                                           action="run", step=step, then=link.then, **args)))
-        if i == len(links) - 1:  # the chain's last step keeps its own reduce task
-            later.append(("reduce", [step_arguments("reduce", step, output=str(out))], False, None))
         empty = 0
         for wave, cmds, mapped, grouped in later:
             if not cmds:  # every shard's work was done by the upstream's fused tasks: the wave maps no task
@@ -198,12 +200,14 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
                        "bytes_per_record": input_bytes / max(records_in, 1), "empty_waves": empty,
                        **({"aligned_to": links[0].step} if link.after else {})}
         prev = out
-    selected = int(json.loads((prev / "stats.json").read_text())["records_kept"])
-    # The tail's export group as the DAG runs it: its plan, a shard task per select shard, the commit.
+    # The tail's export group as the DAG runs it: its plan (which commits the chain's last step, select), a shard
+    # task per select shard, the commit.
     targs: dict[str, Any] = {"config": {"validate": True, "run": str(run), "name": "foundational"},
                              "inputs": [str(prev)], "output": str(run / "export")}
-    plan_wall, plan_tasks, plan_out = _run_wave("export", "plan", [step_arguments("tail_plan", "select", **targs)],
-                                                False, selected, parallel, probe_dir)
+    plan_wall, plan_tasks, plan_out = _run_wave("export", "plan", [step_arguments(
+        "tail_plan", "select", after="select", **targs)], False, 0.0, parallel, probe_dir)
+    selected = int(json.loads((prev / "stats.json").read_text())["records_kept"])
+    plan_tasks = [replace(t, driver=selected) for t in plan_tasks]
     n_tail = len(last_json_line(plan_out[0])["shards"])
     waves.append({"step": "export", "wave": "plan", "tasks": 1, "seconds": plan_wall})
     tasks += plan_tasks

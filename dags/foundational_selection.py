@@ -10,7 +10,9 @@ filter -> pii (redact personal data and secrets) -> exact_dedup -> near_dedup (M
    `<run>/select_random`, for the fine-tune's ablation
 export validates and writes the formats in shard tasks, then commits (operators/tail.py); publish makes the next
 version of the `foundational` dataset from it and emits an event on its asset.
-Every step is a task group (plan, stages, shards mapped, reduce); every task is resumable on its own.
+A step is a task group (plan, stages, shards mapped); each plan commits the step before it, the export's plan
+commits select. pii has no group: filter's shard tasks run it on their shards and exact_dedup's plan commits it
+(docs/architecture.md#fused-shard-tasks). Every task is resumable on its own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from typing import Any
 
 from airflow.sdk import dag
 
-from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain, step_group
+from operators.orchestration.dag_builder import (
+    FOUNDATIONAL_STEPS,
+    chain_into_export,
+    publish_tasks,
+    step_chain,
+    step_group,
+)
 from operators.orchestration.params import (
     ENCODER_PROFILE,
     PARAPHRASE_CONFIG,
@@ -99,17 +107,19 @@ def foundational_selection() -> None:
     }
     last = step_chain(STEPS, configs=configs, inputs="{{ source_dirs(params.sources) }}", run=RUN,
                       common=sharding_config(), profiles={"semantic_dedup": ENCODER_PROFILE,
-                                                           "decontaminate_paraphrase": ENCODER_PROFILE})
+                                                           "decontaminate_paraphrase": ENCODER_PROFILE},
+                      commit_last=False)
     # The DSIR-vs-random ablation: the same select over the same scored pool, ranked by a seeded id hash, taking
     # as many records per domain as the DSIR selection did (so it runs after it).
     ablation = step_group("select", config={**configs["select"], **sharding_config(), "ranking": "random",
                                             "seed": "{{ params.ablation_seed }}", "match_selection": f"{RUN}/select",
                                             "enabled": "{{ params.selection_ablation }}"},
                           inputs=[f"{RUN}/dsir"], output_uri=f"{RUN}/select_random", group_id="select_random")
-    # Beside the export rather than before it: it needs only select's commit, and the export's waves need nothing
-    # of it, so an ablation (or, off, its plan and reduce: two pod starts) is off the critical path; the
-    # publish, whose event may start the next DAG, still waits for it.
-    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational", beside=[ablation])
-    last >> [ablation, first]
+    # Beside the export rather than before it: it needs only select's commit (the export's plan makes it), and
+    # the export's waves need nothing of it, so an ablation (or, off, its plan and reduce: two pod starts) is off
+    # the critical path; the publish, whose event may start the next DAG, still waits for it.
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational", beside=[ablation],
+                             commit_step=True)
+    chain_into_export(last, first) >> ablation
 
 foundational_selection()

@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, publish_tasks, step_chain
+from operators.orchestration.dag_builder import FOUNDATIONAL_STEPS, chain_into_export, publish_tasks, step_chain
 from operators.orchestration.params import (
     incremental_configs,
     incremental_params,
@@ -76,8 +76,9 @@ def nightly_refresh() -> None:
 
     configs = incremental_configs(RUN)
     last = step_chain(STEPS, configs=configs, inputs="{{ ti.xcom_pull(task_ids='inputs') }}", run=RUN,
-                      common=sharding_config(), after=sources)
-    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational")
-    last >> first
+                      common=sharding_config(), after=sources, commit_last=False)
+    # The export's plan commits select (one pod start fewer than a reduce task of its own).
+    first, _ = publish_tasks("select", f"{RUN}/select", RUN, dataset="foundational", commit_step=True)
+    chain_into_export(last, first)
 
 nightly_refresh()

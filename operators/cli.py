@@ -42,7 +42,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from operators.core import storage
-from operators.core.fusion import Then, adopt_heads, run_then
+from operators.core.fusion import Then, Through, adopt_heads, commit_through, head, run_then
 from operators.core.manifest import Manifest, clear_off, read_manifest, read_off, step_manifest_uri, write_off
 from operators.core.registry import STEPS, UnknownStepError, step_class
 from operators.core.runner import (
@@ -113,6 +113,28 @@ def _then_steps(value: str | None) -> list[tuple[Then, Step[Any]]]:
     return out
 
 
+def _through_steps(value: str | None, step_input: list[str]) -> list[tuple[Through, Step[Any]]]:
+    """`plan --through`: the stage-less steps between the upstream (the first one's input) and this step, in
+    order, validated before any work: each reads the one before it, and this step (`step_input`) the last."""
+    if value is None or not value.strip():
+        return []
+    out: list[tuple[Through, Step[Any]]] = []
+    for item in _json_arg(value, "--through (a list of {step, config, input, output})", list):
+        piece = _validated(Through, item, "--through")
+        if head(step_class(piece.step)) != "run":
+            raise ConfigError(f"--through: step {piece.step} has stages; only a stage-less step is committed on "
+                              "the way")
+        expected = storage.validate_uri(out[-1][0].output) if out else storage.validate_uri(piece.input)
+        if storage.validate_uri(piece.input) != expected:
+            raise ConfigError(f"--through: step {piece.step} reads {piece.input}, not {expected}, the output "
+                              "before it")
+        out.append((piece, build_step(piece.step, piece.config)))
+    if out and [storage.validate_uri(u) for u in step_input] != [storage.validate_uri(out[-1][0].output)]:
+        raise ConfigError(f"--through: this step reads {step_input}, not {out[-1][0].output}, the last one's "
+                          "output")
+    return out
+
+
 def _emit(result: dict[str, Any], xcom_file: str | None) -> None:
     line = json.dumps(result, sort_keys=True)
     if xcom_file:
@@ -179,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
                             help="first commit STEP, the upstream step whose output is the one --input (its "
                                  "reduce, in this task: one task and one pod start fewer per step); plan aligned "
                                  "to its shards and commit what its fused shard tasks prepared")
+            sp.add_argument("--through", default=None, metavar="JSON",
+                            help="with --after: stage-less steps between STEP and this one, a JSON list of "
+                                 "{step, config, input, output}, each reading the one before; commit each here "
+                                 "(what STEP's fused shard tasks prepared, the rest run here) before planning")
             sp.add_argument("--fold-head", action="store_true",
                             help="with --after: the DAG has no task for this step's first map stage nor for a "
                                  "reduce stage right after it; run what the upstream's shard tasks did not "
@@ -198,6 +224,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --shard K: task K of a grouped wave of SLOTS tasks (as for `stage`)")
     part.add_argument("--commit", action="store_true", help="commit the shard tasks' work (_EXPORT.json)")
     ep.add_argument("--validate", action="store_true", help="run the great-expectations suite (validation.json)")
+    ep.add_argument("--after", default=None, metavar="STEP",
+                    help="with --plan: first commit STEP, the step whose output is --input (its reduce, in this "
+                         "task: one pod start fewer)")
     ep.add_argument("--run", default=None, help="run root: also index its dedup steps' survivors (for publish)")
     ep.add_argument("--xcom-file", default=None)
     rp = sub.add_parser("report")
@@ -350,7 +379,11 @@ def _export_command(args: argparse.Namespace) -> int:
 
     formats = tuple(args.formats.split(","))
     try:
+        if args.after and not args.plan:
+            raise ConfigError("export --after is for --plan")
         if args.plan:
+            if args.after:
+                log.info("step %s committed: %s", args.after, _reduce(args.after, args.input))
             _emit({"shards": tail_to_run(args.input, args.output, formats, args.validate)}, args.xcom_file)
             return 0
         if args.shard is not None:
@@ -469,12 +502,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("run --then needs --shard: it goes on with one shard")
         if args.command == "plan" and args.fold_head and not args.after:
             raise ConfigError("plan --fold-head needs --after")
+        if args.command == "plan" and args.through and not args.after:
+            raise ConfigError("plan --through needs --after")
+        committed: list[dict[str, Any]] = []  # a plan's upstream, then the steps it commits on the way
         if args.command == "plan" and args.after:
             if len(args.input) != 1:
                 raise ConfigError("plan --after needs exactly one --input: the upstream step's output")
-            upstream = _reduce(args.after, args.input[0])
-            log.info("upstream step %s committed: %s", args.after,
-                     {k: upstream.get(k) for k in ("records_in", "records_kept", "off") if k in upstream})
+            through = _through_steps(args.through, args.input)
+            committed.append(_reduce(args.after, through[0][0].input if through else args.input[0]))
+            committed += [commit_through(st, piece) for piece, st in through]
+            for upstream in committed:
+                log.info("upstream step %s committed: %s", upstream["step"],
+                         {k: upstream.get(k) for k in ("records_in", "records_kept", "off") if k in upstream})
         if args.command in ("plan", "run") and getattr(args, "shard", None) is None:
             if not args.input:
                 raise ConfigError(f"{args.command} needs at least one --input")
@@ -489,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
             to_run, adopted = shards_to_run(plan, args.output), 0
             if args.after:
                 to_run, adopted = adopt_heads(step, args.output, plan, to_run, fold_head=args.fold_head)
+            passed = {"through": [{k: c[k] for k in ("step", "prepared", "ran_here", "records_in", "records_kept")
+                                   if k in c} for c in committed[1:]]} if committed[1:] else {}
             _emit({"shards": [s.index for s in plan.shards], "to_run": to_run, "config_hash": plan.config_hash,
-                   "prepared": adopted}, args.xcom_file)
+                   "prepared": adopted, **passed}, args.xcom_file)
             return 0
         if args.command == "stage":
             plan = load_plan(args.output)

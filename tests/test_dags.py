@@ -91,15 +91,37 @@ def test_a_chain_commits_each_step_in_the_next_steps_plan() -> None:
     assert dag.get_task("near_dedup.plan").after_step == "exact_dedup"
 
 
+def test_a_stage_less_step_the_upstream_always_runs_has_no_tasks() -> None:
+    """pii after filter: every filter shard task goes on to pii on its shard, so pii has no group; exact_dedup's
+    plan commits filter, then pii (`plan --through`), and waits on filter's shard tasks."""
+    from airflow.sdk import DAG
+
+    from operators.orchestration.dag_builder import step_chain
+
+    with DAG("through_shape", schedule=None) as dag:
+        step_chain(["filter", "pii", "exact_dedup"], configs={}, inputs=["/in"], run="/run")
+    assert not [t.task_id for t in dag.tasks if t.task_id.startswith("pii.")]
+    plan = dag.get_task("exact_dedup.plan")
+    assert plan.after_step == "filter" and plan.upstream_task_ids == {"filter.plan", "filter.run"}
+    assert [(p["step"], p["input"], p["output"]) for p in plan.through] == [("pii", "/run/filter", "/run/pii")]
+    assert plan.inputs == ["/run/pii"]
+    assert [p["step"] for p in dag.get_task("filter.run").partial_kwargs["then"]] == ["pii", "exact_dedup"]
+
+
 def test_the_selection_ablation_runs_beside_the_export_and_before_publish() -> None:
-    """select_random needs only select's commit: the export does not wait for it (off, its plan and reduce are
-    two pod starts off the critical path), while publish (the dataset's event) and the report do."""
+    """select_random needs only select's commit, which the export's plan makes (select has no reduce task): the
+    export's waves do not wait for it (off, its plan and reduce are two pod starts off the critical path), while
+    publish (the dataset's event) and the report do."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags" / "foundational_selection.py"))
     dag = bag.dags["foundational_selection"]
-    assert dag.get_task("select_random.plan").upstream_task_ids == {"select.reduce"}
-    assert dag.get_task("export.plan").upstream_task_ids == {"select.reduce"}
+    assert not dag.has_task("select.reduce")
+    plan = dag.get_task("export.plan")
+    assert plan.upstream_task_ids == {"select.plan", "select.run"} and plan.after_step == "select"
+    assert plan.trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("select_random.plan").upstream_task_ids == {"export.plan"}
+    assert "export.shard" not in dag.get_task("select_random.plan").get_flat_relative_ids(upstream=True)
     assert "select_random.reduce" in dag.get_task("publish").upstream_task_ids
     assert "select_random.reduce" in dag.get_task("report").get_flat_relative_ids(upstream=True)
 

@@ -47,9 +47,12 @@ def run_chain(links: list[ChainLink], slots: int | None = None) -> dict[str, dic
     for link in links:
         common: dict[str, Any] = {"output": link.output, "config": link.config}
         plan = cli(step_arguments("plan", link.step, inputs=link.inputs, after=link.after, fold_head=link.fold_head,
-                                  **common))
+                                  through=link.through, **common))
         shards = plan["to_run"]
         prepared[link.step] = plan["prepared"]
+        for passed in plan.get("through", []):  # committed by this plan; none may have run here
+            prepared[passed["step"]] = passed["prepared"] - passed["ran_here"]
+            head_tasks[passed["step"]] = 0
         cls = step_class(link.step)
         stages = {st.name: st for st in cls.stages}
 
@@ -142,7 +145,11 @@ def test_fused_chain_writes_what_the_unfused_chain_writes(runs: dict[str, Any], 
     for step in ("exact_dedup", "near_dedup"):
         assert sum(comparable_stats(f"{fused['run']}/{step}")["dropped_by_reason"].values()) > 0, step
     assert comparable_stats(f"{fused['run']}/select")["records_kept"] > 0
-    # Fused, the heads of pii, decontaminate and route ran in the upstream's shard tasks; unfused, in their own.
+    # Fused, pii, decontaminate and route ran in the upstream's shard tasks and have no tasks of their own (the next
+    # plan commits them); unfused, each has its plan and shard tasks.
+    assert [link.step for link in fused["links"]] == ["filter", "exact_dedup", "near_dedup", "dsir", "select"]
+    assert {link.step: [t["step"] for t in link.through] for link in fused["links"] if link.through} == {
+        "exact_dedup": ["pii"], "dsir": ["decontaminate", "route"]}
     for step in ("pii", "decontaminate", "route"):
         assert unfused["head_tasks"][step] == SHARDS and fused["head_tasks"][step] == 0, step
     for step in ("exact_dedup", "near_dedup", "dsir", "select"):
@@ -197,3 +204,50 @@ def test_bad_fusion_arguments_are_refused_before_any_work(tmp_path: Path) -> Non
     assert cli_main(["run", "filter", *cfg, "--shard", "0", "--then", bad]) == 2
     assert cli_main(["plan", "filter", *cfg, "--fold-head"]) == 2
     assert not (tmp_path / "filter").exists() and not (tmp_path / "pii").exists()
+
+
+def test_a_step_committed_on_the_way_runs_what_was_not_prepared(tmp_path: Path) -> None:
+    """`plan --through`: when the upstream is up to date and only the stage-less step between changed (pii's
+    actions), the upstream's shard tasks do not run, so the next plan runs every pii shard itself; pii is
+    then committed under its new config, equal to pii run on its own, with its ledger."""
+    from operators.cli import build_step
+    from operators.core.runner import read_step_table, run_all
+
+    write_instruction_corpus(tmp_path / "raw", 300, n_files=3, seed=11)
+    ingest = str(tmp_path / "ingest")
+    cli(["run", "ingest", "--config", json.dumps({"source_name": "bench", "target_shard_bytes": 1}),
+         "--input", str(tmp_path / "raw"), "--output", ingest])
+    run = str(tmp_path / "run")
+    steps = ("filter", "pii", "exact_dedup")
+    common = {"target_shard_bytes": 1, "shard_multiple": 3}
+    run_chain(chain_steps(steps, configs=CONFIGS, inputs=[ingest], run=run, common=common))
+    before = read_manifest(step_manifest_uri(storage.validate_uri(f"{run}/pii")))
+    configs = {**CONFIGS, "pii": {"actions": {"email": "drop"}}}
+    link = chain_steps(steps, configs=configs, inputs=[ingest], run=run, common=common)[1]
+    assert link.step == "exact_dedup" and [t["step"] for t in link.through] == ["pii"]
+    plan = cli(step_arguments("plan", link.step, inputs=link.inputs, after=link.after, fold_head=link.fold_head,
+                              through=link.through, output=link.output, config=link.config))
+    assert [(t["step"], t["prepared"], t["ran_here"]) for t in plan["through"]] == [("pii", 0, 3)]
+    alone = str(tmp_path / "pii_alone")
+    run_all(build_step("pii", link.through[0]["config"]), [f"{run}/filter"], alone)
+    after = read_manifest(step_manifest_uri(storage.validate_uri(f"{run}/pii")))
+    assert before is not None and after is not None and after.config_hash != before.config_hash
+    stats = comparable_stats(f"{run}/pii")
+    assert stats == comparable_stats(alone) and stats["records_in"] > 0
+    for kind in ("data", "dropped"):
+        assert read_step_table(f"{run}/pii", kind).equals(read_step_table(alone, kind)), kind
+
+
+def test_bad_through_arguments_are_refused_before_any_work(tmp_path: Path) -> None:
+    """`plan --through` needs `--after`, takes only stage-less steps, and each must read the one before it and
+    the planned step the last one's output: each refused with exit code 2, nothing written."""
+    up, pii, out = (str(tmp_path / s) for s in ("filter", "pii", "exact_dedup"))
+    piece = {"step": "pii", "config": {}, "input": up, "output": pii}
+    plan = ["plan", "exact_dedup", "--config", "{}", "--input", pii, "--output", out]
+    assert cli_main([*plan, "--through", json.dumps([piece])]) == 2  # no --after
+    after = [*plan, "--after", "filter", "--through"]
+    assert cli_main([*after, json.dumps([{**piece, "step": "near_dedup"}])]) == 2  # has stages
+    assert cli_main([*after, json.dumps([piece, {**piece, "step": "route", "input": up}])]) == 2  # a gap
+    assert cli_main([*after, json.dumps([{**piece, "output": str(tmp_path / "elsewhere")}])]) == 2  # not the input
+    assert cli_main([*after, json.dumps([{**piece, "config": {"actions": {"nope": "drop"}}}])]) == 2
+    assert not any(tmp_path.iterdir())

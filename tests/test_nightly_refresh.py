@@ -96,7 +96,7 @@ def test_nightly_refresh_dag_parses(airflow_home: dict[str, str]) -> None:
     assert info["errors"] == {}
     assert info["schedule"] == "@daily" and info["catchup"] is False
     assert info["max_active_runs"] == 1  # a second night waits queued until the first has finished
-    assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.reduce", "export.plan",
+    assert {"find_new", "ingest", "inputs", "filter.plan", "near_dedup.pairs", "select.run", "export.plan",
             "export.shard", "export.commit", "report"} <= set(info["tasks"])
     assert {"sources", "run_name", "budgets"} <= set(info["params"])
 

@@ -238,13 +238,12 @@ def test_a_dag_runs_per_shard_tasks_on_one_core_and_whole_step_tasks_on_the_cpu_
         stages = step_class(step).stages
         assert not any(dag.has_task(f"{step}.{st.name}") for st in stages[:1]), step
         per_shard = ["run", *[st.name for st in stages[1:] if st.kind in ("map", "partition")]]
-        # In the chain a step's reduce runs in the next step's plan; the chain's last step keeps its own.
-        assert dag.has_task(f"{step}.reduce") == (step == "select")
+        # In the chain a step's reduce runs in the next step's plan; the chain's last step's in the export's.
+        assert not dag.has_task(f"{step}.reduce")
         # ... and so does a reduce stage right after that head (select's cutoffs): the plan runs it.
         folded = folded_stages(step_class(step)) if step != "filter" else []
         assert not any(dag.has_task(f"{step}.{name}") for name in folded), step
-        whole = ["plan", *(["reduce"] if step == "select" else []),
-                 *[st.name for st in step_class(step).stages if st.kind == "reduce" and st.name not in folded]]
+        whole = ["plan", *[st.name for st in stages if st.kind == "reduce" and st.name not in folded]]
         assert {t: profile(dag.get_task(f"{step}.{t}")) for t in per_shard} == dict.fromkeys(per_shard, "cpu-1")
         assert {t: profile(dag.get_task(f"{step}.{t}")) for t in whole} == dict.fromkeys(whole, "cpu")
     for step in ("semantic_dedup", "decontaminate_paraphrase"):  # the encoder steps: the Param's profile, every task

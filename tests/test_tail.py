@@ -194,3 +194,21 @@ def test_on_s3_the_version_is_a_server_side_copy_of_the_export(tmp_path: Path, s
     for u in copied:
         assert storage.read_bytes(u) == storage.read_bytes(f"{run}/export/hf/data/{u.rsplit('/', 1)[1]}")
     assert draft.manifest["counts"]["splits"]["train"] == read_step_table(sel).num_rows
+
+
+def test_the_tail_plan_commits_the_step_it_exports_when_asked(tmp_path: Path) -> None:
+    """`export --plan --after select`: a DAG whose chain ends in select has no reduce task for it; the export's
+    plan commits it (from its committed shards) before listing the shard tasks. `--after` is for the plan only."""
+    sel = _step(tmp_path, _labelled(12))
+    committed = read_manifest(step_manifest_uri(sel))
+    assert committed is not None
+    storage.delete(step_manifest_uri(sel))  # as the chain leaves it: every shard committed, the step not
+    args = ["--input", sel, "--output", str(tmp_path / "export"), "--validate", "--name", "demo"]
+    assert run_cli("export", "--shard", "0", "--after", "select", *args).returncode == 2
+    assert read_manifest(step_manifest_uri(sel)) is None
+    r = run_cli("export", "--plan", "--after", "select", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"shards": tail_shards(sel)}
+    again = read_manifest(step_manifest_uri(sel))
+    assert again is not None and again.config_hash == committed.config_hash
+    assert [f.path for f in again.files] == [f.path for f in committed.files]

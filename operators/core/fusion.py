@@ -19,6 +19,11 @@ files, committed by the same code (tests/test_fusion.py checks them against an u
 
 A step that is off is skipped (its plan passes the input on); a step the DAG runs elsewhere (another pod
 profile) ends the fused work, as does a head whose content key the step cannot state.
+
+A stage-less step whose every shard the upstream's shard tasks always prepare (`pii` after `filter`) needs no
+task at all: the next step's plan commits it on its way (`plan --through`, `commit_through`), as it commits the
+upstream (`plan --after`). Its plan task would have been a pod start to adopt what was prepared and its shard
+wave an empty map.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from operators.core import storage
-from operators.core.manifest import Manifest, read_manifest, shard_manifest_uri
+from operators.core.manifest import Manifest, clear_off, read_manifest, shard_manifest_uri, write_off
 from operators.core.runner import (
     PREPARED,
     StorageArtifacts,
     adopt_shard,
+    make_plan,
+    reduce_step,
     run_map_stage,
     run_reduce_stage,
     run_shard,
+    shards_to_run,
     step_identity,
 )
 from operators.core.step import Plan, ShardSpec, Step
@@ -57,6 +65,13 @@ class Then(BaseModel):
     config: dict[str, Any] = {}
     output: str
     stop_if_on: bool = False
+
+
+class Through(Then):
+    """A stage-less step a plan commits before planning its own (`plan --through`): as a `Then`, plus the
+    folder it reads (the upstream's output, or the previous such step's)."""
+
+    input: str
 
 
 def head(step: type[Step[Any]]) -> str | None:
@@ -197,3 +212,24 @@ def adopt_heads(step: Step[Any], step_dir: str, plan: Plan, shards: list[int], f
         for later in folded_stages(type(step))[1:]:
             run_reduce_stage(step, step_dir, plan, later)
     return (pending if stage is None else list(shards)), len(shards) - len(pending)
+
+
+def commit_through(step: Step[Any], piece: Through) -> dict[str, Any]:
+    """At the plan of the step after it (`plan --through`): plan stage-less `step` aligned to its input, commit
+    every shard the upstream's fused tasks prepared, run the rest here (a cleared or failed fused task, or a
+    changed config of this step alone: slow, and logged), and commit the step. Its summary, with how many shards
+    were `prepared` upstream and how many `ran_here`."""
+    if step.is_off():
+        write_off(piece.output, [piece.input])
+        return {"step": step.name, "output": piece.output, "off": True}
+    clear_off(piece.output)
+    plan = make_plan(step, [piece.input], piece.output, aligned=True)
+    pending, prepared = adopt_heads(step, piece.output, plan, shards_to_run(plan, piece.output))
+    if pending:
+        log.warning("step %s: %d shard(s) were not prepared upstream; running them in this task", step.name,
+                    len(pending))
+        for k in pending:
+            run_shard(step, piece.output, plan, k)
+    m = reduce_step(step.name, piece.output)
+    return {"step": step.name, "output": piece.output, "prepared": prepared, "ran_here": len(pending),
+            **m.stats.model_dump(mode="json")}

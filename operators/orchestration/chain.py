@@ -1,5 +1,6 @@
 """A chain of steps as the DAGs run it, without Airflow: each step's inputs, output, the upstream its plan
-commits, the fused work its shard tasks go on to, and whether its first map stage has a task of its own.
+commits (and the stage-less steps it commits on the way, which have no tasks), the fused work its shard tasks
+go on to, and whether its first map stage has a task of its own.
 
 `dag_builder.step_chain` makes task groups of it; tests and `bench/scale.py` run the same chain as CLI tasks,
 so all three run one design (operators/core/fusion.py says what fusing does).
@@ -29,6 +30,8 @@ class ChainLink:
     then: list[dict[str, Any]] = field(default_factory=list)  # its shard tasks' fused work (`run --then`)
     fold_head: bool = False  # no task for its first map stage (the upstream's shard tasks run it) nor for a
     # reduce stage right after it (the plan runs it): `fusion.folded_stages`
+    through: list[dict[str, Any]] = field(default_factory=list)  # stage-less steps between `after` and this one,
+    # which the upstream's shard tasks always run: its plan commits them (`plan --through`), they have no tasks
 
     def grouped_run(self) -> bool:
         """Whether its run's shard tasks form a grouped wave (`run_grouped`)."""
@@ -52,16 +55,23 @@ def chain_steps(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inp
                 fuse: bool = True) -> list[ChainLink]:
     """`steps` in order, each reading the one before under `run` (the first reads `inputs`); `common` joins every
     step's config, `profiles` names a step's pod profile (default cpu). `fuse`: shard tasks go on to the next steps'
-    record-local work, and a step whose first map stage they always run has no task for it."""
+    record-local work; a step whose first map stage they always run has no task for it, and a stage-less step
+    they always run (not the last) has no task at all: the next link's plan commits it (`ChainLink.through`)."""
     profile = {s: (profiles or {}).get(s, "cpu") for s in steps}
     config = {s: {**configs.get(s, {}), **(common or {})} for s in steps}
-    links = []
+    links: list[ChainLink] = []
+    through: list[dict[str, Any]] = []
     for i, step in enumerate(steps):
+        source = inputs if i == 0 else [f"{run}/{steps[i - 1]}"]
+        if fuse and links and i < len(steps) - 1 and _passes_through(links[-1].step, step, profile):
+            through.append({"step": step, "config": config[step], "input": source[0], "output": f"{run}/{step}"})
+            continue
         # Only CPU pods go on to CPU work (an encoder step's GPU pod does not run the steps after it).
         then = fused_then(steps[i + 1:], config, profile, run) if fuse and profile[step] == "cpu" else []
-        links.append(ChainLink(step, config[step], inputs if i == 0 else [f"{run}/{steps[i - 1]}"], f"{run}/{step}",
-                               profile[step], steps[i - 1] if i else None, then,
-                               fuse and i > 0 and _folds_head(steps[i - 1], step, profile)))
+        links.append(ChainLink(step, config[step], source, f"{run}/{step}", profile[step],
+                               links[-1].step if links else None, then,
+                               fuse and bool(links) and _folds_head(links[-1].step, step, profile), through))
+        through = []
     return links
 
 
@@ -95,9 +105,22 @@ def fused_then(following: Sequence[str], config: dict[str, dict[str, Any]], prof
     return out
 
 
+def _goes_on(upstream: str, step: str, profile: dict[str, str]) -> bool:
+    """Whether every shard task of `upstream` (on CPU pods, never off) goes on to `step`'s head (a fusable step on
+    CPU pods)."""
+    return (_fusable(step) and _fusable(upstream) and profile[upstream] == "cpu" and profile[step] == "cpu"
+            and step_class(upstream).is_off is Step.is_off)
+
+
 def _folds_head(upstream: str, step: str, profile: dict[str, str]) -> bool:
-    """Whether `step`'s first map stage needs no task of its own: the shard tasks of `upstream` (on CPU pods,
-    never off) always go on to it, so the plan finds it prepared."""
-    cls, up = step_class(step), step_class(upstream)
-    return (bool(cls.stages) and _fusable(step) and _fusable(upstream) and profile[upstream] == "cpu"
-            and profile[step] == "cpu" and up.is_off is Step.is_off)
+    """Whether `step`'s first map stage needs no task of its own: the shard tasks of `upstream` always go on to
+    it, so the plan finds it prepared."""
+    return bool(step_class(step).stages) and _goes_on(upstream, step, profile)
+
+
+def _passes_through(owner: str, step: str, profile: dict[str, str]) -> bool:
+    """Whether stage-less `step` needs no tasks: the shard tasks of `owner` (the last step with tasks; any steps
+    between are such steps too) always run it, and it is never off, so the next plan finds every shard prepared
+    and commits it."""
+    cls = step_class(step)
+    return not cls.stages and cls.is_off is Step.is_off and _goes_on(owner, step, profile)

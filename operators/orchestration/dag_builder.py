@@ -71,11 +71,14 @@ def step_group(
     commit: bool = True,
     then: Sequence[dict[str, Any]] = (),
     fold_head: bool = False,
+    through: Sequence[dict[str, Any]] = (),
 ) -> TaskGroup:
     """A TaskGroup that plans, runs every stage and shard of `step`, and commits it.
 
     `after_step`: the upstream step whose output is `inputs`; the plan commits it first (its reduce, fused).
     `commit` False: no reduce task; the next step's plan commits this one (`step_chain`).
+    `through`: the stage-less steps between `after_step` and this one (they have no tasks); the plan commits them
+    after the upstream (`plan --through`).
     `then`: the chain's next steps whose record-local work each shard task runs after its own (fused,
     operators/core/fusion.py); `fold_head`: no task for this step's first map stage, the upstream's shard tasks
     run it (and the plan what they did not), nor for a reduce stage right after it, which the plan runs.
@@ -90,7 +93,7 @@ def step_group(
         # A fused plan runs when the upstream's plan found it committed and its shard tasks skipped, as a
         # reduce does.
         fused: dict[str, Any] = {"after_step": after_step, "trigger_rule": "none_failed_min_one_success",
-                                 "fold_head": fold_head} if after_step else {}
+                                 "fold_head": fold_head, "through": list(through)} if after_step else {}
         plan = StepOperator(task_id="plan", action="plan", **whole, **fused)
         prev: Any = plan
         folded = folded_stages(cls) if fold_head and after_step else []
@@ -131,9 +134,11 @@ def report_task(output_uri: str, task_id: str = "report") -> StepOperator:
 
 def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inputs: list[str] | str, run: str,
                common: dict[str, Any] | None = None, after: Any = None,
-               profiles: dict[str, str] | None = None) -> Any:
+               profiles: dict[str, str] | None = None, commit_last: bool = True) -> Any:
     """Step groups in order, each reading the previous one's output under `run`; returns the last group.
     `profiles` names the pod profile of a step whose default `cpu` does not fit (an encoder on a GPU).
+    `commit_last` False: the last group has no reduce either; the export's plan commits it
+    (`publish_tasks(after_step=...)`).
 
     Each step but the last is committed by the next one's plan (`plan --after`); only the last group has a
     reduce task. The next plan waits on the shard tasks and on the plan of the step it commits, so it runs
@@ -141,13 +146,15 @@ def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inpu
 
     Fused: each step after the first is planned aligned to the one before, so every shard task also runs the
     next steps' record-local work on its shard (`chain.fused_then`), and their plans commit it instead of mapping
-    tasks for it (operators/core/fusion.py)."""
+    tasks for it (operators/core/fusion.py); a stage-less step they always run has no group: the next plan
+    commits it (`ChainLink.through`)."""
     previous, previous_plan = after, None
-    for i, link in enumerate(chain_steps(steps, configs=configs, inputs=inputs, run=run, common=common,
-                                         profiles=profiles)):
+    links = chain_steps(steps, configs=configs, inputs=inputs, run=run, common=common, profiles=profiles)
+    for link in links:
         group = step_group(link.step, config=link.config, inputs=link.inputs, output_uri=link.output,
-                           profile=link.profile, after_step=link.after, commit=i == len(steps) - 1, then=link.then,
-                           fold_head=link.fold_head)
+                           profile=link.profile, after_step=link.after, commit=commit_last and link is links[-1],
+                           then=link.then,
+                           fold_head=link.fold_head, through=link.through)
         if previous is not None:
             previous >> group
         plan = group.children[f"{group.group_id}.plan"]
@@ -169,14 +176,18 @@ def asset_schedule(name: str) -> list[Asset] | None:
     return [dataset_asset(name)] if on else None
 
 
-def tail_group(step: str, step_dir: str, run: str, name: str) -> TaskGroup:
+def tail_group(step: str, step_dir: str, run: str, name: str, commit_step: bool = False) -> TaskGroup:
     """The tail of a run as a task group `export` (operators/tail.py): `plan` lists the shard tasks, each
     `shard` validates and exports its share of the step's parts (one-core pods), `commit` checks id
-    uniqueness, writes validation.json and commits the export, or fails the run naming what broke."""
+    uniqueness, writes validation.json and commits the export, or fails the run naming what broke.
+    `commit_step`: the plan first commits `step` (its reduce: `step_chain(commit_last=False)`)."""
     tail: dict[str, Any] = {"step": step, "inputs": [step_dir], "output_uri": f"{run}/export",
                             "config": {"validate": True, "run": run, "name": name}}
     with TaskGroup(group_id="export", tooltip=f"validate and export {step}") as group:
-        plan = StepOperator(task_id="plan", action="tail_plan", **tail)
+        # As a chain's plan: it runs when the step's plan found it committed and its shard tasks skipped.
+        committing: dict[str, Any] = {"after_step": step, "trigger_rule": "none_failed_min_one_success"} \
+            if commit_step else {}
+        plan = StepOperator(task_id="plan", action="tail_plan", **tail, **committing)
         # Each shard validates and writes a few MiB per format: light, grouped.
         shards = per_shard_tasks(plan, grouped=True, task_id="shard", action="tail_shard",
                                  profile=shard_profile("cpu"), **tail)
@@ -189,7 +200,7 @@ def tail_group(step: str, step_dir: str, run: str, name: str) -> TaskGroup:
 
 
 def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None,
-                  keep: Any = "{{ params.keep_versions }}", beside: Sequence[Any] = ()
+                  keep: Any = "{{ params.keep_versions }}", beside: Sequence[Any] = (), commit_step: bool = False
                   ) -> tuple[TaskGroup, StepOperator]:
     """export (validate and export, spread over shard tasks) -> publish -> report for a final step output;
     returns (first, last).
@@ -197,8 +208,10 @@ def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None
     `publish` makes version N+1 of `dataset` under <data root>/datasets from the committed export (copies,
     not rewrites) and emits an event on its asset; `keep` (templated, a Param) is how many versions retention
     keeps. The report stays last: a teardown. `beside`: work that runs next to the export (the caller wires its
-    start) and that publish, and so the dataset's event and the report, wait for."""
-    export = tail_group(step, step_dir, run, dataset or step)
+    start) and that publish, and so the dataset's event and the report, wait for. `commit_step`: the export's plan
+    commits `step` first (a chain built with `commit_last=False`; wire its last group's plan and shard tasks to
+    `chain_into_export`)."""
+    export = tail_group(step, step_dir, run, dataset or step, commit_step)
     report = report_task(run)
     last: Any = export
     if dataset is not None:
@@ -209,6 +222,15 @@ def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None
         work >> (report if dataset is None else last)
     last >> report
     return export, report
+
+
+def chain_into_export(last: TaskGroup, export: TaskGroup) -> StepOperator:
+    """Wire a chain's last group (no reduce: `step_chain(commit_last=False)`) to the export whose plan commits it:
+    the plan waits on the group's plan and shard tasks, as a chain's next plan does. Returns that plan."""
+    plan: StepOperator = export.children[f"{export.group_id}.plan"]
+    last >> export
+    last.children[f"{last.group_id}.plan"] >> plan
+    return plan
 
 
 def asset_extra(events: Any, key: str, default: Any) -> Any:

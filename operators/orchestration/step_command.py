@@ -36,9 +36,11 @@ def step_arguments(
     then: Sequence[dict[str, Any]] = (),
     fold_head: bool = False,
     of: int | None = None,
+    through: Sequence[dict[str, Any]] = (),
 ) -> list[str]:
-    """The CLI arguments after `python -m operators` for one step action (`after`: for a plan, the upstream step
-    whose output is the one input, committed first in the same task; `fold_head`: that plan also runs the step's
+    """The CLI arguments after `python -m operators` for one step action (`after`: for a plan or the tail's plan,
+    the upstream step whose output is the one input, committed first in the same task; `through`: with `after`, the stage-less steps
+    between it and this one, committed next (`fusion.commit_through`); `fold_head`: that plan also runs the step's
     first map stage where the upstream's shard tasks did not, and a reduce stage right after it; `then`: for a
     shard's run, the chain's next steps whose record-local work runs after it in the same task,
     `operators/core/fusion.py`; `of`: with `shard`, the task is task `shard` of a grouped wave of `of` tasks,
@@ -60,7 +62,8 @@ def step_arguments(
                                      else [])
         opts = (["--validate"] if cfg.get("validate") else []) + \
             [a for key in ("run", "name", "formats") if cfg.get(key) for a in (f"--{key}", str(cfg[key]))]
-        return ["export", "--input", inputs[0], "--output", output, *mode, *opts, *xcom]
+        committed = ["--after", after] if action == "tail_plan" and after else []
+        return ["export", "--input", inputs[0], "--output", output, *mode, *opts, *committed, *xcom]
     if action == "publish":  # `step` names the dataset; `output` is the run root (lineage, stats, report)
         ctx = ["--run-context", json.dumps(run_context, sort_keys=True)] if run_context else []
         return ["datasets", "publish", step, "--input", inputs[0], "--run", output,
@@ -83,6 +86,8 @@ def step_arguments(
         args += ["--shard", str(int(shard)), *grouped]
     if action == "plan" and after:
         args += ["--after", after, *(["--fold-head"] if fold_head else [])]
+        if through:
+            args += ["--through", json.dumps(list(through), sort_keys=True, separators=(",", ":"))]
     if action == "run" and shard is not None and then:
         args += ["--then", json.dumps(list(then), sort_keys=True, separators=(",", ":"))]
     if xcom_file:

@@ -42,7 +42,8 @@ class StepOperator(BaseOperator):
     """Runs `python -m operators <action> <step>` locally or in a pod; returns the step's JSON summary."""
 
     # `profile` is templated so a DAG can put LLM steps on GPU pods by a Param (e.g. cpu | vllm).
-    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes", "then")
+    template_fields: Sequence[str] = ("config", "inputs", "output_uri", "profile", "timeout_minutes", "then",
+                                     "through")
     ui_color = "#d6eaff"
 
     def __init__(
@@ -61,6 +62,7 @@ class StepOperator(BaseOperator):
         after_step: str | None = None,
         then: Sequence[dict[str, Any]] = (),
         fold_head: bool = False,
+        through: Sequence[dict[str, Any]] = (),
         plan_task_id: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -83,6 +85,8 @@ class StepOperator(BaseOperator):
         # plan that runs its step's first map stage where those did not (the DAG has no task for it).
         self.then = list(then)
         self.fold_head = fold_head
+        # A plan that also commits the stage-less steps between the upstream and its step (they have no tasks).
+        self.through = list(through)
         # A grouped wave's task (`dag_builder.per_shard_tasks`): `shard` arrives as (shard, {"slot", "of"}) and the task
         # does task `slot` of `of`'s shards; the plan's shard list (`plan_task_id`'s XCom) says how many.
         self.plan_task_id = plan_task_id
@@ -150,14 +154,14 @@ class StepOperator(BaseOperator):
         # A Params field left empty renders to None: it means "the step's default", so drop it.
         self.config = _defaults_dropped(self.config)
         # The fused steps' configs as their own groups pass them (their plans must compute the same content keys).
-        self.then = [{**dict(piece), "config": _defaults_dropped(dict(piece).get("config") or {})}
-                     for piece in self.then or []]
+        self.then, self.through = ([{**dict(piece), "config": _defaults_dropped(dict(piece).get("config") or {})}
+                                     for piece in pieces or []] for pieces in (self.then, self.through))
         mode = self.mode or os.environ.get("IIP_EXECUTION_MODE", "local")
         if self.action in ("plan", "stage", "run"):
             from operators.cli import build_step  # validate before any work: a bad config fails here
 
             build_step(self.step, dict(self.config))
-            for piece in self.then:
+            for piece in [*self.then, *self.through]:
                 build_step(str(piece["step"]), piece["config"])
         if self.action in ("train", "evaluate"):
             from operators.cli import ConfigError, _validated
@@ -228,7 +232,8 @@ class StepOperator(BaseOperator):
         """The task's `python -m operators` arguments, the same in a local process and in a pod."""
         return step_arguments(self.action, self.step, output=self.output_uri, config=self.config,
                               inputs=self._inputs(), shard=self.shard, stage=self.stage, after=self.after_step,
-                              then=self.then, fold_head=self.fold_head, of=self.of, xcom_file=xcom_file,
+                              then=self.then, fold_head=self.fold_head, through=self.through, of=self.of,
+                              xcom_file=xcom_file,
                               **self._report_context(context))
 
     def _execute_local(self, context: Any = None) -> Any:

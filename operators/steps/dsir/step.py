@@ -23,7 +23,7 @@ from pydantic import Field
 from operators.benchmarks.loaders import PACKAGED_HUMANEVAL, load_prompts
 from operators.benchmarks.synthetic import BUILTIN_MATH
 from operators.core.arrays import list_matrix
-from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, Step, StepConfig, keep_all
+from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, StageRows, Step, StepConfig, keep_all
 from operators.dsir.core import NUM_BUCKETS, DSIRModel, gumbel_keys, hashed_ngram_counts, log_importance_weights
 from operators.steps.decontam.step import BenchmarkSource
 from operators.text.turns import joined_role_turns
@@ -78,24 +78,33 @@ class DSIRStep(Step[DSIRConfig]):
     def __init__(self, config: DSIRConfig) -> None:
         super().__init__(config)
         self._models: dict[str, DSIRModel] = {}
+        self._shard_counts: dict[str, tuple[int, np.ndarray]] = {}  # the counts stage's sums over its shard
 
     def _domains(self, table: pa.Table) -> list[str]:
         if DOMAIN in table.column_names:
             return [d or "general" for d in table.column(DOMAIN).to_pylist()]
         return ["general"] * table.num_rows
 
-    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> pa.Table:
+    def begin_shard(self, shard: int) -> None:
+        self._shard_counts = {}
+
+    def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> StageRows:
+        # Summed over the shard and written once (`finish_map`): a row per batch would make the fit read a
+        # table that grows with the shard, 80 KB per batch and domain.
         table = pa.Table.from_batches([batch])
         texts, domains = prompt_texts(table), np.asarray(self._domains(table), dtype=object)
-        rows: dict[str, list[Any]] = {"domain": [], "n": [], "counts": []}
         for d in sorted(set(domains.tolist())):
             idx = np.flatnonzero(domains == d)
             feats = hashed_ngram_counts(texts.take(pa.array(idx)), self.config.num_buckets, seed=self.config.seed)
-            rows["domain"].append(d)
-            rows["n"].append(len(idx))
-            rows["counts"].append(feats.total_counts().astype(np.int64).tolist())
-        return pa.table({"domain": pa.array(rows["domain"], pa.string()), "n": pa.array(rows["n"], pa.int64()),
-                         "counts": pa.array(rows["counts"], pa.list_(pa.int64()))})
+            n, counts = self._shard_counts.get(d, (0, np.zeros(self.config.num_buckets, np.int64)))
+            self._shard_counts[d] = (n + len(idx), counts + feats.total_counts().astype(np.int64))
+        return {}
+
+    def finish_map(self, stage: str, shard: int) -> StageRows | None:
+        done, self._shard_counts = sorted(self._shard_counts.items()), {}
+        return pa.table({"domain": pa.array([d for d, _ in done], pa.string()),
+                         "n": pa.array([n for _, (n, _) in done], pa.int64()),
+                         "counts": pa.array([c for _, (_, c) in done], pa.list_(pa.int64()))})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         raw: dict[str, np.ndarray] = {}

@@ -154,6 +154,8 @@ COUNTS = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("source", p
 REPLAY_HIST = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("bin", pa.int64()), ("n", pa.int64())])
 REPLAY_ROWS = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("domain", pa.string()),
                          ("rkey", pa.float64())])
+KL_COUNTS = pa.schema([("domain", pa.string()), ("kind", pa.string()), ("n", pa.int64()),
+                       ("counts", pa.list_(pa.int64()))])
 COUNTS_CHANNEL, REPLAY_CHANNEL = 0, 1  # the boundary stage's side tables (shuffle partitions as channels)
 NO_SOURCE = None  # the source of a record whose source has no cap: caps are the only reason to tell them apart
 
@@ -218,6 +220,7 @@ class SelectStep(Step[SelectConfig]):
     def begin_shard(self, shard: int) -> None:
         self._row = 0
         self._parts, self._side = [], []
+        self._kl_sums: dict[tuple[str, str], tuple[int, Any]] = {}  # kl_counts: (domain, kind) -> (n, counts)
 
     # -- what every stage computes per record --------------------------------------------------------------
     def _keys(self, table: pa.Table) -> np.ndarray:
@@ -288,6 +291,11 @@ class SelectStep(Step[SelectConfig]):
                 side[REPLAY_CHANNEL] = h.add_column(0, "shard", pa.array(np.full(h.num_rows, shard, np.int32)))\
                     .select(REPLAY_HIST.names).cast(REPLAY_HIST)
             return side
+        if stage == "kl_counts":
+            done, self._kl_sums = sorted(self._kl_sums.items()), {}
+            return {SHARD_ROWS: pa.table({"domain": [d for (d, _), _ in done], "kind": [k for (_, k), _ in done],
+                                          "n": [n for _, (n, _) in done], "counts": [c for _, (_, c) in done]},
+                                         schema=KL_COUNTS)}
         return None
 
     def _boundary(self, t: pa.Table, shard: int) -> dict[int, pa.Table]:
@@ -329,11 +337,9 @@ class SelectStep(Step[SelectConfig]):
         at_edge = selected & (cutoffs.rkey_bins(rkey) == _lookup(domains, self._rules.get("replay", {}), -1))
         edge = pa.table({"shard": np.full(int(at_edge.sum()), shard, np.int32), "row": rows[at_edge],
                          "domain": domains.filter(pa.array(at_edge)), "rkey": rkey[at_edge]}, schema=REPLAY_ROWS)
-        empty = pa.table({"domain": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
-                          "n": pa.array([], pa.int64()), "counts": pa.array([], pa.list_(pa.int64()))})
         fit = getattr(self, "_fit", None)
         if not fit:
-            return {SHARD_ROWS: empty, REPLAY_CHANNEL: edge}
+            return {REPLAY_CHANNEL: edge}
         from operators.dsir.core import hashed_ngram_counts
         from operators.steps.dsir.step import prompt_texts
 
@@ -341,17 +347,16 @@ class SelectStep(Step[SelectConfig]):
         u = hash_unit(t["id"].to_pylist(), self.config.seed, "kl")
         rate = np.array([self._sample_rate.get(d, 0.0) for d in dom])
         texts = prompt_texts(t)
-        out: dict[str, list[Any]] = {"domain": [], "kind": [], "n": [], "counts": []}
+        # Summed over the shard, written once (`finish_map`): a row per batch would make the kl stage read a table
+        # that grows with the shard.
         for d in sorted(set(dom.tolist()) & set(fit["target_counts"])):
             for kind, mask in (("selected", selected), ("random", u < rate)):
                 idx = np.flatnonzero(mask & (dom == d))
                 feats = hashed_ngram_counts(texts.take(pa.array(idx)), len(fit["target_counts"][d]),
                                             seed=int(fit["models"][d]["seed"]))
-                out["domain"].append(d)
-                out["kind"].append(kind)
-                out["n"].append(len(idx))
-                out["counts"].append(feats.total_counts().astype(np.int64).tolist())
-        return {SHARD_ROWS: pa.table(out, schema=empty.schema), REPLAY_CHANNEL: edge}
+                n0, c0 = self._kl_sums.get((d, kind), (0, 0))
+                self._kl_sums[(d, kind)] = (n0 + len(idx), c0 + feats.total_counts().astype(np.int64))
+        return {REPLAY_CHANNEL: edge}
 
     # -- reduce stages -------------------------------------------------------------------------------------
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
