@@ -154,7 +154,7 @@ def measure(records: int, shards: int, parallel: int, work: Path, seed: int = 12
     # aligned to it; shard tasks go on to the next steps' record-local work, which then has no tasks of its own.
     links = chain_steps([step for step, _ in STEPS], configs=configs, inputs=[str(prev)], run=str(run),
                         common={"target_shard_bytes": shard_bytes}, fuse=fuse)
-    for i, link in enumerate(links):
+    for link in links:
         # Its input: the step before it, committed by this plan (with any stage-less steps between, which have
         # no tasks: `ChainLink.through`).
         step, out, prev = link.step, Path(link.output), Path(link.inputs[0])

@@ -227,7 +227,8 @@ def publish_tasks(step: str, step_dir: str, run: str, dataset: str | None = None
 def chain_into_export(last: TaskGroup, export: TaskGroup) -> StepOperator:
     """Wire a chain's last group (no reduce: `step_chain(commit_last=False)`) to the export whose plan commits it:
     the plan waits on the group's plan and shard tasks, as a chain's next plan does. Returns that plan."""
-    plan: StepOperator = export.children[f"{export.group_id}.plan"]
+    plan = export.children[f"{export.group_id}.plan"]
+    assert isinstance(plan, StepOperator)
     last >> export
     last.children[f"{last.group_id}.plan"] >> plan
     return plan

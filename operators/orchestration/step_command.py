@@ -38,13 +38,14 @@ def step_arguments(
     of: int | None = None,
     through: Sequence[dict[str, Any]] = (),
 ) -> list[str]:
-    """The CLI arguments after `python -m operators` for one step action (`after`: for a plan or the tail's plan,
-    the upstream step whose output is the one input, committed first in the same task; `through`: with `after`, the stage-less steps
-    between it and this one, committed next (`fusion.commit_through`); `fold_head`: that plan also runs the step's
-    first map stage where the upstream's shard tasks did not, and a reduce stage right after it; `then`: for a
-    shard's run, the chain's next steps whose record-local work runs after it in the same task,
-    `operators/core/fusion.py`; `of`: with `shard`, the task is task `shard` of a grouped wave of `of` tasks,
-    `step.slot_members`)."""
+    """The CLI arguments after `python -m operators` for one step action.
+
+    `after`: for a plan or the tail's plan, the upstream step whose output is the one input, committed first in
+    the same task; `through`: with `after`, the stage-less steps between it and this one, committed next
+    (`fusion.commit_through`); `fold_head`: that plan also runs the step's first map stage where the upstream's
+    shard tasks did not, and a reduce stage right after it; `then`: for a shard's run, the chain's next steps
+    whose record-local work runs after it in the same task, `operators/core/fusion.py`; `of`: with `shard`, the
+    task is task `shard` of a grouped wave of `of` tasks, `step.slot_members`."""
     grouped = ["--of", str(int(of))] if of is not None and shard is not None else []
     xcom = ["--xcom-file", xcom_file] if xcom_file else []
     if action == "report":
