@@ -154,6 +154,8 @@ COUNTS = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("source", p
 REPLAY_HIST = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("bin", pa.int64()), ("n", pa.int64())])
 REPLAY_ROWS = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("domain", pa.string()),
                          ("rkey", pa.float64())])
+SHARD_SUMS = pa.schema([("shard", pa.int32()), ("domain", pa.string()), ("source", pa.string()),
+                        ("passed", pa.int64()), ("selected", pa.int64()), ("replay", pa.int64())])
 KL_COUNTS = pa.schema([("domain", pa.string()), ("kind", pa.string()), ("n", pa.int64()),
                        ("counts", pa.list_(pa.int64()))])
 COUNTS_CHANNEL, REPLAY_CHANNEL = 0, 1  # the boundary stage's side tables (shuffle partitions as channels)
@@ -168,10 +170,11 @@ def _lookup(values: pa.Array | pa.ChunkedArray, table: dict[str, int], default: 
     return lut[idx.to_numpy(zero_copy_only=False)]
 
 
-def _group_sum(table: pa.Table, keys: list[str], value: str) -> pa.Table:
-    """Sum `value` per distinct `keys` (columns: keys, then value)."""
-    out = table.group_by(keys).aggregate([(value, "sum")])
-    return out.rename_columns([c.removesuffix("_sum") for c in out.column_names]).select([*keys, value])
+def _group_sum(table: pa.Table, keys: list[str], value: str | list[str]) -> pa.Table:
+    """Sum `value` (one column or several) per distinct `keys` (columns: keys, then the sums)."""
+    values = [value] if isinstance(value, str) else value
+    out = table.group_by(keys).aggregate([(v, "sum") for v in values])
+    return out.rename_columns([c.removesuffix("_sum") for c in out.column_names]).select([*keys, *values])
 
 
 def _by_shard(tables: Any, shards: set[int]) -> pa.Table:
@@ -449,30 +452,33 @@ class SelectStep(Step[SelectConfig]):
         rhist = REPLAY_HIST.empty_table() if rhist is None else rhist
         key, rkey = r["key"].to_numpy(), r["rkey"].to_numpy()
         kb, rb = cutoffs.key_bins(key), cutoffs.rkey_bins(rkey)
-        dom = r["domain"].to_numpy(zero_copy_only=False).astype(object)
-        src = r["source"].to_numpy(zero_copy_only=False).astype(object)
-        s_dom = settled["domain"].to_numpy(zero_copy_only=False).astype(object)
+        # Domains and sources as small integers, never a Python string per open record: the open records grow
+        # with the pool, and a string object each would make this task grow five times as fast.
+        domains = sorted(plan["budgets"])
+        dom = _lookup(r["domain"], {d: i for i, d in enumerate(domains)}, -1)
+        s_dom = _lookup(settled["domain"], {d: i for i, d in enumerate(domains)}, -1)
         s_src = settled["source"].to_numpy(zero_copy_only=False).astype(object)
         s_passed, s_selected = settled["passed"].to_numpy(), settled["selected"].to_numpy()
         # 1. Caps: in each capped source's boundary bin, the best keys up to what its cap leaves.
-        cap = np.array([plan["cap"].get(s, cutoffs.UNCAPPED) for s in src], dtype=np.int64)
+        cap = _lookup(r["source"], plan["cap"], cutoffs.UNCAPPED)
         passed = (cap == cutoffs.UNCAPPED) | (kb > cap)
         for s, b in plan["cap"].items():
-            at = np.flatnonzero((src == s) & (kb == b))
-            room = plan["caps"][s] - int(s_passed[s_src == s].sum()) - int((passed & (src == s)).sum())
+            of_s = pc.equal(r["source"], s).fill_null(False).to_numpy(zero_copy_only=False)
+            at = np.flatnonzero(of_s & (kb == b))
+            room = plan["caps"][s] - int(s_passed[s_src == s].sum()) - int((passed & of_s).sum())
             passed[at[cutoffs.take_best(key[at], room)]] = True
         # 2. Budgets: every passing record above the domain's range, then its best within the range.
-        selected = passed & (kb > np.array([plan["hi"].get(d, cutoffs.KEY_TOP) for d in dom], dtype=np.int64))
+        selected = passed & (kb > _lookup(r["domain"], plan["hi"], cutoffs.KEY_TOP))
         pool: dict[str, int] = {}
         chosen: dict[str, int] = {}
         replay_bin: dict[str, int] = {}
         replay_need: dict[str, int] = {}
-        for d in sorted(plan["budgets"]):
-            mine = dom == d
-            pool[d] = int(s_passed[s_dom == d].sum()) + int((passed & mine).sum())
+        for i, d in enumerate(domains):
+            mine = dom == i
+            pool[d] = int(s_passed[s_dom == i].sum()) + int((passed & mine).sum())
             k = cutoffs.budget_take(plan["budgets"][d], pool[d])
             lo, hi = plan["lo"][d], plan["hi"][d]
-            above = int(s_selected[s_dom == d].sum()) + int((selected & mine).sum())
+            above = int(s_selected[s_dom == i].sum()) + int((selected & mine).sum())
             within = np.flatnonzero(passed & mine & (kb >= lo) & (kb <= hi))
             if not 0 <= k - above <= within.size:  # the bounds of cutoffs.domain_bounds failed: a bug, not data
                 raise RuntimeError(f"select: domain {d!r} needs {k - above} of {within.size} open records")
@@ -528,23 +534,27 @@ class SelectStep(Step[SelectConfig]):
                 c = out[str(shard)][kind]
                 c[name] = c.get(name, 0) + int(n)
 
-        for s, d, src, p, sel in zip(settled["shard"].to_pylist(), settled["domain"].to_pylist(),
-                                     settled["source"].to_pylist(), settled["passed"].to_pylist(),
-                                     settled["selected"].to_pylist(), strict=True):
+        # Summed per (shard, domain, source) in Arrow first: the settled counts, the open records (a Python loop
+        # over them would hold objects for every one, and they grow with the pool), and the surely selected
+        # records' replay bins (those below their domain's replay bin).
+        zeros = np.zeros(rhist.num_rows, np.int64)
+        below_bin = rhist["bin"].to_numpy() < _lookup(rhist["domain"], replay_bin, -1)
+        rows = pa.concat_tables([
+            settled.select(["shard", "domain", "source", "passed", "selected"]).append_column(
+                "replay", pa.array(np.zeros(settled.num_rows, np.int64))).cast(SHARD_SUMS),
+            pa.table({"shard": r["shard"], "domain": r["domain"], "source": r["source"],
+                      "passed": passed.astype(np.int64), "selected": selected.astype(np.int64),
+                      "replay": (selected & (rb < _lookup(r["domain"], replay_bin, -1))).astype(np.int64)}
+                     ).cast(SHARD_SUMS),
+            pa.table({"shard": rhist["shard"], "domain": rhist["domain"], "source": pa.nulls(rhist.num_rows),
+                      "passed": zeros, "selected": zeros,
+                      "replay": np.where(below_bin, rhist["n"].to_numpy(), 0).astype(np.int64)}).cast(SHARD_SUMS)])
+        sums = _group_sum(rows, ["shard", "domain", "source"], ["passed", "selected", "replay"])
+        for s, d, src, p, sel, rep in zip(*(c.to_pylist() for c in sums.columns), strict=True):
             add("passed", s, d, p)
             add("selected", s, d, sel)
             add("source_passed", s, src, p)
-        for s, d, src, p, sel, b in zip(r["shard"].to_pylist(), r["domain"].to_pylist(), r["source"].to_pylist(),
-                                        passed.tolist(), selected.tolist(), rb.tolist(), strict=True):
-            add("passed", s, d, p)
-            add("selected", s, d, sel)
-            add("source_passed", s, src, p)
-            if sel and b < replay_bin[d]:
-                out[str(s)]["replay"] += 1
-        for s, d, b, n in zip(rhist["shard"].to_pylist(), rhist["domain"].to_pylist(), rhist["bin"].to_pylist(),
-                              rhist["n"].to_pylist(), strict=True):
-            if b < replay_bin[d]:
-                out[str(s)]["replay"] += int(n)
+            out[str(s)]["replay"] += int(rep)
         return out
 
     def _kl(self, artifacts: Artifacts, num_shards: int) -> StageOutput:
