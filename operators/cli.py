@@ -124,10 +124,9 @@ def _through_steps(value: str | None, step_input: list[str]) -> list[tuple[Throu
         if head(step_class(piece.step)) != "run":
             raise ConfigError(f"--through: step {piece.step} has stages; only a stage-less step is committed on "
                               "the way")
-        expected = storage.validate_uri(out[-1][0].output) if out else storage.validate_uri(piece.input)
-        if storage.validate_uri(piece.input) != expected:
-            raise ConfigError(f"--through: step {piece.step} reads {piece.input}, not {expected}, the output "
-                              "before it")
+        if out and storage.validate_uri(piece.input) != storage.validate_uri(out[-1][0].output):
+            raise ConfigError(f"--through: step {piece.step} reads {piece.input}, not {out[-1][0].output}, the "
+                              "output before it")
         out.append((piece, build_step(piece.step, piece.config)))
     if out and [storage.validate_uri(u) for u in step_input] != [storage.validate_uri(out[-1][0].output)]:
         raise ConfigError(f"--through: this step reads {step_input}, not {out[-1][0].output}, the last one's "

@@ -138,11 +138,11 @@ def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inpu
     """Step groups in order, each reading the previous one's output under `run`; returns the last group.
     `profiles` names the pod profile of a step whose default `cpu` does not fit (an encoder on a GPU).
     `commit_last` False: the last group has no reduce either; the export's plan commits it
-    (`publish_tasks(after_step=...)`).
+    (`publish_tasks(commit_step=True)`, wired by `chain_into_export`).
 
     Each step but the last is committed by the next one's plan (`plan --after`); only the last group has a
-    reduce task. The next plan waits on the shard tasks and on the plan of the step it commits, so it runs
-    (and commits) when that step was up to date and mapped no shard task.
+    reduce task (with `commit_last`). The next plan waits on the shard tasks and on the plan of the step it
+    commits, so it runs (and commits) when that step was up to date and mapped no shard task.
 
     Fused: each step after the first is planned aligned to the one before, so every shard task also runs the
     next steps' record-local work on its shard (`chain.fused_then`), and their plans commit it instead of mapping
@@ -153,8 +153,7 @@ def step_chain(steps: Sequence[str], *, configs: dict[str, dict[str, Any]], inpu
     for link in links:
         group = step_group(link.step, config=link.config, inputs=link.inputs, output_uri=link.output,
                            profile=link.profile, after_step=link.after, commit=commit_last and link is links[-1],
-                           then=link.then,
-                           fold_head=link.fold_head, through=link.through)
+                           then=link.then, fold_head=link.fold_head, through=link.through)
         if previous is not None:
             previous >> group
         plan = group.children[f"{group.group_id}.plan"]
