@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -208,35 +207,75 @@ def test_crashed_map_attempt_leaves_no_shuffled_files(tmp_path: Path) -> None:
     assert any((stage / "p00002").glob("part-00000-*"))
 
 
-def test_streamed_components_decide_what_the_whole_link_table_decides() -> None:
-    """The resolve's streamed components (links read a table at a time, twice) drop the records, and name the
-    survivors, that `decide_components` over every link at once does: ties on priority broken by key, repeats
-    and links across tables included."""
+def test_pieces_decide_what_the_whole_link_table_decides() -> None:
+    """Components by pieces (per link partition), labels (per shard) and merges (one task over the merges only)
+    drop the records, name the survivors, count the clusters and bin their sizes as `decide_components` over
+    every link at once: ties on priority broken by key, links repeated across partitions, records in many
+    pieces, chains that cross every shard. And the merge task holds fewer rows than there are linked records."""
     import numpy as np
 
-    from operators.steps.dedup.droplist import decide_components, streamed_components
-    from operators.steps.dedup.near import linked_facts
+    from operators.steps.dedup.droplist import KEY_SHIFT, cluster_sizes, decide_components, shuffle_rows, size_bins
+    from operators.steps.dedup.near import first_links, linked_facts
+    from operators.steps.dedup.pieces import (
+        PIECE_ROWS,
+        final_drops,
+        link_pieces,
+        link_routes,
+        node_labels,
+        resolve_merges,
+    )
 
     rng = np.random.default_rng(5)
-    for nodes, links, tables in [(30, 20, 3), (400, 500, 5), (3000, 2500, 9)]:
-        keys = np.sort(rng.choice(1 << 40, nodes, replace=False)).astype(np.int64)
+    for shards, per_shard, links, band_parts, star in [(3, 10, 20, 2, False), (5, 80, 500, 4, False),
+                                                       (9, 300, 2500, 6, False), (8, 500, 1500, 5, True)]:
+        keys = np.concatenate([(np.int64(s) << KEY_SHIFT) + np.arange(per_shard) for s in range(shards)])
+        nodes = keys.size
         prio = rng.integers(0, 4, nodes).astype(np.float64)  # few values: many ties
         prio[rng.random(nodes) < 0.1] = np.inf  # no reward
-        a, b = rng.integers(0, nodes, links), rng.integers(0, nodes, links)
-        t = pa.table({"key": keys[a], "linked_key": keys[b], "id": [f"id{k}" for k in keys[a]],
-                      "priority": prio[a], "linked_id": [f"id{k}" for k in keys[b]], "linked_priority": prio[b]})
-        parts = [t.slice(int(lo), int(hi - lo)) for lo, hi in
-                 pairwise(np.linspace(0, links, tables + 1).astype(int))]
-        facts = linked_facts(t)
-        id_of = dict(zip(facts["key"].to_pylist(), facts["id"].to_pylist(), strict=True))
-
-        def ids_of(survivors: np.ndarray, id_of: dict[int, str] = id_of) -> pa.Array:
-            return pa.array([id_of[k] for k in survivors.tolist()])
-
-        expected, clusters = decide_components(t.select(["key", "linked_key"]), facts,
-                                               priority=lambda r: r["priority"].to_numpy(), ids_of=ids_of)
-        got, got_clusters = streamed_components(
-            lambda cols, parts=parts: (p.select(cols) for p in parts), ids_of=ids_of)
-        assert got.sort_by([("shard", "ascending"), ("row", "ascending")]).equals(
-            expected.sort_by([("shard", "ascending"), ("row", "ascending")]))
-        assert got_clusters == clusters and got.num_rows > 0
+        if star:  # LSH-like clusters: every member links to the cluster's smallest keys
+            centre = rng.integers(0, nodes // 6, links)
+            a, b = np.maximum(centre + rng.integers(1, 40, links), 0) % nodes, centre
+        else:
+            a, b = rng.integers(0, nodes, links), rng.integers(0, nodes, links)
+        a, b = np.maximum(a, b), np.minimum(a, b)  # a member links to a smaller key
+        keep = a != b
+        t = pa.table({"key": keys[a[keep]], "linked_key": keys[b[keep]], "id": [f"id{k}" for k in keys[a[keep]]],
+                      "priority": prio[a[keep]], "linked_id": [f"id{k}" for k in keys[b[keep]]],
+                      "linked_priority": prio[b[keep]]})
+        expected, clusters = decide_components(first_links(t).select(["key", "linked_key"]), linked_facts(t),
+                                               priority=lambda r: r["priority"].to_numpy())
+        # Band partitions: each link lands in one or two of them, each routes its own links to shards.
+        homes = rng.integers(0, band_parts, t.num_rows)
+        again = np.flatnonzero(rng.random(t.num_rows) < 0.3)
+        routed: dict[int, list[pa.Table]] = {}
+        for p in range(band_parts):
+            mine = first_links(pa.concat_tables([t.filter(pa.array(homes == p)),
+                                                 t.take(pa.array(again[(homes[again] + 1) % band_parts == p]))]))
+            for shard, part in shuffle_rows(mine, link_routes(mine)).items():
+                routed.setdefault(shard, []).append(part)
+        piece_rows: dict[int, list[pa.Table]] = {}
+        sizes = []
+        for part, tables in routed.items():
+            links_here = first_links(pa.concat_tables(tables))
+            rows, counts = link_pieces(links_here, linked_facts(links_here), part)
+            sizes.append(counts)
+            for shard, r in shuffle_rows(rows, (rows["key"].to_numpy() >> KEY_SHIFT).astype(np.int64)).items():
+                piece_rows.setdefault(shard, []).append(r)
+        labelled = {s: node_labels(pa.concat_tables(r)) for s, r in piece_rows.items()}
+        final, size_table = resolve_merges([m for _, m in labelled.values()], sizes)
+        got = []
+        for best, _ in labelled.values():
+            assert best.schema == PIECE_ROWS and best["key"].to_pylist() == sorted(set(best["key"].to_pylist()))
+            chunks = (pa.Table.from_batches([b]) for b in final.to_batches(max_chunksize=7))
+            dropped, kept_ids = final_drops(best, chunks)
+            got.append(pa.table({"shard": pa.array((dropped >> KEY_SHIFT).astype(np.int32)),
+                                 "row": pa.array(dropped & np.int64(0xFFFFFFFF)), "kept_id": kept_ids}))
+        order = [("shard", "ascending"), ("row", "ascending")]
+        assert pa.concat_tables(got).sort_by(order).equals(expected.sort_by(order)) and expected.num_rows > 0
+        size, count = size_table["size"].to_numpy(), size_table["pieces"].to_numpy()
+        assert int(count.sum()) == clusters
+        assert int((size * count).sum()) - clusters == expected.num_rows
+        assert size_bins(size, count) == cluster_sizes(expected["kept_id"])
+        merges = sum(m.num_rows for _, m in labelled.values())
+        linked = sum(b.num_rows for b, _ in labelled.values())
+        assert 0 < merges < linked

@@ -7,14 +7,14 @@ Both run as map -> shuffle -> partitioned reduce -> resolve -> transform:
   resolve      connected components over the links only (a record without a duplicate never enters it),
                the survivor of each component, and per-shard drop lists (`resolve_links`)
   transform    drop exactly the listed rows (`DropListStep.transform`)
-A partition task holds one partition's hash rows; the resolve holds about a hundred bytes per duplicate
-record (near_dedup's `streamed_components`; a few hundred with a published version to protect), never per
-corpus record.
+A partition task holds one partition's hash rows. exact_dedup decides per partition; near_dedup finds its
+components in pieces per link partition and merges only what the pieces leave apart (`pieces`); with a
+published version to protect, one task holds every link (a few hundred bytes per duplicate record).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.core.arrays import run_starts, unique_sorted
+from operators.core.arrays import unique_sorted
 from operators.core.step import (
     Artifacts,
     BatchResult,
@@ -36,7 +36,6 @@ from operators.core.step import (
     table_digest,
 )
 from operators.dedup.minhash import components_from_links
-from operators.dedup.unionfind import choose_keepers, join_edges, node_dtype
 
 N = TypeVar("N", bound="NoChurnConfig")
 
@@ -181,73 +180,6 @@ def drop_rows(keys: Keys, kept_ids: pa.Array | pa.ChunkedArray) -> pa.Table:
                      "row": pa.array(keys & ROW_MASK), "kept_id": kept_ids.cast(pa.string())})
 
 
-def link_keys(links: Iterable[pa.Table]) -> Keys:
-    """Every end of `links` (``key``, ``linked_key``) once, sorted; one table of links at a time, so what is held is
-    the distinct ends so far and the tables read since they were last merged in (at most as many again), never
-    every link."""
-    keys = np.zeros(0, np.int64)
-    pending: list[Keys] = []
-    held = 0
-    for t in links:
-        pending.append(unique_sorted(np.concatenate([t["key"].to_numpy(), t["linked_key"].to_numpy()])))
-        held += pending[-1].size
-        # A record is an end of links in many tables (a centre, in every shard that links to it): merge once
-        # the pending ends outgrow the distinct ones, so memory stays a small multiple of the linked records.
-        if held > max(keys.size, 1 << 20):
-            keys, pending, held = _merged(keys, pending), [], 0
-    return _merged(keys, pending) if pending else keys
-
-
-def _merged(keys: Keys, pending: list[Keys]) -> Keys:
-    merged = np.concatenate([keys, *pending])
-    merged.sort()  # in place: no second copy of every end
-    return merged[run_starts(merged)]
-
-
-def link_ranks(keys: Keys, links: Iterable[pa.Table], index: type[np.signedinteger]) -> npt.NDArray[np.signedinteger]:
-    """Each of `keys` (sorted, every end of `links`) ranked by its priority, then its key, as `index` integers:
-    the priorities (``priority``, ``linked_priority``: a record's is the same on every link) are read one table
-    at a time into one array, turned into ranks and let go."""
-    prio = np.empty(keys.size, dtype=np.float64)
-    for t in links:
-        prio[np.searchsorted(keys, t["key"].to_numpy())] = t["priority"].to_numpy()
-        prio[np.searchsorted(keys, t["linked_key"].to_numpy())] = t["linked_priority"].to_numpy()
-    rank = np.empty(keys.size, dtype=index)
-    # `keys` ascend, so a stable sort by priority orders by priority, then key.
-    rank[np.argsort(prio, kind="stable")] = np.arange(keys.size, dtype=index)
-    return rank
-
-
-def streamed_components(links: Callable[[list[str]], Iterable[pa.Table]],
-                        ids_of: Callable[[Keys], pa.Array]) -> tuple[pa.Table, int]:
-    """`decide_components` without a published version, holding per linked record a few machine words
-    instead of every link: `links(columns)` reads the links (both ends' priorities on each) one table at a
-    time, and is read three times: for the linked records, their priorities, and to join the links into
-    components.
-    Survivors as `decide_components` picks them (smallest priority, then smallest key); `ids_of` gives the
-    ids of the sorted distinct survivor keys it is asked for. Returns (drops as ``shard, row, kept_id``;
-    components)."""
-    # Three reads of the links: their ends, their ends' priorities (turned into ranks at once), their edges.
-    # Indices are in the narrowest type (int32 below 2**31 linked records), so a linked record costs its key,
-    # a rank and a parent (16 bytes) after the first read, where keys with their priorities, merged, took 90.
-    keys = link_keys(links(["key", "linked_key"]))
-    index = node_dtype(keys.size)
-    rank = link_ranks(keys, links(["key", "priority", "linked_key", "linked_priority"]), index)
-    parent = np.arange(keys.size, dtype=index)
-    for t in links(["key", "linked_key"]):
-        parent = join_edges(parent, np.searchsorted(keys, t["key"].to_numpy()),
-                            np.searchsorted(keys, t["linked_key"].to_numpy()))
-    keepers = choose_keepers(parent, rank)
-    del parent, rank
-    dropped = keepers != np.arange(keys.size, dtype=index)
-    components = int(keys.size - np.count_nonzero(dropped))
-    drop_keys, keep_keys = keys[dropped], keys[keepers[dropped]]
-    del keepers, dropped, keys
-    survivors = unique_sorted(keep_keys)
-    kept_ids = ids_of(survivors).take(pa.array(np.searchsorted(survivors, keep_keys)))
-    return drop_rows(drop_keys, kept_ids), components
-
-
 CLUSTER_BINS = ((2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, None))
 
 
@@ -256,9 +188,14 @@ def cluster_sizes(kept_ids: pa.Array | pa.ChunkedArray) -> dict[str, int]:
     if len(kept_ids) == 0:
         return {}
     sizes = pc.value_counts(kept_ids).field("counts").to_numpy() + 1
+    return size_bins(sizes, np.ones(sizes.size, dtype=np.int64))
+
+
+def size_bins(sizes: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> dict[str, int]:
+    """`counts` clusters of each of `sizes` (records per cluster, survivor included), in `CLUSTER_BINS`."""
     out = {}
     for lo, hi in CLUSTER_BINS:
-        n = int(((sizes >= lo) & (sizes <= (hi or sizes.max()))).sum())
+        n = int(counts[(sizes >= lo) & ((sizes <= hi) if hi else True)].sum())
         if n:
             out[str(lo) if lo == hi else (f"{lo}-{hi}" if hi else f">{lo - 1}")] = n
     return out

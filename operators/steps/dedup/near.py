@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.core.arrays import in_sorted, run_starts, unique_sorted
+from operators.core.arrays import run_starts, unique_sorted
 from operators.core.step import (
     SHARD_ROWS,
     Artifacts,
@@ -58,6 +58,7 @@ from operators.core.step import (
     StageOutput,
     StepConfig,
     concat_or_empty,
+    partition_by_shard,
     shuffle_partitions,
 )
 from operators.dedup.minhash import (
@@ -76,11 +77,21 @@ from operators.steps.dedup.droplist import (
     NoChurnConfig,
     decide_components,
     drop_lists,
+    drop_rows,
     shuffle_rows,
+    size_bins,
     sorted_links,
-    streamed_components,
 )
 from operators.steps.dedup.partition_index import PartitionIndex, equal_rows
+from operators.steps.dedup.pieces import (
+    FINAL,
+    PIECE_ROWS,
+    final_drops,
+    link_pieces,
+    link_routes,
+    node_labels,
+    resolve_merges,
+)
 from operators.text.turns import joined_turns, turn_columns
 
 REASON = "near_duplicate"
@@ -222,28 +233,10 @@ def first_per_key(table: pa.Table) -> pa.Table:
 
 
 def distinct_links(links: pa.Table) -> PartitionResult:
-    """Each link of one shard's keys once (the band partitions that found it each sent it), sorted. Pure."""
-    t = links.sort_by([("key", "ascending"), ("linked_key", "ascending")])
-    k, lk = t["key"].to_numpy(), t["linked_key"].to_numpy()
-    first = np.ones(t.num_rows, dtype=bool)
-    first[1:] = (k[1:] != k[:-1]) | (lk[1:] != lk[:-1])
-    out = t.filter(pa.array(first)) if t.num_rows else t
-    return PartitionResult(out, t.num_rows, {"links": float(out.num_rows), "repeats": float(t.num_rows - out.num_rows)})
-
-
-def survivor_ids(artifacts: Artifacts, survivors: npt.NDArray[np.int64]) -> pa.Array:
-    """The ids of `survivors` (sorted, distinct linked keys), from a pass over the `links` stage's id columns
-    that keeps only theirs. Every linked key is an end of some link, so each is found."""
-    found: list[pa.Table] = []
-    for t in artifacts.iter_tables("links", columns=["key", "id", "linked_key", "linked_id"]):
-        for k, i in (("key", "id"), ("linked_key", "linked_id")):
-            hit = in_sorted(t[k].to_numpy(), survivors)
-            if hit.any():  # each survivor once per table: a centre is an end of many links
-                found.append(first_per_key(t.filter(pa.array(hit)).select([k, i]).rename_columns(["key", "id"])))
-    t = first_per_key(concat_or_empty(found, FACTS.remove(FACTS.get_field_index("priority"))))
-    if t.num_rows != survivors.size or not np.array_equal(t["key"].to_numpy(), survivors):
-        raise ValueError("a survivor key has no id among the links")  # a bug or a torn stage: fail loudly
-    return t["id"].combine_chunks()
+    """Each link of one partition once (the band partitions that found it each sent it), sorted. Pure."""
+    out = first_links(links)
+    return PartitionResult(out, links.num_rows, {"links": float(out.num_rows),
+                                                 "repeats": float(links.num_rows - out.num_rows)})
 
 
 def signature_matrix(table: pa.Table) -> npt.NDArray[np.uint32]:
@@ -282,14 +275,14 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     """Drop near-duplicates, keeping one record per cluster."""
 
     name: ClassVar[str] = "near_dedup"
-    version: ClassVar[int] = 4  # links carry both ends' survivor facts: the resolve reads no shard; decisions unchanged
+    version: ClassVar[int] = 5  # components by pieces and merges (`pieces`): no task holds every link; same decisions
     config_model: ClassVar[type[StepConfig]] = NearDedupConfig
     stages: ClassVar[tuple[Stage, ...]] = (
         Stage("signatures", "map"), Stage("candidates", "partition", grouped=True),
         Stage("gather", "map", grouped=True), Stage("pairs", "partition", grouped=True),
-        Stage("links", "partition", grouped=True),
+        Stage("links", "partition", grouped=True), Stage("labels", "partition", grouped=True),
         Stage("resolve", "reduce"))
-    per_shard_partitions: ClassVar[frozenset[str]] = frozenset({"links"})
+    per_shard_partitions: ClassVar[frozenset[str]] = frozenset({"links", "labels"})
     drop_reason: ClassVar[str] = REASON
     detail_prefix: ClassVar[str] = "near duplicate of"
 
@@ -300,8 +293,8 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
 
     def stage_partitions(self, stage: str) -> int:
         # `candidates` reads band partitions; `pairs` reads what `gather` shuffled to the same partitions;
-        # `links` reads what `pairs` shuffled to each shard.
-        if stage == "links":
+        # `links` reads what `pairs` shuffled to each shard, `labels` what `links` shuffled to each shard.
+        if stage in self.per_shard_partitions:
             return self.num_shards
         return shuffle_partitions(self.config.band_partitions, self.num_shards)
 
@@ -340,7 +333,20 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
 
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         if stage == "links":
-            return distinct_links(concat_or_empty(artifacts.shuffled("pairs", partition), FACT_LINKS))
+            links = distinct_links(concat_or_empty(artifacts.shuffled("pairs", partition), FACT_LINKS))
+            if self.config.published is not None:  # the no-churn rule decides over every link in one task
+                return links
+            assert isinstance(links.rows, pa.Table)
+            rows, sizes = link_pieces(links.rows, linked_facts(links.rows), partition)
+            by_shard = shuffle_rows(rows, (rows["key"].to_numpy() >> KEY_SHIFT).astype(np.int64))
+            return PartitionResult({SHARD_ROWS: sizes, **by_shard}, links.rows_in,
+                                   {**links.counters, "pieces": float(sum(sizes["pieces"].to_pylist()))})
+        if stage == "labels":
+            if self.config.published is not None:
+                return PartitionResult({})
+            best, merges = node_labels(concat_or_empty(artifacts.shuffled("links", partition), PIECE_ROWS))
+            return PartitionResult({SHARD_ROWS: merges, **({partition: best} if best.num_rows else {})},
+                                   best.num_rows, {"linked": float(best.num_rows), "merges": float(merges.num_rows)})
         verify = self.config.minhash.verify
         # `candidates` only reads the index; `pairs` links against it and commits.
         index = PartitionIndex.open(artifacts, "signatures", "pairs", partition, self.num_shards,
@@ -365,29 +371,45 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         new_links = with_facts(new_links, sigs.select(FACT_COLUMNS))
         index.commit(centres, new_links, new_rows.num_rows, BUCKET_ORDER)
         all_links = sorted_links([t for t in (index.base_links, new_links) if t is not None], FACT_LINKS)
-        by_shard = shuffle_rows(all_links, (all_links["key"].to_numpy() >> KEY_SHIFT).astype(np.int64))
+        by_shard = shuffle_rows(all_links, link_routes(all_links))
         return PartitionResult(by_shard, rows_in, {"signatures_gathered": float(gathered),
                                                    "links": float(all_links.num_rows),
                                                    **index.counters(new_rows.num_rows)})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
-        """Components over the links only; the survivor of each (highest reward, then smallest key).
-
-        Without a published version to protect, the components need only keys and priorities, and the links
-        are read one shard's table at a time (`streamed_components`: a few machine words per linked record);
-        the survivors' ids come from a last pass."""
-        def prio(r: pa.Table) -> npt.NDArray[np.float64]:
-            return np.asarray(r["priority"].to_numpy(), dtype=np.float64)
-
-        if self.config.published is not None:  # the no-churn rule reads every linked record's id
-            links = concat_or_empty(artifacts.iter_tables("links"), FACT_LINKS)
-            drops, clusters = decide_components(links.select(["key", "linked_key"]), linked_facts(links),
-                                                priority=prio, protected=self.protected)
-        else:
-            drops, clusters = streamed_components(lambda cols: artifacts.iter_tables("links", columns=cols),
-                                                  ids_of=lambda keys: survivor_ids(artifacts, keys))
+        """Components over the merges of the pieces only (`resolve_merges`): the survivor of each label that took
+        part in a merge, by shard, and the cluster sizes. With a published version to protect, the no-churn
+        rule reads every linked record's id: components over every link in this task."""
         records = artifacts.records_in("signatures")
-        return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
+        if self.config.published is not None:
+            links = first_links(concat_or_empty(artifacts.iter_tables("links"), FACT_LINKS))
+            drops, clusters = decide_components(
+                links.select(["key", "linked_key"]), linked_facts(links),
+                priority=lambda r: np.asarray(r["priority"].to_numpy(), dtype=np.float64), protected=self.protected)
+            return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
+        final, sizes = resolve_merges(artifacts.iter_tables("labels"), artifacts.iter_tables("links"))
+        size, count = sizes["size"].to_numpy(), sizes["pieces"].to_numpy()
+        clusters = int(count.sum())
+        return StageOutput(partitions=partition_by_shard(final), summary={
+            "records": records, "near_duplicates": int((size * count).sum()) - clusters, "clusters": clusters,
+            "cluster_sizes": size_bins(size, count), "merged_labels": final.num_rows})
+
+    def drop_list(self, artifacts: Artifacts, shard: int) -> pa.Table | None:
+        """Shard `shard`'s drops: its linked records' best pieces (`labels`) with the merge survivors."""
+        if self.config.published is not None:
+            return super().drop_list(artifacts, shard)
+        best = concat_or_empty(artifacts.shuffled("labels", shard), PIECE_ROWS)
+        keys, kept_ids = final_drops(best, artifacts.iter_tables("resolve", columns=FINAL.names))
+        return drop_rows(keys, kept_ids) if keys.size else None
+
+
+def first_links(links: pa.Table) -> pa.Table:
+    """Each link of `links` once (a link may reach two partitions when band partitions route it apart). Pure."""
+    t = links.sort_by([("key", "ascending"), ("linked_key", "ascending")])
+    k, lk = t["key"].to_numpy(), t["linked_key"].to_numpy()
+    first = np.ones(t.num_rows, dtype=bool)
+    first[1:] = (k[1:] != k[:-1]) | (lk[1:] != lk[:-1])
+    return t.filter(pa.array(first))
 
 
 __all__ = ["NearDedupConfig", "NearDedupStep", "bucket_members", "conversation_texts", "gather_signatures",

@@ -1,0 +1,201 @@
+"""Connected components of duplicate links without a task that holds every link: pieces, then their merges.
+
+A single resolve over every link holds every linked record (about 56 bytes each), so it grows with the corpus.
+Here the components are found in three steps, each bounded by a partition or by what is left to merge:
+
+  pieces (per link partition)  the components of the links one partition holds (`link_pieces`): each piece's
+                               label is its best member (smallest priority, then smallest key) and its size;
+                               every member gets a row naming its piece, sent to the member's own shard
+  labels (per shard)           each record of the shard in one piece keeps it; a record in several pieces
+                               keeps the best and joins the others to it (`node_labels`: a merge row per
+                               extra piece, counted per pair of pieces)
+  merges (one task)            components over the merge rows only (`resolve_merges`): the final survivor of
+                               each label that took part in a merge, and the component sizes
+
+Why it is exact: every link lies in some piece, so pieces joined through their shared records are the
+components. A piece's label is its best member, so the best label of a merged component is the component's best
+record, the survivor `decide_components` picks. A component's size is the sum of its pieces' sizes less one per
+extra piece membership of a record (the merge rows' counts).
+
+Why it stays small: the link partitions send every link of a record to the shard of the smallest key it links
+to (`link_routes`), so a cluster whose members all link to its smallest record (near-identical copies: every
+band's bucket has the same smallest key) is one piece, and only records that link to different smallest keys
+in different band partitions make merge rows. The merge task's input grows with those, not with the linked
+records (measured in docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.core.arrays import in_sorted, run_starts, unique_sorted
+from operators.core.step import concat_or_empty
+from operators.dedup.unionfind import choose_keepers, connected_components, node_dtype
+
+KEY_SHIFT = np.int64(32)
+
+# One row per (record, piece): the record's key and its piece (link partition, label and the label's facts, size).
+PIECE_ROWS = pa.schema([("key", pa.int64()), ("part", pa.int32()), ("label", pa.int64()),
+                        ("label_priority", pa.float64()), ("label_id", pa.string()), ("size", pa.int64())])
+# How many pieces of each size a link partition found.
+PIECE_SIZES = pa.schema([("size", pa.int64()), ("pieces", pa.int64())])
+# A piece joined to another (`into_`) through `nodes` records that lie in both.
+_END = [("part", pa.int32()), ("label", pa.int64()), ("label_priority", pa.float64()), ("label_id", pa.string()),
+        ("size", pa.int64())]
+MERGES = pa.schema([*_END, *((f"into_{n}", t) for n, t in _END), ("nodes", pa.int64())])
+# The survivor of each label that took part in a merge, by the label's shard.
+FINAL = pa.schema([("shard", pa.int32()), ("label", pa.int64()), ("kept", pa.int64()), ("kept_id", pa.string())])
+
+
+def link_routes(links: pa.Table) -> npt.NDArray[np.int64]:
+    """The shard each link goes to for its piece: the shard of the smallest key its ``key`` links to among
+    `links` (sorted by key, then linked key), so the links of a record travel together, to its cluster's
+    smallest record when it links to that one. Pure."""
+    key = links["key"].to_numpy()
+    linked = links["linked_key"].to_numpy()
+    if key.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(run_starts(key))
+    first = np.repeat(linked[starts], np.diff(np.append(starts, key.size)))
+    return (first >> KEY_SHIFT).astype(np.int64)
+
+
+def priority_ranks(priority: npt.NDArray[np.float64], keys: npt.NDArray[np.int64]) -> npt.NDArray[np.signedinteger]:
+    """Each of `keys` (ascending) ranked by its priority, then its key: the survivor order."""
+    rank = np.empty(keys.size, dtype=node_dtype(keys.size))
+    rank[np.argsort(priority, kind="stable")] = np.arange(keys.size, dtype=rank.dtype)
+    return rank
+
+
+def link_pieces(links: pa.Table, facts: pa.Table, part: int) -> tuple[pa.Table, pa.Table]:
+    """The pieces of one partition's `links` (``key``, ``linked_key``): (a `PIECE_ROWS` row per linked record,
+    the `PIECE_SIZES` counts). `facts` holds every linked key once, sorted, with its ``id`` and ``priority``.
+    Pure."""
+    keys = facts["key"].to_numpy()
+    if links.num_rows == 0:
+        return PIECE_ROWS.empty_table(), PIECE_SIZES.empty_table()
+    prio = np.asarray(facts["priority"].to_numpy(), dtype=np.float64)
+    labels = connected_components(keys.size, np.searchsorted(keys, links["key"].to_numpy()),
+                                  np.searchsorted(keys, links["linked_key"].to_numpy()))
+    best = choose_keepers(labels, priority_ranks(prio, keys)).astype(np.int64)
+    size = np.bincount(best, minlength=keys.size)
+    piece_sizes = size[best == np.arange(keys.size)]
+    rows = pa.table({"key": keys, "part": pa.array(np.full(keys.size, part, dtype=np.int32)),
+                     "label": keys[best], "label_priority": prio[best], "label_id": facts["id"].take(pa.array(best)),
+                     "size": size[best]}, schema=PIECE_ROWS)
+    return rows, size_counts(piece_sizes, np.ones(piece_sizes.size, dtype=np.int64))
+
+
+def size_counts(sizes: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> pa.Table:
+    """`PIECE_SIZES`: `counts` summed per distinct size (counts may be negative: a correction). Pure."""
+    order = np.argsort(sizes, kind="stable")
+    s, c = sizes[order], counts[order]
+    starts = np.flatnonzero(run_starts(s)) if s.size else np.zeros(0, dtype=np.int64)
+    return pa.table({"size": s[starts], "pieces": np.add.reduceat(c, starts) if s.size else c}, schema=PIECE_SIZES)
+
+
+def node_labels(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """One shard's records' piece rows (`PIECE_ROWS`, every piece each is in) -> (each record's best piece row,
+    sorted by key; the `MERGES` that join every other piece of a record to its best, one row per pair of
+    pieces with how many records joined them). Pure."""
+    if rows.num_rows == 0:
+        return PIECE_ROWS.empty_table(), MERGES.empty_table()
+    rows = rows.sort_by([("key", "ascending"), ("label_priority", "ascending"), ("label", "ascending"),
+                         ("part", "ascending")])
+    first = run_starts(rows["key"].to_numpy())
+    best_at = np.flatnonzero(first)
+    best = rows.take(pa.array(best_at))
+    extra = np.flatnonzero(~first)
+    if extra.size == 0:
+        return best, MERGES.empty_table()
+    into = best_at[np.searchsorted(best_at, extra, side="right") - 1]  # the best row of each extra row's record
+    ends = [n for n, _ in _END]
+    pairs = pa.table({**{n: rows[n].take(pa.array(extra)) for n in ends},
+                      **{f"into_{n}": rows[n].take(pa.array(into)) for n in ends}})
+    pairs = pairs.sort_by([(c, "ascending") for c in ("part", "label", "into_part", "into_label")])
+    same = np.ones(pairs.num_rows, dtype=bool)
+    same[0] = False  # a run of equal pairs starts at the first row
+    for c in ("part", "label", "into_part", "into_label"):
+        v = pairs[c].to_numpy()
+        same[1:] &= v[1:] == v[:-1]
+    starts = np.flatnonzero(~same)
+    nodes = np.diff(np.append(starts, pairs.num_rows))
+    merged = pairs.take(pa.array(starts)).append_column("nodes", pa.array(nodes, pa.int64()))
+    return best, merged.select(MERGES.names).cast(MERGES)
+
+
+def resolve_merges(merge_tables: Iterable[pa.Table], size_tables: Iterable[pa.Table]
+                   ) -> tuple[pa.Table, pa.Table]:
+    """Components over the merge rows of every shard (`MERGES`) and the pieces of every link partition
+    (`PIECE_SIZES`): (`FINAL`: the survivor of each label that took part in a merge; the components'
+    `PIECE_SIZES`, a component counted once at its size). Holds the merge rows only. Pure."""
+    merges = concat_or_empty(merge_tables, MERGES)
+    totals = concat_or_empty(size_tables, PIECE_SIZES)
+    if merges.num_rows == 0:
+        return FINAL.empty_table(), size_counts(totals["size"].to_numpy(), totals["pieces"].to_numpy())
+    ends = [n for n, _ in _END]
+    both = pa.concat_tables([merges.select(ends),
+                             merges.select([f"into_{n}" for n in ends]).rename_columns(ends)])
+    # Pieces in a merge, each once: their sizes are replaced by their components'.
+    pieces = both.sort_by([("part", "ascending"), ("label", "ascending")])
+    pk = pieces["part"].to_numpy().astype(np.int64)
+    lk = pieces["label"].to_numpy()
+    distinct = np.ones(pieces.num_rows, dtype=bool)
+    distinct[1:] = (pk[1:] != pk[:-1]) | (lk[1:] != lk[:-1])
+    pieces = pieces.filter(pa.array(distinct))
+    # Labels (a piece's best record) are the nodes: pieces with one label share that record.
+    by_label = pieces.sort_by([("label", "ascending")])
+    labels_all = by_label["label"].to_numpy()
+    at = np.flatnonzero(run_starts(labels_all))
+    labels = labels_all[at]
+    prio = np.asarray(by_label["label_priority"].to_numpy(), dtype=np.float64)[at]
+    comp = connected_components(labels.size, np.searchsorted(labels, merges["label"].to_numpy()),
+                                np.searchsorted(labels, merges["into_label"].to_numpy()))
+    kept = choose_keepers(comp, priority_ranks(prio, labels)).astype(np.int64)
+    # A component's size: its pieces' sizes less the records counted in two pieces.
+    comp_size = np.zeros(labels.size, dtype=np.int64)
+    np.add.at(comp_size, kept[np.searchsorted(labels, pieces["label"].to_numpy())], pieces["size"].to_numpy())
+    np.subtract.at(comp_size, kept[np.searchsorted(labels, merges["label"].to_numpy())], merges["nodes"].to_numpy())
+    roots = kept == np.arange(labels.size)
+    piece_sizes = pieces["size"].to_numpy()
+    sizes = size_counts(np.concatenate([totals["size"].to_numpy(), piece_sizes, comp_size[roots]]),
+                        np.concatenate([totals["pieces"].to_numpy(), -np.ones(piece_sizes.size, dtype=np.int64),
+                                        np.ones(int(roots.sum()), dtype=np.int64)]))
+    sizes = sizes.filter(pa.array(sizes["pieces"].to_numpy() != 0))
+    ids = by_label["label_id"].take(pa.array(at))
+    final = pa.table({"shard": pa.array((labels >> KEY_SHIFT).astype(np.int32)), "label": labels,
+                      "kept": labels[kept], "kept_id": ids.take(pa.array(kept))}, schema=FINAL)
+    return final, sizes
+
+
+def final_drops(best: pa.Table, final: Iterable[pa.Table]) -> tuple[npt.NDArray[np.int64], pa.Array]:
+    """The records of one shard that do not survive, from their best piece rows (`node_labels`) and the
+    merge survivors (`FINAL`, read one table at a time, only the labels `best` names kept): (their keys, sorted;
+    the id of the record each one's component keeps). Pure."""
+    if best.num_rows == 0:
+        return np.zeros(0, dtype=np.int64), pa.array([], pa.string())
+    best = best.sort_by("key")
+    labels = best["label"].to_numpy()
+    needed = unique_sorted(labels)
+    found = [t.filter(pa.array(in_sorted(t["label"].to_numpy(), needed))) for t in final]
+    merged = concat_or_empty(found, FINAL).sort_by("label")
+    kept = labels.copy()
+    kept_id = best["label_id"].combine_chunks()
+    if merged.num_rows:
+        m_labels = merged["label"].to_numpy()
+        pos = np.minimum(np.searchsorted(m_labels, labels), m_labels.size - 1)
+        hit = m_labels[pos] == labels
+        kept = np.where(hit, merged["kept"].to_numpy()[pos], labels)
+        kept_id = pc.if_else(pa.array(hit), merged["kept_id"].take(pa.array(pos)), kept_id)
+    keys = best["key"].to_numpy()
+    dropped = np.flatnonzero(kept != keys)
+    return keys[dropped], kept_id.take(pa.array(dropped))
+
+
+__all__ = ["FINAL", "MERGES", "PIECE_ROWS", "PIECE_SIZES", "final_drops", "link_pieces", "link_routes",
+           "node_labels", "resolve_merges", "size_counts"]
