@@ -214,16 +214,9 @@ def test_pieces_decide_what_the_whole_link_table_decides() -> None:
     pieces, chains that cross every shard. And the merge task holds fewer rows than there are linked records."""
     import numpy as np
 
+    from operators.steps.dedup import pieces
     from operators.steps.dedup.droplist import KEY_SHIFT, cluster_sizes, decide_components, shuffle_rows, size_bins
     from operators.steps.dedup.near import first_links, linked_facts
-    from operators.steps.dedup.pieces import (
-        PIECE_ROWS,
-        final_drops,
-        link_pieces,
-        link_routes,
-        node_labels,
-        resolve_merges,
-    )
 
     rng = np.random.default_rng(5)
     for shards, per_shard, links, band_parts, star in [(3, 10, 20, 2, False), (5, 80, 500, 4, False),
@@ -251,23 +244,23 @@ def test_pieces_decide_what_the_whole_link_table_decides() -> None:
         for p in range(band_parts):
             mine = first_links(pa.concat_tables([t.filter(pa.array(homes == p)),
                                                  t.take(pa.array(again[(homes[again] + 1) % band_parts == p]))]))
-            for shard, part in shuffle_rows(mine, link_routes(mine)).items():
+            for shard, part in shuffle_rows(mine, pieces.link_routes(mine)).items():
                 routed.setdefault(shard, []).append(part)
         piece_rows: dict[int, list[pa.Table]] = {}
         sizes = []
         for part, tables in routed.items():
             links_here = first_links(pa.concat_tables(tables))
-            rows, counts = link_pieces(links_here, linked_facts(links_here), part)
+            rows, counts = pieces.link_pieces(links_here, linked_facts(links_here), part)
             sizes.append(counts)
             for shard, r in shuffle_rows(rows, (rows["key"].to_numpy() >> KEY_SHIFT).astype(np.int64)).items():
                 piece_rows.setdefault(shard, []).append(r)
-        labelled = {s: node_labels(pa.concat_tables(r)) for s, r in piece_rows.items()}
-        final, size_table = resolve_merges([m for _, m in labelled.values()], sizes)
+        labelled = {s: pieces.node_labels(pa.concat_tables(r)) for s, r in piece_rows.items()}
+        final, size_table = pieces.resolve_merges([m for _, m in labelled.values()], sizes)
         got = []
         for best, _ in labelled.values():
-            assert best.schema == PIECE_ROWS and best["key"].to_pylist() == sorted(set(best["key"].to_pylist()))
+            assert best.schema == pieces.PIECE_ROWS and best["key"].to_pylist() == sorted(set(best["key"].to_pylist()))
             chunks = (pa.Table.from_batches([b]) for b in final.to_batches(max_chunksize=7))
-            dropped, kept_ids = final_drops(best, chunks)
+            dropped, kept_ids = pieces.final_drops(best, chunks)
             got.append(pa.table({"shard": pa.array((dropped >> KEY_SHIFT).astype(np.int32)),
                                  "row": pa.array(dropped & np.int64(0xFFFFFFFF)), "kept_id": kept_ids}))
         order = [("shard", "ascending"), ("row", "ascending")]

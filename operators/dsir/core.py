@@ -44,7 +44,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -255,6 +255,28 @@ def _ngram_keys(h: U64Array, token_row: IntArray, ngrams: int, num_buckets: int)
         same_row = token_row[:span] == token_row[order - 1 :]
         keys.append(token_row[:span][same_row] * num_buckets + _bucket(gram[same_row], num_buckets))
     return keys
+
+
+K = TypeVar("K")
+
+
+class ShardCountSums(Generic[K]):
+    """Hashed n-gram counts summed per key (a domain, say) over one shard, emitted once when the shard is done:
+    a row per batch would make whatever reads them read a table that grows with the shard."""
+
+    def __init__(self) -> None:
+        self._sums: dict[K, tuple[int, IntArray]] = {}
+
+    def add(self, key: K, texts: pa.Array | pa.ChunkedArray, num_buckets: int, seed: int) -> None:
+        """Count `texts` into `key`'s sums (`hashed_ngram_counts` with `num_buckets` and `seed`)."""
+        feats = hashed_ngram_counts(texts, num_buckets, seed=seed)
+        n, counts = self._sums.get(key, (0, np.zeros(num_buckets, np.int64)))
+        self._sums[key] = (n + len(texts), counts + feats.total_counts().astype(np.int64))
+
+    def drain(self) -> list[tuple[K, int, IntArray]]:
+        """Every key's (texts, counts), sorted by key; the sums start again empty."""
+        done, self._sums = sorted(self._sums.items()), {}
+        return [(k, n, c) for k, (n, c) in done]
 
 
 def hashed_ngram_counts(

@@ -12,18 +12,23 @@ Stages (each resumable on its own; no task holds the whole corpus):
   pairs (partition)      per band partition: candidate pairs from equal band hashes (star links per
                          bucket), verified by estimated Jaccard against the gathered signatures; emits the
                          verified links (key, linked_key) with both ends' ids and priorities
-                         shuffled to the shard of the linking key: a pair that collides in several bands is
-                         linked in several partitions
-  links (partition)      per shard: its keys' links, each once (at 116M records the band partitions emit
-                         about five links per near-duplicate; the resolve would hold them all)
-  resolve (reduce)       connected components over the distinct links only (records without a link never
-                         enter it, and no shard is read: the links carry the facts); each component keeps
-                         its highest-reward record (then the smallest key); per-shard drop lists
+                         shuffled to the shard of the smallest key the linking key links to
+                         (`pieces.link_routes`): a pair that collides in several bands is linked in several
+                         partitions
+  links (partition)      per shard: the links routed to it, each once, and their components there (pieces,
+                         each labelled by its best record); every member's piece row goes to its own shard
+  labels (partition)     per shard: each linked record's best piece, and a merge row for each other piece it
+                         lies in (counted per pair of pieces)
+  resolve (reduce)       components over the merge rows only (`pieces.resolve_merges`; records without a link
+                         never enter it, and a cluster that is one piece makes no merge row): the survivor of
+                         each label that took part in a merge, by shard; the cluster counts and sizes
   transform              drop listed rows with reason `near_duplicate` (detail: the kept record's id)
 Partition stages run one task per shard, each over the partitions ``k mod shards``, one partition at a time.
 Peak memory per task: one band partition (~20 bytes x bands x records / band_partitions) and the signatures
-of its candidates (~0.5 KB each), or one shard's signature rows; the resolve reads the links a shard's table at a
-time and holds about a hundred bytes per linked record (`streamed_components`), never per corpus record.
+of its candidates (~0.5 KB each), or one shard's signature rows, or one shard's links or piece rows; the resolve
+holds the merge rows only (a record linked to different smallest keys in different band partitions), and the
+transform reads its shard's best pieces and the merge survivors they name. With a published version to protect
+(no churn), the resolve decides over every link in one task.
 Data moved: each signature is read once by its own shard's gather task and sent only where it is a
 candidate, so I/O grows with the corpus, not with corpus x tasks.
 The decisions equal the in-memory `duplicate_components` on the whole set: every bucket is

@@ -24,7 +24,14 @@ from operators.benchmarks.loaders import PACKAGED_HUMANEVAL, load_prompts
 from operators.benchmarks.synthetic import BUILTIN_MATH
 from operators.core.arrays import list_matrix
 from operators.core.step import Artifacts, BatchResult, Stage, StageOutput, StageRows, Step, StepConfig, keep_all
-from operators.dsir.core import NUM_BUCKETS, DSIRModel, gumbel_keys, hashed_ngram_counts, log_importance_weights
+from operators.dsir.core import (
+    NUM_BUCKETS,
+    DSIRModel,
+    ShardCountSums,
+    gumbel_keys,
+    hashed_ngram_counts,
+    log_importance_weights,
+)
 from operators.steps.decontam.step import BenchmarkSource
 from operators.text.turns import joined_role_turns
 
@@ -78,7 +85,7 @@ class DSIRStep(Step[DSIRConfig]):
     def __init__(self, config: DSIRConfig) -> None:
         super().__init__(config)
         self._models: dict[str, DSIRModel] = {}
-        self._shard_counts: dict[str, tuple[int, np.ndarray]] = {}  # the counts stage's sums over its shard
+        self._shard_counts: ShardCountSums[str] = ShardCountSums()  # the counts stage's sums over its shard
 
     def _domains(self, table: pa.Table) -> list[str]:
         if DOMAIN in table.column_names:
@@ -86,7 +93,7 @@ class DSIRStep(Step[DSIRConfig]):
         return ["general"] * table.num_rows
 
     def begin_shard(self, shard: int) -> None:
-        self._shard_counts = {}
+        self._shard_counts = ShardCountSums()
 
     def map_stage(self, stage: str, batch: pa.RecordBatch, shard: int) -> StageRows:
         # Summed over the shard and written once (`finish_map`): a row per batch would make the fit read a
@@ -95,16 +102,14 @@ class DSIRStep(Step[DSIRConfig]):
         texts, domains = prompt_texts(table), np.asarray(self._domains(table), dtype=object)
         for d in sorted(set(domains.tolist())):
             idx = np.flatnonzero(domains == d)
-            feats = hashed_ngram_counts(texts.take(pa.array(idx)), self.config.num_buckets, seed=self.config.seed)
-            n, counts = self._shard_counts.get(d, (0, np.zeros(self.config.num_buckets, np.int64)))
-            self._shard_counts[d] = (n + len(idx), counts + feats.total_counts().astype(np.int64))
+            self._shard_counts.add(d, texts.take(pa.array(idx)), self.config.num_buckets, self.config.seed)
         return {}
 
     def finish_map(self, stage: str, shard: int) -> StageRows | None:
-        done, self._shard_counts = sorted(self._shard_counts.items()), {}
-        return pa.table({"domain": pa.array([d for d, _ in done], pa.string()),
-                         "n": pa.array([n for _, (n, _) in done], pa.int64()),
-                         "counts": pa.array([c for _, (_, c) in done], pa.list_(pa.int64()))})
+        done = self._shard_counts.drain()
+        return pa.table({"domain": pa.array([d for d, _, _ in done], pa.string()),
+                         "n": pa.array([n for _, n, _ in done], pa.int64()),
+                         "counts": pa.array([c for _, _, c in done], pa.list_(pa.int64()))})
 
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         raw: dict[str, np.ndarray] = {}

@@ -37,6 +37,7 @@ from operators.core.step import (
     partition_by_shard,
     table_digest,
 )
+from operators.dsir.core import ShardCountSums
 from operators.steps.select import cutoffs
 
 DOMAIN = "domain"
@@ -223,7 +224,7 @@ class SelectStep(Step[SelectConfig]):
     def begin_shard(self, shard: int) -> None:
         self._row = 0
         self._parts, self._side = [], []
-        self._kl_sums: dict[tuple[str, str], tuple[int, Any]] = {}  # kl_counts: (domain, kind) -> (n, counts)
+        self._kl_sums: ShardCountSums[tuple[str, str]] = ShardCountSums()  # kl_counts, by (domain, kind)
 
     # -- what every stage computes per record --------------------------------------------------------------
     def _keys(self, table: pa.Table) -> np.ndarray:
@@ -295,9 +296,9 @@ class SelectStep(Step[SelectConfig]):
                     .select(REPLAY_HIST.names).cast(REPLAY_HIST)
             return side
         if stage == "kl_counts":
-            done, self._kl_sums = sorted(self._kl_sums.items()), {}
-            return {SHARD_ROWS: pa.table({"domain": [d for (d, _), _ in done], "kind": [k for (_, k), _ in done],
-                                          "n": [n for _, (n, _) in done], "counts": [c for _, (_, c) in done]},
+            done = self._kl_sums.drain()
+            return {SHARD_ROWS: pa.table({"domain": [d for (d, _), _, _ in done], "kind": [k for (_, k), _, _ in done],
+                                          "n": [n for _, n, _ in done], "counts": [c for _, _, c in done]},
                                          schema=KL_COUNTS)}
         return None
 
@@ -343,7 +344,6 @@ class SelectStep(Step[SelectConfig]):
         fit = getattr(self, "_fit", None)
         if not fit:
             return {REPLAY_CHANNEL: edge}
-        from operators.dsir.core import hashed_ngram_counts
         from operators.steps.dsir.step import prompt_texts
 
         dom = np.asarray(domains.to_pylist(), object)
@@ -355,10 +355,8 @@ class SelectStep(Step[SelectConfig]):
         for d in sorted(set(dom.tolist()) & set(fit["target_counts"])):
             for kind, mask in (("selected", selected), ("random", u < rate)):
                 idx = np.flatnonzero(mask & (dom == d))
-                feats = hashed_ngram_counts(texts.take(pa.array(idx)), len(fit["target_counts"][d]),
-                                            seed=int(fit["models"][d]["seed"]))
-                n0, c0 = self._kl_sums.get((d, kind), (0, 0))
-                self._kl_sums[(d, kind)] = (n0 + len(idx), c0 + feats.total_counts().astype(np.int64))
+                self._kl_sums.add((d, kind), texts.take(pa.array(idx)), len(fit["target_counts"][d]),
+                                  int(fit["models"][d]["seed"]))
         return {REPLAY_CHANNEL: edge}
 
     # -- reduce stages -------------------------------------------------------------------------------------
