@@ -207,11 +207,14 @@ def test_crashed_map_attempt_leaves_no_shuffled_files(tmp_path: Path) -> None:
     assert any((stage / "p00002").glob("part-00000-*"))
 
 
-def test_pieces_decide_what_the_whole_link_table_decides() -> None:
+@pytest.mark.parametrize("no_churn", [False, True], ids=["plain", "no_churn"])
+def test_pieces_decide_what_the_whole_link_table_decides(no_churn: bool) -> None:
     """Components by pieces (per link partition), labels (per shard) and merges (one task over the merges only)
     drop the records, name the survivors, count the clusters and bin their sizes as `decide_components` over
     every link at once: ties on priority broken by key, links repeated across partitions, records in many
-    pieces, chains that cross every shard. And the merge task holds fewer rows than there are linked records."""
+    pieces, chains that cross every shard. And the merge task holds fewer rows than there are linked records.
+    With no churn, a fifth of the records are published (never dropped, first to survive), and some published
+    records have exact copies (the same id, linked to them): only the oldest row of an id is protected."""
     import numpy as np
 
     from operators.steps.dedup import pieces
@@ -219,6 +222,7 @@ def test_pieces_decide_what_the_whole_link_table_decides() -> None:
     from operators.steps.dedup.near import first_links, linked_facts
 
     rng = np.random.default_rng(5)
+    copies_found = 0
     for shards, per_shard, links, band_parts, star in [(3, 10, 20, 2, False), (5, 80, 500, 4, False),
                                                        (9, 300, 2500, 6, False), (8, 500, 1500, 5, True)]:
         keys = np.concatenate([(np.int64(s) << KEY_SHIFT) + np.arange(per_shard) for s in range(shards)])
@@ -230,13 +234,26 @@ def test_pieces_decide_what_the_whole_link_table_decides() -> None:
             a, b = np.maximum(centre + rng.integers(1, 40, links), 0) % nodes, centre
         else:
             a, b = rng.integers(0, nodes, links), rng.integers(0, nodes, links)
+        ids = np.array([f"id{k}" for k in keys], dtype=object)
+        published: set[str] = set()
+        if no_churn:
+            published = set(ids[rng.random(nodes) < 0.2])
+            # Exact copies of published records: the same id (ids are content hashes), linked to the original.
+            originals = np.flatnonzero(np.isin(ids, list(published)))[: max(2, nodes // 25)]
+            copies = np.minimum(originals + rng.integers(1, 50, originals.size), nodes - 1)
+            ids[copies] = ids[originals]
+            a, b = np.concatenate([a, copies]), np.concatenate([b, originals])
         a, b = np.maximum(a, b), np.minimum(a, b)  # a member links to a smaller key
         keep = a != b
-        t = pa.table({"key": keys[a[keep]], "linked_key": keys[b[keep]], "id": [f"id{k}" for k in keys[a[keep]]],
-                      "priority": prio[a[keep]], "linked_id": [f"id{k}" for k in keys[b[keep]]],
+        t = pa.table({"key": keys[a[keep]], "linked_key": keys[b[keep]], "id": ids[a[keep]].tolist(),
+                      "priority": prio[a[keep]], "linked_id": ids[b[keep]].tolist(),
                       "linked_priority": prio[b[keep]]})
+
+        def protected(rows: pa.Table, published: set[str] = published) -> np.ndarray:
+            return np.array([i in published for i in rows["id"].to_pylist()], dtype=bool)
+
         expected, clusters = decide_components(first_links(t).select(["key", "linked_key"]), linked_facts(t),
-                                               priority=lambda r: r["priority"].to_numpy())
+                                               priority=lambda r: r["priority"].to_numpy(), protected=protected)
         # Band partitions: each link lands in one or two of them, each routes its own links to shards.
         homes = rng.integers(0, band_parts, t.num_rows)
         again = np.flatnonzero(rng.random(t.num_rows) < 0.3)
@@ -250,12 +267,16 @@ def test_pieces_decide_what_the_whole_link_table_decides() -> None:
         sizes = []
         for part, tables in routed.items():
             links_here = first_links(pa.concat_tables(tables))
-            rows, counts = pieces.link_pieces(links_here, linked_facts(links_here), part)
+            facts = linked_facts(links_here)
+            rows, counts = pieces.link_pieces(links_here, facts, part, protected(facts))
             sizes.append(counts)
             for shard, r in shuffle_rows(rows, (rows["key"].to_numpy() >> KEY_SHIFT).astype(np.int64)).items():
                 piece_rows.setdefault(shard, []).append(r)
         labelled = {s: pieces.node_labels(pa.concat_tables(r)) for s, r in piece_rows.items()}
-        final, size_table = pieces.resolve_merges([m for _, m in labelled.values()], sizes)
+        guarded = [pieces.protected_rows(best) for best, _ in labelled.values()]
+        final, size_table = pieces.resolve_merges([m for _, m in labelled.values()], sizes, guarded)
+        assert sum(g.num_rows for g in guarded) > 0 if no_churn else final["copy"].to_pylist() == [False] * len(final)
+        copies_found += sum(final["copy"].to_pylist())
         got = []
         for best, _ in labelled.values():
             assert best.schema == pieces.PIECE_ROWS and best["key"].to_pylist() == sorted(set(best["key"].to_pylist()))
@@ -272,3 +293,4 @@ def test_pieces_decide_what_the_whole_link_table_decides() -> None:
         merges = sum(m.num_rows for _, m in labelled.values())
         linked = sum(b.num_rows for b, _ in labelled.values())
         assert 0 < merges < linked
+    assert (copies_found > 0) == no_churn

@@ -8,8 +8,8 @@ Both run as map -> shuffle -> partitioned reduce -> resolve -> transform:
                the survivor of each component, and per-shard drop lists (`resolve_links`)
   transform    drop exactly the listed rows (`DropListStep.transform`)
 A partition task holds one partition's hash rows. exact_dedup decides per partition; near_dedup finds its
-components in pieces per link partition and merges only what the pieces leave apart (`pieces`); with a
-published version to protect, one task holds every link (a few hundred bytes per duplicate record).
+components in pieces per link partition and merges only what the pieces leave apart (`pieces`);
+semantic_dedup's resolve holds its links and their records' facts in one task (`resolve_links`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ Peak memory per task: one band partition (~20 bytes x bands x records / band_par
 of its candidates (~0.5 KB each), or one shard's signature rows, or one shard's links or piece rows; the resolve
 holds the merge rows only (a record linked to different smallest keys in different band partitions), and the
 transform reads its shard's best pieces and the merge survivors they name. With a published version to protect
-(no churn), the resolve decides over every link in one task.
+(no churn), protected records rank first in their pieces, and the resolve also reads the protected linked records
+(to find exact copies among them: only the oldest row of an id is protected).
 Data moved: each signature is read once by its own shard's gather task and sent only where it is a
 candidate, so I/O grows with the corpus, not with corpus x tasks.
 The decisions equal the in-memory `duplicate_components` on the whole set: every bucket is
@@ -80,8 +81,6 @@ from operators.steps.dedup.droplist import (
     LINKS_SCHEMA,
     DropListStep,
     NoChurnConfig,
-    decide_components,
-    drop_lists,
     drop_rows,
     shuffle_rows,
     size_bins,
@@ -95,6 +94,7 @@ from operators.steps.dedup.pieces import (
     link_pieces,
     link_routes,
     node_labels,
+    protected_rows,
     resolve_merges,
 )
 from operators.text.turns import joined_turns, turn_columns
@@ -339,19 +339,20 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
     def partition_stage(self, stage: str, artifacts: Artifacts, partition: int) -> PartitionResult:
         if stage == "links":
             links = distinct_links(concat_or_empty(artifacts.shuffled("pairs", partition), FACT_LINKS))
-            if self.config.published is not None:  # the no-churn rule decides over every link in one task
-                return links
             assert isinstance(links.rows, pa.Table)
-            rows, sizes = link_pieces(links.rows, linked_facts(links.rows), partition)
+            facts = linked_facts(links.rows)
+            rows, sizes = link_pieces(links.rows, facts, partition, self.protected(facts))
             by_shard = shuffle_rows(rows, (rows["key"].to_numpy() >> KEY_SHIFT).astype(np.int64))
             return PartitionResult({SHARD_ROWS: sizes, **by_shard}, links.rows_in,
                                    {**links.counters, "pieces": float(sum(sizes["pieces"].to_pylist()))})
         if stage == "labels":
-            if self.config.published is not None:
-                return PartitionResult({})
             best, merges = node_labels(concat_or_empty(artifacts.shuffled("links", partition), PIECE_ROWS))
-            return PartitionResult({SHARD_ROWS: merges, **({partition: best} if best.num_rows else {})},
-                                   best.num_rows, {"linked": float(best.num_rows), "merges": float(merges.num_rows)})
+            mine = protected_rows(best)
+            # Protected records go to the merge task through a channel past the shards' (`PROTECTED_CHANNEL`).
+            return PartitionResult({SHARD_ROWS: merges, **({partition: best} if best.num_rows else {}),
+                                    **({self.protected_channel: mine} if mine.num_rows else {})},
+                                   best.num_rows, {"linked": float(best.num_rows), "merges": float(merges.num_rows),
+                                                   "protected": float(mine.num_rows)})
         verify = self.config.minhash.verify
         # `candidates` only reads the index; `pairs` links against it and commits.
         index = PartitionIndex.open(artifacts, "signatures", "pairs", partition, self.num_shards,
@@ -381,28 +382,25 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
                                                    "links": float(all_links.num_rows),
                                                    **index.counters(new_rows.num_rows)})
 
+    @property
+    def protected_channel(self) -> int:
+        """The `labels` partition past every shard's that holds the protected linked records."""
+        return self.num_shards
+
     def reduce_stage(self, stage: str, artifacts: Artifacts, num_shards: int) -> StageOutput:
         """Components over the merges of the pieces only (`resolve_merges`): the survivor of each label that took
-        part in a merge, by shard, and the cluster sizes. With a published version to protect, the no-churn
-        rule reads every linked record's id: components over every link in this task."""
-        records = artifacts.records_in("signatures")
-        if self.config.published is not None:
-            links = first_links(concat_or_empty(artifacts.iter_tables("links"), FACT_LINKS))
-            drops, clusters = decide_components(
-                links.select(["key", "linked_key"]), linked_facts(links),
-                priority=lambda r: np.asarray(r["priority"].to_numpy(), dtype=np.float64), protected=self.protected)
-            return drop_lists(drops, {"records": records, "near_duplicates": drops.num_rows, "clusters": clusters})
-        final, sizes = resolve_merges(artifacts.iter_tables("labels"), artifacts.iter_tables("links"))
+        part in a merge, by shard, the protected records that are copies, and the cluster sizes."""
+        final, sizes = resolve_merges(artifacts.iter_tables("labels"), artifacts.iter_tables("links"),
+                                      artifacts.shuffled("labels", self.protected_channel))
         size, count = sizes["size"].to_numpy(), sizes["pieces"].to_numpy()
         clusters = int(count.sum())
         return StageOutput(partitions=partition_by_shard(final), summary={
-            "records": records, "near_duplicates": int((size * count).sum()) - clusters, "clusters": clusters,
-            "cluster_sizes": size_bins(size, count), "merged_labels": final.num_rows})
+            "records": artifacts.records_in("signatures"), "near_duplicates": int((size * count).sum()) - clusters,
+            "clusters": clusters, "cluster_sizes": size_bins(size, count),
+            "merged_labels": int(final.num_rows - pc.sum(final["copy"]).as_py() if final.num_rows else 0)})
 
     def drop_list(self, artifacts: Artifacts, shard: int) -> pa.Table | None:
-        """Shard `shard`'s drops: its linked records' best pieces (`labels`) with the merge survivors."""
-        if self.config.published is not None:
-            return super().drop_list(artifacts, shard)
+        """Shard `shard`'s drops: its linked records' best pieces (`labels`) with the merge task's rows."""
         best = concat_or_empty(artifacts.shuffled("labels", shard), PIECE_ROWS)
         keys, kept_ids = final_drops(best, artifacts.iter_tables("resolve", columns=FINAL.names))
         return drop_rows(keys, kept_ids) if keys.size else None
