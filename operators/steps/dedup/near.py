@@ -348,7 +348,7 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         if stage == "labels":
             best, merges = node_labels(concat_or_empty(artifacts.shuffled("links", partition), PIECE_ROWS))
             mine = protected_rows(best)
-            # Protected records go to the merge task through a channel past the shards' (`PROTECTED_CHANNEL`).
+            # Protected records go to the merge task through a partition past the shards' (`protected_channel`).
             return PartitionResult({SHARD_ROWS: merges, **({partition: best} if best.num_rows else {}),
                                     **({self.protected_channel: mine} if mine.num_rows else {})},
                                    best.num_rows, {"linked": float(best.num_rows), "merges": float(merges.num_rows),
