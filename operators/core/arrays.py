@@ -18,12 +18,15 @@ import pyarrow.compute as pc
 ScalarT = TypeVar("ScalarT", bound=np.generic)
 
 
-def run_starts(sorted_values: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
-    """For an ascending array: True where a run of equal values begins (the first element always)."""
+def run_starts(sorted_values: npt.NDArray[np.generic], *more: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """For an ascending array: True where a run of equal values begins (the first element always). With `more`
+    arrays of the same length (rows sorted by all of them together), a run is rows equal in every array."""
     first = np.empty(len(sorted_values), dtype=bool)
     if len(sorted_values):
         first[0] = True
         np.not_equal(sorted_values[1:], sorted_values[:-1], out=first[1:])
+        for values in more:
+            first[1:] |= values[1:] != values[:-1]
     return first
 
 

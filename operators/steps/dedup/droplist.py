@@ -222,6 +222,7 @@ class DropListStep(Step[N]):
         self._row = 0
         self._drop_rows = np.zeros(0, dtype=np.int64)  # sorted
         self._drop_details = pa.array([], pa.string())  # "duplicate of <kept id>", in `_drop_rows` order
+        self._digested: tuple[str, int, pa.Table | None] | None = None  # (step dir, shard, its drop list)
 
     def begin_shard(self, shard: int) -> None:
         self._row = 0
@@ -242,11 +243,16 @@ class DropListStep(Step[N]):
         return artifacts.partition("resolve", shard)
 
     def transform_digest(self, artifacts: Artifacts, shard: int) -> str | None:
-        # The transform reads only the shard's drop list: an unchanged list means an unchanged output.
-        return table_digest(self.drop_list(artifacts, shard))
+        # The transform reads only the shard's drop list: an unchanged list means an unchanged output. A shard
+        # task digests it just before `bind`, so the list is kept for that bind rather than read twice.
+        t = self.drop_list(artifacts, shard)
+        self._digested = (artifacts.step_dir, shard, t)
+        return table_digest(t)
 
     def bind(self, artifacts: Artifacts, shard: int) -> None:
-        t = self.drop_list(artifacts, shard)
+        held, self._digested = self._digested, None
+        t = held[2] if held is not None and held[:2] == (artifacts.step_dir, shard) else \
+            self.drop_list(artifacts, shard)
         if t is None or t.num_rows == 0:
             self._drop_rows, self._drop_details = np.zeros(0, dtype=np.int64), pa.array([], pa.string())
             return

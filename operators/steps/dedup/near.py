@@ -237,6 +237,12 @@ def first_per_key(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order[run_starts(keys[order])]))
 
 
+def first_links(links: pa.Table) -> pa.Table:
+    """Each link of `links` once, sorted by key, then linked key. Pure."""
+    t = links.sort_by([("key", "ascending"), ("linked_key", "ascending")])
+    return t.filter(pa.array(run_starts(t["key"].to_numpy(), t["linked_key"].to_numpy())))
+
+
 def distinct_links(links: pa.Table) -> PartitionResult:
     """Each link of one partition once (the band partitions that found it each sent it), sorted. Pure."""
     out = first_links(links)
@@ -344,7 +350,7 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
             rows, sizes = link_pieces(links.rows, facts, partition, self.protected(facts))
             by_shard = shuffle_rows(rows, (rows["key"].to_numpy() >> KEY_SHIFT).astype(np.int64))
             return PartitionResult({SHARD_ROWS: sizes, **by_shard}, links.rows_in,
-                                   {**links.counters, "pieces": float(sum(sizes["pieces"].to_pylist()))})
+                                   {**links.counters, "pieces": float(sizes["pieces"].to_numpy().sum())})
         if stage == "labels":
             best, merges = node_labels(concat_or_empty(artifacts.shuffled("links", partition), PIECE_ROWS))
             mine = protected_rows(best)
@@ -397,22 +403,13 @@ class NearDedupStep(DropListStep[NearDedupConfig]):
         return StageOutput(partitions=partition_by_shard(final), summary={
             "records": artifacts.records_in("signatures"), "near_duplicates": int((size * count).sum()) - clusters,
             "clusters": clusters, "cluster_sizes": size_bins(size, count),
-            "merged_labels": int(final.num_rows - pc.sum(final["copy"]).as_py() if final.num_rows else 0)})
+            "merged_labels": final.num_rows - int(np.count_nonzero(final["copy"].to_numpy(zero_copy_only=False)))})
 
     def drop_list(self, artifacts: Artifacts, shard: int) -> pa.Table | None:
         """Shard `shard`'s drops: its linked records' best pieces (`labels`) with the merge task's rows."""
         best = concat_or_empty(artifacts.shuffled("labels", shard), PIECE_ROWS)
         keys, kept_ids = final_drops(best, artifacts.iter_tables("resolve", columns=FINAL.names))
         return drop_rows(keys, kept_ids) if keys.size else None
-
-
-def first_links(links: pa.Table) -> pa.Table:
-    """Each link of `links` once (a link may reach two partitions when band partitions route it apart). Pure."""
-    t = links.sort_by([("key", "ascending"), ("linked_key", "ascending")])
-    k, lk = t["key"].to_numpy(), t["linked_key"].to_numpy()
-    first = np.ones(t.num_rows, dtype=bool)
-    first[1:] = (k[1:] != k[:-1]) | (lk[1:] != lk[:-1])
-    return t.filter(pa.array(first))
 
 
 __all__ = ["NearDedupConfig", "NearDedupStep", "bucket_members", "conversation_texts", "gather_signatures",

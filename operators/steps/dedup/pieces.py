@@ -126,13 +126,9 @@ def node_labels(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     ends = [n for n, _ in _END]
     pairs = pa.table({**{n: rows[n].take(pa.array(extra)) for n in ends},
                       **{f"into_{n}": rows[n].take(pa.array(into)) for n in ends}})
-    pairs = pairs.sort_by([(c, "ascending") for c in ("part", "label", "into_part", "into_label")])
-    same = np.ones(pairs.num_rows, dtype=bool)
-    same[0] = False  # a run of equal pairs starts at the first row
-    for c in ("part", "label", "into_part", "into_label"):
-        v = pairs[c].to_numpy()
-        same[1:] &= v[1:] == v[:-1]
-    starts = np.flatnonzero(~same)
+    pair = ("part", "label", "into_part", "into_label")
+    pairs = pairs.sort_by([(c, "ascending") for c in pair])
+    starts = np.flatnonzero(run_starts(*(pairs[c].to_numpy() for c in pair)))
     nodes = np.diff(np.append(starts, pairs.num_rows))
     merged = pairs.take(pa.array(starts)).append_column("nodes", pa.array(nodes, pa.int64()))
     return best, merged.select(MERGES.names).cast(MERGES)
@@ -155,11 +151,7 @@ def resolve_merges(merge_tables: Iterable[pa.Table], size_tables: Iterable[pa.Ta
                                  merges.select([f"into_{n}" for n in ends]).rename_columns(ends)])
         # Pieces in a merge, each once: their sizes are replaced by their components'.
         pieces = both.sort_by([("part", "ascending"), ("label", "ascending")])
-        pk = pieces["part"].to_numpy().astype(np.int64)
-        lk = pieces["label"].to_numpy()
-        distinct = np.ones(pieces.num_rows, dtype=bool)
-        distinct[1:] = (pk[1:] != pk[:-1]) | (lk[1:] != lk[:-1])
-        pieces = pieces.filter(pa.array(distinct))
+        pieces = pieces.filter(pa.array(run_starts(pieces["part"].to_numpy(), pieces["label"].to_numpy())))
         # Labels (a piece's best record) are the nodes: pieces with one label share that record.
         by_label = pieces.sort_by([("label", "ascending")])
         labels_all = by_label["label"].to_numpy()
@@ -209,11 +201,7 @@ def protected_copies(protected: pa.Table, labels: npt.NDArray[np.int64], kept: n
     t = pa.table({"cluster": cluster, "id": protected["id"], "key": protected["key"], "size": size}).sort_by(
         [("cluster", "ascending"), ("id", "ascending"), ("key", "ascending")])
     c = t["cluster"].to_numpy()
-    same_id = np.zeros(t.num_rows, dtype=bool)
-    if t.num_rows > 1:
-        ids = t["id"].combine_chunks()
-        same_id[1:] = (c[1:] == c[:-1]) & pc.equal(ids.slice(1), ids.slice(0, t.num_rows - 1)).to_numpy(
-            zero_copy_only=False)
+    same_id = ~run_starts(c, t["id"].to_numpy(zero_copy_only=False))
     keys = t["key"].to_numpy()
     copies = pa.table({"shard": pa.array((keys[same_id] >> KEY_SHIFT).astype(np.int32)), "label": keys[same_id],
                        "kept": c[same_id], "kept_id": pa.nulls(int(same_id.sum()), pa.string()),

@@ -453,8 +453,8 @@ class SelectStep(Step[SelectConfig]):
         # Domains and sources as small integers, never a Python string per open record: the open records grow
         # with the pool, and a string object each would make this task grow five times as fast.
         domains = sorted(plan["budgets"])
-        dom = _lookup(r["domain"], {d: i for i, d in enumerate(domains)}, -1)
-        s_dom = _lookup(settled["domain"], {d: i for i, d in enumerate(domains)}, -1)
+        code = {d: i for i, d in enumerate(domains)}
+        dom, s_dom = _lookup(r["domain"], code, -1), _lookup(settled["domain"], code, -1)
         s_src = settled["source"].to_numpy(zero_copy_only=False).astype(object)
         s_passed, s_selected = settled["passed"].to_numpy(), settled["selected"].to_numpy()
         # 1. Caps: in each capped source's boundary bin, the best keys up to what its cap leaves.
